@@ -1,0 +1,41 @@
+"""celery-taskengine: a Prefect-style task engine for existing Celery deployments."""
+
+from __future__ import annotations
+
+from celery_taskengine.errors import (
+    CancelledRun,
+    ConfigurationError,
+    CrashedRun,
+    FailedRun,
+    ReservedArgumentError,
+    TaskEngineError,
+    TaskRunTimeoutError,
+    UnfinishedRun,
+)
+from celery_taskengine.retry_policy import exponential_backoff
+from celery_taskengine.runs import get_task_run
+from celery_taskengine.states import State, StateType
+from celery_taskengine.task import Task, task
+from celery_taskengine.task_run import TaskRun
+from celery_taskengine.transactions import transaction
+
+__all__ = [
+    "CancelledRun",
+    "ConfigurationError",
+    "CrashedRun",
+    "FailedRun",
+    "ReservedArgumentError",
+    "State",
+    "StateType",
+    "Task",
+    "TaskEngineError",
+    "TaskRun",
+    "TaskRunTimeoutError",
+    "UnfinishedRun",
+    "exponential_backoff",
+    "get_task_run",
+    "task",
+    "transaction",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,72 @@
+"""Every error celery-taskengine raises, as one small hierarchy.
+
+TaskEngineError
+├── ConfigurationError        a task, policy or app is set up in a way that cannot work
+│   └── ReservedArgumentError a task function uses a parameter name the engine owns
+├── SerializationError        a value cannot be encoded with the chosen serializer
+├── TaskRunTimeoutError       an attempt exceeded ``timeout_seconds`` (also a TimeoutError)
+├── StoreUnavailableError     the result backend cannot be reached
+└── RunResultError            ``State.result()`` has no value to give
+    ├── FailedRun             a failed state that holds no exception
+    ├── CrashedRun            a crashed state that holds no exception
+    ├── CancelledRun          a cancelled state that holds no exception
+    ├── PausedRun             a paused state
+    └── UnfinishedRun         a state that is not final yet
+"""
+
+from __future__ import annotations
+
+
+class TaskEngineError(Exception):
+    """Root of every error raised by celery-taskengine."""
+
+
+class ConfigurationError(TaskEngineError, ValueError):
+    """A task, cache policy or Celery app is configured in a way that cannot work."""
+
+
+class ReservedArgumentError(ConfigurationError, TypeError):
+    """A task function declares a parameter name the engine reserves for itself."""
+
+
+class SerializationError(TaskEngineError, TypeError):
+    """A value cannot be encoded with the serializer the task or app uses."""
+
+
+class StoreUnavailableError(TaskEngineError, ConnectionError):
+    """The result backend holding run records and cached results cannot be reached."""
+
+
+class TaskRunTimeoutError(TaskEngineError, TimeoutError):
+    """An attempt ran longer than the task's ``timeout_seconds``."""
+
+    def __init__(self, timeout_seconds: float) -> None:
+        self.timeout_seconds = float(timeout_seconds)
+        super().__init__(f"Scope timed out after {self.timeout_seconds} second(s).")
+
+    def __reduce__(self) -> tuple[type[TaskRunTimeoutError], tuple[float]]:
+        return (type(self), (self.timeout_seconds,))
+
+
+class RunResultError(TaskEngineError):
+    """A state's result was asked for, but the state holds no value to give."""
+
+
+class FailedRun(RunResultError):
+    """The run failed and its state holds no exception object; the message is the state's."""
+
+
+class CrashedRun(RunResultError):
+    """The run crashed and its state holds no exception object."""
+
+
+class CancelledRun(RunResultError):
+    """The run was cancelled."""
+
+
+class PausedRun(RunResultError):
+    """The run is paused; it has no result yet."""
+
+
+class UnfinishedRun(RunResultError):
+    """The run has not reached a final state, so it has no result yet."""

@@ -1,0 +1,345 @@
+"""The shared store: cached results, locks and run records on a Celery app's Redis backend.
+
+Every producer and worker of an app sees the same records. Keys live in their own namespace,
+so they never meet Celery's (``celery-task-meta-…``) nor another app's on the same database::
+
+    <global_keyprefix>cte:<namespace>:cache:<transaction key>   an encoded ResultRecord
+    <global_keyprefix>cte:<namespace>:lock:<transaction key>    the holder id, with a PX ttl
+    <global_keyprefix>cte:<namespace>:run:<run id>              a TaskRun JSON document
+
+``global_keyprefix`` is the backend's (``result_backend_transport_options``), normalised as
+Celery does; ``namespace`` is the app setting ``taskengine_namespace`` (default ``"default"``),
+which lets two apps share one Redis database without sharing caches. Each operation is one
+Redis round trip; connection failures surface as :class:`StoreUnavailableError`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any, Literal
+
+import redis
+
+from celery_taskengine.errors import (
+    ConfigurationError,
+    SerializationError,
+    StoreUnavailableError,
+)
+from celery_taskengine.record_codec import (
+    accept_for_app,
+    decode_record,
+    encode_record,
+    normalize_accept,
+)
+from celery_taskengine.result_store import ResultRecord
+from celery_taskengine.task_run import TaskRun, run_from_document
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+__all__ = ["DEFAULT_NAMESPACE", "DEFAULT_RUN_EXPIRES", "RedisStore"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_NAMESPACE = "default"
+#: Seconds a run record lives when the app gives no ``result_expires`` (Celery's default, 1 day).
+DEFAULT_RUN_EXPIRES = 86_400.0
+
+Kind = Literal["cache", "lock", "run"]
+
+# Both scripts act only if the lock still holds the caller's id, so a holder whose ttl ran out
+# can never release or extend the lock a newer holder has taken since.
+_RELEASE_LUA = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
+_RENEW_LUA = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+_SCAN_BATCH = 500
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+class RedisStore:
+    """A :class:`~celery_taskengine.result_store.ResultStore` on one Redis database.
+
+    Use :meth:`for_app` to get one on a Celery app's result backend. ``accept`` lists the
+    serializers records may use (JSON only by default); ``run_expires`` is the lifetime of run
+    records in seconds (``None``: forever); ``url`` names the server in error messages and must
+    not contain a password; ``clock`` gives wall-clock seconds for record timestamps.
+    """
+
+    supports_locking: bool = True
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        key_prefix: str = "",
+        accept: Iterable[str] | None = None,
+        run_expires: float | None = DEFAULT_RUN_EXPIRES,
+        url: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not namespace or ":" in namespace:
+            raise ConfigurationError(
+                f"taskengine_namespace must be a non-empty string without ':', got {namespace!r}"
+            )
+        self.client = client
+        self.namespace = namespace
+        self.accept = normalize_accept(accept)
+        self.run_expires = run_expires if run_expires and run_expires > 0 else None
+        self.url = url or _describe_client(client)
+        self._prefix = f"{key_prefix}cte:{namespace}:"
+        self._clock = clock
+        self._release = client.register_script(_RELEASE_LUA)
+        self._renew = client.register_script(_RENEW_LUA)
+
+    @classmethod
+    def for_app(cls, app: Celery) -> RedisStore:
+        """The store on ``app``'s Redis result backend, sharing its client and connections.
+
+        Honours the backend's ``global_keyprefix``, the app's ``taskengine_namespace``,
+        ``result_accept_content`` (else ``accept_content``) and ``result_expires``.
+        """
+        backend = app.backend
+        options = app.conf.get("result_backend_transport_options") or {}
+        return cls(
+            backend.client,
+            namespace=app.conf.get("taskengine_namespace") or DEFAULT_NAMESPACE,
+            key_prefix=_global_prefix(options.get("global_keyprefix")),
+            accept=accept_for_app(app),
+            run_expires=_seconds(app.conf.get("result_expires")),
+            url=backend.as_uri(),
+        )
+
+    def key_for(self, kind: Kind, name: str) -> str:
+        """The Redis key holding the cache record, lock or run record called ``name``."""
+        return f"{self._prefix}{kind}:{name}"
+
+    # -- cached results ------------------------------------------------------------------
+
+    def read(self, key: str) -> ResultRecord | None:
+        """The committed record, or ``None`` when missing, expired, corrupt or foreign.
+
+        The envelope's ``expires_at`` decides expiry; Redis' own PX expiry only frees memory.
+        """
+        with self._available():
+            raw = self.client.get(self.key_for("cache", key))
+        if raw is None:
+            return None
+        try:
+            record = decode_record(raw, self.accept, key=key)
+        except ValueError as exc:
+            logger.warning("Ignoring unreadable cache record under key %r: %s", key, exc)
+            return None
+        if record.expires_at is not None and record.expires_at <= self._now():
+            return None
+        return record
+
+    def exists(self, key: str) -> bool:
+        """Whether a record is stored under ``key`` (Redis drops expired ones itself)."""
+        with self._available():
+            return bool(self.client.exists(self.key_for("cache", key)))
+
+    def write(
+        self,
+        key: str,
+        value: Any,
+        *,
+        serializer: str,
+        expires_in: float | None,
+        task_name: str | None = None,
+    ) -> None:
+        """Store ``value`` under ``key`` for ``expires_in`` seconds (``None``: no expiry).
+
+        One ``SET … PX``. The value is encoded first, so a :class:`SerializationError` writes
+        nothing. ``expires_in <= 0`` is a record already expired: the key is deleted instead.
+        """
+        now = self._now()
+        expires_at = None if expires_in is None else now + timedelta(seconds=expires_in)
+        raw = encode_record(
+            key,
+            value,
+            serializer=serializer,
+            accept=self.accept,
+            created_at=now,
+            expires_at=expires_at,
+            task_name=task_name,
+        )
+        redis_key = self.key_for("cache", key)
+        with self._available():
+            if expires_in is None:
+                self.client.set(redis_key, raw)
+            elif expires_in <= 0:
+                self.client.delete(redis_key)
+            else:
+                self.client.set(redis_key, raw, px=_milliseconds(expires_in))
+
+    def delete(self, key: str) -> bool:
+        """Remove the record; whether one was there."""
+        with self._available():
+            return bool(self.client.delete(self.key_for("cache", key)))
+
+    def iter_keys(self, prefix: str = "") -> list[str]:
+        """The transaction keys of stored records starting with ``prefix``, sorted (SCAN)."""
+        start = len(self.key_for("cache", ""))
+        return sorted(_text(name)[start:] for name in self._scan("cache", prefix))
+
+    # -- locks ---------------------------------------------------------------------------
+
+    def acquire_lock(self, key: str, holder: str, ttl: float) -> bool:
+        """``SET lock holder NX PX ttl``: take the lock unless anyone holds it; never blocks.
+
+        Not re-entrant: a holder asking again is refused too. A holder that dies loses the
+        lock after ``ttl`` seconds.
+        """
+        with self._available():
+            taken = self.client.set(
+                self.key_for("lock", key), holder, nx=True, px=_milliseconds(_check_ttl(ttl))
+            )
+        return bool(taken)
+
+    def renew_lock(self, key: str, holder: str, ttl: float) -> bool:
+        """Give ``holder``'s lock ``ttl`` more seconds from now; ``False`` if it lost it."""
+        ms = _milliseconds(_check_ttl(ttl))
+        with self._available():
+            return bool(self._renew(keys=[self.key_for("lock", key)], args=[holder, ms]))
+
+    def release_lock(self, key: str, holder: str) -> None:
+        """Release the lock if ``holder`` holds it; another holder's lock is left alone."""
+        with self._available():
+            self._release(keys=[self.key_for("lock", key)], args=[holder])
+
+    def lock_holder(self, key: str) -> str | None:
+        """Who holds the lock on ``key`` now, if anyone."""
+        with self._available():
+            holder = self.client.get(self.key_for("lock", key))
+        return _text(holder) if holder is not None else None
+
+    # -- run records ---------------------------------------------------------------------
+
+    def save_run(self, run: TaskRun) -> None:
+        """Write the run's JSON document (one ``SET``), living ``run_expires`` seconds."""
+        try:
+            document = json.dumps(run.to_document(), separators=(",", ":"))
+        except (TypeError, ValueError) as exc:
+            raise SerializationError(f"run record {run.id!r} cannot be encoded: {exc}") from exc
+        px = _milliseconds(self.run_expires) if self.run_expires is not None else None
+        with self._available():
+            self.client.set(self.key_for("run", run.id), document, px=px)
+
+    def load_run(self, run_id: str) -> TaskRun | None:
+        """The run record for ``run_id``; ``None`` when unknown, or malformed (with a warning)."""
+        with self._available():
+            raw = self.client.get(self.key_for("run", run_id))
+        if raw is None:
+            return None
+        return self._decode_run(run_id, raw)
+
+    def iter_runs(self, limit: int) -> list[TaskRun]:
+        """Up to ``limit`` runs, the most recently active first (SCANs the namespace: for tools)."""
+        if limit <= 0:
+            return []
+        start = len(self.key_for("run", ""))
+        names = list(self._scan("run", ""))
+        runs: list[TaskRun] = []
+        for offset in range(0, len(names), _SCAN_BATCH):
+            batch = names[offset : offset + _SCAN_BATCH]
+            with self._available():
+                values = self.client.mget(batch)
+            for name, raw in zip(batch, values, strict=True):
+                run = None if raw is None else self._decode_run(_text(name)[start:], raw)
+                if run is not None:
+                    runs.append(run)
+        runs.sort(key=_last_activity, reverse=True)
+        return runs[:limit]
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _decode_run(self, run_id: str, raw: bytes | str) -> TaskRun | None:
+        try:
+            return run_from_document(json.loads(raw))
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError included
+            logger.warning("Ignoring malformed run record %r: %s", run_id, exc)
+            return None
+
+    def _scan(self, kind: Kind, prefix: str) -> list[bytes | str]:
+        pattern = _glob_escape(self.key_for(kind, prefix)) + "*"
+        with self._available():
+            return list(self.client.scan_iter(match=pattern, count=_SCAN_BATCH))
+
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self._clock(), timezone.utc)
+
+    @contextmanager
+    def _available(self) -> Iterator[None]:
+        """Turn redis-py's connection failures into :class:`StoreUnavailableError`."""
+        try:
+            yield
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            raise StoreUnavailableError(
+                f"Redis result backend at {self.url} is unavailable: {exc}"
+            ) from exc
+
+
+def _global_prefix(prefix: Any) -> str:
+    """Celery's rule: a non-empty prefix ends in one of ``:_-.``, else ``_`` is appended."""
+    if not prefix:
+        return ""
+    text = str(prefix)
+    return text if text[-1] in ":_-." else f"{text}_"
+
+
+def _seconds(expires: Any) -> float | None:
+    """``result_expires`` in seconds: a timedelta or a number; ``None`` or 0 means never."""
+    if expires is None:
+        return None
+    seconds = expires.total_seconds() if isinstance(expires, timedelta) else float(expires)
+    return seconds if seconds > 0 else None
+
+
+def _milliseconds(seconds: float) -> int:
+    # Rounded up so Redis never drops a record before its envelope says it expires; at least 1
+    # because PX 0 is an error.
+    return max(1, math.ceil(seconds * 1000))
+
+
+def _check_ttl(ttl: float) -> float:
+    if not ttl > 0:
+        raise ValueError(f"lock ttl must be a positive number of seconds, got {ttl!r}")
+    return ttl
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` as a literal in a Redis MATCH pattern."""
+    return "".join(f"\\{c}" if c in "*?[]\\" else c for c in text)
+
+
+def _last_activity(run: TaskRun) -> datetime:
+    moment = run.state_history[-1].timestamp if run.state_history else run.start_time
+    if moment is None:
+        return _EPOCH
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
+
+
+def _describe_client(client: redis.Redis) -> str:
+    """A password-free URL for ``client``'s server, for error messages."""
+    kwargs: dict[str, Any] = client.connection_pool.connection_kwargs
+    if kwargs.get("path"):
+        return f"unix://{kwargs['path']}?db={kwargs.get('db', 0)}"
+    host = kwargs.get("host", "localhost")
+    return f"redis://{host}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"

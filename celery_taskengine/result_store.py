@@ -1,0 +1,115 @@
+"""The storage protocol the engine needs: cached result records, locks, and run records.
+
+Two implementations: :mod:`celery_taskengine.memory_store` (one process, for local runs with
+no result backend) and :mod:`celery_taskengine.redis_store` (the Celery app's Redis result
+backend, shared by every producer and worker). :func:`store_for_app` picks one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from celery_taskengine.task_run import TaskRun
+
+__all__ = ["ResultRecord", "ResultStore"]
+
+
+@dataclass(frozen=True, slots=True)
+class ResultRecord:
+    """A committed result under a transaction key."""
+
+    key: str
+    value: Any
+    serializer: str
+    created_at: datetime
+    expires_at: datetime | None = None
+    task_name: str | None = None
+
+
+@runtime_checkable
+class ResultStore(Protocol):
+    """Where committed results, SERIALIZABLE locks and run records live.
+
+    Every method is synchronous and quick (an in-process dict or one Redis round trip); the
+    async engine calls them directly. Keys given here are the engine's transaction keys; a
+    store adds its own namespace.
+    """
+
+    #: Whether ``acquire_lock`` works across the processes that share this store.
+    supports_locking: bool
+
+    def read(self, key: str) -> ResultRecord | None:
+        """The committed record, or ``None`` when missing, expired, corrupt or foreign.
+
+        A corrupt or foreign record logs a warning and reads as a miss; it never raises.
+        """
+
+    def exists(self, key: str) -> bool:
+        """Whether a valid (unexpired) record is stored under ``key``."""
+
+    def write(
+        self,
+        key: str,
+        value: Any,
+        *,
+        serializer: str,
+        expires_in: float | None,
+        task_name: str | None = None,
+    ) -> None:
+        """Store ``value`` under ``key`` for ``expires_in`` seconds (``None``: no expiry).
+
+        Raises :class:`~celery_taskengine.errors.SerializationError` before writing anything
+        when the value cannot be encoded, or when ``serializer`` is not accepted by the app.
+        """
+
+    def delete(self, key: str) -> bool:
+        """Remove the record; whether one was there."""
+
+    def acquire_lock(self, key: str, holder: str, ttl: float) -> bool:
+        """Try once to take the lock on ``key`` for ``ttl`` seconds; never blocks."""
+
+    def renew_lock(self, key: str, holder: str, ttl: float) -> bool:
+        """Extend a lock ``holder`` still holds; ``False`` if it lost it."""
+
+    def release_lock(self, key: str, holder: str) -> None:
+        """Release the lock if ``holder`` holds it (never someone else's)."""
+
+    def lock_holder(self, key: str) -> str | None:
+        """Who holds the lock on ``key`` now, if anyone."""
+
+    def save_run(self, run: TaskRun) -> None:
+        """Record the run as it is now (called on every state change)."""
+
+    def load_run(self, run_id: str) -> TaskRun | None:
+        """The run record for ``run_id``, or ``None`` when unknown."""
+
+
+def store_for_app(app: Celery | None) -> ResultStore:
+    """The store for tasks of ``app``: its Redis result backend, else the process's memory.
+
+    The choice is cached on the app, so it is made once per app and process.
+    """
+    from celery_taskengine import memory_store
+
+    if app is None:
+        return memory_store.default_memory_store()
+    cached: ResultStore | None = getattr(app, "_taskengine_store", None)
+    if cached is not None:
+        return cached
+    backend_url = app.conf.result_backend
+    store: ResultStore
+    if isinstance(backend_url, str) and backend_url.startswith(
+        ("redis://", "rediss://", "unix://")
+    ):
+        from celery_taskengine.redis_store import RedisStore
+
+        store = RedisStore.for_app(app)
+    else:
+        store = memory_store.default_memory_store()
+    app._taskengine_store = store
+    return store

@@ -1,0 +1,485 @@
+"""The engine's behaviour, once: a task run as a pure state machine that yields steps.
+
+Nothing here calls user code, sleeps, reads a clock or touches a store directly: it yields
+:mod:`~celery_taskengine.steps` for a driver to carry out, and time and randomness come from the
+:class:`RunEnvironment`. The routines are named after the reference engine's methods
+(``begin_run``, ``handle_retry``, ...) so the sync and async engine shells map onto them.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+from celery_taskengine import cache_policies as cp
+from celery_taskengine.drivers import GeneratorClosed
+from celery_taskengine.errors import ConfigurationError, TaskRunTimeoutError
+from celery_taskengine.options import TaskOptions
+from celery_taskengine.result_store import ResultStore
+from celery_taskengine.retry_policy import delay_for_retry, jittered
+from celery_taskengine.run_scope import run_scope
+from celery_taskengine.states import (
+    TRANSITIONS as _TRANSITIONS,
+)
+from celery_taskengine.states import State, StateType, aggregate_states, delay_to, utcnow
+from celery_taskengine.steps import Advance, CallTask, Emit, Invoke, Sleep, Steps
+from celery_taskengine.task_run import TaskRun
+from celery_taskengine.transactions import Transaction
+
+__all__ = ["EngineTask", "RunCore", "RunEnvironment"]
+
+logger = logging.getLogger("celery_taskengine.task_runs")
+
+_ACTIVE = (StateType.RUNNING, StateType.SCHEDULED)
+
+
+class EngineTask(Protocol):
+    """What the core needs to know of a task."""
+
+    name: str
+    engine_options: TaskOptions
+
+    @property
+    def fn(self) -> Callable[..., Any]: ...
+
+    def source_text(self) -> str: ...
+
+
+@dataclass(slots=True)
+class RunEnvironment:
+    """What the place a run executes in provides: storage, recording, clock and policy."""
+
+    store: ResultStore
+    #: Persist (and, in a worker, publish) the run after each state change.
+    record: Callable[[TaskRun, State], None]
+    #: The id RUN_ID keys use: the Celery workflow root id in a worker, else the run's own id.
+    key_run_id: str | None = None
+    #: In a worker, a delayed retry ends this call in AwaitingRetry; the bridge re-queues it.
+    defer_retries: bool = False
+    is_cancelled: Callable[[], bool] = lambda: False
+    clock: Callable[[], datetime] = utcnow
+    monotonic: Callable[[], float] = time.monotonic
+    rng: random.Random = field(default_factory=random.Random)
+
+
+class RunCore:
+    """One task run's decisions: which state comes next and which step to take."""
+
+    def __init__(
+        self,
+        task: EngineTask,
+        run: TaskRun,
+        env: RunEnvironment,
+        *,
+        wait_for: Iterable[Any] | None = None,
+        is_async: bool = False,
+        is_generator: bool = False,
+    ) -> None:
+        self.task = task
+        self.options = task.engine_options
+        self.run = run
+        self.env = env
+        self.wait_for = wait_for
+        self.is_async = is_async
+        self.is_generator = is_generator
+        self.call_parameters: dict[str, Any] = dict(run.parameters)
+
+    @property
+    def state(self) -> State:
+        assert self.run.state is not None, "the run has no state before initialize_run"
+        return self.run.state
+
+    # -- the whole run -----------------------------------------------------------------------
+    def run_to_end(self) -> Steps[State]:
+        """Every attempt of the run, until a final state (or AwaitingRetry when deferring)."""
+        try:
+            if not (yield from self.start()):
+                return self.state
+            while self.state.type in _ACTIVE:
+                if self.state.is_scheduled():
+                    if self.env.defer_retries:
+                        return self.state
+                    yield from self.wait_until_ready()
+                yield from self.attempt()
+            yield from self.call_hooks(self.state)
+            self.log_finished_message()
+        except (GeneratorExit, Exception):
+            raise
+        except BaseException as exc:
+            if self.run.state is not None and not self.state.is_final():
+                yield from self.handle_crash(exc)
+            raise
+        return self.state
+
+    def initialize_run(self) -> Steps[None]:
+        """Enter Pending for a new run (a run handed in keeps its history)."""
+        if self.run.state is None:
+            yield from self.set_state(self._new(StateType.PENDING, "Pending"))
+
+    def start(self) -> Steps[bool]:
+        """Resolve inputs and enter Running; ``False`` when the run must not execute now."""
+        yield from self.initialize_run()
+        state = self.state
+        if state.is_final() and not state.is_crashed():
+            return False  # a redelivered message for a finished run: never execute twice
+        if state.is_pending():
+            self._check_configuration()
+            not_ready = self._resolve_inputs()
+            if not_ready is not None:
+                yield from self.set_state(not_ready)
+                return False
+            self.run.name = self._render_run_name()
+            yield from self.begin_run()
+            return True
+        if state.is_running():
+            yield from self.set_state(self._new(StateType.CRASHED, "Crashed", _INTERRUPTED_MESSAGE))
+        if self.state.is_crashed():
+            yield from self.enter_running(retrying=True)
+        return True
+
+    def begin_run(self) -> Steps[None]:
+        yield from self.enter_running(retrying=False)
+
+    def enter_running(self, *, retrying: bool) -> Steps[None]:
+        self.run.run_count += 1
+        name = "Retrying" if retrying else "Running"
+        yield from self.set_state(self._new(StateType.RUNNING, name))
+        yield from self.call_hooks(self.state)
+
+    def wait_until_ready(self) -> Steps[None]:
+        """Sleep until an AwaitingRetry's scheduled time, then enter Retrying."""
+        scheduled = self.state.scheduled_time
+        if scheduled is not None:
+            wait = (scheduled - self.env.clock()).total_seconds()
+            if wait > 0:
+                yield Sleep(wait, reason="retry")
+        yield from self.enter_running(retrying=True)
+
+    # -- one attempt -------------------------------------------------------------------------
+    def attempt(self) -> Steps[None]:
+        """Read the cache or call the function once, and move to the state that follows."""
+        if (yield Invoke(self.env.is_cancelled)):
+            yield from self.set_state(
+                self._new(StateType.CANCELLED, "Cancelled", "The task run was cancelled.")
+            )
+            return
+        txn = self.transaction_context()
+        yield from txn.begin_steps()
+        try:
+            if txn.is_committed():
+                cached = self._new(StateType.COMPLETED, "Cached", data=txn.read())
+                yield from self.set_state(cached)
+                yield from txn.exit_steps(None)
+                return
+            result = yield from self.call_task_fn()
+        except Exception as exc:
+            yield from txn.exit_steps(exc)
+            if isinstance(exc, TimeoutError):
+                yield from self.handle_timeout(exc)
+            else:
+                yield from self.handle_exception(exc)
+            return
+        except GeneratorExit:
+            txn.abandon()
+            raise
+        except BaseException as exc:
+            yield from txn.exit_steps(exc)
+            raise
+        yield from self.handle_success(result, txn)
+        yield from txn.exit_steps(None)
+
+    def transaction_context(self) -> Transaction:
+        """The transaction for this attempt, keyed by the cache policy (or not at all)."""
+        options = self.options
+        policy = options.cache_policy
+        key = None if self.is_generator else self.compute_transaction_key()
+        store = self.env.store
+        if policy is not None and isinstance(policy.key_storage, ResultStore):
+            store = policy.key_storage
+        return Transaction(
+            key,
+            store=store,
+            isolation_level=policy.isolation_level if policy is not None else None,
+            overwrite=options.refresh_cache,
+            write_on_commit=options.persist_result,
+            serializer=options.result_serializer,
+            expires_in=options.cache_expiration,
+            task_name=self.task.name,
+        )
+
+    def compute_transaction_key(self) -> str | None:
+        options = self.options
+        if not options.persist_result:
+            return None  # nothing is written, so nothing can ever be read back
+        context = cp.KeyContext(
+            task_name=self.task.name,
+            run_id=self.env.key_run_id or self.run.id,
+            task_source=self.task.source_text,
+            task_run=self.run,
+        )
+        return cp.compute_transaction_key(
+            options.cache_policy,
+            context,
+            self.run.parameters,
+            result_storage_key=options.result_storage_key,
+        )
+
+    def call_task_fn(self) -> Steps[Any]:
+        """Call the function (a generator task also drains its items here)."""
+        args, kwargs = _split_parameters(self.task.fn, self.call_parameters)
+        call = CallTask(
+            self.task.fn, args, kwargs, self.options.timeout_seconds, self._scope, self.is_async
+        )
+        if not self.is_generator:
+            return (yield call)
+        call.timeout = None  # creating a generator runs none of its body
+        iterator = yield call
+        return (yield from self._drain(iterator))
+
+    def _drain(self, iterator: Any) -> Steps[Any]:
+        timeout = self.options.timeout_seconds
+        deadline = None if timeout is None else self.env.monotonic() + timeout
+        while True:
+            remaining = None if deadline is None else deadline - self.env.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise TaskRunTimeoutError(timeout or 0.0)
+            done, value = yield Advance(iterator, remaining, self._scope, self.is_async)
+            if done:
+                return value
+            try:
+                yield Emit(value)
+            except GeneratorClosed:
+                closer = iterator.aclose if self.is_async else iterator.close
+                yield Invoke(closer)
+                return None
+
+    def _scope(self) -> Any:
+        return run_scope(self.run, log_prints=self.options.log_prints)
+
+    # -- outcomes ----------------------------------------------------------------------------
+    def handle_success(self, result: Any, txn: Transaction) -> Steps[None]:
+        returned = _returned_state(result)
+        if returned is None:
+            txn.stage(result, self.options.on_commit, self.options.on_rollback)
+            yield from self.set_state(self._new(StateType.COMPLETED, "Completed", data=result))
+            return
+        if returned.is_completed():
+            txn.stage(returned.data, self.options.on_commit, self.options.on_rollback)
+            yield from self.set_state(returned)
+            return
+        txn.on_rollback_hooks.extend(self.options.on_rollback)
+        yield from txn.rollback_steps()
+        if returned.is_failed() and (yield from self.handle_retry(returned)):
+            return
+        yield from self.set_state(returned)
+
+    def handle_exception(self, exc: Exception) -> Steps[None]:
+        if (yield from self.handle_retry(exc)):
+            return
+        message = f"Task run encountered an exception {type(exc).__name__}: {exc}"
+        yield from self.set_state(self._new(StateType.FAILED, "Failed", message, data=exc))
+
+    def handle_timeout(self, exc: TimeoutError) -> Steps[None]:
+        if (yield from self.handle_retry(exc)):
+            return
+        if isinstance(exc, TaskRunTimeoutError):
+            message = f"Task run exceeded timeout of {exc.timeout_seconds} second(s)"
+        else:
+            message = f"Task run failed due to timeout: {exc!r}"
+        yield from self.set_state(self._new(StateType.FAILED, "TimedOut", message, data=exc))
+
+    def handle_crash(self, exc: BaseException) -> Steps[None]:
+        message = _crash_message(exc)
+        logger.error("%s: crashed: %s", self.run.id, message)
+        yield from self.set_state(self._new(StateType.CRASHED, "Crashed", message, data=exc))
+
+    def handle_retry(self, exc_or_state: BaseException | State) -> Steps[bool]:
+        """Schedule the next attempt if retries remain and the condition allows it."""
+        if not (yield from self.can_retry(exc_or_state)):
+            return False
+        options = self.options
+        retries_done = self.run.run_count - 1
+        delay = delay_for_retry(options.retry_delays, retries_done)
+        delay = jittered(delay, options.retry_jitter_factor, self.env.rng)
+        logger.info(
+            "%s: attempt %d failed (%s); retry %d/%d in %.3gs",
+            self.run.id,
+            self.run.run_count,
+            _describe(exc_or_state),
+            retries_done + 1,
+            options.retries,
+            delay,
+        )
+        if delay > 0:
+            now = self.env.clock()
+            awaiting = self._new(StateType.SCHEDULED, "AwaitingRetry", now=now)
+            awaiting = State(
+                awaiting.type, awaiting.name, None, now, scheduled_time=delay_to(now, delay)
+            )
+            yield from self.set_state(awaiting)
+        else:
+            yield from self.enter_running(retrying=True)
+        return True
+
+    def can_retry(self, exc_or_state: BaseException | State) -> Steps[bool]:
+        if self.run.run_count > self.options.retries:
+            return False
+        condition = self.options.retry_condition_fn
+        if condition is None:
+            return True
+        if isinstance(exc_or_state, State):
+            seen = exc_or_state
+        else:
+            message = f"Task run encountered unexpected exception: {exc_or_state!r}"
+            seen = self._new(StateType.FAILED, "Failed", message, data=exc_or_state)
+        try:
+            return bool((yield Invoke(condition, (self.task, self.run, seen))))
+        except Exception:
+            logger.exception("%s: retry_condition_fn raised; not retrying", self.run.id)
+            return False
+
+    # -- hooks and bookkeeping ---------------------------------------------------------------
+    def call_hooks(self, state: State) -> Steps[None]:
+        """Run the hooks for ``state``; a hook that raises is logged and changes nothing."""
+        options = self.options
+        if state.type is StateType.FAILED:
+            hooks = options.on_failure
+        elif state.type is StateType.COMPLETED:
+            hooks = options.on_completion
+        elif state.type is StateType.RUNNING:
+            hooks = options.on_running
+        else:
+            return
+        for hook in hooks:
+            try:
+                yield Invoke(hook, (self.task, self.run, state))
+            except Exception:
+                logger.exception(
+                    "%s: an error was encountered while running hook %r",
+                    self.run.id,
+                    _hook_name(hook),
+                )
+
+    def set_state(self, state: State) -> Steps[State]:
+        """Enter ``state``: check the transition, update the record, and persist it."""
+        run = self.run
+        current = run.state
+        if current is not None and state.type not in _TRANSITIONS[current.type]:
+            raise RuntimeError(f"illegal transition {current} -> {state} in run {run.id}")
+        run.state = state
+        run.state_history.append(state)
+        if state.type is StateType.RUNNING and run.start_time is None:
+            run.start_time = state.timestamp
+        elif state.type in _FINAL:
+            run.end_time = state.timestamp
+        yield Invoke(self.env.record, (run, state))
+        return state
+
+    def log_finished_message(self) -> None:
+        if logger.isEnabledFor(logging.INFO):
+            logger.info("%s: finished in state %s", self.run.id, self.state)
+
+    def _new(
+        self,
+        kind: StateType,
+        name: str,
+        message: str | None = None,
+        data: Any = None,
+        now: datetime | None = None,
+    ) -> State:
+        return State(kind, name, message, now or self.env.clock(), None, data)
+
+    def _check_configuration(self) -> None:
+        policy = self.options.cache_policy
+        if (
+            policy is not None
+            and policy.isolation_level is cp.IsolationLevel.SERIALIZABLE
+            and self.options.persist_result
+            and not getattr(policy.key_storage or self.env.store, "supports_locking", False)
+        ):
+            raise ConfigurationError(
+                f"task {self.task.name!r} uses IsolationLevel.SERIALIZABLE, but its store "
+                f"({type(self.env.store).__name__}) cannot lock across processes; use a Redis "
+                "result backend"
+            )
+
+    def _resolve_inputs(self) -> State | None:
+        """Replace upstream states by their values; NotReady if one did not complete."""
+        for item in self.wait_for or ():
+            if isinstance(item, State) and not item.is_completed():
+                return self._not_ready(item)
+        for name, value in self.run.parameters.items():
+            if isinstance(value, State):
+                if not value.is_completed():
+                    return self._not_ready(value)
+                self.call_parameters[name] = value.data
+        return None
+
+    def _not_ready(self, upstream: State) -> State:
+        message = f"Upstream task run in state {upstream.name!r} did not reach a 'COMPLETED' state."
+        return self._new(StateType.PENDING, "NotReady", message)
+
+    def _render_run_name(self) -> str:
+        template = self.options.task_run_name
+        if template is None:
+            return self.run.name
+        if isinstance(template, str):
+            return template.format(**self.call_parameters)
+        if "parameters" in inspect.signature(template).parameters:
+            name = template(parameters=dict(self.call_parameters))
+        else:
+            name = template()
+        if not isinstance(name, str):
+            raise TypeError(f"task_run_name callable must return a str, got {type(name).__name__}")
+        return name
+
+
+_FINAL = frozenset({StateType.COMPLETED, StateType.FAILED, StateType.CANCELLED, StateType.CRASHED})
+_INTERRUPTED_MESSAGE = "The process running this attempt stopped before it finished."
+
+
+def _returned_state(result: Any) -> State | None:
+    if isinstance(result, State):
+        return result
+    if (
+        isinstance(result, list | tuple | set)
+        and result
+        and all(isinstance(item, State) for item in result)
+    ):
+        return aggregate_states(result)
+    return None
+
+
+def _split_parameters(
+    fn: Callable[..., Any], parameters: Mapping[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    from celery_taskengine.parameters import call_arguments
+
+    return call_arguments(fn, parameters)
+
+
+def _crash_message(exc: BaseException) -> str:
+    if isinstance(exc, KeyboardInterrupt):
+        return "Execution was aborted by an interrupt signal."
+    if isinstance(exc, SystemExit):
+        return "Execution was aborted by Python system exit call."
+    if type(exc).__name__ == "CancelledError":
+        return "Execution was cancelled by the runtime environment."
+    return f"Execution was interrupted by an unexpected exception: {type(exc).__name__}: {exc}"
+
+
+def _describe(exc_or_state: BaseException | State) -> str:
+    if isinstance(exc_or_state, State):
+        return str(exc_or_state)
+    return f"{type(exc_or_state).__name__}: {exc_or_state}"
+
+
+def _hook_name(hook: Callable[..., Any]) -> str:
+    inner = getattr(hook, "func", hook)
+    return str(getattr(inner, "__name__", type(inner).__name__))

@@ -1,0 +1,176 @@
+"""The ``@task`` decorator and ``Task``: a real Celery task that runs through the engine."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any, ClassVar, Literal, TypeVar, overload
+
+from celery import Celery, current_app
+from celery.app.task import Task as CeleryTask
+from celery.utils.functional import head_from_fun
+
+from celery_taskengine.options import TaskOptions, build_options, split_celery_options
+from celery_taskengine.parameters import bind_parameters
+from celery_taskengine.task_engine import run_task
+
+__all__ = ["Task", "fn_kind", "task"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+FnKind = Literal["function", "coroutine", "generator", "async_generator"]
+
+
+def fn_kind(fn: Callable[..., Any]) -> FnKind:
+    """Which runner a function needs."""
+    if inspect.isasyncgenfunction(fn):
+        return "async_generator"
+    if inspect.isgeneratorfunction(fn):
+        return "generator"
+    if inspect.iscoroutinefunction(fn):
+        return "coroutine"
+    return "function"
+
+
+class Task(CeleryTask):  # type: ignore[misc]
+    """A Celery task whose body runs through the engine.
+
+    ``t(...)`` runs here (states, retries, timeouts, hooks, cache); ``t.delay(...)`` sends it
+    to a worker, where the same engine runs. Celery sees an ordinary task (routing, canvas,
+    Flower, ``celery inspect registered``).
+    """
+
+    engine_options: ClassVar[TaskOptions]
+    fn_kind: ClassVar[FnKind] = "function"
+    celery_options: ClassVar[dict[str, Any]] = {}
+    _source_text: str | None = None
+
+    @property
+    def fn(self) -> Callable[..., Any]:
+        """The decorated function."""
+        return self.run  # type: ignore[no-any-return]
+
+    @property
+    def isasync(self) -> bool:
+        return self.fn_kind in ("coroutine", "async_generator")
+
+    def source_text(self) -> str:
+        """The function's source (for TASK_SOURCE keys), read once."""
+        if self._source_text is None:
+            try:
+                text = inspect.getsource(self.run)
+            except (OSError, TypeError):
+                code = getattr(self.run, "__code__", None)
+                text = repr(code.co_code) if code is not None else repr(self.run)
+            self._source_text = text
+        return self._source_text
+
+    def __call__(
+        self, *args: Any, return_state: bool = False, wait_for: Any = None, **kwargs: Any
+    ) -> Any:
+        request = self.request_stack.top
+        if request is not None and not request.called_directly:
+            from celery_taskengine.worker_run import run_delivery
+
+            return run_delivery(self, args, kwargs)
+        parameters = bind_parameters(self.run, args, kwargs)
+        return run_task(
+            self,
+            parameters=parameters,
+            wait_for=wait_for,
+            return_type="state" if return_state else "result",
+        )
+
+    def with_options(self, **options: Any) -> Task:
+        """A copy with some options changed; the original is unchanged.
+
+        The copy is registered with the app only under a new ``name``; under the same name it
+        runs locally with the new options and sends to workers as the original.
+        """
+        engine_given, celery_given = split_celery_options(options)
+        new_options = self.engine_options.with_changes(self.run, **engine_given)
+        merged_celery = {**self.celery_options, **celery_given}
+        renamed = "name" in engine_given and engine_given["name"] != self.name
+        return build_task(
+            self.app,
+            self.run,
+            new_options,
+            merged_celery,
+            name=engine_given["name"] if renamed else self.name,
+            register=renamed,
+        )
+
+    def __repr__(self) -> str:
+        return f"<@task {self.name} of {self.app.main or 'default'}>"
+
+
+@overload
+def task(__fn: F) -> Task: ...
+
+
+@overload
+def task(
+    __fn: None = None, *, app: Celery | None = None, **options: Any
+) -> Callable[[F], Task]: ...
+
+
+def task(
+    __fn: Callable[..., Any] | None = None, *, app: Celery | None = None, **options: Any
+) -> Task | Callable[[Callable[..., Any]], Task]:
+    """Make ``fn`` an engine task and a Celery task of ``app`` (default: the current app).
+
+    Options are validated now: a bad value raises ``TypeError``/``ValueError`` naming it.
+    Engine options are those of Prefect's ``@task``; any other Celery task option (``queue``,
+    ``acks_late``, ``rate_limit``, ...) passes through to Celery.
+    """
+    engine_given, celery_given = split_celery_options(options)
+
+    def decorate(fn: Callable[..., Any]) -> Task:
+        if not callable(fn):
+            raise TypeError(f"@task decorates a function, got {type(fn).__name__}")
+        engine_options = build_options(fn, engine_given)
+        target = app if app is not None else current_app._get_current_object()
+        name = engine_given.get("name") or target.gen_task_name(
+            fn.__name__, getattr(fn, "__module__", None) or "__main__"
+        )
+        return build_task(target, fn, engine_options, celery_given, name=name, register=True)
+
+    if __fn is not None:
+        return decorate(__fn)
+    return decorate
+
+
+def build_task(
+    app: Celery,
+    fn: Callable[..., Any],
+    options: TaskOptions,
+    celery_options: dict[str, Any],
+    *,
+    name: str,
+    register: bool,
+) -> Task:
+    """Build the Celery task class for ``fn`` and, if asked, register it with ``app``.
+
+    Unlike ``app.task``, a new function under a name already taken replaces the old task, so
+    re-decorating (tests, notebooks) never silently keeps stale options.
+    """
+    attributes: dict[str, Any] = {
+        "app": app,
+        "name": name,
+        "run": staticmethod(fn),
+        "_decorated": True,
+        "__doc__": fn.__doc__,
+        "__module__": getattr(fn, "__module__", __name__),
+        "__qualname__": getattr(fn, "__qualname__", name),
+        "__wrapped__": fn,
+        "__header__": staticmethod(head_from_fun(fn, bound=False)),
+        "engine_options": options,
+        "fn_kind": fn_kind(fn),
+        "celery_options": dict(celery_options),
+        **celery_options,
+    }
+    cls: Any = type(getattr(fn, "__name__", name), (Task,), attributes)
+    instance: Task = cls()
+    if register:
+        app._tasks[name] = instance
+    cls.bind(app)
+    return instance

@@ -1,0 +1,389 @@
+"""Transactions: a key, a staged value, commit/rollback hooks, nesting, and SERIALIZABLE locks.
+
+The logic is written once as step routines (see :mod:`celery_taskengine.steps`);
+:class:`Transaction` drives them blocking and :class:`AsyncTransaction` with ``await``.
+The engine uses the same routines for each task attempt, so a task's transaction and one a user
+opens with :func:`transaction` nest and behave the same.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import logging
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from contextvars import ContextVar, Token
+from types import TracebackType
+from typing import Any
+
+from celery_taskengine.cache_policies import CommitMode, IsolationLevel
+from celery_taskengine.drivers import drive_async, drive_sync
+from celery_taskengine.errors import ConfigurationError, SerializationError
+from celery_taskengine.result_store import ResultRecord, ResultStore
+from celery_taskengine.steps import Invoke, Sleep, Steps
+
+__all__ = [
+    "AsyncTransaction",
+    "CommitMode",
+    "IsolationLevel",
+    "Transaction",
+    "TransactionState",
+    "get_transaction",
+    "transaction",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Seconds a SERIALIZABLE lock lives unless renewed; a holder that dies frees it after this.
+LOCK_TTL_SECONDS = 30.0
+#: Seconds between two tries to take a lock another holder has.
+LOCK_POLL_SECONDS = 0.02
+
+_current: ContextVar[Transaction | None] = ContextVar("taskengine_transaction", default=None)
+
+
+class TransactionState(enum.Enum):
+    PENDING = "PENDING"
+    ACTIVE = "ACTIVE"
+    STAGED = "STAGED"
+    COMMITTED = "COMMITTED"
+    ROLLED_BACK = "ROLLED_BACK"
+
+
+def get_transaction() -> Transaction | None:
+    """The innermost open transaction in this context, if any."""
+    return _current.get()
+
+
+class Transaction:
+    """A unit of work under a key: staged, then committed (written) or rolled back.
+
+    Use ``with transaction(...)``; hooks receive the transaction, whose ``get``/``set`` carry
+    values between the work and its hooks.
+    """
+
+    def __init__(
+        self,
+        key: str | None = None,
+        *,
+        store: ResultStore | None = None,
+        commit_mode: CommitMode | None = None,
+        isolation_level: IsolationLevel | None = None,
+        overwrite: bool = False,
+        write_on_commit: bool = True,
+        serializer: str = "json",
+        expires_in: float | None = None,
+        task_name: str | None = None,
+        lock_ttl: float = LOCK_TTL_SECONDS,
+        logger_name: str | None = None,
+    ) -> None:
+        self.key = key
+        self.parent: Transaction | None = _current.get()
+        inherited = self.parent
+        self.commit_mode: CommitMode | None = commit_mode or (
+            inherited.commit_mode if inherited else None
+        )
+        self.isolation_level: IsolationLevel = isolation_level or (
+            inherited.isolation_level if inherited else IsolationLevel.READ_COMMITTED
+        )
+        self.store: ResultStore | None = (
+            store if store is not None else (inherited.store if inherited else None)
+        )
+        self.overwrite = overwrite
+        self.write_on_commit = write_on_commit
+        self.serializer = serializer
+        self.expires_in = expires_in
+        self.task_name = task_name
+        self.lock_ttl = lock_ttl
+        self.state = TransactionState.PENDING
+        self.children: list[Transaction] = []
+        self.on_commit_hooks: list[Callable[..., Any]] = []
+        self.on_rollback_hooks: list[Callable[..., Any]] = []
+        self.record: ResultRecord | None = None
+        self._staged: tuple[Any] | None = None
+        self._values: dict[str, Any] = {}
+        self._holder = uuid.uuid4().hex
+        self._renewer: _LockRenewer | None = None
+        self._token: Token[Transaction | None] | None = None
+
+    # -- the user-facing surface ------------------------------------------------------------
+    def is_committed(self) -> bool:
+        return self.state is TransactionState.COMMITTED
+
+    def is_rolled_back(self) -> bool:
+        return self.state is TransactionState.ROLLED_BACK
+
+    def is_active(self) -> bool:
+        return self.state in (TransactionState.ACTIVE, TransactionState.STAGED)
+
+    def is_staged(self) -> bool:
+        return self.state is TransactionState.STAGED
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """A value set on this transaction or, failing that, on an enclosing one."""
+        if name in self._values:
+            return self._values[name]
+        return self.parent.get(name, default) if self.parent else default
+
+    def set(self, name: str, value: Any) -> None:
+        self._values[name] = value
+
+    def read(self) -> Any:
+        """The committed value under the key (a cache hit's value); ``None`` if none."""
+        return self.record.value if self.record is not None else None
+
+    def stage(
+        self,
+        value: Any,
+        on_commit: Sequence[Callable[..., Any]] = (),
+        on_rollback: Sequence[Callable[..., Any]] = (),
+    ) -> None:
+        """Hold ``value`` to be written at commit, with the hooks to run then."""
+        if self.state is TransactionState.COMMITTED:
+            return
+        self._staged = (value,)
+        self.on_commit_hooks.extend(on_commit)
+        self.on_rollback_hooks.extend(on_rollback)
+        self.state = TransactionState.STAGED
+
+    def add_child(self, child: Transaction) -> None:
+        self.children.append(child)
+
+    def commit(self) -> bool:
+        """Commit now (blocking): children, commit hooks, then the write."""
+        return drive_sync(self.commit_steps())
+
+    def rollback(self) -> bool:
+        """Roll back now (blocking): rollback hooks in reverse order, children, and parent."""
+        return drive_sync(self.rollback_steps())
+
+    # -- the logic, as step routines ---------------------------------------------------------
+    def begin_steps(self) -> Steps[None]:
+        """Enter: make current, take the lock (SERIALIZABLE), and look for a committed record."""
+        self._token = _current.set(self)
+        self.state = TransactionState.ACTIVE
+        store, key = self.store, self.key
+        if key is None or store is None:
+            return
+        if self.isolation_level is IsolationLevel.SERIALIZABLE:
+            yield from self._lock_steps(store, key)
+        if not self.overwrite:
+            record = yield Invoke(store.read, (key,))
+            if record is not None:
+                self.record = record
+                self.state = TransactionState.COMMITTED
+
+    def exit_steps(self, error: BaseException | None) -> Steps[None]:
+        """Leave: roll back on error, hand over to the parent (lazy), or commit."""
+        try:
+            if error is not None:
+                yield from self._rollback_self()
+            elif self.state is TransactionState.COMMITTED:
+                pass
+            elif self.parent is not None and self.commit_mode is not CommitMode.EAGER:
+                self.parent.add_child(self)
+                return
+            elif self.commit_mode is CommitMode.OFF:
+                yield from self.rollback_steps()
+            else:
+                yield from self.commit_steps()
+        finally:
+            self._leave()
+        self._release_lock()
+
+    def commit_steps(self) -> Steps[bool]:
+        if self.state in (TransactionState.COMMITTED, TransactionState.ROLLED_BACK):
+            return False
+        for child in self.children:
+            yield from child.commit_steps()
+        for hook in self.on_commit_hooks:
+            try:
+                yield Invoke(hook, (self,))
+            except Exception:
+                logger.exception(
+                    "%s: an error was encountered while running commit hook %r",
+                    self.key,
+                    _hook_name(hook),
+                )
+                yield from self.rollback_steps()
+                return False
+        if not (yield from self._write_steps()):
+            yield from self.rollback_steps()
+            return False
+        self.state = TransactionState.COMMITTED
+        self._release_lock()
+        return True
+
+    def rollback_steps(self) -> Steps[bool]:
+        rolled_back = yield from self._rollback_self()
+        parent = self.parent
+        if rolled_back and parent is not None and parent.is_active() and self in parent.children:
+            yield from parent.rollback_steps()
+        return rolled_back
+
+    def _rollback_self(self) -> Steps[bool]:
+        if self.state in (TransactionState.COMMITTED, TransactionState.ROLLED_BACK):
+            return False
+        for hook in reversed(self.on_rollback_hooks):
+            try:
+                yield Invoke(hook, (self,))
+            except Exception:
+                logger.exception(
+                    "%s: an error was encountered while running rollback hook %r",
+                    self.key,
+                    _hook_name(hook),
+                )
+        self.state = TransactionState.ROLLED_BACK
+        for child in reversed(self.children):
+            yield from child._rollback_self()
+        self._release_lock()
+        return True
+
+    def _write_steps(self) -> Steps[bool]:
+        if not (self.write_on_commit and self.key and self.store and self._staged):
+            return True
+        if self.expires_in is not None and self.expires_in <= 0:
+            return True  # a non-positive expiration means the result is never reused
+        write = functools.partial(
+            self.store.write,
+            self.key,
+            self._staged[0],
+            serializer=self.serializer,
+            expires_in=self.expires_in,
+            task_name=self.task_name,
+        )
+        try:
+            yield Invoke(write)
+        except SerializationError as exc:
+            logger.warning(
+                "%s: the result could not be serialized, so the transaction is rolled back "
+                "instead of committed: %s",
+                self.key,
+                exc,
+            )
+            return False
+        except Exception:
+            logger.exception("%s: writing the committed result failed", self.key)
+            return False
+        return True
+
+    def _lock_steps(self, store: ResultStore, key: str) -> Steps[None]:
+        if not getattr(store, "supports_locking", False):
+            raise ConfigurationError(
+                "IsolationLevel.SERIALIZABLE needs a store that can lock across processes; "
+                f"{type(store).__name__} cannot. Use a Redis result backend."
+            )
+        while not (yield Invoke(store.acquire_lock, (key, self._holder, self.lock_ttl))):
+            yield Sleep(LOCK_POLL_SECONDS, reason="lock")
+        self._renewer = _LockRenewer(store, key, self._holder, self.lock_ttl)
+
+    def abandon(self) -> None:
+        """Leave without running anything (the run itself is being torn down)."""
+        self._leave()
+        self._release_lock()
+
+    def _leave(self) -> None:
+        if self._token is not None:
+            _current.reset(self._token)
+            self._token = None
+
+    def _release_lock(self) -> None:
+        renewer, self._renewer = self._renewer, None
+        if renewer is not None:
+            renewer.stop()
+
+    # -- the sync shell ----------------------------------------------------------------------
+    def __enter__(self) -> Transaction:
+        drive_sync(self.begin_steps())
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        drive_sync(self.exit_steps(exc))
+
+    def __repr__(self) -> str:
+        return f"<Transaction key={self.key!r} state={self.state.value}>"
+
+
+class AsyncTransaction(Transaction):
+    """The same transaction for ``async with``; hooks are awaited on the running loop."""
+
+    async def __aenter__(self) -> AsyncTransaction:
+        await drive_async(self.begin_steps())
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await drive_async(self.exit_steps(exc))
+
+    async def acommit(self) -> bool:
+        return await drive_async(self.commit_steps())
+
+    async def arollback(self) -> bool:
+        return await drive_async(self.rollback_steps())
+
+
+def transaction(
+    key: str | None = None,
+    *,
+    store: ResultStore | None = None,
+    commit_mode: CommitMode | None = None,
+    isolation_level: IsolationLevel | None = None,
+    overwrite: bool = False,
+    write_on_commit: bool = True,
+) -> AsyncTransaction:
+    """Open a transaction; use it with ``with`` or ``async with``.
+
+    Without a ``store`` it uses the enclosing transaction's, else the current Celery app's
+    result backend (in-memory when the app has none). Children commit with the root unless
+    ``commit_mode=CommitMode.EAGER``.
+    """
+    if store is None and get_transaction() is None:
+        from celery import current_app
+
+        from celery_taskengine.result_store import store_for_app
+
+        store = store_for_app(current_app._get_current_object())
+    return AsyncTransaction(
+        key,
+        store=store,
+        commit_mode=commit_mode,
+        isolation_level=isolation_level,
+        overwrite=overwrite,
+        write_on_commit=write_on_commit,
+    )
+
+
+class _LockRenewer:
+    """Keeps a SERIALIZABLE lock alive while its holder works, from a daemon thread."""
+
+    def __init__(self, store: ResultStore, key: str, holder: str, ttl: float) -> None:
+        self._store, self._key, self._holder, self._ttl = store, key, holder, ttl
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="taskengine-lock", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self._ttl / 3):
+            try:
+                if not self._store.renew_lock(self._key, self._holder, self._ttl):
+                    logger.warning("%s: lost the SERIALIZABLE lock before finishing", self._key)
+                    return
+            except Exception:
+                logger.warning("%s: could not renew the SERIALIZABLE lock", self._key)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        try:
+            self._store.release_lock(self._key, self._holder)
+        except Exception:
+            logger.warning("%s: could not release the SERIALIZABLE lock; it will expire", self._key)
+
+
+def _hook_name(hook: Callable[..., Any]) -> str:
+    inner = getattr(hook, "func", hook)
+    return str(getattr(inner, "__name__", type(inner).__name__))
