@@ -11,6 +11,7 @@ import asyncio
 import inspect
 import threading
 import time
+import types
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from typing import Any, TypeVar
 
@@ -112,11 +113,11 @@ async def iterate_async(steps: Steps[Any]) -> AsyncIterator[Any]:
 def _do_sync(step: Step) -> Any:
     if isinstance(step, Invoke):
         result = step.fn(*step.args)
-        return run_awaitable_sync(result) if inspect.isawaitable(result) else result
+        return run_awaitable_sync(result) if _awaitable(result) else result
     if isinstance(step, CallTask):
         with step.scope():
             result = timeouts.call_with_timeout(step.fn, step.args, step.kwargs, step.timeout)
-            return run_awaitable_sync(result) if inspect.isawaitable(result) else result
+            return run_awaitable_sync(result) if step.is_async else result
     if isinstance(step, Advance):
         with step.scope():
             return timeouts.call_with_timeout(_next_sync, (step.iterator,), {}, step.timeout)
@@ -129,7 +130,7 @@ def _do_sync(step: Step) -> Any:
 async def _do_async(step: Step) -> Any:
     if isinstance(step, Invoke):
         result = step.fn(*step.args)
-        return (await result) if inspect.isawaitable(result) else result
+        return (await result) if _awaitable(result) else result
     if isinstance(step, CallTask):
         with step.scope():
             if step.is_async:
@@ -146,6 +147,13 @@ async def _do_async(step: Step) -> Any:
         await anyio.sleep(max(0.0, step.seconds))
         return None
     raise TypeError(f"unknown step {step!r}")
+
+
+def _awaitable(value: Any) -> bool:
+    """Cheaper than ``inspect.isawaitable`` for the plain values most steps return."""
+    if value is None or hasattr(type(value), "__await__"):
+        return value is not None
+    return isinstance(value, types.GeneratorType) and inspect.isawaitable(value)
 
 
 def _next_sync(iterator: Iterator[Any]) -> tuple[bool, Any]:

@@ -12,7 +12,7 @@ import inspect
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -21,6 +21,7 @@ from celery_taskengine import cache_policies as cp
 from celery_taskengine.drivers import GeneratorClosed
 from celery_taskengine.errors import ConfigurationError, TaskRunTimeoutError
 from celery_taskengine.options import TaskOptions
+from celery_taskengine.parameters import call_arguments
 from celery_taskengine.result_store import ResultStore
 from celery_taskengine.retry_policy import delay_for_retry, jittered
 from celery_taskengine.run_scope import run_scope
@@ -37,6 +38,8 @@ __all__ = ["EngineTask", "RunCore", "RunEnvironment"]
 logger = logging.getLogger("celery_taskengine.task_runs")
 
 _ACTIVE = (StateType.RUNNING, StateType.SCHEDULED)
+#: Jitter needs no cryptographic quality; one generator per process avoids seeding per run.
+_SHARED_RNG = random.Random()
 
 
 class EngineTask(Protocol):
@@ -56,16 +59,19 @@ class RunEnvironment:
     """What the place a run executes in provides: storage, recording, clock and policy."""
 
     store: ResultStore
-    #: Persist (and, in a worker, publish) the run after each state change.
-    record: Callable[[TaskRun, State], None]
+    #: Persist (and, in a worker, publish) the run after each state change; ``None`` when the
+    #: store already holds the live run object (the in-memory store), so there is nothing to do.
+    record: Callable[[TaskRun, State], None] | None
     #: The id RUN_ID keys use: the Celery workflow root id in a worker, else the run's own id.
     key_run_id: str | None = None
     #: In a worker, a delayed retry ends this call in AwaitingRetry; the bridge re-queues it.
     defer_retries: bool = False
-    is_cancelled: Callable[[], bool] = lambda: False
+    is_cancelled: Callable[[], bool] | None = None
     clock: Callable[[], datetime] = utcnow
     monotonic: Callable[[], float] = time.monotonic
-    rng: random.Random = field(default_factory=random.Random)
+    rng: random.Random = field(default_factory=lambda: _SHARED_RNG)
+    #: Save the run once when it is created (stores that keep the live object).
+    saves_on_create: bool = False
 
 
 class RunCore:
@@ -88,7 +94,9 @@ class RunCore:
         self.wait_for = wait_for
         self.is_async = is_async
         self.is_generator = is_generator
-        self.call_parameters: dict[str, Any] = dict(run.parameters)
+        #: The values the function is called with (upstream states resolved); a copy is made
+        #: only when something is resolved.
+        self.call_parameters: dict[str, Any] = run.parameters
 
     @property
     def state(self) -> State:
@@ -107,7 +115,9 @@ class RunCore:
                         return self.state
                     yield from self.wait_until_ready()
                 yield from self.attempt()
-            yield from self.call_hooks(self.state)
+            final = self.state
+            if self.options.on_completion or self.options.on_failure:
+                yield from self.call_hooks(final)
             self.log_finished_message()
         except (GeneratorExit, Exception):
             raise
@@ -120,11 +130,15 @@ class RunCore:
     def initialize_run(self) -> Steps[None]:
         """Enter Pending for a new run (a run handed in keeps its history)."""
         if self.run.state is None:
-            yield from self.set_state(self._new(StateType.PENDING, "Pending"))
+            if self.env.saves_on_create:
+                yield Invoke(self.env.store.save_run, (self.run,))
+            if (step := self.enter_state(self._new(StateType.PENDING, "Pending"))) is not None:
+                yield step
 
     def start(self) -> Steps[bool]:
         """Resolve inputs and enter Running; ``False`` when the run must not execute now."""
-        yield from self.initialize_run()
+        if self.run.state is None:
+            yield from self.initialize_run()
         state = self.state
         if state.is_final() and not state.is_crashed():
             return False  # a redelivered message for a finished run: never execute twice
@@ -132,13 +146,22 @@ class RunCore:
             self._check_configuration()
             not_ready = self._resolve_inputs()
             if not_ready is not None:
-                yield from self.set_state(not_ready)
+                if (step := self.enter_state(not_ready)) is not None:
+                    yield step
                 return False
             self.run.name = self._render_run_name()
             yield from self.begin_run()
             return True
-        if state.is_running():
-            yield from self.set_state(self._new(StateType.CRASHED, "Crashed", _INTERRUPTED_MESSAGE))
+        if (
+            state.is_running()
+            and (
+                step := self.enter_state(
+                    self._new(StateType.CRASHED, "Crashed", _INTERRUPTED_MESSAGE)
+                )
+            )
+            is not None
+        ):
+            yield step
         if self.state.is_crashed():
             yield from self.enter_running(retrying=True)
         return True
@@ -149,8 +172,10 @@ class RunCore:
     def enter_running(self, *, retrying: bool) -> Steps[None]:
         self.run.run_count += 1
         name = "Retrying" if retrying else "Running"
-        yield from self.set_state(self._new(StateType.RUNNING, name))
-        yield from self.call_hooks(self.state)
+        if (step := self.enter_state(self._new(StateType.RUNNING, name))) is not None:
+            yield step
+        if self.options.on_running:
+            yield from self.call_hooks(self.state)
 
     def wait_until_ready(self) -> Steps[None]:
         """Sleep until an AwaitingRetry's scheduled time, then enter Retrying."""
@@ -164,22 +189,29 @@ class RunCore:
     # -- one attempt -------------------------------------------------------------------------
     def attempt(self) -> Steps[None]:
         """Read the cache or call the function once, and move to the state that follows."""
-        if (yield Invoke(self.env.is_cancelled)):
-            yield from self.set_state(
-                self._new(StateType.CANCELLED, "Cancelled", "The task run was cancelled.")
-            )
+        if self.env.is_cancelled is not None and (yield Invoke(self.env.is_cancelled)):
+            if (
+                step := self.enter_state(
+                    self._new(StateType.CANCELLED, "Cancelled", "The task run was cancelled.")
+                )
+            ) is not None:
+                yield step
             return
         txn = self.transaction_context()
-        yield from txn.begin_steps()
+        if txn.key is None:
+            txn.enter()
+        else:
+            yield from txn.begin_steps()
         try:
             if txn.is_committed():
                 cached = self._new(StateType.COMPLETED, "Cached", data=txn.read())
-                yield from self.set_state(cached)
-                yield from txn.exit_steps(None)
+                if (step := self.enter_state(cached)) is not None:
+                    yield step
+                yield from self._leave_transaction(txn, None)
                 return
             result = yield from self.call_task_fn()
         except Exception as exc:
-            yield from txn.exit_steps(exc)
+            yield from self._leave_transaction(txn, exc)
             if isinstance(exc, TimeoutError):
                 yield from self.handle_timeout(exc)
             else:
@@ -189,10 +221,14 @@ class RunCore:
             txn.abandon()
             raise
         except BaseException as exc:
-            yield from txn.exit_steps(exc)
+            yield from self._leave_transaction(txn, exc)
             raise
         yield from self.handle_success(result, txn)
-        yield from txn.exit_steps(None)
+        yield from self._leave_transaction(txn, None)
+
+    def _leave_transaction(self, txn: Transaction, error: BaseException | None) -> Steps[None]:
+        if not txn.leave_quietly(error):
+            yield from txn.exit_steps(error)
 
     def transaction_context(self) -> Transaction:
         """The transaction for this attempt, keyed by the cache policy (or not at all)."""
@@ -200,7 +236,7 @@ class RunCore:
         policy = options.cache_policy
         key = None if self.is_generator else self.compute_transaction_key()
         store = self.env.store
-        if policy is not None and isinstance(policy.key_storage, ResultStore):
+        if policy is not None and policy.key_storage is not None:
             store = policy.key_storage
         return Transaction(
             key,
@@ -232,7 +268,7 @@ class RunCore:
 
     def call_task_fn(self) -> Steps[Any]:
         """Call the function (a generator task also drains its items here)."""
-        args, kwargs = _split_parameters(self.task.fn, self.call_parameters)
+        args, kwargs = call_arguments(self.task.fn, self.call_parameters)
         call = CallTask(
             self.task.fn, args, kwargs, self.options.timeout_seconds, self._scope, self.is_async
         )
@@ -267,23 +303,31 @@ class RunCore:
         returned = _returned_state(result)
         if returned is None:
             txn.stage(result, self.options.on_commit, self.options.on_rollback)
-            yield from self.set_state(self._new(StateType.COMPLETED, "Completed", data=result))
+            if (
+                step := self.enter_state(self._new(StateType.COMPLETED, "Completed", data=result))
+            ) is not None:
+                yield step
             return
         if returned.is_completed():
             txn.stage(returned.data, self.options.on_commit, self.options.on_rollback)
-            yield from self.set_state(returned)
+            if (step := self.enter_state(returned)) is not None:
+                yield step
             return
         txn.on_rollback_hooks.extend(self.options.on_rollback)
         yield from txn.rollback_steps()
         if returned.is_failed() and (yield from self.handle_retry(returned)):
             return
-        yield from self.set_state(returned)
+        if (step := self.enter_state(returned)) is not None:
+            yield step
 
     def handle_exception(self, exc: Exception) -> Steps[None]:
         if (yield from self.handle_retry(exc)):
             return
         message = f"Task run encountered an exception {type(exc).__name__}: {exc}"
-        yield from self.set_state(self._new(StateType.FAILED, "Failed", message, data=exc))
+        if (
+            step := self.enter_state(self._new(StateType.FAILED, "Failed", message, data=exc))
+        ) is not None:
+            yield step
 
     def handle_timeout(self, exc: TimeoutError) -> Steps[None]:
         if (yield from self.handle_retry(exc)):
@@ -292,12 +336,18 @@ class RunCore:
             message = f"Task run exceeded timeout of {exc.timeout_seconds} second(s)"
         else:
             message = f"Task run failed due to timeout: {exc!r}"
-        yield from self.set_state(self._new(StateType.FAILED, "TimedOut", message, data=exc))
+        if (
+            step := self.enter_state(self._new(StateType.FAILED, "TimedOut", message, data=exc))
+        ) is not None:
+            yield step
 
     def handle_crash(self, exc: BaseException) -> Steps[None]:
         message = _crash_message(exc)
         logger.error("%s: crashed: %s", self.run.id, message)
-        yield from self.set_state(self._new(StateType.CRASHED, "Crashed", message, data=exc))
+        if (
+            step := self.enter_state(self._new(StateType.CRASHED, "Crashed", message, data=exc))
+        ) is not None:
+            yield step
 
     def handle_retry(self, exc_or_state: BaseException | State) -> Steps[bool]:
         """Schedule the next attempt if retries remain and the condition allows it."""
@@ -322,7 +372,8 @@ class RunCore:
             awaiting = State(
                 awaiting.type, awaiting.name, None, now, scheduled_time=delay_to(now, delay)
             )
-            yield from self.set_state(awaiting)
+            if (step := self.enter_state(awaiting)) is not None:
+                yield step
         else:
             yield from self.enter_running(retrying=True)
         return True
@@ -368,6 +419,17 @@ class RunCore:
 
     def set_state(self, state: State) -> Steps[State]:
         """Enter ``state``: check the transition, update the record, and persist it."""
+        step = self.enter_state(state)
+        if step is not None:
+            yield step
+        return state
+
+    def enter_state(self, state: State) -> Invoke | None:
+        """Enter ``state`` in the record; return the step that persists it, if one is needed.
+
+        Not a routine of its own because it runs several times per run: the caller yields
+        the step, which saves a generator per state on the hot path.
+        """
         run = self.run
         current = run.state
         if current is not None and state.type not in _TRANSITIONS[current.type]:
@@ -378,8 +440,8 @@ class RunCore:
             run.start_time = state.timestamp
         elif state.type in _FINAL:
             run.end_time = state.timestamp
-        yield Invoke(self.env.record, (run, state))
-        return state
+        record = self.env.record
+        return Invoke(record, (run, state)) if record is not None else None
 
     def log_finished_message(self) -> None:
         if logger.isEnabledFor(logging.INFO):
@@ -418,6 +480,8 @@ class RunCore:
             if isinstance(value, State):
                 if not value.is_completed():
                     return self._not_ready(value)
+                if self.call_parameters is self.run.parameters:
+                    self.call_parameters = dict(self.run.parameters)
                 self.call_parameters[name] = value.data
         return None
 
@@ -454,14 +518,6 @@ def _returned_state(result: Any) -> State | None:
     ):
         return aggregate_states(result)
     return None
-
-
-def _split_parameters(
-    fn: Callable[..., Any], parameters: Mapping[str, Any]
-) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    from celery_taskengine.parameters import call_arguments
-
-    return call_arguments(fn, parameters)
 
 
 def _crash_message(exc: BaseException) -> str:

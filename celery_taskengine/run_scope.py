@@ -9,9 +9,7 @@ from __future__ import annotations
 import builtins
 import io
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from typing import Any
 
 from celery_taskengine.task_run import TaskRun
@@ -30,18 +28,30 @@ def current_task_run() -> TaskRun | None:
     return _current_run.get()
 
 
-@contextmanager
-def run_scope(run: TaskRun, *, log_prints: bool = False) -> Iterator[None]:
-    """Make ``run`` current (and route prints to the log) for the duration of one call."""
-    run_token = _current_run.set(run)
-    print_token = _prints_to_log.set(run if log_prints else None)
-    if log_prints:
-        _install_print()
-    try:
-        yield
-    finally:
-        _prints_to_log.reset(print_token)
-        _current_run.reset(run_token)
+class run_scope:
+    """Make ``run`` current (and route prints to the log) for the duration of one call.
+
+    A plain class rather than ``@contextmanager``: it is entered on every attempt.
+    """
+
+    __slots__ = ("_log_prints", "_print_token", "_run", "_run_token")
+    _run_token: Token[TaskRun | None]
+    _print_token: Token[TaskRun | None]
+
+    def __init__(self, run: TaskRun, *, log_prints: bool = False) -> None:
+        self._run = run
+        self._log_prints = log_prints
+
+    def __enter__(self) -> None:
+        self._run_token = _current_run.set(self._run)
+        if self._log_prints:
+            _install_print()
+            self._print_token = _prints_to_log.set(self._run)
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._log_prints:
+            _prints_to_log.reset(self._print_token)
+        _current_run.reset(self._run_token)
 
 
 def _print(*args: Any, **kwargs: Any) -> None:

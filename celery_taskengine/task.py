@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any, ClassVar, Literal, TypeVar, overload
 
 from celery import Celery, current_app
@@ -12,11 +13,14 @@ from celery.utils.functional import head_from_fun
 
 from celery_taskengine.options import TaskOptions, build_options, split_celery_options
 from celery_taskengine.parameters import bind_parameters
-from celery_taskengine.task_engine import run_task
+from celery_taskengine.task_engine import run_task, run_task_sync
 
 __all__ = ["Task", "fn_kind", "task"]
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+#: Set by ``Task.before_start`` in a worker and consumed by the ``__call__`` that follows.
+_delivery: ContextVar[Task | None] = ContextVar("taskengine_delivery", default=None)
 FnKind = Literal["function", "coroutine", "generator", "async_generator"]
 
 
@@ -67,18 +71,26 @@ class Task(CeleryTask):  # type: ignore[misc]
     def __call__(
         self, *args: Any, return_state: bool = False, wait_for: Any = None, **kwargs: Any
     ) -> Any:
-        request = self.request_stack.top
-        if request is not None and not request.called_directly:
+        if _delivery.get() is self:
+            # Celery's worker is calling us for a message (see before_start): bridge it.
+            _delivery.set(None)
             from celery_taskengine.worker_run import run_delivery
 
             return run_delivery(self, args, kwargs)
         parameters = bind_parameters(self.run, args, kwargs)
-        return run_task(
-            self,
-            parameters=parameters,
-            wait_for=wait_for,
-            return_type="state" if return_state else "result",
-        )
+        return_type = "state" if return_state else "result"
+        if self.fn_kind == "function":  # the common case, without run_task's dispatch
+            return run_task_sync(
+                self, parameters=parameters, wait_for=wait_for, return_type=return_type
+            )
+        return run_task(self, parameters=parameters, wait_for=wait_for, return_type=return_type)
+
+    def before_start(self, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Celery calls this in the worker right before the body: mark the next call a delivery.
+
+        A plain ``t(...)`` made inside another task's body then still runs locally.
+        """
+        _delivery.set(self)
 
     def with_options(self, **options: Any) -> Task:
         """A copy with some options changed; the original is unchanged.

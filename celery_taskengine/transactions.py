@@ -104,7 +104,7 @@ class Transaction:
         self.record: ResultRecord | None = None
         self._staged: tuple[Any] | None = None
         self._values: dict[str, Any] = {}
-        self._holder = uuid.uuid4().hex
+        self._holder = ""
         self._renewer: _LockRenewer | None = None
         self._token: Token[Transaction | None] | None = None
 
@@ -160,10 +160,30 @@ class Transaction:
         return drive_sync(self.rollback_steps())
 
     # -- the logic, as step routines ---------------------------------------------------------
-    def begin_steps(self) -> Steps[None]:
-        """Enter: make current, take the lock (SERIALIZABLE), and look for a committed record."""
+    def enter(self) -> None:
+        """The part of entering that needs no step: become the current transaction."""
         self._token = _current.set(self)
         self.state = TransactionState.ACTIVE
+
+    def leave_quietly(self, error: BaseException | None) -> bool:
+        """Leave at once if there is nothing to run or write; ``False`` if steps are needed.
+
+        Most task runs have no key and no hooks: this keeps their transaction nearly free.
+        """
+        if self.on_commit_hooks or self.on_rollback_hooks or self.children or self._renewer:
+            return False
+        if self.key is not None and self._staged is not None and error is None:
+            return False
+        if error is not None or self.commit_mode is CommitMode.OFF:
+            self.state = TransactionState.ROLLED_BACK
+        elif self.state is not TransactionState.COMMITTED:
+            self.state = TransactionState.COMMITTED
+        self._leave()
+        return True
+
+    def begin_steps(self) -> Steps[None]:
+        """Enter: make current, take the lock (SERIALIZABLE), and look for a committed record."""
+        self.enter()
         store, key = self.store, self.key
         if key is None or store is None:
             return
@@ -275,6 +295,7 @@ class Transaction:
                 "IsolationLevel.SERIALIZABLE needs a store that can lock across processes; "
                 f"{type(store).__name__} cannot. Use a Redis result backend."
             )
+        self._holder = self._holder or uuid.uuid4().hex
         while not (yield Invoke(store.acquire_lock, (key, self._holder, self.lock_ttl))):
             yield Sleep(LOCK_POLL_SECONDS, reason="lock")
         self._renewer = _LockRenewer(store, key, self._holder, self.lock_ttl)
