@@ -78,7 +78,7 @@ class Task(CeleryTask):  # type: ignore[misc]
 
             return run_delivery(self, args, kwargs)
         parameters = bind_parameters(self.run, args, kwargs)
-        return_type = "state" if return_state else "result"
+        return_type: Literal["state", "result"] = "state" if return_state else "result"
         if self.fn_kind == "function":  # the common case, without run_task's dispatch
             return run_task_sync(
                 self, parameters=parameters, wait_for=wait_for, return_type=return_type

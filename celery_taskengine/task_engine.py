@@ -81,7 +81,7 @@ def local_environment(task: EngineTask, context: dict[str, Any] | None) -> RunEn
     if shared is None:
         shared = _fresh_local_environment(task)
         with suppress(AttributeError):
-            task._local_environment = shared
+            task._local_environment = shared  # type: ignore[attr-defined]
     return shared
 
 
