@@ -12,7 +12,7 @@ import inspect
 import threading
 import time
 import types
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Generator, Iterator
 from typing import Any, TypeVar
 
 import anyio
@@ -47,22 +47,42 @@ class Finished:
 
 
 def drive_sync(steps: Steps[T]) -> T:
-    """Run a core routine to its end, blocking; return what it returns."""
-    outcome: Any = None
-    for item in iterate_sync(steps):
-        outcome = item
-    return outcome.value  # type: ignore[no-any-return]
+    """Run a core routine that emits nothing to its end, blocking; return what it returns.
+
+    The same loop as :func:`iterate_sync` without the item channel: this one runs for every
+    plain task run, and a generator layer less is a tenth of the engine's cost.
+    """
+    send: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            step = steps.send(send) if error is None else steps.throw(error)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+        send, error = None, None
+        try:
+            send = _do_sync(step)
+        except BaseException as exc:  # noqa: BLE001 - every outcome goes back to the core
+            error = exc
 
 
 async def drive_async(steps: Steps[T]) -> T:
-    """Run a core routine to its end with ``await``; return what it returns."""
-    outcome: Any = None
-    async for item in iterate_async(steps):
-        outcome = item
-    return outcome.value  # type: ignore[no-any-return]
+    """Run a core routine that emits nothing to its end with ``await``."""
+    send: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            step = steps.send(send) if error is None else steps.throw(error)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+        send, error = None, None
+        try:
+            send = await _do_async(step)
+        except BaseException as exc:  # noqa: BLE001 - every outcome goes back to the core
+            error = exc
 
 
-def iterate_sync(steps: Steps[Any]) -> Iterator[Any]:
+def iterate_sync(steps: Steps[Any]) -> Generator[Any, None, None]:
     """Carry out ``steps``; yield each emitted item, then a :class:`Finished`."""
     send: Any = None
     error: BaseException | None = None
@@ -86,7 +106,7 @@ def iterate_sync(steps: Steps[Any]) -> Iterator[Any]:
             error = exc
 
 
-async def iterate_async(steps: Steps[Any]) -> AsyncIterator[Any]:
+async def iterate_async(steps: Steps[Any]) -> AsyncGenerator[Any, None]:
     """Carry out ``steps`` with ``await``; yield each emitted item, then a :class:`Finished`."""
     send: Any = None
     error: BaseException | None = None
@@ -111,6 +131,8 @@ async def iterate_async(steps: Steps[Any]) -> AsyncIterator[Any]:
 
 
 def _do_sync(step: Step) -> Any:
+    if isinstance(step, Emit):
+        raise TypeError("only generator tasks emit items; use iterate_sync")
     if isinstance(step, Invoke):
         result = step.fn(*step.args)
         return run_awaitable_sync(result) if _awaitable(result) else result
@@ -128,6 +150,8 @@ def _do_sync(step: Step) -> Any:
 
 
 async def _do_async(step: Step) -> Any:
+    if isinstance(step, Emit):
+        raise TypeError("only generator tasks emit items; use iterate_async")
     if isinstance(step, Invoke):
         result = step.fn(*step.args)
         return (await result) if _awaitable(result) else result

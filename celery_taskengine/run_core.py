@@ -275,6 +275,7 @@ class RunCore:
         if not self.is_generator:
             return (yield call)
         call.timeout = None  # creating a generator runs none of its body
+        call.is_async = False  # and an async generator object is iterated, never awaited
         iterator = yield call
         return (yield from self._drain(iterator))
 

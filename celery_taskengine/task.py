@@ -13,7 +13,7 @@ from celery.utils.functional import head_from_fun
 
 from celery_taskengine.options import TaskOptions, build_options, split_celery_options
 from celery_taskengine.parameters import bind_parameters
-from celery_taskengine.task_engine import run_task, run_task_sync
+from celery_taskengine.task_engine import run_task, run_task_async, run_task_sync
 
 __all__ = ["Task", "fn_kind", "task"]
 
@@ -79,10 +79,11 @@ class Task(CeleryTask):  # type: ignore[misc]
             return run_delivery(self, args, kwargs)
         parameters = bind_parameters(self.run, args, kwargs)
         return_type: Literal["state", "result"] = "state" if return_state else "result"
-        if self.fn_kind == "function":  # the common case, without run_task's dispatch
-            return run_task_sync(
-                self, parameters=parameters, wait_for=wait_for, return_type=return_type
-            )
+        kind = self.fn_kind  # dispatched here rather than by run_task: this is the hot path
+        if kind == "function":
+            return run_task_sync(self, None, None, parameters, wait_for, return_type)
+        if kind == "coroutine":
+            return run_task_async(self, None, None, parameters, wait_for, return_type)
         return run_task(self, parameters=parameters, wait_for=wait_for, return_type=return_type)
 
     def before_start(self, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

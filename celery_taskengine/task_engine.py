@@ -412,10 +412,15 @@ def run_generator_task_sync(
         task, parameters, task_run, wait_for, context, task_run_id, is_generator=True
     )
     engine._started = True
-    for item in iterate_sync(engine.core.run_to_end()):
-        if isinstance(item, Finished):
-            break
-        yield item
+    items = iterate_sync(engine.core.run_to_end())
+    try:
+        for item in items:
+            if isinstance(item, Finished):
+                break
+            yield item
+    finally:
+        # An early close() must reach the core now, so it can finish the run (hooks).
+        items.close()
     return engine.result()
 
 
@@ -443,10 +448,16 @@ async def run_generator_task_async(
         is_generator=True,
     )
     engine._started = True
-    async for item in iterate_async(engine.core.run_to_end()):
-        if isinstance(item, Finished):
-            break
-        yield item
+    items = iterate_async(engine.core.run_to_end())
+    try:
+        async for item in items:
+            if isinstance(item, Finished):
+                break
+            yield item
+    finally:
+        # An early aclose() must reach the core now, in this task's context; left to the
+        # loop's async-generator finalizer the run would never finish (and hooks never run).
+        await items.aclose()
     engine.result()
 
 

@@ -76,7 +76,7 @@ class Transaction:
         serializer: str = "json",
         expires_in: float | None = None,
         task_name: str | None = None,
-        lock_ttl: float = LOCK_TTL_SECONDS,
+        lock_ttl: float | None = None,
         logger_name: str | None = None,
     ) -> None:
         self.key = key
@@ -96,7 +96,8 @@ class Transaction:
         self.serializer = serializer
         self.expires_in = expires_in
         self.task_name = task_name
-        self.lock_ttl = lock_ttl
+        # Looked up per transaction, not bound at import, so the module setting can be tuned.
+        self.lock_ttl = lock_ttl if lock_ttl is not None else LOCK_TTL_SECONDS
         self.state = TransactionState.PENDING
         self.children: list[Transaction] = []
         self.on_commit_hooks: list[Callable[..., Any]] = []
@@ -187,13 +188,19 @@ class Transaction:
         store, key = self.store, self.key
         if key is None or store is None:
             return
-        if self.isolation_level is IsolationLevel.SERIALIZABLE:
-            yield from self._lock_steps(store, key)
-        if not self.overwrite:
-            record = yield Invoke(store.read, (key,))
-            if record is not None:
-                self.record = record
-                self.state = TransactionState.COMMITTED
+        try:
+            if self.isolation_level is IsolationLevel.SERIALIZABLE:
+                yield from self._lock_steps(store, key)
+            if not self.overwrite:
+                record = yield Invoke(store.read, (key,))
+                if record is not None:
+                    self.record = record
+                    self.state = TransactionState.COMMITTED
+        except BaseException:
+            # No exit follows a failed enter: left current, this transaction would adopt every
+            # later one in this context as a lazy child, and none of them would ever commit.
+            self.abandon()
+            raise
 
     def exit_steps(self, error: BaseException | None) -> Steps[None]:
         """Leave: roll back on error, hand over to the parent (lazy), or commit."""
@@ -218,6 +225,8 @@ class Transaction:
             return False
         for child in self.children:
             yield from child.commit_steps()
+            if self.state is TransactionState.ROLLED_BACK:
+                return False  # that child's failed commit rolled this one back too
         for hook in self.on_commit_hooks:
             try:
                 yield Invoke(hook, (self,))
