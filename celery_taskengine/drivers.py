@@ -62,7 +62,7 @@ def drive_sync(steps: Steps[T]) -> T:
         send, error = None, None
         try:
             send = _do_sync(step)
-        except BaseException as exc:  # noqa: BLE001 - every outcome goes back to the core
+        except BaseException as exc:  # every outcome goes back to the core
             error = exc
 
 
@@ -78,7 +78,7 @@ async def drive_async(steps: Steps[T]) -> T:
         send, error = None, None
         try:
             send = await _do_async(step)
-        except BaseException as exc:  # noqa: BLE001 - every outcome goes back to the core
+        except BaseException as exc:  # every outcome goes back to the core
             error = exc
 
 
