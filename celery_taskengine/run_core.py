@@ -259,10 +259,12 @@ class RunCore:
             task_source=self.task.source_text,
             task_run=self.run,
         )
+        # Upstream states are keyed by their values, as the function sees them: a State object
+        # would hash its timestamp too, and an equal value from another run would never hit.
         return cp.compute_transaction_key(
             options.cache_policy,
             context,
-            self.run.parameters,
+            self.call_parameters,
             result_storage_key=options.result_storage_key,
         )
 
@@ -286,7 +288,11 @@ class RunCore:
             remaining = None if deadline is None else deadline - self.env.monotonic()
             if remaining is not None and remaining <= 0:
                 raise TaskRunTimeoutError(timeout or 0.0)
-            done, value = yield Advance(iterator, remaining, self._scope, self.is_async)
+            try:
+                done, value = yield Advance(iterator, remaining, self._scope, self.is_async)
+            except TaskRunTimeoutError:
+                # The step was bounded by what was left; the run's limit is the task's.
+                raise TaskRunTimeoutError(timeout or 0.0) from None
             if done:
                 return value
             try:
@@ -302,6 +308,14 @@ class RunCore:
     # -- outcomes ----------------------------------------------------------------------------
     def handle_success(self, result: Any, txn: Transaction) -> Steps[None]:
         returned = _returned_state(result)
+        if returned is not None and returned.type in _NOT_AN_ENDING:
+            # Entered as is, Pending is an illegal transition and Running/Scheduled call the
+            # function again forever: a task returning one is a mistake, so the run fails.
+            message = (
+                f"Task run returned the non-final state {returned}; a task may return only "
+                "a final state (Completed, Failed, Cancelled, Crashed) or Paused."
+            )
+            returned = self._new(StateType.FAILED, "Failed", message)
         if returned is None:
             txn.stage(result, self.options.on_commit, self.options.on_rollback)
             if (
@@ -506,6 +520,7 @@ class RunCore:
 
 
 _FINAL = frozenset({StateType.COMPLETED, StateType.FAILED, StateType.CANCELLED, StateType.CRASHED})
+_NOT_AN_ENDING = frozenset({StateType.PENDING, StateType.RUNNING, StateType.SCHEDULED})
 _INTERRUPTED_MESSAGE = "The process running this attempt stopped before it finished."
 
 

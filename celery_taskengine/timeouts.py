@@ -20,6 +20,7 @@ from typing import Any
 import anyio
 
 from celery_taskengine.errors import TaskRunTimeoutError
+from celery_taskengine.run_scope import current_task_run
 
 __all__ = ["await_with_timeout", "call_with_timeout"]
 
@@ -75,11 +76,14 @@ def _call_with_alarm(
         raise TaskRunTimeoutError(timeout)
 
     previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, timeout)
     try:
-        return fn(*args, **kwargs)
+        signal.setitimer(signal.ITIMER_REAL, timeout)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            # An alarm landing right here still raises, but the handler below is restored.
+            signal.setitimer(signal.ITIMER_REAL, 0)
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
 
 
@@ -92,11 +96,14 @@ def _call_in_helper_thread(
 
     def target() -> None:
         try:
-            outcome["value"] = context.run(fn, *args, **kwargs)
-        except BaseException as exc:
-            outcome["error"] = exc
-        finally:
-            done.set()
+            try:
+                outcome["value"] = context.run(fn, *args, **kwargs)
+            except BaseException as exc:
+                outcome["error"] = exc
+            finally:
+                done.set()
+        except _AttemptAbandoned:
+            pass  # the interruption arrived after the work ended: nothing is left to stop
 
     helper = threading.Thread(target=target, name=f"taskengine-timeout-{fn!r:.40}", daemon=True)
     helper.start()
@@ -115,17 +122,20 @@ class _AttemptAbandoned(Exception):
 def _interrupt(helper: threading.Thread, timeout: float) -> None:
     """Ask ``helper`` to stop; if it is stuck in C code, say so once it stays stuck."""
     ident = helper.ident
-    if ident is not None:
+    if ident is not None and helper.is_alive():
         ctypes.pythonapi.PyThreadState_SetAsyncExc(
             ctypes.c_ulong(ident), ctypes.py_object(_AttemptAbandoned)
         )
+    run = current_task_run()  # read here: the watcher thread does not share our context
+    run_id = run.id if run is not None else "-"
 
     def watch() -> None:
         helper.join(ABANDON_AFTER_SECONDS)
         if helper.is_alive():
             logger.warning(
-                "A task call that exceeded its %ss timeout is blocked in code that cannot be "
-                "interrupted; it was abandoned in thread %r and will finish on its own.",
+                "%s: a task call that exceeded its %ss timeout is blocked in code that cannot "
+                "be interrupted; it was abandoned in thread %r and will finish on its own.",
+                run_id,
                 timeout,
                 helper.name,
             )

@@ -23,6 +23,16 @@ from celery_taskengine.task_engine import TaskRunTimeoutError, run_task_async, r
 from celery_taskengine.task_run import TaskRun
 
 
+def as_async(body: Callable[..., Any]) -> Callable[..., Any]:
+    """``body`` as an ``async def`` with the same name and signature."""
+
+    @functools.wraps(body)
+    async def async_body(*args: Any, **kwargs: Any) -> Any:
+        return body(*args, **kwargs)
+
+    return async_body
+
+
 @dataclass(frozen=True)
 class Flavour:
     """Makes a task from a sync body as ``def`` or ``async def`` and runs it the matching way."""
@@ -38,13 +48,7 @@ class Flavour:
     ) -> Task:
         if not self.is_async:
             return task(**options)(body)
-        if async_body is None:
-
-            @functools.wraps(body)
-            async def async_body(*args: Any, **kwargs: Any) -> Any:
-                return body(*args, **kwargs)
-
-        return task(**options)(async_body)
+        return task(**options)(async_body or as_async(body))
 
     def run(self, t: Task, parameters: dict[str, Any] | None = None, **kwargs: Any) -> Any:
         if self.is_async:
@@ -278,9 +282,11 @@ def test_a_crash_never_reaches_the_retry_condition(flavour: Flavour) -> None:
     def body() -> None:
         raise KeyboardInterrupt
 
-    t = flavour.task(
-        body, retries=3, retry_condition_fn=lambda task, run, state: asked.append(1) or True
-    )
+    def condition(task: Task, task_run: TaskRun, state: State) -> bool:
+        asked.append(1)
+        return True
+
+    t = flavour.task(body, retries=3, retry_condition_fn=condition)
 
     with pytest.raises(KeyboardInterrupt):
         flavour.run(t)

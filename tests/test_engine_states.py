@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -22,14 +24,28 @@ from celery_taskengine.cache_policies import INPUTS
 from celery_taskengine.states import (
     Completed,
     Failed,
+    Pending,
+    Running,
+    Scheduled,
     State,
     StateType,
     is_legal_transition,
+    utcnow,
 )
 from celery_taskengine.task_engine import TaskRunTimeoutError, run_task_async, run_task_sync
 from celery_taskengine.task_run import TaskRun
 
 # --- running one body as a sync and as an async task ----------------------------------------
+
+
+def as_async(body: Callable[..., Any]) -> Callable[..., Any]:
+    """``body`` as an ``async def`` with the same name and signature."""
+
+    @functools.wraps(body)
+    async def async_body(*args: Any, **kwargs: Any) -> Any:
+        return body(*args, **kwargs)
+
+    return async_body
 
 
 @dataclass(frozen=True)
@@ -47,13 +63,7 @@ class Flavour:
     ) -> Task:
         if not self.is_async:
             return task(**options)(body)
-        if async_body is None:
-
-            @functools.wraps(body)
-            async def async_body(*args: Any, **kwargs: Any) -> Any:
-                return body(*args, **kwargs)
-
-        return task(**options)(async_body)
+        return task(**options)(async_body or as_async(body))
 
     def run(self, t: Task, parameters: dict[str, Any] | None = None, **kwargs: Any) -> Any:
         if self.is_async:
@@ -81,7 +91,7 @@ def assert_valid_history(run: TaskRun) -> None:
     history = run.state_history
     assert history[0].name == "Pending"
     assert run.state is history[-1]
-    for before, after in zip(history, history[1:], strict=False):
+    for before, after in itertools.pairwise(history):
         assert is_legal_transition(before, after), f"{before} -> {after}"
         assert before.timestamp <= after.timestamp
 
@@ -104,6 +114,7 @@ def test_success_goes_pending_running_completed(flavour: Flavour) -> None:
 
 def test_success_in_result_mode_returns_the_very_object(flavour: Flavour) -> None:
     value = object()
+
     def give() -> object:
         return value
 
@@ -206,7 +217,7 @@ def test_retry_with_delay_enters_awaiting_retry_then_retrying(flavour: Flavour) 
 
     t = flavour.task(body, retries=2, retry_delay_seconds=0.02)
 
-    state, run = flavour.run_state(t)
+    _, run = flavour.run_state(t)
 
     assert run.history_names() == [
         "Pending",
@@ -327,6 +338,38 @@ def test_a_base_exception_crashes_the_run_and_is_reraised_without_retries(
     assert_valid_history(run)
 
 
+def test_an_async_run_cancelled_from_outside_crashes_and_is_not_retried() -> None:
+    # Given an async task with retries, awaiting something slow inside an asyncio task
+    calls: list[int] = []
+    run_id = str(uuid.uuid4())
+
+    @task(retries=2)
+    async def waits(started: asyncio.Event) -> None:
+        calls.append(1)
+        started.set()
+        await asyncio.sleep(5)
+
+    async def main() -> None:
+        started = asyncio.Event()
+        running = asyncio.create_task(
+            run_task_async(waits, parameters={"started": started}, task_run_id=run_id)
+        )
+        await asyncio.wait_for(started.wait(), timeout=5)
+        # When the runtime cancels it
+        running.cancel()
+        await running
+
+    # Then the cancellation reaches the caller, and the run is Crashed, never retried
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(main())
+    run = get_task_run(run_id)
+    assert run is not None
+    assert run.history_names() == ["Pending", "Running", "Crashed"]
+    assert run.state is not None
+    assert run.state.message == "Execution was cancelled by the runtime environment."
+    assert calls == [1]
+
+
 # --- cache hits -----------------------------------------------------------------------------
 
 
@@ -340,7 +383,7 @@ def test_a_cache_hit_goes_pending_running_cached(flavour: Flavour) -> None:
     t = flavour.task(body, cache_policy=INPUTS)
     token = uuid.uuid4().hex  # the store is process-wide: keep this test's key its own
 
-    first, first_run = flavour.run_state(t, {"token": token})
+    _, first_run = flavour.run_state(t, {"token": token})
     second, second_run = flavour.run_state(t, {"token": token})
 
     assert first_run.history_names() == ["Pending", "Running", "Completed"]
@@ -462,6 +505,7 @@ def test_a_returned_failed_state_holding_an_exception_raises_that_exception(
     flavour: Flavour,
 ) -> None:
     error = KeyError("missing")
+
     def lookup() -> State:
         return Failed(data=error, message="lookup failed")
 
@@ -479,6 +523,38 @@ def test_a_returned_aggregate_failure_raises_failed_run_with_its_message(
 
     with pytest.raises(FailedRun, match=r"1/2 states failed\."):
         flavour.run(t)
+
+
+@pytest.mark.parametrize("returned", ["Pending", "Running", "Scheduled"])
+def test_a_returned_non_final_state_fails_the_run_instead_of_looping(
+    flavour: Flavour, returned: str
+) -> None:
+    # Given a task that returns a state no run can end in (a mistake in the task)
+    calls: list[int] = []
+    states = {
+        "Pending": Pending(),
+        "Running": Running(),
+        "Scheduled": Scheduled(utcnow() + timedelta(seconds=0.01)),
+    }
+
+    def body() -> State:
+        calls.append(1)
+        if len(calls) > 5:
+            raise SystemExit("the engine kept calling the function")
+        return states[returned]
+
+    t = flavour.task(body)
+
+    # When it runs
+    state, run = flavour.run_state(t)
+
+    # Then the function ran once and the run failed, saying why
+    assert len(calls) == 1
+    assert run.history_names() == ["Pending", "Running", "Failed"]
+    assert state.message is not None and returned in state.message
+    with pytest.raises(FailedRun, match="non-final"):
+        flavour.run(t)
+    assert_valid_history(run)
 
 
 # --- return_type="state" --------------------------------------------------------------------
