@@ -27,6 +27,8 @@ from typing import Any, NoReturn
 
 import pytest
 
+from tests.flavours import Flavour
+
 #: Databases the private server offers; each test gets the next one, flushed (0 is left unused).
 REDIS_DATABASES = 256
 #: Seconds to wait for a fresh redis-server to answer PING.
@@ -211,3 +213,9 @@ def _close_app(app: Any) -> None:
         if client is not None:
             client.connection_pool.disconnect()
     app.close()
+
+
+@pytest.fixture(params=[False, True], ids=["sync", "async"])
+def flavour(request: pytest.FixtureRequest) -> Flavour:
+    """The same task body as a ``def`` and as an ``async def`` (see tests/flavours.py)."""
+    return Flavour(is_async=request.param)

@@ -7,7 +7,6 @@ helper as in ``test_engine_states.py``; a conftest would be its natural home).
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import uuid
 from collections.abc import Callable
@@ -16,47 +15,11 @@ from typing import Any
 
 import pytest
 
-from celery_taskengine import Task, get_task_run, task
+from celery_taskengine import Task, task
 from celery_taskengine.cache_policies import INPUTS
 from celery_taskengine.states import Failed, State, StateType
-from celery_taskengine.task_engine import run_task_async, run_task_sync
 from celery_taskengine.task_run import TaskRun
-
-
-@dataclass(frozen=True)
-class Flavour:
-    """Makes a task from a sync body as ``def`` or ``async def`` and runs it the matching way."""
-
-    is_async: bool
-
-    def task(self, body: Callable[..., Any], **options: Any) -> Task:
-        if not self.is_async:
-            return task(**options)(body)
-
-        @functools.wraps(body)
-        async def async_body(*args: Any, **kwargs: Any) -> Any:
-            return body(*args, **kwargs)
-
-        return task(**options)(async_body)
-
-    def run(self, t: Task, parameters: dict[str, Any] | None = None, **kwargs: Any) -> Any:
-        if self.is_async:
-            return asyncio.run(run_task_async(t, parameters=parameters, **kwargs))
-        return run_task_sync(t, parameters=parameters, **kwargs)
-
-    def run_state(
-        self, t: Task, parameters: dict[str, Any] | None = None, **kwargs: Any
-    ) -> tuple[State, TaskRun]:
-        run_id = str(uuid.uuid4())
-        state = self.run(t, parameters, return_type="state", task_run_id=run_id, **kwargs)
-        run = get_task_run(run_id)
-        assert run is not None
-        return state, run
-
-
-@pytest.fixture(params=[False, True], ids=["sync", "async"])
-def flavour(request: pytest.FixtureRequest) -> Flavour:
-    return Flavour(is_async=request.param)
+from tests.flavours import Flavour
 
 
 @dataclass
