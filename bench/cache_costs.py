@@ -1,18 +1,21 @@
 """What a cached result costs: Redis round trips against cache hits and misses through the engine.
 
 In one run, against the local Redis (``127.0.0.1:6379``, a high database, a namespace of its own
-that is deleted at the end), prints the median cost per call of:
+whose keys are deleted at the end), prints the median cost per call of:
 
-- a plain redis-py ``GET`` and ``SET`` on the backend's own client (one round trip each);
-- a cache hit ``t(x)`` and a cache miss that writes (``refresh_cache=True``, and distinct
-  inputs) through the engine, on the Redis result backend;
-- the same hit and miss on the in-memory store (an app without a result backend);
-- a plain function call, as the baseline.
+- a plain function call, as the baseline;
+- a plain redis-py ``GET`` and ``SET`` on the result backend's own client (one round trip each);
+- a cache hit ``t(3)`` and a cache miss that writes (``refresh_cache=True``, and new inputs)
+  through the engine, on the Redis result backend;
+- the same hit and misses on the in-memory store (an app without a result backend);
+- diagnostic: the Redis hit and miss with run recording switched off, which isolates the cache
+  path from the run record the engine writes to the backend on every state change.
 
-The last column is the engine's cost over the store work a call cannot avoid (for a Redis hit:
-one ``GET``). No assertions: this is a measurement.
+Cases are measured round-robin (one batch of each, repeated), so a busy machine slows them all
+alike; the medians are printed. "Round trips" is the Redis commands one call sends, counted
+with ``INFO commandstats``. No assertions: this is a measurement.
 
-    python bench/cache_costs.py [--url redis://127.0.0.1:6379/14] [--calls 2000] [--repeats 7]
+    python bench/cache_costs.py [--url redis://127.0.0.1:6379/14] [--calls 1000] [--repeats 9]
 """
 
 from __future__ import annotations
@@ -32,6 +35,24 @@ from celery_taskengine import task
 from celery_taskengine.cache_policies import INPUTS
 from celery_taskengine.redis_store import RedisStore
 from celery_taskengine.result_store import store_for_app
+from celery_taskengine.task_engine import local_environment
+
+
+def square(x: int) -> dict[str, int]:
+    return {"x": x, "square": x * x}
+
+
+def cached_tasks(app: Celery, name: str) -> tuple[Any, Any]:
+    """A cached task and its always-refreshing twin (same name, so the same keys)."""
+    cached = task(app=app, name=name, cache_policy=INPUTS)(square)
+    return cached, cached.with_options(refresh_cache=True)
+
+
+def without_run_records(t: Any) -> Any:
+    """``t`` with its local runs not recorded on the store (diagnostic only)."""
+    quiet = t.with_options()
+    local_environment(quiet, None).record = None
+    return quiet
 
 
 def per_call_us(fn: Callable[[], Any], calls: int) -> float:
@@ -41,32 +62,37 @@ def per_call_us(fn: Callable[[], Any], calls: int) -> float:
     return (time.perf_counter() - start) / calls * 1e6
 
 
-def median_us(fn: Callable[[], Any], calls: int, repeats: int) -> float:
-    fn()  # warm up: connections, source text, code paths
-    return statistics.median(per_call_us(fn, calls) for _ in range(repeats))
+def commands_sent(client: redis.Redis) -> int:
+    stats: dict[str, dict[str, int]] = client.info("commandstats")
+    return sum(entry["calls"] for entry in stats.values())
 
 
-def make_tasks(app: Celery, prefix: str) -> tuple[Any, Any]:
-    """A cached task and its always-refreshing twin (same name, so the same keys)."""
-
-    @task(app=app, name=f"{prefix}.square", cache_policy=INPUTS)
-    def square(x: int) -> dict[str, int]:
-        return {"x": x, "square": x * x}
-
-    return square, square.with_options(refresh_cache=True)
+def round_trips(client: redis.Redis, fn: Callable[[], Any], calls: int = 50) -> float:
+    """Redis commands per call of ``fn`` (INFO itself counts one, subtracted)."""
+    before = commands_sent(client)
+    for _ in range(calls):
+        fn()
+    return (commands_sent(client) - before - 1) / calls
 
 
-def plain_square(x: int) -> dict[str, int]:
-    return {"x": x, "square": x * x}
+def measure(
+    cases: list[tuple[str, Callable[[], Any]]], calls: int, repeats: int
+) -> dict[str, float]:
+    for _, fn in cases:
+        fn()  # warm up: connections, source text, code paths
+    samples: dict[str, list[float]] = {name: [] for name, _ in cases}
+    for _ in range(repeats):
+        for name, fn in cases:
+            samples[name].append(per_call_us(fn, calls))
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--url", default="redis://127.0.0.1:6379/14")
-    parser.add_argument("--calls", type=int, default=2_000)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--calls", type=int, default=1_000)
+    parser.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args()
-    calls, repeats = args.calls, args.repeats
     namespace = f"bench-{os.getpid()}"
 
     redis_app = Celery("bench-cache-redis", set_as_current=False)
@@ -78,33 +104,32 @@ def main() -> None:
     assert isinstance(store, RedisStore), "the Redis app must get a RedisStore"
     client: redis.Redis = store.client
     probe = store.key_for("cache", "probe")
-    client.set(probe, b"x" * 300)  # about the size of a small record
+    payload = b"x" * 240  # about the size of this benchmark's records
 
-    rows: list[tuple[str, float, float]] = []
+    fresh = itertools.count(1_000_000)
+    redis_hit, redis_refresh = cached_tasks(redis_app, "bench.redis.square")
+    memory_hit, memory_refresh = cached_tasks(memory_app, "bench.memory.square")
+    quiet_hit, quiet_refresh = without_run_records(redis_hit), without_run_records(redis_refresh)
+    client.set(probe, payload)
+    uncached = task(app=memory_app, name="bench.memory.uncached")(square)
+    cases: list[tuple[str, Callable[[], Any]]] = [
+        ("plain call square(3)", lambda: square(3)),
+        ("engine, no cache: t(3) on memory", lambda: uncached(3)),
+        ("redis-py GET", lambda: client.get(probe)),
+        ("redis-py SET", lambda: client.set(probe, payload)),
+        ("floor: memory hit, then one GET", lambda: (memory_hit(3), client.get(probe))),
+        ("redis: cache hit t(3)", lambda: redis_hit(3)),
+        ("redis: miss + write (refresh_cache)", lambda: redis_refresh(3)),
+        ("redis: miss + write (new inputs)", lambda: redis_hit(next(fresh))),
+        ("memory: cache hit t(3)", lambda: memory_hit(3)),
+        ("memory: miss + write (refresh_cache)", lambda: memory_refresh(3)),
+        ("memory: miss + write (new inputs)", lambda: memory_hit(next(fresh))),
+        ("diagnostic, no run records: redis hit", lambda: quiet_hit(3)),
+        ("diagnostic, no run records: redis miss", lambda: quiet_refresh(3)),
+    ]
     try:
-        get_us = median_us(lambda: client.get(probe), calls, repeats)
-        set_us = median_us(lambda: client.set(probe, b"x" * 300), calls, repeats)
-        plain_us = median_us(lambda: plain_square(3), calls * 10, repeats)
-        rows += [
-            ("plain call square(3)", plain_us, 0.0),
-            ("redis-py GET (one round trip)", get_us, get_us),
-            ("redis-py SET (one round trip)", set_us, set_us),
-        ]
-        for label, app, floor_hit, floor_miss in (
-            ("redis", redis_app, get_us, get_us + set_us),
-            ("memory", memory_app, 0.0, 0.0),
-        ):
-            cached, refreshing = make_tasks(app, f"bench.{label}")
-            cached(3)
-            hit_us = median_us(lambda t=cached: t(3), calls, repeats)
-            refresh_us = median_us(lambda t=refreshing: t(3), calls, repeats)
-            fresh = itertools.count(1_000_000)
-            miss_us = median_us(lambda t=cached, n=fresh: t(next(n)), calls, repeats)
-            rows += [
-                (f"{label}: cache hit t(3)", hit_us, floor_hit),
-                (f"{label}: miss + write, refresh_cache", refresh_us, set_us if floor_miss else 0),
-                (f"{label}: miss + write, new inputs", miss_us, floor_miss),
-            ]
+        trips = {name: round_trips(client, fn) for name, fn in cases if _on_redis(name)}
+        medians = measure(cases, args.calls, args.repeats)
     finally:
         names = list(client.scan_iter(match=f"cte:{namespace}:*", count=1000))
         for offset in range(0, len(names), 1000):
@@ -112,14 +137,31 @@ def main() -> None:
         redis_app.close()
         memory_app.close()
 
-    print(f"{'what':<42} {'µs/call':>9} {'store floor':>12} {'engine µs':>10}")
-    for name, value, floor in rows:
-        engine = value - floor - (plain_us if "cache" in name or "miss" in name else 0.0)
-        print(f"{name:<42} {value:>9.1f} {floor:>12.1f} {engine:>10.1f}")
+    get_us, set_us = medians["redis-py GET"], medians["redis-py SET"]
+    print(f"Redis {args.url}, {args.calls} calls x {args.repeats} rounds, medians\n")
+    print(f"{'case':<40} {'µs/call':>9} {'round trips':>12} {'minus 1 GET':>12}")
+    for name, _ in cases:
+        value = medians[name]
+        trip = f"{trips[name]:.1f}" if name in trips else "-"
+        over = f"{value - get_us:.1f}" if name in trips and not name.startswith("redis-py") else ""
+        print(f"{name:<40} {value:>9.1f} {trip:>12} {over:>12}")
+    hit = medians["redis: cache hit t(3)"]
+    quiet = medians["diagnostic, no run records: redis hit"]
+    floor = medians["floor: memory hit, then one GET"]
+    engine_us = medians["engine, no cache: t(3) on memory"]
+    memory_hit_us = medians["memory: cache hit t(3)"]
     print(
-        f"\nhit minus one GET: {rows[3][1] - get_us:.1f} µs "
-        f"(target: at most 30 µs above one round trip)"
+        f"\nhit minus one GET: {hit - get_us:.1f} µs (target: at most 30 µs); "
+        f"{(hit - get_us) / set_us:.1f} SETs' worth, one SET costing {set_us:.1f} µs.\n"
+        f"without run records: {quiet - get_us:.1f} µs over one GET, {quiet - floor:+.1f} µs "
+        f"against the floor (a memory hit's work plus one GET).\n"
+        f"engine, no cache: {engine_us:.1f} µs; "
+        f"a memory hit adds {memory_hit_us - engine_us:.1f} µs to it."
     )
+
+
+def _on_redis(case: str) -> bool:
+    return case.startswith(("redis", "diagnostic", "floor"))
 
 
 if __name__ == "__main__":

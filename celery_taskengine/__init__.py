@@ -15,6 +15,7 @@ from celery_taskengine.errors import (
 from celery_taskengine.retry_policy import exponential_backoff
 from celery_taskengine.runs import get_task_run
 from celery_taskengine.states import State, StateType
+from celery_taskengine.streaming import stream
 from celery_taskengine.task import Task, task
 from celery_taskengine.task_run import TaskRun
 from celery_taskengine.transactions import transaction
@@ -34,6 +35,7 @@ __all__ = [
     "UnfinishedRun",
     "exponential_backoff",
     "get_task_run",
+    "stream",
     "task",
     "transaction",
 ]

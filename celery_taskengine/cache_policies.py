@@ -119,8 +119,12 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__qualname__} is not JSON serializable")
 
 
+# Built once: json.dumps with options builds a new encoder per call, a third of a key's cost.
+_CANONICAL_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=_json_default)
+
+
 def _canonical_json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_json_default)
+    return _CANONICAL_ENCODER.encode(obj)
 
 
 def hash_objects(*objects: Any) -> str:

@@ -40,7 +40,10 @@ class StoreUnavailableError(TaskEngineError, ConnectionError):
 class TaskRunTimeoutError(TaskEngineError, TimeoutError):
     """An attempt ran longer than the task's ``timeout_seconds``."""
 
-    def __init__(self, timeout_seconds: float) -> None:
+    def __init__(self, timeout_seconds: float | str) -> None:
+        # Celery rebuilds a stored exception as ``cls(*args)``, i.e. from the message: accept it.
+        if isinstance(timeout_seconds, str):
+            timeout_seconds = _seconds_in_message(timeout_seconds)
         self.timeout_seconds = float(timeout_seconds)
         super().__init__(f"Scope timed out after {self.timeout_seconds} second(s).")
 
@@ -70,3 +73,12 @@ class PausedRun(RunResultError):
 
 class UnfinishedRun(RunResultError):
     """The run has not reached a final state, so it has no result yet."""
+
+
+def _seconds_in_message(message: str) -> float:
+    """The seconds in ``"Scope timed out after 0.5 second(s)."`` (or a bare number)."""
+    text = message.removeprefix("Scope timed out after ").split(" ")[0]
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"not a timeout message: {message!r}") from None

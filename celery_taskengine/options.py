@@ -6,8 +6,10 @@ module is imported rather than at 3 a.m. in a worker. Times are normalised to se
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import logging
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -67,6 +69,8 @@ _CONFLICTING = {
 }
 
 HookList = tuple[Callable[..., Any], ...]
+
+_NONE_MEANS_NO_LIMIT = frozenset({"timeout_seconds", "cache_expiration"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,9 +134,22 @@ def split_celery_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], di
             celery[key] = value
         else:
             raise TypeError(
-                f"unknown task option {key!r}: not an engine option and not a Celery task option"
+                f"unknown task option {key!r}: not an engine option and not a Celery task "
+                f"option{_did_you_mean(key)}"
             )
     return engine, celery
+
+
+def _did_you_mean(key: str) -> str:
+    celery_settings = {
+        name
+        for name in dir(CeleryTask)
+        # getattr_static: a plain getattr would fire Celery's deprecation warnings.
+        if not name.startswith("_") and not callable(inspect.getattr_static(CeleryTask, name))
+    }
+    known = ENGINE_OPTIONS | _CELERY_DECORATOR_ONLY | celery_settings
+    close = difflib.get_close_matches(key, sorted(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def build_options(fn: Callable[..., Any], given: Mapping[str, Any]) -> TaskOptions:
@@ -209,7 +226,13 @@ def _retry_delays(value: Any, retries: int) -> tuple[float, ...]:
     if value is None:
         return ()
     if callable(value):
-        value = value(retries)
+        try:
+            value = value(retries)
+        except Exception as exc:
+            raise ValueError(
+                f"task option 'retry_delay_seconds': the callable raised "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
         if not isinstance(value, list | tuple):
             raise TypeError(
                 "task option 'retry_delay_seconds': the callable must return a list of seconds, "
@@ -237,6 +260,8 @@ def _jitter(value: Any) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"task option 'retry_jitter_factor' must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"task option 'retry_jitter_factor' must be finite, got {value}")
     if value < 0:
         raise ValueError(f"task option 'retry_jitter_factor' must be >= 0, got {value}")
     return float(value)
@@ -249,6 +274,13 @@ def _seconds(option: str, value: Any, *, falsy_none: bool = False) -> float | No
         value = value.total_seconds()
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"task option {option!r} must be seconds or a timedelta, got {value!r}")
+    if not math.isfinite(value):
+        # NaN and infinity pass every comparison check and then fail deep in a run (timers,
+        # timedelta); "no limit" is spelled None.
+        hint = " (use None for no limit)" if option in _NONE_MEANS_NO_LIMIT else ""
+        raise ValueError(
+            f"task option {option!r} must be a finite number of seconds, got {value}{hint}"
+        )
     if falsy_none and not value:
         return None
     if option != "cache_expiration" and value < 0:

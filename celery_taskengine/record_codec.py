@@ -22,7 +22,7 @@ import binascii
 import json
 from collections.abc import Callable, Iterable
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from kombu import serialization
 from kombu.exceptions import EncodeError, SerializerNotInstalled
@@ -50,6 +50,8 @@ _loads: Callable[..., Any] = serialization.loads
 
 #: kombu's content encoding for payloads that are bytes (pickle, msgpack); stored as base64.
 _BINARY = "binary"
+# Built once: json.dumps with options builds a new encoder on every call.
+_ENVELOPE_ENCODER = json.JSONEncoder(separators=(",", ":"))
 
 
 def normalize_accept(accept: Iterable[str] | None) -> frozenset[str]:
@@ -115,7 +117,7 @@ def encode_record(
         "expires_at": expires_at.isoformat() if expires_at is not None else None,
         "payload": text,
     }
-    return json.dumps(envelope, separators=(",", ":")).encode("utf-8")
+    return _ENVELOPE_ENCODER.encode(envelope).encode("utf-8")
 
 
 def decode_record(
@@ -125,26 +127,72 @@ def decode_record(
 
     Raises ``ValueError`` for anything that is not one of our envelopes (corrupt bytes, another
     program's JSON, a newer envelope version), for a serializer not in ``accept`` (the payload
-    is then not even looked at), and for a payload that does not decode.
+    is then not even looked at), and for a payload that does not decode. The payload is
+    decoded on every call, so each caller gets a fresh value.
     """
-    envelope = _parse_envelope(raw)
-    serializer = _field(envelope, "serializer")
-    if serializer not in normalize_accept(accept):
+    envelope = _envelope_of(raw)
+    serializer = envelope.serializer
+    # A name found as is in a set is accepted; normalizing (the stores pass a normalized set)
+    # is only needed to answer "no" or for MIME types.
+    named = isinstance(accept, set | frozenset) and serializer in accept
+    if not named and serializer not in normalize_accept(accept):
         raise ValueError(f"record uses serializer {serializer!r}, which is not accepted")
     content_type = _content_type(serializer)
-    if content_type is None or envelope.get("content_type") != content_type:
+    if content_type is None or envelope.content_type != content_type:
         raise ValueError(f"record has an unknown or inconsistent serializer {serializer!r}")
-    record_key = _field(envelope, "key")
-    if key is not None and record_key != key:
-        raise ValueError(f"record belongs to key {record_key!r}")
+    if key is not None and envelope.key != key:
+        raise ValueError(f"record belongs to key {envelope.key!r}")
     return ResultRecord(
-        key=record_key,
-        value=_decode_payload(envelope, content_type),
+        key=envelope.key,
+        value=_decode_payload(envelope.payload, content_type, envelope.content_encoding),
         serializer=serializer,
+        created_at=envelope.created_at,
+        expires_at=envelope.expires_at,
+        task_name=envelope.task_name,
+    )
+
+
+class _Envelope(NamedTuple):
+    """An envelope's checked fields; the payload is still encoded."""
+
+    key: str
+    serializer: str
+    content_type: Any
+    content_encoding: str
+    payload: str
+    created_at: datetime
+    expires_at: datetime | None
+    task_name: str | None
+
+
+#: Envelopes already parsed, by their stored form. A cache hit reads the same bytes again and
+#: again, and parsing the envelope was half the cost of decoding it. Small records only, and
+#: few of them (cleared when full), so this holds a few MiB at most.
+_ENVELOPES: dict[bytes | str, _Envelope] = {}
+_ENVELOPES_MAX = 256
+_ENVELOPE_MAX_BYTES = 16 * 1024
+
+
+def _envelope_of(raw: bytes | str) -> _Envelope:
+    memoizable = type(raw) in (bytes, str) and len(raw) <= _ENVELOPE_MAX_BYTES
+    if memoizable and (known := _ENVELOPES.get(raw)) is not None:
+        return known
+    envelope = _parse_envelope(raw)
+    parsed = _Envelope(
+        key=_field(envelope, "key"),
+        serializer=_field(envelope, "serializer"),
+        content_type=envelope.get("content_type"),
+        content_encoding=_field(envelope, "content_encoding"),
+        payload=_field(envelope, "payload"),
         created_at=_parse_time(_field(envelope, "created_at")),
         expires_at=_optional_time(envelope.get("expires_at")),
         task_name=_optional_str(envelope.get("task")),
     )
+    if memoizable:
+        if len(_ENVELOPES) >= _ENVELOPES_MAX:
+            _ENVELOPES.clear()
+        _ENVELOPES[raw] = parsed
+    return parsed
 
 
 def _content_type(serializer: str) -> str | None:
@@ -168,21 +216,22 @@ def _parse_envelope(raw: bytes | str) -> dict[str, Any]:
         envelope = json.loads(raw)
     except (TypeError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
         raise ValueError(f"record is not JSON: {exc}") from exc
+    except RecursionError as exc:  # ``[[[[…`` nested deeper than the interpreter allows
+        raise ValueError("record is not JSON: nested too deeply") from exc
     if not isinstance(envelope, dict) or envelope.get("cte") != ENVELOPE_VERSION:
         raise ValueError("not a celery-taskengine record (foreign or newer envelope)")
     return envelope
 
 
-def _decode_payload(envelope: dict[str, Any], content_type: str) -> Any:
-    payload: str | bytes = _field(envelope, "payload")
-    content_encoding = _field(envelope, "content_encoding")
+def _decode_payload(payload: str, content_type: str, content_encoding: str) -> Any:
+    data: str | bytes = payload
     if content_encoding == _BINARY:
         try:
-            payload = base64.b64decode(payload, validate=True)
+            data = base64.b64decode(payload, validate=True)
         except binascii.Error as exc:
             raise ValueError(f"record payload is not base64: {exc}") from exc
     try:
-        return _loads(payload, content_type, content_encoding, accept={content_type})
+        return _loads(data, content_type, content_encoding, accept={content_type})
     except Exception as exc:  # a payload may fail in any way (e.g. unpickling a removed class)
         raise ValueError(f"record payload does not decode: {exc!r}") from exc
 

@@ -6,6 +6,7 @@ so they never meet Celery's (``celery-task-meta-…``) nor another app's on the 
     <global_keyprefix>cte:<namespace>:cache:<transaction key>   an encoded ResultRecord
     <global_keyprefix>cte:<namespace>:lock:<transaction key>    the holder id, with a PX ttl
     <global_keyprefix>cte:<namespace>:run:<run id>              a TaskRun JSON document
+    <global_keyprefix>cte:<namespace>:items:<run id>            a generator task's items (a stream)
 
 ``global_keyprefix`` is the backend's (``result_backend_transport_options``), normalised as
 Celery does; ``namespace`` is the app setting ``taskengine_namespace`` (default ``"default"``),
@@ -51,7 +52,7 @@ DEFAULT_NAMESPACE = "default"
 #: Seconds a run record lives when the app gives no ``result_expires`` (Celery's default, 1 day).
 DEFAULT_RUN_EXPIRES = 86_400.0
 
-Kind = Literal["cache", "lock", "run"]
+Kind = Literal["cache", "lock", "run", "items"]
 
 # Both scripts act only if the lock still holds the caller's id, so a holder whose ttl ran out
 # can never release or extend the lock a newer holder has taken since.
@@ -65,6 +66,8 @@ return 0
 """
 
 _SCAN_BATCH = 500
+# Built once: json.dumps with options builds a new encoder per call (a run saves several times).
+_DOCUMENT_ENCODER = json.JSONEncoder(separators=(",", ":"))
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
@@ -133,8 +136,10 @@ class RedisStore:
 
         The envelope's ``expires_at`` decides expiry; Redis' own PX expiry only frees memory.
         """
-        with self._available():
+        try:  # not ``with self._available()``: this is every cache hit's path
             raw = self.client.get(self.key_for("cache", key))
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            raise self._unavailable(exc) from exc
         if raw is None:
             return None
         try:
@@ -231,7 +236,7 @@ class RedisStore:
     def save_run(self, run: TaskRun) -> None:
         """Write the run's JSON document (one ``SET``), living ``run_expires`` seconds."""
         try:
-            document = json.dumps(run.to_document(), separators=(",", ":"))
+            document = _DOCUMENT_ENCODER.encode(run.to_document())
         except (TypeError, ValueError) as exc:
             raise SerializationError(f"run record {run.id!r} cannot be encoded: {exc}") from exc
         px = _milliseconds(self.run_expires) if self.run_expires is not None else None
@@ -269,7 +274,7 @@ class RedisStore:
     def _decode_run(self, run_id: str, raw: bytes | str) -> TaskRun | None:
         try:
             return run_from_document(json.loads(raw))
-        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError included
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError too
             logger.warning("Ignoring malformed run record %r: %s", run_id, exc)
             return None
 
@@ -287,9 +292,10 @@ class RedisStore:
         try:
             yield
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-            raise StoreUnavailableError(
-                f"Redis result backend at {self.url} is unavailable: {exc}"
-            ) from exc
+            raise self._unavailable(exc) from exc
+
+    def _unavailable(self, exc: Exception) -> StoreUnavailableError:
+        return StoreUnavailableError(f"Redis result backend at {self.url} is unavailable: {exc}")
 
 
 def _global_prefix(prefix: Any) -> str:

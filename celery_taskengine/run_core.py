@@ -164,6 +164,10 @@ class RunCore:
             yield step
         if self.state.is_crashed():
             yield from self.enter_running(retrying=True)
+        elif self.state.is_scheduled():
+            # A run handed back in AwaitingRetry (in a worker: the retry's delivery) goes on
+            # now, even when deferring: its delay was already spent on the broker.
+            yield from self.wait_until_ready()
         return True
 
     def begin_run(self) -> Steps[None]:
@@ -247,6 +251,7 @@ class RunCore:
             serializer=options.result_serializer,
             expires_in=options.cache_expiration,
             task_name=self.task.name,
+            lock_manager=policy.lock_manager if policy is not None else None,
         )
 
     def compute_transaction_key(self) -> str | None:
@@ -475,15 +480,19 @@ class RunCore:
     def _check_configuration(self) -> None:
         policy = self.options.cache_policy
         if (
-            policy is not None
-            and policy.isolation_level is cp.IsolationLevel.SERIALIZABLE
-            and self.options.persist_result
-            and not getattr(policy.key_storage or self.env.store, "supports_locking", False)
+            policy is None
+            or policy.isolation_level is not cp.IsolationLevel.SERIALIZABLE
+            or not self.options.persist_result
         ):
+            return
+        locks = next(
+            s for s in (policy.lock_manager, policy.key_storage, self.env.store) if s is not None
+        )
+        if not getattr(locks, "supports_locking", False):
             raise ConfigurationError(
                 f"task {self.task.name!r} uses IsolationLevel.SERIALIZABLE, but its store "
-                f"({type(self.env.store).__name__}) cannot lock across processes; use a Redis "
-                "result backend"
+                f"({type(locks).__name__}) cannot lock across processes; use a Redis result "
+                "backend or configure the policy with a lock_manager that can"
             )
 
     def _resolve_inputs(self) -> State | None:

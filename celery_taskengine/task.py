@@ -9,8 +9,11 @@ from typing import Any, ClassVar, Literal, TypeVar, overload
 
 from celery import Celery, current_app
 from celery.app.task import Task as CeleryTask
+from celery.result import AsyncResult
 from celery.utils.functional import head_from_fun
 
+from celery_taskengine import cancellation, events  # noqa: F401  (worker signal handlers)
+from celery_taskengine import producer as producer_side
 from celery_taskengine.options import TaskOptions, build_options, split_celery_options
 from celery_taskengine.parameters import bind_parameters
 from celery_taskengine.task_engine import run_task, run_task_async, run_task_sync
@@ -44,6 +47,8 @@ class Task(CeleryTask):  # type: ignore[misc]
     """
 
     engine_options: ClassVar[TaskOptions]
+    #: The engine counts attempts; Celery's own limit would cut retries the engine asked for.
+    max_retries: ClassVar[int | None] = None
     fn_kind: ClassVar[FnKind] = "function"
     celery_options: ClassVar[dict[str, Any]] = {}
     _source_text: str | None = None
@@ -92,6 +97,34 @@ class Task(CeleryTask):  # type: ignore[misc]
         A plain ``t(...)`` made inside another task's body then still runs locally.
         """
         _delivery.set(self)
+
+    def apply_async(
+        self,
+        args: Any = None,
+        kwargs: Any = None,
+        task_id: str | None = None,
+        producer: Any = None,
+        link: Any = None,
+        link_error: Any = None,
+        shadow: str | None = None,
+        **options: Any,
+    ) -> AsyncResult:
+        """Celery's ``apply_async`` (and so ``delay``), plus two checks before publishing.
+
+        Arguments the serializer cannot encode raise ``SerializationError`` naming the
+        argument; a result already cached under a key that needs no run id is returned at
+        once as a ready :class:`~celery_taskengine.producer.CachedResult`, publishing nothing.
+        """
+        options.update(
+            task_id=task_id, producer=producer, link=link, link_error=link_error, shadow=shadow
+        )
+        return producer_side.apply_async(self, super().apply_async, args, kwargs, options)
+
+    def on_retry(self, exc: Any, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        """Celery stored RETRY for a retry the engine asked for: show AWAITING_RETRY instead."""
+        from celery_taskengine.worker_run import after_celery_retry
+
+        after_celery_retry(self, task_id)
 
     def with_options(self, **options: Any) -> Task:
         """A copy with some options changed; the original is unchanged.

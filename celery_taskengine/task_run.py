@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import importlib
 import json
+import sys
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -92,8 +92,8 @@ def run_from_document(doc: dict[str, Any]) -> TaskRun:
             state=history[-1] if history else None,
             state_history=history,
         )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"malformed run record: {exc}") from exc
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:  # int(inf): Overflow
+        raise ValueError(f"malformed run record: {exc!r}") from exc
 
 
 def encode_exception(exc: BaseException) -> dict[str, str]:
@@ -105,14 +105,16 @@ def encode_exception(exc: BaseException) -> dict[str, str]:
 def decode_exception(fields: dict[str, Any]) -> BaseException:
     """Rebuild an exception from :func:`encode_exception` fields.
 
-    The original class is used when it can be imported and built from its message; otherwise a
-    plain ``Exception`` carrying ``"Type: message"`` keeps the information.
+    The original class is used when its module is already imported and it can be built from
+    its message; otherwise a plain ``Exception`` carrying ``"Type: message"`` keeps the
+    information. Like Celery, nothing is imported: a record planted on the backend must not be
+    able to run a module's import-time code.
     """
     name = str(fields.get("exc_type", "Exception"))
     module = str(fields.get("exc_module", "builtins"))
     message = str(fields.get("exc_message", ""))
     try:
-        cls: Any = importlib.import_module(module)
+        cls: Any = sys.modules[module]
         for part in name.split("."):
             cls = getattr(cls, part)
         if isinstance(cls, type) and issubclass(cls, BaseException):
@@ -151,8 +153,12 @@ def _state_to_dict(state: State, *, with_data: bool) -> dict[str, Any]:
 
 
 def _state_from_dict(doc: dict[str, Any]) -> State:
+    if not isinstance(doc, dict):
+        raise TypeError(f"a state must be an object, got {type(doc).__name__}")
     data: Any = None
     if "exception" in doc:
+        if not isinstance(doc["exception"], dict):
+            raise TypeError("a state's 'exception' must be an object")
         data = decode_exception(doc["exception"])
     elif "data" in doc:
         data = doc["data"]

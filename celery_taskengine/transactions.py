@@ -37,6 +37,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: Seconds a SERIALIZABLE lock lives unless renewed; a holder that dies frees it after this.
+#: Read when each transaction is created, so a deployment (or a test) may change it.
 LOCK_TTL_SECONDS = 30.0
 #: Seconds between two tries to take a lock another holder has.
 LOCK_POLL_SECONDS = 0.02
@@ -78,6 +79,7 @@ class Transaction:
         task_name: str | None = None,
         lock_ttl: float | None = None,
         logger_name: str | None = None,
+        lock_manager: ResultStore | None = None,
     ) -> None:
         self.key = key
         self.parent: Transaction | None = _current.get()
@@ -91,6 +93,8 @@ class Transaction:
         self.store: ResultStore | None = (
             store if store is not None else (inherited.store if inherited else None)
         )
+        #: Where SERIALIZABLE locks are taken when not on ``store`` (a policy's lock_manager).
+        self.lock_manager = lock_manager
         self.overwrite = overwrite
         self.write_on_commit = write_on_commit
         self.serializer = serializer
@@ -190,7 +194,8 @@ class Transaction:
             return
         try:
             if self.isolation_level is IsolationLevel.SERIALIZABLE:
-                yield from self._lock_steps(store, key)
+                locks = self.lock_manager if self.lock_manager is not None else store
+                yield from self._lock_steps(locks, key)
             if not self.overwrite:
                 record = yield Invoke(store.read, (key,))
                 if record is not None:
@@ -225,7 +230,7 @@ class Transaction:
             return False
         for child in self.children:
             yield from child.commit_steps()
-            if self.state is TransactionState.ROLLED_BACK:
+            if self.is_rolled_back():
                 return False  # that child's failed commit rolled this one back too
         for hook in self.on_commit_hooks:
             try:

@@ -1,17 +1,230 @@
-"""The worker side of the bridge: one Celery delivery runs the engine for that run."""
+"""The worker side of the bridge: one Celery delivery runs the engine for one run.
+
+It translates and decides nothing. In: Celery's request (task id = run id, the workflow's root
+id for RUN_ID keys, the arguments). The engine runs with a worker environment: records go to
+the app's result backend, delayed retries are deferred, revokes count as cancellation. Out:
+the value (Completed, Cached), the stored exception (Failed, TimedOut; a crash re-raises by
+itself), ``task.retry(countdown=...)`` for AwaitingRetry (same task id, same canvas links), or
+Celery's ``Ignore`` once a cancellation is recorded.
+
+A message whose run already has a record (a retry, a redelivery) continues that run; one whose
+run is finished returns or raises the recorded outcome without calling the function again.
+"""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from celery_taskengine.parameters import bind_parameters
-from celery_taskengine.task_engine import run_task
+from celery.exceptions import Ignore, Retry
 
-__all__ = ["run_delivery"]
+from celery_taskengine.cancellation import revocation_check
+from celery_taskengine.events import task_events_enabled
+from celery_taskengine.memory_store import MemoryStore
+from celery_taskengine.parameters import bind_parameters
+from celery_taskengine.redis_store import RedisStore
+from celery_taskengine.result_store import ResultStore, store_for_app
+from celery_taskengine.run_core import RunEnvironment
+from celery_taskengine.states import State, utcnow
+from celery_taskengine.streaming import ItemChannel
+from celery_taskengine.task_engine import (
+    new_task_run,
+    run_generator_task_async,
+    run_generator_task_sync,
+    run_task_async,
+    run_task_sync,
+)
+from celery_taskengine.task_run import TaskRun
+from celery_taskengine.worker_loop import run_on_worker_loop
+from celery_taskengine.worker_record import (
+    Delivery,
+    DeliveryRecorder,
+    RunExists,
+    state_info,
+    write_task_meta,
+)
+
+__all__ = ["after_celery_retry", "run_delivery"]
+
+logger = logging.getLogger(__name__)
+
+#: AwaitingRetry meta to show once Celery has stored its own RETRY state (see on_retry).
+_awaiting_info: dict[str, dict[str, Any]] = {}
 
 
 def run_delivery(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """Run the engine for the delivery Celery is executing (task id = run id)."""
-    request = task.request
+    """Run the engine for the delivery Celery is executing, and give Celery its outcome."""
+    delivery = _delivery(task, task.request)
     parameters = bind_parameters(task.run, args, kwargs)
-    return run_task(task, task_run_id=request.id, parameters=parameters)
+    store = store_for_app(task.app)
+    existing = None
+    if delivery.retries or delivery.redelivered:
+        existing = store.load_run(delivery.task_id)
+    channel = None
+    if task.fn_kind in ("generator", "async_generator") and isinstance(store, RedisStore):
+        channel = ItemChannel(task.app, store, delivery.task_id)
+    run = existing or new_task_run(task, parameters, delivery.task_id)
+    try:
+        try:
+            items = _execute(task, delivery, store, run, channel, fresh=existing is None)
+        except RunExists as found:  # redelivered without our knowing: continue that run
+            run = found.run
+            items = _execute(task, delivery, store, run, channel, fresh=False)
+    finally:
+        if channel is not None and run.state is not None and run.state.is_final():
+            channel.close()
+    return _outcome(task, delivery, run, items)
+
+
+def after_celery_retry(task: Any, task_id: str) -> None:
+    """Show AWAITING_RETRY in the backend, over the RETRY Celery just stored for our retry."""
+    info = _awaiting_info.pop(task_id, None)
+    if info is None or not isinstance(store_for_app(task.app), RedisStore):
+        return
+    try:
+        write_task_meta(task.app, task_id, "AWAITING_RETRY", info, expected="RETRY")
+    except Exception:
+        logger.warning("%s: could not store the AWAITING_RETRY state", task_id, exc_info=True)
+
+
+def _delivery(task: Any, request: Any) -> Delivery:
+    delivery_info = request.delivery_info or {}
+    return Delivery(
+        task_id=str(request.id),
+        root_id=str(request.root_id or request.id),
+        hostname=request.hostname,
+        retries=int(request.retries or 0),
+        redelivered=bool(delivery_info.get("redelivered")),
+        send_events=bool(task.send_events) and task_events_enabled(task.app),
+    )
+
+
+def _execute(
+    task: Any,
+    delivery: Delivery,
+    store: ResultStore,
+    run: TaskRun,
+    channel: ItemChannel | None,
+    *,
+    fresh: bool,
+) -> list[Any]:
+    """Run the engine on ``run`` with the runner the function needs; the items it yielded.
+
+    For generator tasks the items are those of the last attempt (the list ``.get()`` returns);
+    each one is also published to ``channel`` as it comes.
+    """
+    items: list[Any] = []
+    env = _environment(task, delivery, store, fresh=fresh, on_attempt=items.clear)
+    context = {"environment": env}
+    kind = task.fn_kind
+    if kind == "function":
+        run_task_sync(task, task_run=run, return_type="state", context=context)
+    elif kind == "coroutine":
+        run_on_worker_loop(run_task_async(task, task_run=run, return_type="state", context=context))
+    elif kind == "generator":
+        _drain(run_generator_task_sync(task, task_run=run, context=context), run, channel, items)
+    else:
+        generator = run_generator_task_async(task, task_run=run, context=context)
+        run_on_worker_loop(_drain_async(generator, run, channel, items))
+    return items
+
+
+def _environment(
+    task: Any, delivery: Delivery, store: ResultStore, *, fresh: bool, on_attempt: Any
+) -> RunEnvironment:
+    common: dict[str, Any] = {
+        "key_run_id": delivery.root_id,
+        "defer_retries": True,
+        "is_cancelled": revocation_check(delivery.task_id),
+    }
+    if isinstance(store, RedisStore):
+        recorder = DeliveryRecorder(task.app, store, delivery, fresh=fresh, on_attempt=on_attempt)
+        return RunEnvironment(store=store, record=recorder, **common)
+    # No Redis backend: the run lives in this worker's memory, as a local run's would.
+    return RunEnvironment(
+        store=store,
+        record=_attempt_watcher(on_attempt),
+        saves_on_create=isinstance(store, MemoryStore),
+        **common,
+    )
+
+
+def _attempt_watcher(on_attempt: Any) -> Any:
+    def record(run: TaskRun, state: State) -> None:
+        if state.is_running():
+            on_attempt()
+
+    return record
+
+
+def _drain(items: Iterator[Any], run: TaskRun, channel: ItemChannel | None, out: list[Any]) -> None:
+    try:
+        for item in items:
+            out.append(item)
+            if channel is not None:
+                channel.publish(item)
+    except Exception:
+        if not _ended_in_failure(run):
+            raise  # not the task's own failure (that one is raised from the run's state)
+    finally:
+        close = getattr(items, "close", None)
+        if close is not None:
+            close()
+
+
+async def _drain_async(
+    items: AsyncIterator[Any], run: TaskRun, channel: ItemChannel | None, out: list[Any]
+) -> None:
+    try:
+        async for item in items:
+            out.append(item)
+            if channel is not None:
+                channel.publish(item)
+    except Exception:
+        if not _ended_in_failure(run):
+            raise
+    finally:
+        aclose = getattr(items, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+def _ended_in_failure(run: TaskRun) -> bool:
+    return run.state is not None and run.state.is_final() and not run.state.is_completed()
+
+
+def _outcome(task: Any, delivery: Delivery, run: TaskRun, items: list[Any]) -> Any:
+    """The run's state as Celery understands it: a value, an exception, a retry, or Ignore."""
+    state = run.state
+    assert state is not None, "the engine always enters a state"
+    if state.is_scheduled():
+        _retry_later(task, delivery, run, state)
+    if state.is_completed():
+        return items if task.fn_kind in ("generator", "async_generator") else state.data
+    if state.is_cancelled():
+        _report_cancelled(task, delivery, state)
+        raise Ignore()
+    return state.result()  # raises the stored exception (or why there is none)
+
+
+def _retry_later(task: Any, delivery: Delivery, run: TaskRun, state: State) -> None:
+    """Send the run back to the broker until its scheduled time: the worker slot is freed."""
+    scheduled = state.scheduled_time
+    countdown = max(0.0, (scheduled - utcnow()).total_seconds()) if scheduled else 0.0
+    _awaiting_info[delivery.task_id] = state_info(run, state)
+    try:
+        task.retry(countdown=countdown)  # publishes, then raises celery.exceptions.Retry
+    except Retry:
+        raise
+    except BaseException:
+        _awaiting_info.pop(delivery.task_id, None)
+        raise
+
+
+def _report_cancelled(task: Any, delivery: Delivery, state: State) -> None:
+    """The engine saw a revoke between attempts: store REVOKED and announce it, as Celery does."""
+    logger.info("%s: %s", delivery.task_id, state.message)
+    task.backend.mark_as_revoked(delivery.task_id, "revoked", request=task.request)
+    if delivery.send_events:
+        task.send_event("task-revoked", terminated=False, signum=None, expired=False)

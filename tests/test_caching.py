@@ -265,6 +265,28 @@ def test_a_returned_completed_state_is_cached_by_its_data(redis_app: Any) -> Non
 # -- the key ---------------------------------------------------------------------------------
 
 
+def test_an_upstream_state_argument_is_keyed_by_its_value(redis_app: Any) -> None:
+    count = Counter()
+
+    @task(app=redis_app, cache_policy=INPUTS)
+    def upstream(x: int) -> int:
+        return x
+
+    @task(app=redis_app, cache_policy=INPUTS)
+    def downstream(x: int) -> int:
+        count(x)
+        return x * 2
+
+    first = upstream(1, return_state=True)
+    second = upstream(1, return_state=True)  # an equal value in a different State object
+    assert first.timestamp != second.timestamp
+
+    names = names_of_runs(downstream, {"x": first}, {"x": second}, {"x": 1})
+
+    assert names == ["Completed", "Cached", "Cached"]
+    assert count.calls == [1]
+
+
 def test_an_excluded_input_does_not_change_the_key(redis_app: Any) -> None:
     @task(app=redis_app, cache_policy=INPUTS - "verbose")
     def compute(x: int, verbose: bool) -> int:
@@ -384,6 +406,15 @@ def test_the_default_policy_never_hits_locally(
     assert len(cache_keys(store)) == 2  # each run keyed by its own run id
 
 
+def test_a_task_without_caching_options_writes_nothing(redis_app: Any, store: RedisStore) -> None:
+    @task(app=redis_app)
+    def echo(x: int) -> int:
+        return x
+
+    assert names_of_runs(echo, {"x": 1}, {"x": 1}) == ["Completed", "Completed"]
+    assert cache_keys(store) == []
+
+
 def test_no_cache_never_writes(redis_app: Any, store: RedisStore) -> None:
     @task(app=redis_app, cache_policy=NO_CACHE)
     def echo(x: int) -> int:
@@ -478,6 +509,49 @@ def test_a_corrupt_or_foreign_record_is_a_miss_with_a_warning(
     rewritten = store.read("report-1")
     assert rewritten is not None and rewritten.value == "fresh 1"
     assert report(1, return_state=True).name == "Cached"
+
+
+def test_an_app_without_a_result_backend_caches_in_process_memory() -> None:
+    from celery import Celery
+
+    from celery_taskengine.memory_store import default_memory_store
+
+    app = Celery("no-backend", set_as_current=False)
+    count = Counter()
+
+    key = f"tests-memory-{uuid.uuid4().hex}"
+
+    @task(app=app, cache_key_fn=lambda context, parameters: key)
+    def remembered() -> list[int]:
+        count(None)
+        return [1, 2]
+
+    try:
+        first, second = remembered(), remembered(return_state=True)
+    finally:
+        app.close()
+
+    assert store_for_app(app) is default_memory_store()
+    assert (second.name, second.data) == ("Cached", [1, 2])
+    assert second.data is not first
+    assert len(count.calls) == 1
+    assert default_memory_store().delete(key)
+
+
+def test_a_policys_key_storage_holds_its_records_instead_of_the_backend(
+    redis_app: Any, store: RedisStore
+) -> None:
+    from celery_taskengine.memory_store import MemoryStore
+
+    elsewhere = MemoryStore()
+
+    @task(app=redis_app, cache_policy=INPUTS.configure(key_storage=elsewhere))
+    def echo(x: int) -> int:
+        return x
+
+    assert names_of_runs(echo, {"x": 1}, {"x": 1}) == ["Completed", "Cached"]
+    assert len(elsewhere.iter_keys()) == 1
+    assert cache_keys(store) == []
 
 
 # -- serializers -----------------------------------------------------------------------------

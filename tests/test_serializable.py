@@ -139,6 +139,12 @@ def run_in_threads(t: Any, count: int, *args: Any) -> list[State]:
         return [future.result(timeout=30) for future in futures]
 
 
+def redis_store(app: Celery) -> RedisStore:
+    store = store_for_app(app)
+    assert isinstance(store, RedisStore)
+    return store
+
+
 class StoreWithoutLocks(MemoryStore):
     """A store that cannot lock across processes."""
 
@@ -158,8 +164,8 @@ def test_concurrent_threads_execute_the_function_once(
     assert int(redis_client.get("executions") or 0) == 1
     assert sorted(s.name for s in states) == ["Cached"] * 7 + ["Completed"]
     assert len({json.dumps(s.data, sort_keys=True) for s in states}) == 1
-    [key] = store_for_app(redis_app).iter_keys()  # type: ignore[attr-defined]
-    assert store_for_app(redis_app).lock_holder(key) is None
+    [key] = redis_store(redis_app).iter_keys()
+    assert redis_store(redis_app).lock_holder(key) is None
 
 
 def test_concurrent_processes_execute_the_function_once(
@@ -196,7 +202,7 @@ def test_without_serializable_concurrent_threads_may_all_execute(
 def test_an_enclosing_serializable_transaction_makes_its_tasks_lock(
     redis_app: Any, redis_client: redis.Redis
 ) -> None:
-    store = store_for_app(redis_app)
+    store = redis_store(redis_app)
     held: list[str | None] = []
 
     @task(app=redis_app, cache_key_fn=lambda context, parameters: f"locked-{parameters['x']}")
@@ -217,7 +223,7 @@ def test_an_enclosing_serializable_transaction_makes_its_tasks_lock(
 def test_a_lock_whose_holder_died_expires_and_the_next_run_proceeds(
     redis_app: Any, redis_client: redis.Redis, spawn: Callable[..., subprocess.Popen[str]]
 ) -> None:
-    store = store_for_app(redis_app)
+    store = redis_store(redis_app)
     holder = spawn(LOCK_TTL="0.6", WORK_SECONDS="60")
     wait_for_line(holder, "ready")
     redis_client.set("go", 1)
@@ -226,7 +232,7 @@ def test_a_lock_whose_holder_died_expires_and_the_next_run_proceeds(
         assert holder.poll() is None, holder.communicate(timeout=10)[1]
         assert time.monotonic() < deadline, "the subprocess never started its run"
         time.sleep(0.01)
-    [locked_key] = [k.decode() for k in redis_client.keys(store.key_for("lock", "*"))]  # type: ignore[attr-defined]
+    [locked_key] = redis_client.keys(store.key_for("lock", "*"))
 
     os.kill(holder.pid, signal.SIGKILL)
     holder.wait(timeout=10)
@@ -240,7 +246,7 @@ def test_a_lock_whose_holder_died_expires_and_the_next_run_proceeds(
 
 
 def test_a_lock_that_is_never_released_expires_after_its_ttl(redis_app: Any) -> None:
-    store = store_for_app(redis_app)
+    store = redis_store(redis_app)
 
     @task(app=redis_app, cache_key_fn=lambda context, parameters: "abandoned")
     def work() -> str:
@@ -269,7 +275,7 @@ def test_serializable_without_a_lock_capable_store_fails_before_running(
         calls.append(x)
         return x
 
-    with pytest.raises(ConfigurationError, match="SERIALIZABLE"):
+    with pytest.raises(ConfigurationError, match=r"SERIALIZABLE.*StoreWithoutLocks"):
         run_task_sync(guarded, "run-without-locks", parameters={"x": 1})
 
     run = get_task_run("run-without-locks", app=redis_app)
@@ -277,6 +283,30 @@ def test_serializable_without_a_lock_capable_store_fails_before_running(
     assert [s.name for s in run.state_history] == ["Pending"]
     assert calls == []
     assert get_transaction() is None
+
+
+def test_a_lock_manager_on_the_policy_locks_for_a_store_that_cannot(
+    redis_app: Any, redis_client: redis.Redis
+) -> None:
+    records = StoreWithoutLocks()
+    locks = redis_store(redis_app)
+    policy = SERIALIZABLE.configure(key_storage=records, lock_manager=locks)
+    held: list[int] = []
+
+    @task(app=redis_app, cache_policy=policy)
+    def guarded(x: int) -> int:
+        redis_client.incr("executions")
+        held.append(len(redis_client.keys(locks.key_for("lock", "*"))))
+        time.sleep(0.2)
+        return x
+
+    states = run_in_threads(guarded, 4, 1)
+
+    assert int(redis_client.get("executions") or 0) == 1
+    assert sorted(s.name for s in states) == ["Cached"] * 3 + ["Completed"]
+    assert held == [1]
+    assert len(records.iter_keys()) == 1  # the record lives on the policy's key_storage
+    assert redis_client.keys(locks.key_for("lock", "*")) == []
 
 
 def test_a_serializable_transaction_on_a_store_without_locks_fails_and_leaves_no_trace() -> None:

@@ -11,6 +11,7 @@ import asyncio
 import inspect
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from typing import Any
 
@@ -40,6 +41,13 @@ def store(redis_app: Any) -> RedisStore:
 def keyed(name: str) -> Callable[[Any, dict[str, Any]], str]:
     """A ``cache_key_fn`` giving the readable key ``<name>-<x>``."""
     return lambda context, parameters: f"{name}-{parameters['x']}"
+
+
+def value_of(store: RedisStore, key: str) -> Any:
+    """The value committed under ``key``; fails the test if there is none."""
+    record = store.read(key)
+    assert record is not None, f"nothing committed under {key!r}"
+    return record.value
 
 
 def call(t: Any, *args: Any, **kwargs: Any) -> Any:
@@ -156,7 +164,10 @@ def test_a_returned_failed_state_runs_rollback_hooks_in_reverse_and_no_commit_ho
         "app": redis_app,
         "cache_key_fn": keyed("refused"),
         "on_commit": [lambda txn: hooks.append("commit")],
-        "on_rollback": [lambda txn: hooks.append("rollback:1"), lambda txn: hooks.append("rollback:2")],
+        "on_rollback": [
+            lambda txn: hooks.append("rollback:1"),
+            lambda txn: hooks.append("rollback:2"),
+        ],
     }
     if kind == "sync":
 
@@ -186,7 +197,10 @@ def test_an_unserialisable_result_rolls_back_and_is_still_returned(
         "app": redis_app,
         "cache_key_fn": keyed("members"),
         "on_commit": [lambda txn: hooks.append("commit")],
-        "on_rollback": [lambda txn: hooks.append("rollback:1"), lambda txn: hooks.append("rollback:2")],
+        "on_rollback": [
+            lambda txn: hooks.append("rollback:1"),
+            lambda txn: hooks.append("rollback:2"),
+        ],
     }
     if kind == "sync":
 
@@ -205,6 +219,32 @@ def test_an_unserialisable_result_rolls_back_and_is_still_returned(
     assert (state.name, state.data) == ("Completed", {1})
     assert hooks == ["commit", "rollback:2", "rollback:1"]
     assert store.read("members-1") is None
+
+
+def test_commit_hooks_run_once_for_a_run_that_succeeds_on_retry(
+    redis_app: Any, store: RedisStore
+) -> None:
+    hooks: list[str] = []
+    attempts: list[int] = []
+
+    @task(
+        app=redis_app,
+        cache_key_fn=keyed("retried"),
+        retries=2,
+        on_commit=[lambda txn: hooks.append("commit")],
+        on_rollback=[lambda txn: hooks.append("rollback")],
+    )
+    def flaky(x: int) -> int:
+        attempts.append(x)
+        if len(attempts) == 1:
+            raise ConnectionError("first attempt fails")
+        return x
+
+    assert flaky(1) == 1
+
+    assert len(attempts) == 2
+    assert hooks == ["commit"]
+    assert value_of(store, "retried-1") == 1
 
 
 def test_a_raising_commit_hook_skips_the_write_and_rolls_back_but_the_task_completes(
@@ -284,8 +324,25 @@ def test_values_set_on_transactions_are_visible_to_hooks(redis_app: Any, store: 
 # -- nesting ---------------------------------------------------------------------------------
 
 
+def call_in_a_thread(fn: Callable[[], Any]) -> Any:
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(fn).result(timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("outer_options", "caller"),
+    [
+        ({}, lambda fn: fn()),
+        ({"timeout_seconds": 30}, lambda fn: fn()),  # SIGALRM on the main thread
+        ({"timeout_seconds": 30}, call_in_a_thread),  # a helper thread, as in a threads pool
+    ],
+    ids=["plain", "timeout-main-thread", "timeout-other-thread"],
+)
 def test_an_inner_task_inside_an_outer_task_writes_when_the_outer_commits(
-    redis_app: Any, store: RedisStore
+    redis_app: Any,
+    store: RedisStore,
+    outer_options: dict[str, Any],
+    caller: Callable[[Callable[[], Any]], Any],
 ) -> None:
     inner_calls: list[int] = []
     observed: dict[str, Any] = {}
@@ -295,13 +352,13 @@ def test_an_inner_task_inside_an_outer_task_writes_when_the_outer_commits(
         inner_calls.append(x)
         return x * 2
 
-    @task(app=redis_app)
+    @task(app=redis_app, **outer_options)
     def outer(x: int) -> list[str]:
         names = [inner(x, return_state=True).name for _ in range(2)]
         observed["written_inside"] = store.read(f"inner-{x}") is not None
         return names
 
-    assert outer(3) == ["Completed", "Completed"]
+    assert caller(lambda: outer(3)) == ["Completed", "Completed"]
     assert observed == {"written_inside": False}
     assert inner_calls == [3, 3]
     record = store.read("inner-3")
@@ -445,7 +502,7 @@ def test_a_nested_transaction_is_a_child_of_the_enclosing_one(store: RedisStore)
         outer.stage("outer value")
 
     assert outer.is_committed() and inner.is_committed()
-    assert [store.read(k).value for k in ("inner-key", "outer-key")] == [  # type: ignore[union-attr]
+    assert [value_of(store, k) for k in ("inner-key", "outer-key")] == [
         "inner value",
         "outer value",
     ]
@@ -461,7 +518,7 @@ def test_a_transaction_finding_a_committed_record_is_committed_from_the_start(
         assert txn.read() == {"v": 1}
         txn.stage({"v": 2})  # ignored: the key is already committed
 
-    assert store.read("known").value == {"v": 1}  # type: ignore[union-attr]
+    assert value_of(store, "known") == {"v": 1}
 
 
 def test_an_overwriting_transaction_replaces_the_record(store: RedisStore) -> None:
@@ -471,7 +528,7 @@ def test_an_overwriting_transaction_replaces_the_record(store: RedisStore) -> No
         assert not txn.is_committed()
         txn.stage("new")
 
-    assert store.read("known").value == "new"  # type: ignore[union-attr]
+    assert value_of(store, "known") == "new"
 
 
 def test_transaction_state_moves_through_its_lifecycle(store: RedisStore) -> None:
@@ -512,7 +569,7 @@ def test_async_with_transaction_nests_async_tasks_lazily(redis_app: Any, store: 
     assert not written_inside
     assert txn.is_committed()
     assert hooks == ["commit", "commit"]
-    assert store.read("async-inner-2").value == 6  # type: ignore[union-attr]
+    assert value_of(store, "async-inner-2") == 6
 
 
 def test_an_eager_async_transaction_gives_completed_then_cached(
@@ -581,4 +638,92 @@ def test_a_returned_completed_state_is_committed(redis_app: Any, store: RedisSto
 
     reports(4)
 
-    assert store.read("state-4").value == 4  # type: ignore[union-attr]
+    assert value_of(store, "state-4") == 4
+
+
+def test_a_child_that_cannot_be_written_rolls_back_the_enclosing_transaction(
+    redis_app: Any, store: RedisStore
+) -> None:
+    hooks: list[str] = []
+
+    def undo(txn: Transaction) -> None:
+        hooks.append(f"undo:{txn.key}")
+
+    @task(app=redis_app, cache_key_fn=keyed("row"), on_rollback=[undo])
+    def row(x: int) -> Any:
+        return {x} if x == 2 else x  # a set cannot be written with JSON
+
+    with transaction(store=store) as txn:
+        row(1)
+        row(2)
+        row(3)
+        txn.stage(None, on_commit=[lambda txn: hooks.append("outer-commit")])
+
+    assert txn.is_rolled_back()
+    assert hooks == ["undo:row-2", "undo:row-3"]  # row-1 was already written
+    assert store.iter_keys() == ["row-1"]
+
+
+def test_an_outer_task_that_raises_rolls_back_the_tasks_it_called(
+    redis_app: Any, store: RedisStore
+) -> None:
+    hooks: list[str] = []
+
+    @task(
+        app=redis_app,
+        cache_key_fn=keyed("called"),
+        on_rollback=[lambda txn: hooks.append(f"undo:{txn.key}")],
+    )
+    def called(x: int) -> int:
+        return x
+
+    @task(app=redis_app)
+    def caller() -> None:
+        called(1)
+        raise RuntimeError("caller failed after its callee completed")
+
+    state = caller(return_state=True)
+
+    assert state.name == "Failed"
+    assert hooks == ["undo:called-1"]
+    assert store.iter_keys() == []
+
+
+def test_an_outer_task_returning_a_failed_state_rolls_back_the_tasks_it_called(
+    redis_app: Any, store: RedisStore
+) -> None:
+    hooks: list[str] = []
+
+    @task(
+        app=redis_app,
+        cache_key_fn=keyed("callee"),
+        on_rollback=[lambda txn: hooks.append(f"undo:{txn.key}")],
+    )
+    def callee(x: int) -> int:
+        return x
+
+    @task(app=redis_app, on_rollback=[lambda txn: hooks.append("undo:caller")])
+    def caller() -> State:
+        callee(1)
+        return Failed(message="the caller gives up")
+
+    assert caller(return_state=True).name == "Failed"
+    assert hooks == ["undo:caller", "undo:callee-1"]
+    assert store.iter_keys() == []
+
+
+def test_transaction_without_a_store_uses_the_current_apps_backend(
+    redis_app: Any, store: RedisStore
+) -> None:
+    from celery import current_app
+
+    previous = current_app._get_current_object()
+    redis_app.set_current()
+    try:
+        with transaction("on-the-current-app") as txn:
+            txn.stage("value")
+    finally:
+        previous.set_current()
+
+    assert txn.store is store
+    assert value_of(store, "on-the-current-app") == "value"

@@ -1,0 +1,208 @@
+"""The producer side of the bridge: what ``.delay()``/``.apply_async()`` adds to Celery's.
+
+- Arguments the task's serializer cannot encode fail here, with a
+  :class:`~celery_taskengine.errors.SerializationError` naming the argument and the serializer
+  (Celery's own ``EncodeError`` names neither); nothing is published.
+- When the task's cache key follows from its arguments alone (its policy has no RUN_ID part,
+  which would be the new task's own id) and a committed record exists, the call is answered
+  from the cache: the run is recorded as Pending, Cached (the backend shows SUCCESS), and a
+  :class:`CachedResult` is returned, ready at once. No message is published.
+
+Not for Celery's own retries (``options["retries"]``) nor for messages carrying canvas links
+(``link``, ``chain``, ``chord``, group membership): those must reach a worker. Hooks other
+than ``on_completion`` do not run for a cache hit answered here (there is no Running).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from celery import states as celery_states
+from celery.result import AsyncResult, EagerResult
+from kombu import serialization
+from kombu.exceptions import EncodeError
+
+from celery_taskengine import cache_policies as cp
+from celery_taskengine.drivers import drive_sync
+from celery_taskengine.errors import SerializationError
+from celery_taskengine.memory_store import MemoryStore
+from celery_taskengine.parameters import bind_parameters
+from celery_taskengine.result_store import ResultStore, store_for_app
+from celery_taskengine.run_core import RunCore, RunEnvironment
+from celery_taskengine.states import State, StateType
+from celery_taskengine.task_run import TaskRun
+from celery_taskengine.worker_record import save_run_with_meta
+
+__all__ = ["CachedResult", "apply_async"]
+
+logger = logging.getLogger(__name__)
+
+#: Options that make a message part of a canvas: answering it here would break the links.
+_CANVAS_OPTIONS = ("link", "link_error", "chain", "chord", "group_id")
+
+
+class CachedResult(EagerResult):  # type: ignore[misc]
+    """The result of a ``.delay()`` answered from the cache: ready, nothing was published.
+
+    Behaves as an ``AsyncResult`` of a successful task; the backend holds the same SUCCESS,
+    so ``AsyncResult(id)`` elsewhere agrees.
+    """
+
+    def __init__(self, task_id: str, value: Any, name: str, app: Any) -> None:
+        super().__init__(task_id, value, celery_states.SUCCESS, name=name)
+        self.app = app
+        self.backend = app.backend
+
+    def __repr__(self) -> str:
+        return f"<CachedResult: {self.id}>"
+
+
+Publish = Callable[..., AsyncResult]
+# kombu ships no type hints.
+_dumps: Callable[..., tuple[str, str, str | bytes]] = serialization.dumps
+
+
+def apply_async(
+    task: Any, publish: Publish, args: Any, kwargs: Any, options: dict[str, Any]
+) -> AsyncResult:
+    """Celery's ``apply_async`` (``publish``), answered from the cache when it can be."""
+    args = tuple(args or ())
+    kwargs = dict(kwargs or {})
+    if _may_answer_from_cache(task, options):
+        options["task_id"] = options.get("task_id") or str(uuid.uuid4())
+        hit = _answer_from_cache(task, args, kwargs, str(options["task_id"]))
+        if hit is not None:
+            return hit
+    try:
+        return publish(args, kwargs, **options)
+    except EncodeError as exc:
+        raise serialization_error(task, args, kwargs, options, exc) from exc
+
+
+def serialization_error(
+    task: Any, args: tuple[Any, ...], kwargs: dict[str, Any], options: dict[str, Any], exc: Any
+) -> SerializationError:
+    """A clear error for arguments the message serializer refused, naming the first culprit."""
+    serializer = options.get("serializer") or task.serializer or task.app.conf.task_serializer
+    named = [*zip(_positional_names(task, len(args)), args, strict=True), *kwargs.items()]
+    for name, value in named:
+        try:
+            _dumps(value, serializer=serializer)
+        except Exception as err:
+            return SerializationError(
+                f"argument {name!r} of task {task.name!r}, of type {type(value).__qualname__!r}, "
+                f"cannot be serialized with {serializer!r}: {err}"
+            )
+    return SerializationError(
+        f"the message for task {task.name!r} cannot be serialized with {serializer!r}: {exc}"
+    )
+
+
+def _positional_names(task: Any, count: int) -> list[str]:
+    try:
+        parameters = list(inspect.signature(task.run).parameters.values())
+    except (TypeError, ValueError):
+        parameters = []
+    names: list[str] = []
+    for index in range(count):
+        if index < len(parameters) and parameters[index].kind in (
+            inspect.Parameter.POSITIONAL_ONLY,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        ):
+            names.append(parameters[index].name)
+        else:
+            names.append(f"args[{index}]")
+    return names
+
+
+def _may_answer_from_cache(task: Any, options: dict[str, Any]) -> bool:
+    engine = task.engine_options
+    if options.get("retries") or any(options.get(name) for name in _CANVAS_OPTIONS):
+        return False
+    if not engine.persist_result or engine.refresh_cache:
+        return False
+    if task.fn_kind in ("generator", "async_generator"):
+        return False  # their items are the point: never read from the cache
+    return _key_may_ignore_run_id(engine.cache_policy, engine.result_storage_key)
+
+
+def _key_may_ignore_run_id(policy: cp.CachePolicy | None, storage_key: str | None) -> bool:
+    """Whether the key can be known before the run exists (no RUN_ID part).
+
+    A ``cache_key_fn`` is opaque: it is tried with two run ids (see :func:`_cache_key`).
+    """
+    if policy is None:
+        return storage_key is not None and not any(
+            name in storage_key for name in ("run_id", "task_run")
+        )
+    members = policy.policies if isinstance(policy, cp.CompoundPolicy) else (policy,)
+    return not any(isinstance(member, cp.RunId) for member in members)
+
+
+def _answer_from_cache(
+    task: Any, args: tuple[Any, ...], kwargs: dict[str, Any], task_id: str
+) -> CachedResult | None:
+    try:
+        parameters = bind_parameters(task.run, args, kwargs)
+    except TypeError:
+        return None  # Celery's own argument check reports it
+    store = _cache_store(task)
+    key = _cache_key(task, parameters, task_id)
+    if store is None or key is None:
+        return None
+    record = store.read(key)
+    if record is None:
+        return None
+    run = _cached_run(task, parameters, task_id, record.value)
+    save_run_with_meta(task.app, store_for_app(task.app), run, celery_states.SUCCESS, record.value)
+    logger.info("%s: answered from the cache at send time (key %r)", task_id, key)
+    return CachedResult(task_id, record.value, task.name, task.app)
+
+
+def _cache_store(task: Any) -> ResultStore | None:
+    """Where the task's records live, if producers share it with workers."""
+    policy = task.engine_options.cache_policy
+    if policy is not None and policy.key_storage is not None:
+        return policy.key_storage  # type: ignore[no-any-return]
+    store = store_for_app(task.app)
+    return None if isinstance(store, MemoryStore) else store
+
+
+def _cache_key(task: Any, parameters: dict[str, Any], task_id: str) -> str | None:
+    """The run's transaction key, if it is the same whatever the run id turns out to be."""
+    engine = task.engine_options
+
+    policy = engine.cache_policy
+
+    def key_for(run_id: str) -> str | None:
+        context = cp.KeyContext(task_name=task.name, run_id=run_id, task_source=task.source_text)
+        if isinstance(policy, cp.CacheKeyFnPolicy):
+            try:  # quietly: the worker computes it again, and warns if it must
+                return policy.compute_key(context, parameters)
+            except Exception:
+                return None
+        return cp.compute_transaction_key(
+            policy, context, parameters, result_storage_key=engine.result_storage_key
+        )
+
+    key = key_for(task_id)
+    probe = isinstance(policy, cp.CacheKeyFnPolicy) and key is not None
+    return None if probe and key_for(f"{task_id}-probe") != key else key
+
+
+def _cached_run(task: Any, parameters: dict[str, Any], task_id: str, value: Any) -> TaskRun:
+    """The run record of a send-time cache hit: Pending, Cached; ``on_completion`` hooks run."""
+    from celery_taskengine.task_engine import new_task_run
+
+    run = new_task_run(task, parameters, task_id)
+    core = RunCore(task, run, RunEnvironment(store=store_for_app(task.app), record=None))
+    drive_sync(core.initialize_run())
+    cached = State(StateType.COMPLETED, "Cached", data=value)
+    drive_sync(core.set_state(cached))
+    if task.engine_options.on_completion:
+        drive_sync(core.call_hooks(cached))
+    return run
