@@ -14,12 +14,13 @@ __all__ = ["get_task_run"]
 def get_task_run(task_id: object, app: Celery | None = None) -> TaskRun | None:
     """The run record for ``task_id`` (a Celery task id or a local run id); ``None`` if unknown.
 
-    Looks in the app's result backend (default: the current app), then in this process's
-    memory, where local runs without a backend are kept.
+    Looks in this process's memory first, where local runs live while they run (and copies of
+    them are written to the backend in the background), then in the app's result backend
+    (default: the current app), where worker runs and other processes' runs are.
     """
     run_id = str(task_id)
+    run = default_memory_store().load_run(run_id)
+    if run is not None:
+        return run
     target = app if app is not None else current_app._get_current_object()
-    run = store_for_app(target).load_run(run_id)
-    if run is None:
-        run = default_memory_store().load_run(run_id)
-    return run
+    return store_for_app(target).load_run(run_id)

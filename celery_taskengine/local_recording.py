@@ -1,0 +1,118 @@
+"""Recording local runs on a shared store without making the caller wait for it.
+
+A local run (``t(...)`` in a producer or a script) on an app with a Redis result backend must be
+visible to ``get_task_run`` from other processes, but a Redis round trip per state would cost a
+local run far more than the run itself (a cache hit would cost four round trips instead of one).
+So the live run object is kept in this process's memory store, where same-process reads find
+it at once, and its document is written to the shared store by a daemon thread, coalesced, at
+the states other processes care about: the first Running, AwaitingRetry, and the final state.
+Pending records are flushed at exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import queue
+import threading
+from typing import Any
+
+from celery_taskengine.memory_store import default_memory_store
+from celery_taskengine.result_store import ResultStore
+from celery_taskengine.states import State, StateType
+from celery_taskengine.task_run import TaskRun
+
+__all__ = ["BackgroundRunWriter"]
+
+logger = logging.getLogger(__name__)
+
+#: How long exit waits for records still queued.
+FLUSH_ON_EXIT_SECONDS = 5.0
+
+_WORTH_SHARING = frozenset(
+    {
+        StateType.SCHEDULED,
+        StateType.COMPLETED,
+        StateType.FAILED,
+        StateType.CANCELLED,
+        StateType.CRASHED,
+    }
+)
+
+
+class BackgroundRunWriter:
+    """Keeps local runs live in memory and copies them to ``store`` from a daemon thread."""
+
+    def __init__(self, store: ResultStore) -> None:
+        self._store = store
+        self._memory = default_memory_store()
+        self._queue: queue.SimpleQueue[TaskRun | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+        self._lock = threading.Lock()
+
+    def record(self, run: TaskRun, state: State) -> None:
+        """Called by the engine for every state the run enters; cheap on the caller's side."""
+        kind = state.type
+        if kind is StateType.PENDING:
+            self._memory.save_run(run)
+            return
+        if kind in _WORTH_SHARING or (kind is StateType.RUNNING and run.run_count == 1):
+            self._ensure_thread()
+            self._queue.put(run)
+
+    def flush(self, timeout: float = FLUSH_ON_EXIT_SECONDS) -> bool:
+        """Wait until every queued record is written (or ``timeout``); whether it was."""
+        if self._thread is None or self._pid != os.getpid():
+            return True
+        done = threading.Event()
+        self._queue.put(_Marker(done))  # type: ignore[arg-type]
+        return done.wait(timeout)
+
+    def _ensure_thread(self) -> None:
+        if self._thread is not None and self._pid == os.getpid():
+            return
+        with self._lock:
+            if self._thread is not None and self._pid == os.getpid():
+                return
+            self._pid = os.getpid()  # a forked child starts its own writer
+            self._queue = queue.SimpleQueue()
+            self._thread = threading.Thread(
+                target=self._drain, name="taskengine-run-writer", daemon=True
+            )
+            self._thread.start()
+            atexit.register(self.flush)
+
+    def _drain(self) -> None:
+        while True:
+            first = self._queue.get()
+            batch: dict[str, TaskRun] = {}
+            markers: list[_Marker] = []
+            item: Any = first
+            while True:
+                if isinstance(item, _Marker):
+                    markers.append(item)
+                elif item is not None:
+                    batch[item.id] = item  # several states of one run: write the latest once
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            for run in batch.values():
+                self._write(run)
+            for marker in markers:
+                marker.done.set()
+
+    def _write(self, run: TaskRun) -> None:
+        try:
+            self._store.save_run(run)
+        except Exception:  # a record that cannot be written must not stop the writer
+            logger.warning("%s: could not write the local run's record", run.id, exc_info=True)
+
+
+class _Marker:
+    __slots__ = ("done",)
+
+    def __init__(self, done: threading.Event) -> None:
+        self.done = done
