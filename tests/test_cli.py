@@ -11,10 +11,12 @@ import importlib
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -24,6 +26,8 @@ from celery_taskengine.result_store import store_for_app
 from celery_taskengine.task_engine import run_task_sync
 
 REPO = Path(__file__).resolve().parent.parent
+#: Seconds to wait for a local run's record to be copied to Redis.
+RECORD_WAIT_SECONDS = 10.0
 
 APP_SOURCE = """
 from celery import Celery
@@ -98,6 +102,23 @@ def store_of(module: ModuleType) -> RedisStore:
     return store
 
 
+def local_run(module: ModuleType, task_name: str, run_id: str, **parameters: Any) -> None:
+    """Run a task of ``module`` here under ``run_id``, and wait until Redis has its final record.
+
+    Local runs copy their record to Redis from a background thread; the CLI, like any other
+    process, sees it once written.
+    """
+    run_task_sync(getattr(module, task_name), run_id, None, parameters, return_type="state")
+    store = store_of(module)
+    deadline = time.monotonic() + RECORD_WAIT_SECONDS
+    while time.monotonic() < deadline:
+        run = store.load_run(run_id)
+        if run is not None and run.state is not None and run.state.is_final():
+            return
+        time.sleep(0.01)
+    pytest.fail(f"the record of local run {run_id!r} did not reach Redis")
+
+
 # -- runs show -----------------------------------------------------------------------------
 
 
@@ -105,7 +126,7 @@ def test_runs_show_prints_the_run_and_its_state_history_as_a_timeline(
     app_module: ModuleType, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Given a run that failed once, waited, retried and completed
-    run_task_sync(app_module.flaky, task_run_id="run-1", parameters={"n": 7})
+    local_run(app_module, "flaky", "run-1", n=7)
     # When it is shown
     status = run("-A", app_module.__name__, "runs", "show", "run-1")
     # Then its fields and every state, with the time spent in each, are printed
@@ -127,7 +148,7 @@ def test_runs_show_prints_the_run_and_its_state_history_as_a_timeline(
 def test_runs_show_of_a_failed_run_prints_its_failure_message(
     app_module: ModuleType, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    run_task_sync(app_module.boom, task_run_id="run-2", return_type="state")
+    local_run(app_module, "boom", "run-2")
     assert run("-A", app_module.__name__, "runs", "show", "run-2") == 0
     out = capsys.readouterr().out
     assert "state       Failed (FAILED)" in out
@@ -150,8 +171,8 @@ def test_runs_show_of_an_unknown_id_says_there_is_no_such_run_and_exits_1(
 def test_runs_ls_lists_recent_runs_most_recent_first_with_their_state(
     app_module: ModuleType, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    run_task_sync(app_module.square, task_run_id="first", parameters={"n": 2})
-    run_task_sync(app_module.square, task_run_id="second", parameters={"n": 2})
+    local_run(app_module, "square", "first", n=2)
+    local_run(app_module, "square", "second", n=2)
     assert run("-A", app_module.__name__, "runs", "ls") == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["ID", "TASK", "STATE", "RUN_COUNT", "LAST", "CHANGE", "(UTC)"]
@@ -164,9 +185,9 @@ def test_runs_ls_lists_recent_runs_most_recent_first_with_their_state(
 def test_runs_ls_filters_by_task_and_state_given_by_name_or_type(
     app_module: ModuleType, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    run_task_sync(app_module.square, task_run_id="sq", parameters={"n": 3})
-    run_task_sync(app_module.cube, task_run_id="cu", parameters={"n": 3})
-    run_task_sync(app_module.boom, task_run_id="bo", return_type="state")
+    local_run(app_module, "square", "sq", n=3)
+    local_run(app_module, "cube", "cu", n=3)
+    local_run(app_module, "boom", "bo")
     name = app_module.__name__
 
     def ids(*filters: str) -> list[str]:
@@ -191,7 +212,7 @@ def test_runs_ls_shows_at_most_limit_runs(
     app_module: ModuleType, capsys: pytest.CaptureFixture[str]
 ) -> None:
     for n in range(4):
-        run_task_sync(app_module.square, task_run_id=f"r{n}", parameters={"n": n})
+        local_run(app_module, "square", f"r{n}", n=n)
     assert run("-A", app_module.__name__, "runs", "ls", "--limit", "2") == 0
     rows = capsys.readouterr().out.splitlines()[1:]
     assert [row.split()[0] for row in rows] == ["r3", "r2"]
