@@ -157,7 +157,9 @@ def test_a_call_stuck_in_c_code_is_abandoned_and_logged() -> None:
     # Given a task that blocks in C code for longer than its limit, off the main thread
     release = threading.Event()
 
-    @task(timeout_seconds=0.2)
+    # (a limit long enough that the call is surely inside the blocking wait when it expires,
+    # even on a loaded machine: an interruption before that would simply stop it)
+    @task(timeout_seconds=0.6)
     def stuck() -> None:
         release.wait(10)
 
