@@ -13,7 +13,7 @@ from celery_taskengine.errors import (
     UnfinishedRun,
 )
 from celery_taskengine.retry_policy import exponential_backoff
-from celery_taskengine.runs import get_task_run
+from celery_taskengine.runs import flush_run_records, get_task_run
 from celery_taskengine.states import State, StateType
 from celery_taskengine.streaming import stream
 from celery_taskengine.task import Task, task
@@ -34,6 +34,7 @@ __all__ = [
     "TaskRunTimeoutError",
     "UnfinishedRun",
     "exponential_backoff",
+    "flush_run_records",
     "get_task_run",
     "stream",
     "task",

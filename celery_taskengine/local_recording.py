@@ -23,7 +23,7 @@ from celery_taskengine.result_store import ResultStore
 from celery_taskengine.states import State, StateType
 from celery_taskengine.task_run import TaskRun
 
-__all__ = ["BackgroundRunWriter"]
+__all__ = ["BackgroundRunWriter", "flush_run_records", "writer_for"]
 
 logger = logging.getLogger(__name__)
 
@@ -116,3 +116,23 @@ class _Marker:
 
     def __init__(self, done: threading.Event) -> None:
         self.done = done
+
+
+_writers: dict[int, BackgroundRunWriter] = {}
+
+
+def writer_for(store: ResultStore) -> BackgroundRunWriter:
+    """The background writer for ``store`` in this process (one per store)."""
+    writer = _writers.get(id(store))
+    if writer is None:
+        writer = _writers.setdefault(id(store), BackgroundRunWriter(store))
+    return writer
+
+
+def flush_run_records(timeout: float = FLUSH_ON_EXIT_SECONDS) -> bool:
+    """Wait until this process's local runs are written to their result backends.
+
+    Local runs reach other processes a few milliseconds after they end; call this before
+    handing a run id to another process that must see it at once. Whether all were written.
+    """
+    return all(writer.flush(timeout) for writer in list(_writers.values()))

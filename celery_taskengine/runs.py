@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from celery import Celery, current_app
 
+from celery_taskengine.local_recording import flush_run_records
 from celery_taskengine.memory_store import default_memory_store
 from celery_taskengine.result_store import store_for_app
 from celery_taskengine.task_run import TaskRun
 
-__all__ = ["get_task_run"]
+__all__ = ["flush_run_records", "get_task_run"]
 
 
 def get_task_run(task_id: object, app: Celery | None = None) -> TaskRun | None:

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from celery_taskengine.drivers import Finished, drive_async, drive_sync, iterate_async, iterate_sync
 from celery_taskengine.errors import TaskRunTimeoutError
-from celery_taskengine.local_recording import BackgroundRunWriter
+from celery_taskengine.local_recording import writer_for
 from celery_taskengine.memory_store import MemoryStore
 from celery_taskengine.result_store import ResultStore, store_for_app
 from celery_taskengine.run_core import EngineTask, RunCore, RunEnvironment
@@ -91,18 +91,7 @@ def _fresh_local_environment(task: EngineTask) -> RunEnvironment:
     if isinstance(store, MemoryStore):
         # The memory store keeps the live TaskRun object: saving it once, at creation, is enough.
         return RunEnvironment(store=store, record=None, saves_on_create=True)
-    return RunEnvironment(store=store, record=_writer_for(store).record)
-
-
-_writers: dict[int, BackgroundRunWriter] = {}
-
-
-def _writer_for(store: ResultStore) -> BackgroundRunWriter:
-    """One background writer per shared store in this process."""
-    writer = _writers.get(id(store))
-    if writer is None:
-        writer = _writers.setdefault(id(store), BackgroundRunWriter(store))
-    return writer
+    return RunEnvironment(store=store, record=writer_for(store).record)
 
 
 class BaseTaskRunEngine:
