@@ -16,12 +16,16 @@ import logging
 import os
 import queue
 import threading
-from typing import Any
+import time
+from typing import TYPE_CHECKING, Any
 
 from celery_taskengine.memory_store import default_memory_store
 from celery_taskengine.result_store import ResultStore
 from celery_taskengine.states import State, StateType
 from celery_taskengine.task_run import TaskRun
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 __all__ = ["BackgroundRunWriter", "flush_run_records", "writer_for"]
 
@@ -64,11 +68,16 @@ class BackgroundRunWriter:
 
     def flush(self, timeout: float = FLUSH_ON_EXIT_SECONDS) -> bool:
         """Wait until every queued record is written (or ``timeout``); whether it was."""
-        if self._thread is None or self._pid != os.getpid():
-            return True
+        return self.flush_marker().wait(timeout)
+
+    def flush_marker(self) -> threading.Event:
+        """An event set once everything queued before this call is written."""
         done = threading.Event()
-        self._queue.put(_Marker(done))  # type: ignore[arg-type]
-        return done.wait(timeout)
+        if self._thread is None or self._pid != os.getpid():
+            done.set()
+        else:
+            self._queue.put(_Marker(done))  # type: ignore[arg-type]
+        return done
 
     def _ensure_thread(self) -> None:
         if self._thread is not None and self._pid == os.getpid():
@@ -82,7 +91,9 @@ class BackgroundRunWriter:
                 target=self._drain, name="taskengine-run-writer", daemon=True
             )
             self._thread.start()
-            atexit.register(self.flush)
+            if not _writers_flushed_at_exit:
+                _writers_flushed_at_exit.append(True)
+                atexit.register(flush_run_records)
 
     def _drain(self) -> None:
         while True:
@@ -119,6 +130,7 @@ class _Marker:
 
 
 _writers: dict[int, BackgroundRunWriter] = {}
+_writers_flushed_at_exit: list[bool] = []
 
 
 def writer_for(store: ResultStore) -> BackgroundRunWriter:
@@ -129,10 +141,21 @@ def writer_for(store: ResultStore) -> BackgroundRunWriter:
     return writer
 
 
-def flush_run_records(timeout: float = FLUSH_ON_EXIT_SECONDS) -> bool:
+def flush_run_records(app: Celery | None = None, timeout: float = FLUSH_ON_EXIT_SECONDS) -> bool:
     """Wait until this process's local runs are written to their result backends.
 
     Local runs reach other processes a few milliseconds after they end; call this before
-    handing a run id to another process that must see it at once. Whether all were written.
+    handing a run id to another process that must see it at once. With ``app``, only that
+    app's backend is waited for (a backend that is down elsewhere does not hold you up).
+    ``timeout`` bounds the whole wait; returns whether everything was written.
     """
-    return all(writer.flush(timeout) for writer in list(_writers.values()))
+    if app is not None:
+        from celery_taskengine.result_store import store_for_app
+
+        store = store_for_app(app)
+        writers = [_writers[id(store)]] if id(store) in _writers else []
+    else:
+        writers = list(_writers.values())
+    markers = [writer.flush_marker() for writer in writers]
+    deadline = time.monotonic() + timeout
+    return all(marker.wait(max(0.0, deadline - time.monotonic())) for marker in markers)

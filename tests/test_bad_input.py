@@ -444,7 +444,6 @@ def test_an_unreadable_cache_record_is_a_miss_at_delay_and_in_the_worker(
     again = answer.delay()
     assert again.get(timeout=10) == 42
     assert worker_answers == [1]
-    assert flush_run_records()
     run = get_task_run(again.id, app=worker_app)
     assert run is not None and run.history_names()[-1] == "Cached"
 
@@ -510,7 +509,7 @@ def test_a_20_mb_result_round_trips_through_the_redis_cache(
 
     assert first.name == "Completed" and second.name == "Cached"
     assert second.result() == big
-    assert flush_run_records()
+    assert flush_run_records(redis_app)
     store = RedisStore.for_app(redis_app)  # read from Redis, not this process's live copy
     run = store.load_run("big-run")
     assert run is not None and run.state is not None and run.state.data == big
