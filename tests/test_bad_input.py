@@ -12,11 +12,9 @@ Cases that need the Celery bridge's ``apply_async`` are strict xfails marked "br
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
-import os
 import socket
 import time
 import uuid
@@ -27,8 +25,6 @@ from typing import Any
 
 import pytest
 from celery import Celery
-from celery import _state as celery_state
-from celery.contrib.testing.worker import start_worker
 from celery.exceptions import NotRegistered
 from kombu.exceptions import OperationalError
 
@@ -43,6 +39,7 @@ from celery_taskengine.redis_store import RedisStore
 from celery_taskengine.states import Completed, Pending, Running
 from celery_taskengine.task_engine import run_task_sync
 from celery_taskengine.task_run import TaskRun
+from tests.workers import embedded_worker
 
 #: The queue Celery publishes to by default: a list of that name on the broker database.
 BROKER_QUEUE = "celery"
@@ -94,33 +91,6 @@ def worker_app(redis_app: Celery) -> Iterator[Celery]:
     worker_answers.clear()
     with embedded_worker(redis_app):
         yield redis_app
-
-
-@contextlib.contextmanager
-def embedded_worker(app: Celery) -> Iterator[None]:
-    """Celery's in-thread test worker, with the process-wide state it changes put back after.
-
-    ``start_worker`` makes ``app`` the current and default app (later ``@task`` calls without
-    ``app=`` would bind to it), sets the root logger to ERROR with a handler of its own (later
-    tests would miss WARNING records) and exports ``CELERY_LOG_*``.
-    """
-    root = logging.getLogger()
-    saved_level, saved_handlers = root.level, list(root.handlers)
-    saved_current, saved_default = celery_state._tls.current_app, celery_state.default_app
-    saved_env = {k: os.environ.get(k) for k in ("CELERY_LOG_LEVEL", "CELERY_LOG_FILE")}
-    try:
-        with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=10):
-            yield
-    finally:
-        root.setLevel(saved_level)
-        root.handlers[:] = saved_handlers
-        celery_state._tls.current_app = saved_current
-        celery_state.default_app = saved_default
-        for name, value in saved_env.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 # === 1. Decoration options ==================================================================
