@@ -184,7 +184,7 @@ def worker_process(app: Celery, pool: str, concurrency: int = 2) -> Iterator[Non
     queue = app.conf.task_default_queue
     command = [sys.executable, "-m", "celery", "-A", "tests.bridge.worker_app", "worker"]
     command += [f"--pool={pool}", f"--concurrency={concurrency}", "-Q", queue, "-l", "warning"]
-    command += ["--without-gossip", "--without-mingle", "--without-heartbeat"]
+    command += ["--without-gossip", "--without-mingle", "--without-heartbeat", "-E"]
     proc = subprocess.Popen(command, env=env, cwd=ROOT)
     try:
         deadline = time.monotonic() + 60

@@ -11,6 +11,7 @@ import time
 from celery import Celery
 
 from celery_taskengine import task
+from celery_taskengine.cache_policies import INPUTS
 
 app = Celery(
     "bridge_tests",
@@ -29,3 +30,23 @@ def sleepy(seconds: float) -> str:
 @task(app=app, name="bridge.pid")
 def pid() -> int:
     return os.getpid()
+
+
+_attempts: dict[str, int] = {}
+
+
+@task(app=app, name="bridge.retry_once", retries=1, retry_delay_seconds=3)
+def retry_once() -> str:
+    from celery import current_task
+
+    task_id = current_task.request.id if current_task else "-"
+    _attempts[task_id] = _attempts.get(task_id, 0) + 1
+    if _attempts[task_id] == 1:
+        raise ConnectionError("first attempt fails")
+    time.sleep(1)  # long enough for a monitor to see Retrying
+    return "second attempt"
+
+
+@task(app=app, name="bridge.remembered", cache_policy=INPUTS)
+def remembered(x: int) -> int:
+    return x * x
