@@ -14,9 +14,12 @@ run is finished returns or raises the recorded outcome without calling the funct
 from __future__ import annotations
 
 import logging
+import threading
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+from celery.app.task import get_actual_ignore_result
 from celery.exceptions import Ignore, Retry
 
 from celery_taskengine.cancellation import revocation_check
@@ -40,7 +43,6 @@ from celery_taskengine.worker_loop import run_on_worker_loop
 from celery_taskengine.worker_record import (
     Delivery,
     DeliveryRecorder,
-    RunExists,
     state_info,
     write_task_meta,
 )
@@ -55,22 +57,19 @@ _awaiting_info: dict[str, dict[str, Any]] = {}
 
 def run_delivery(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Run the engine for the delivery Celery is executing, and give Celery its outcome."""
-    delivery = _delivery(task, task.request)
-    parameters = bind_parameters(task.run, args, kwargs)
     store = store_for_app(task.app)
-    existing = None
-    if delivery.retries or delivery.redelivered:
-        existing = store.load_run(delivery.task_id)
+    delivery = _delivery(task, task.request, store)
+    parameters = bind_parameters(task.run, args, kwargs)
+    run = None
+    if delivery.retries or delivery.redelivered:  # else no record can exist yet: don't look
+        run = store.load_run(delivery.task_id)
+    if run is None:
+        run = new_task_run(task, parameters, delivery.task_id)
     channel = None
     if task.fn_kind in ("generator", "async_generator") and isinstance(store, RedisStore):
         channel = ItemChannel(task.app, store, delivery.task_id)
-    run = existing or new_task_run(task, parameters, delivery.task_id)
     try:
-        try:
-            items = _execute(task, delivery, store, run, channel, fresh=existing is None)
-        except RunExists as found:  # redelivered without our knowing: continue that run
-            run = found.run
-            items = _execute(task, delivery, store, run, channel, fresh=False)
+        items = _execute(task, delivery, store, run, channel)
     finally:
         if channel is not None and run.state is not None and run.state.is_final():
             channel.close()
@@ -88,16 +87,49 @@ def after_celery_retry(task: Any, task_id: str) -> None:
         logger.warning("%s: could not store the AWAITING_RETRY state", task_id, exc_info=True)
 
 
-def _delivery(task: Any, request: Any) -> Delivery:
+def _delivery(task: Any, request: Any, store: ResultStore) -> Delivery:
     delivery_info = request.delivery_info or {}
     return Delivery(
         task_id=str(request.id),
-        root_id=str(request.root_id or request.id),
+        workflow_id=_workflow_id(request),
         hostname=request.hostname,
         retries=int(request.retries or 0),
         redelivered=bool(delivery_info.get("redelivered")),
         send_events=bool(task.send_events) and task_events_enabled(task.app),
+        piggyback=_may_piggyback(task, request, store),
     )
+
+
+def _workflow_id(request: Any) -> str:
+    """The id RUN_ID keys use: the workflow's root id (a chain's first task); for members of a
+    group or chord header that is their own id, so their group's id stands in."""
+    root = request.root_id
+    if root and root != request.id:
+        return str(root)
+    return str(request.group or request.id)
+
+
+def _may_piggyback(task: Any, request: Any, store: ResultStore) -> bool:
+    """Whether records may ride on Celery's next backend command (see redis_oneway).
+
+    Only where that command surely follows on this thread's connection: a single-threaded
+    process, a function recorded in this thread (not on the async loop), a result Celery
+    stores (not ignored, not eager), on the backend the records use.
+    """
+    if request.is_eager or threading.current_thread() is not threading.main_thread():
+        return False
+    if task.fn_kind not in ("function", "generator") or get_actual_ignore_result(task, request):
+        return False
+    same_backend = _same_backend.get(task)
+    if same_backend is None:
+        client = getattr(task.backend, "client", None)
+        same_backend = isinstance(store, RedisStore) and client is store.client
+        _same_backend[task] = same_backend
+    return same_backend
+
+
+#: Whether a task's backend is the one its records go to (a fork keeps both the same).
+_same_backend: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 
 
 def _execute(
@@ -106,8 +138,6 @@ def _execute(
     store: ResultStore,
     run: TaskRun,
     channel: ItemChannel | None,
-    *,
-    fresh: bool,
 ) -> list[Any]:
     """Run the engine on ``run`` with the runner the function needs; the items it yielded.
 
@@ -115,7 +145,7 @@ def _execute(
     each one is also published to ``channel`` as it comes.
     """
     items: list[Any] = []
-    env = _environment(task, delivery, store, fresh=fresh, on_attempt=items.clear)
+    env = _environment(task, delivery, store, on_attempt=items.clear)
     context = {"environment": env}
     kind = task.fn_kind
     if kind == "function":
@@ -131,15 +161,15 @@ def _execute(
 
 
 def _environment(
-    task: Any, delivery: Delivery, store: ResultStore, *, fresh: bool, on_attempt: Any
+    task: Any, delivery: Delivery, store: ResultStore, *, on_attempt: Any
 ) -> RunEnvironment:
     common: dict[str, Any] = {
-        "key_run_id": delivery.root_id,
+        "key_run_id": delivery.workflow_id,
         "defer_retries": True,
         "is_cancelled": revocation_check(delivery.task_id),
     }
     if isinstance(store, RedisStore):
-        recorder = DeliveryRecorder(task.app, store, delivery, fresh=fresh, on_attempt=on_attempt)
+        recorder = DeliveryRecorder(task.app, store, delivery, on_attempt=on_attempt)
         return RunEnvironment(store=store, record=recorder, **common)
     # No Redis backend: the run lives in this worker's memory, as a local run's would.
     return RunEnvironment(

@@ -1,0 +1,1 @@
+"""Helpers for the reliability tests: real worker processes, a restartable Redis, checks."""

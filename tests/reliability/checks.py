@@ -1,0 +1,89 @@
+"""What the worker-death tests prove about each run of ``rel.work``, and their figures."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery import Celery
+
+from celery_taskengine.producer import CachedResult
+from tests.reliability.harness import counter, history_problems, load_run
+
+
+@dataclass
+class CommitFigures:
+    """What happened to a batch of ``rel.work`` runs."""
+
+    runs: int = 0
+    #: Runs whose history shows a Crashed attempt (a kill landed in them).
+    crashed_runs: int = 0
+    #: Executions of a function body whose result was not the committed one: each was
+    #: interrupted by a kill (before its commit) and shows up as a Crashed state.
+    uncommitted_executions: int = 0
+    #: Runs that ended Cached: their result had been committed by an attempt that was killed
+    #: after the commit, and the continuing delivery read it back instead of running again.
+    cached_after_crash: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (
+            f"runs={self.runs} runs_with_crash={self.crashed_runs} "
+            f"uncommitted_executions={self.uncommitted_executions} "
+            f"cached_after_crash={self.cached_after_crash} "
+            f"lost=0 duplicates_after_commit=0"
+        )
+
+
+def check_committed_once(
+    app: Celery, tasks: Any, runs: list[tuple[str, float, Any]], timeout: float
+) -> CommitFigures:
+    """Check every ``(key, sleep, AsyncResult)`` of ``rel.work``; collect what is wrong.
+
+    For each run, with ``exec`` the number of times its body started:
+
+    - ``.get()`` returns a value, the record is final (Completed or Cached) with a legal history
+      and holds that value: no run is lost;
+    - the value names execution number ``exec``: no body ran after the one whose result was
+      committed (a later one would have incremented ``exec``);
+    - every other execution (``exec - 1``) was cut short by a kill before its commit, and
+      each such kill is in the history as Crashed, followed by Retrying: the run continued;
+    - calling again with the same inputs is answered from the committed record, with the same
+      value, without running the body: exactly one committed result per input.
+    """
+    figures = CommitFigures(runs=len(runs))
+    for key, sleep, result in runs:
+        value = result.get(timeout=timeout)
+        run = load_run(app, result.id)
+        problems = history_problems(run, result.id)
+        if run is None:
+            figures.problems += problems
+            continue
+        names = run.history_names()
+        executions = counter(app, f"exec:{key}")
+        crashed = names.count("Crashed")
+        if value.get("key") != key or value.get("execution") != executions:
+            problems.append(f"{key}: value {value} but {executions} executions: {names}")
+        if run.state is None or run.state.name not in ("Completed", "Cached"):
+            problems.append(f"{key}: ended {names}")
+        elif run.state.data != value:
+            problems.append(f"{key}: record holds {run.state.data}, .get() gave {value}")
+        if crashed < executions - 1:
+            problems.append(f"{key}: {executions} executions, {crashed} Crashed: {names}")
+        for before, after in zip(names, names[1:], strict=False):
+            if before == "Crashed" and after != "Retrying":
+                problems.append(f"{key}: Crashed not followed by Retrying: {names}")
+        if run.run_count != 1 + crashed:
+            problems.append(f"{key}: run_count {run.run_count} for {names}")
+        if names[-1] == "Cached" and crashed == 0:
+            problems.append(f"{key}: Cached without a crash: {names}")
+        again = tasks.work.delay(key, sleep)
+        if not isinstance(again, CachedResult) or again.get(timeout=timeout) != value:
+            problems.append(f"{key}: the committed record does not hold {value}")
+        if counter(app, f"exec:{key}") != executions:
+            problems.append(f"{key}: calling again ran the body")
+        figures.problems += problems
+        figures.crashed_runs += crashed > 0
+        figures.uncommitted_executions += executions - 1
+        figures.cached_after_crash += names[-1] == "Cached"
+    return figures

@@ -1,0 +1,224 @@
+"""Broker and backend faults for real: Redis restarted, or its connections killed, mid-batch.
+
+Each scenario starts a Redis server of its own (append-only, so a restart is an outage, not a
+wipe; the shared test server is never touched), a prefork worker with three processes, and
+sends 500 tiny runs. While they go through, Redis fails twice (at about 20 % and 60 % done):
+either it is stopped and started again one second later, or every normal client connection
+is killed (``CLIENT KILL TYPE normal``). Redis is both broker and result backend, so the
+worker's consumer, its pool processes' backend writes and the caller's result listener all
+lose their connections.
+
+What must hold (SPEC §7, the issue): every ``.get()`` returns the run's value or raises a clear
+error (none hangs: a bounded wait tells a lost run apart), a failed state write is retried or
+surfaces as such an error (named in the worker's log), and afterwards every run record exists,
+is final, has a legal history and agrees with what the caller was told.
+
+One loss is not the engine's: kombu's Redis transport takes a message with BRPOP and only then
+records it as unacknowledged, so a connection killed in between loses a message no worker
+ever saw (celery/kombu#305, celery/celery#4354). Such runs are identified precisely (never
+received, not queued, not unacknowledged, no record, backend PENDING) and reported in the
+summary line instead of failing the test; every other unanswered run fails it.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from celery.exceptions import TimeoutError as CeleryTimeoutError
+
+from tests.reliability.harness import (
+    RedisServer,
+    WorkerProcess,
+    history_problems,
+    load_run,
+    redis_server,
+    wait_for,
+    workers,
+)
+from tests.reliability.worker_app import make_app
+
+pytestmark = pytest.mark.timeout(180)
+
+RUNS = 500
+CONCURRENCY = 3
+#: How long each run's body sleeps (seconds): the batch takes a few seconds, faults land in it.
+BODY_SECONDS = 0.01
+#: Fractions of the batch done when Redis fails.
+FAULT_POINTS = (0.2, 0.6)
+#: Bound on collecting every result after the faults (seconds, for the whole batch).
+COLLECT_TIMEOUT = 90.0
+
+
+@dataclass
+class Outcome:
+    """What the caller saw of each run, and what the records say afterwards."""
+
+    fault: str
+    task_ids: list[str] = field(default_factory=list)
+    values: dict[int, Any] = field(default_factory=dict)
+    errors: dict[int, BaseException] = field(default_factory=dict)
+    lost: list[int] = field(default_factory=list)
+    records: dict[int, Any] = field(default_factory=dict)
+    backend_states: dict[int, str] = field(default_factory=dict)
+    #: Lost runs whose message is still in the queue or the unacked hash.
+    in_broker: set[int] = field(default_factory=set)
+    worker_log: str = ""
+    seconds: float = 0.0
+
+    def lost_in_transport(self) -> list[int]:
+        """Lost runs no worker ever received: popped from the queue by BRPOP, never recorded
+        in kombu's unacked hash (the connection died in between; celery/kombu#305)."""
+        return [
+            i
+            for i in self.lost
+            if i not in self.in_broker
+            and self.records[i] is None
+            and self.backend_states[i] == "PENDING"
+            and f"[{self.task_ids[i]}] received" not in self.worker_log
+        ]
+
+    def summary(self) -> str:
+        return (
+            f"fault={self.fault} x{len(FAULT_POINTS)} runs={len(self.task_ids)} "
+            f"values={len(self.values)} clear_errors={len(self.errors)} "
+            f"lost_after_reaching_a_worker={len(self.lost) - len(self.lost_in_transport())} "
+            f"lost_by_the_redis_transport={len(self.lost_in_transport())} "
+            f"no_record={sum(r is None for r in self.records.values())} "
+            f"seconds={self.seconds:.1f}"
+        )
+
+
+def inject(fault: str, server: RedisServer) -> None:
+    if fault == "restart":
+        server.restart(down_for=1.0)
+    else:
+        client = redis.Redis(port=server.port)
+        try:
+            client.client_kill_filter(_type="normal")
+        finally:
+            client.close()
+
+
+@pytest.fixture(scope="module", params=["restart", "client-kill"])
+def outcome(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Outcome]:
+    """Run the batch once per fault kind; the tests below check different things of it."""
+    fault: str = request.param
+    workdir = tmp_path_factory.mktemp(f"faults-{fault}")
+    with redis_server(workdir) as server:
+        app, tasks = make_app(f"{server.url}/1", queue=f"rel-{uuid.uuid4().hex[:8]}")
+        result_of: dict[int, Any] = {}
+        seen = Outcome(fault)
+        worker = WorkerProcess(app, workdir, concurrency=CONCURRENCY)
+        try:
+            with workers(worker):
+                started = time.monotonic()
+                for i in range(RUNS):
+                    result_of[i] = tasks.tiny.delay(i, BODY_SECONDS)
+                seen.task_ids = [result_of[i].id for i in range(RUNS)]
+                for point in FAULT_POINTS:
+                    wait_for(
+                        lambda point=point: sum(r.ready() for r in result_of.values())
+                        >= point * RUNS,
+                        COLLECT_TIMEOUT,
+                        f"{point:.0%} of the runs to finish",
+                    )
+                    inject(fault, server)
+                collect(seen, result_of, time.monotonic() + COLLECT_TIMEOUT)
+                seen.seconds = time.monotonic() - started
+            seen.records = {i: load_run(app, task_id) for i, task_id in enumerate(seen.task_ids)}
+            seen.backend_states = {i: result_of[i].state for i in seen.lost}
+            seen.worker_log = worker.log_text()
+            seen.in_broker = {i for i in seen.lost if in_broker(app, seen.task_ids[i])}
+        finally:
+            app.close()
+    print(f"\n{seen.summary()}")
+    yield seen
+
+
+def in_broker(app: Any, task_id: str) -> bool:
+    """Whether ``task_id``'s message is still queued or delivered-but-unacknowledged."""
+    client = app.backend.client
+    needle = task_id.encode()
+    queued = client.lrange(app.conf.task_default_queue, 0, -1)
+    return any(needle in raw for raw in [*queued, *client.hvals("unacked")])
+
+
+def collect(seen: Outcome, result_of: dict[int, Any], deadline: float) -> None:
+    for i, result in result_of.items():
+        try:
+            seen.values[i] = result.get(timeout=max(0.5, deadline - time.monotonic()))
+        except CeleryTimeoutError:
+            seen.lost.append(i)
+        except Exception as exc:
+            seen.errors[i] = exc
+
+
+def describe_lost(outcome: Outcome) -> str:
+    lines = []
+    for i in outcome.lost:
+        task_id, run = outcome.task_ids[i], outcome.records[i]
+        history = run.history_names() if run is not None else "no record"
+        lines.append(f"run {i} {task_id}: backend {outcome.backend_states.get(i)}, {history}")
+        lines += [f"    {line}" for line in outcome.worker_log.splitlines() if task_id in line]
+    return "\n".join(lines)
+
+
+def test_every_run_returns_its_value_or_raises_a_clear_error_logged_by_the_worker(
+    outcome: Outcome,
+) -> None:
+    # Given: a message the Redis transport lost before any worker received it is out of the
+    # engine's reach (kombu BRPOPs it, then records it as unacked: a connection killed in
+    # between loses it); such runs are counted in the summary, any other loss fails.
+    lost = [i for i in outcome.lost if i not in outcome.lost_in_transport()]
+    assert not lost, f"runs never answered (silently lost):\n{describe_lost(outcome)}"
+    wrong = {i: v for i, v in outcome.values.items() if v != 2 * i}
+    assert not wrong, f"runs returned wrong values: {wrong}"
+    for i, exc in outcome.errors.items():
+        # A clear error says what failed: the result backend / broker connection.
+        assert isinstance(exc, ConnectionError | redis.exceptions.ConnectionError), repr(exc)
+        assert "Redis" in str(exc) or "redis" in str(exc), repr(exc)
+        # ... and the worker logged it against the run, so the failed write is not silent.
+        task_id = outcome.task_ids[i]
+        assert f"[{task_id}] raised unexpected: {type(exc).__name__}" in outcome.worker_log
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "bridge: run-record writes that meet a connection Redis dropped are lost: "
+        "redis_oneway.RecordChannel sends them on the pool's idle connection without a reply "
+        "(lost without an error when the socket is dead but not yet reset, so a run returns "
+        "its value and has no record) or raises StoreUnavailableError on the first broken "
+        "pipe without retrying on a new connection, which worker_run.run_delivery lets fail "
+        "the Celery task (no record, or Completed while the caller got the error)"
+    ),
+)
+def test_after_the_faults_every_run_has_a_final_record_that_agrees_with_its_caller(
+    outcome: Outcome,
+) -> None:
+    problems = []
+    for i, task_id in enumerate(outcome.task_ids):
+        run = outcome.records[i]
+        problems += history_problems(run, task_id)
+        if run is None or run.state is None:
+            continue
+        if i in outcome.values and (
+            run.state.name != "Completed" or run.state.data != outcome.values[i]
+        ):
+            problems.append(f"{task_id}: .get() gave {outcome.values[i]}, {run.history_names()}")
+        if i in outcome.errors and run.state.is_completed():
+            problems.append(f"{task_id}: caller got {outcome.errors[i]!r}, record Completed")
+    with_value = sum(1 for i in outcome.values if outcome.records[i] is None)
+    assert not problems, (
+        f"{len(problems)} problems ({with_value} runs returned a value but have no record):\n"
+        + "\n".join(problems[:20])
+    )

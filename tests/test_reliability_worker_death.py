@@ -1,0 +1,117 @@
+"""Worker death for real: SIGKILL of prefork pool processes and of whole workers mid-run.
+
+The tasks are ``acks_late`` with ``reject_on_worker_lost``, so a message whose worker died is
+delivered again: at once when only a pool process died (Celery requeues it), after the
+visibility timeout (3 s here) when the whole worker died and a new one starts. SPEC §7: the
+next delivery finds the run Running, records it Crashed, and continues it (Retrying); no
+committed result is lost or duplicated.
+
+What "exactly once" honestly means with at-least-once delivery: a body killed before its
+transaction commits has run, and runs again on the next delivery. So the tests count every
+body execution (a Redis INCR keyed by the run's input, inside the function) and prove, per
+input (see ``tests.reliability.checks.check_committed_once``): one committed result, produced
+by the last execution that started (none ran after the commit), every other execution ended
+by a kill that the history records as Crashed, and a later call with the same input answered
+from that one committed record.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.reliability.checks import check_committed_once
+from tests.reliability.harness import WorkerProcess, counter, wait_for, workers
+from tests.reliability.worker_app import make_app
+
+pytestmark = pytest.mark.timeout(240)
+
+#: Body durations (seconds), so kills land before, in and after the body of runs.
+SLEEPS = (0.02, 0.1, 0.3, 0.6)
+CHILD_KILL_RUNS = 30
+MAX_CHILD_KILLS = 15
+WORKER_KILL_RUNS = 20
+WORKER_KILL_ROUNDS = 3
+#: Bound on waiting for a run's result (kills and restarts included).
+RESULT_TIMEOUT = 90.0
+
+
+@pytest.fixture
+def rel(redis_url: str) -> Iterator[tuple[Any, Any]]:
+    app, tasks = make_app(redis_url, queue=f"rel-{uuid.uuid4().hex[:8]}", visibility_timeout=3)
+    try:
+        yield app, tasks
+    finally:
+        app.close()
+
+
+def send_runs(tasks: Any, count: int, rng: random.Random) -> list[tuple[str, float, Any]]:
+    runs = []
+    for _ in range(count):
+        key, sleep = uuid.uuid4().hex, rng.choice(SLEEPS)
+        runs.append((key, sleep, tasks.work.delay(key, sleep)))
+    return runs
+
+
+def executions(app: Any, runs: list[tuple[str, float, Any]]) -> int:
+    return sum(counter(app, f"exec:{key}") for key, _sleep, _result in runs)
+
+
+def test_runs_whose_pool_process_is_sigkilled_are_recorded_crashed_and_commit_once(
+    rel: tuple[Any, Any], tmp_path: Path
+) -> None:
+    app, tasks = rel
+    rng = random.Random()
+    worker = WorkerProcess(app, tmp_path, concurrency=2)
+    with workers(worker):
+        runs = send_runs(tasks, CHILD_KILL_RUNS, rng)
+        # When: pool processes are SIGKILLed at random moments while the runs go through.
+        kills = 0
+        while kills < MAX_CHILD_KILLS and not all(r.ready() for _k, _s, r in runs):
+            time.sleep(rng.uniform(0.1, 0.4))
+            children = worker.children()
+            if children and worker.kill_child(rng.choice(children)):
+                kills += 1
+        # Then: every run ends, continued after its crash, with one committed result.
+        figures = check_committed_once(app, tasks, runs, RESULT_TIMEOUT)
+        log = worker.log_text()
+
+    print(f"\npool-process kills={kills} {figures.summary()}")
+    assert not figures.problems, "\n".join(figures.problems)
+    assert figures.crashed_runs > 0, f"no kill landed in a run ({kills} kills): nothing proven"
+    assert "WorkerLostError" in log or "exited with 'signal 9" in log, "Celery saw no lost child"
+
+
+def test_runs_whose_whole_worker_is_sigkilled_continue_after_a_restart_and_commit_once(
+    rel: tuple[Any, Any], tmp_path: Path
+) -> None:
+    app, tasks = rel
+    rng = random.Random()
+    worker = WorkerProcess(app, tmp_path, concurrency=2)
+    with workers(worker):
+        runs = send_runs(tasks, WORKER_KILL_RUNS, rng)
+        # When: the whole worker (main process and pool) is SIGKILLed mid-run, then restarted.
+        for _round in range(WORKER_KILL_ROUNDS):
+            started = executions(app, runs)
+            if all(r.ready() for _k, _s, r in runs):
+                break
+            wait_for(
+                lambda started=started: executions(app, runs) > started,
+                RESULT_TIMEOUT,
+                "the worker to start another body",
+            )
+            time.sleep(rng.uniform(0.0, 0.4))
+            worker.kill()
+            worker.start()
+        # Then: every run ends, continued after its crash, with one committed result.
+        figures = check_committed_once(app, tasks, runs, RESULT_TIMEOUT)
+
+    print(f"\nwhole-worker kills={worker.starts - 1} {figures.summary()}")
+    assert not figures.problems, "\n".join(figures.problems)
+    assert figures.crashed_runs > 0, "no kill landed in a run: nothing proven"
