@@ -34,8 +34,8 @@ from celery_taskengine.parameters import bind_parameters
 from celery_taskengine.result_store import ResultStore, store_for_app
 from celery_taskengine.run_core import RunCore, RunEnvironment
 from celery_taskengine.states import State, StateType
+from celery_taskengine.task_meta import save_run_with_meta
 from celery_taskengine.task_run import TaskRun
-from celery_taskengine.worker_record import save_run_with_meta
 
 __all__ = ["CachedResult", "apply_async"]
 

@@ -23,7 +23,7 @@ from celery.app.task import get_actual_ignore_result
 from celery.exceptions import Ignore, Retry
 
 from celery_taskengine.cancellation import revocation_check
-from celery_taskengine.events import task_events_enabled
+from celery_taskengine.events import send_state_event, task_events_enabled
 from celery_taskengine.memory_store import MemoryStore
 from celery_taskengine.parameters import bind_parameters
 from celery_taskengine.redis_store import RedisStore
@@ -38,14 +38,10 @@ from celery_taskengine.task_engine import (
     run_task_async,
     run_task_sync,
 )
+from celery_taskengine.task_meta import state_info, write_task_meta
 from celery_taskengine.task_run import TaskRun
 from celery_taskengine.worker_loop import run_on_worker_loop
-from celery_taskengine.worker_record import (
-    Delivery,
-    DeliveryRecorder,
-    state_info,
-    write_task_meta,
-)
+from celery_taskengine.worker_record import Delivery, DeliveryRecorder
 
 __all__ = ["after_celery_retry", "run_delivery"]
 
@@ -174,16 +170,20 @@ def _environment(
     # No Redis backend: the run lives in this worker's memory, as a local run's would.
     return RunEnvironment(
         store=store,
-        record=_attempt_watcher(on_attempt),
+        record=_announcer(task, delivery, on_attempt),
         saves_on_create=isinstance(store, MemoryStore),
         **common,
     )
 
 
-def _attempt_watcher(on_attempt: Any) -> Any:
+def _announcer(task: Any, delivery: Delivery, on_attempt: Any) -> Any:
+    """The ``record`` of a run kept in memory: nothing to save, only events to send."""
+
     def record(run: TaskRun, state: State) -> None:
         if state.is_running():
             on_attempt()
+        if delivery.send_events:
+            send_state_event(task.app, delivery.hostname, delivery.task_id, run, state)
 
     return record
 

@@ -22,6 +22,7 @@ summary line instead of failing the test; every other unanswered run fails it.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import Iterator
@@ -69,6 +70,8 @@ class Outcome:
     backend_states: dict[int, str] = field(default_factory=dict)
     #: Lost runs whose message is still in the queue or the unacked hash.
     in_broker: set[int] = field(default_factory=set)
+    #: Exit codes of the worker each time it exited by itself (and was started again).
+    worker_exits: list[int] = field(default_factory=list)
     worker_log: str = ""
     seconds: float = 0.0
 
@@ -91,6 +94,7 @@ class Outcome:
             f"lost_after_reaching_a_worker={len(self.lost) - len(self.lost_in_transport())} "
             f"lost_by_the_redis_transport={len(self.lost_in_transport())} "
             f"no_record={sum(r is None for r in self.records.values())} "
+            f"worker_exits={self.worker_exits} "
             f"seconds={self.seconds:.1f}"
         )
 
@@ -125,15 +129,17 @@ def outcome(
                     result_of[i] = tasks.tiny.delay(i, BODY_SECONDS)
                 seen.task_ids = [result_of[i].id for i in range(RUNS)]
                 for point in FAULT_POINTS:
-                    wait_for(
-                        lambda point=point: sum(r.ready() for r in result_of.values())
-                        >= point * RUNS,
-                        COLLECT_TIMEOUT,
+                    supervise(
+                        worker,
+                        lambda point=point: done(result_of) >= point * RUNS,
                         f"{point:.0%} of the runs to finish",
                     )
                     inject(fault, server)
-                collect(seen, result_of, time.monotonic() + COLLECT_TIMEOUT)
+                with contextlib.suppress(AssertionError):  # what never ends is reported below
+                    supervise(worker, lambda: done(result_of) == RUNS, "every run to finish")
+                collect(seen, result_of)
                 seen.seconds = time.monotonic() - started
+                seen.worker_exits = list(worker.exits)
             seen.records = {i: load_run(app, task_id) for i, task_id in enumerate(seen.task_ids)}
             seen.backend_states = {i: result_of[i].state for i in seen.lost}
             seen.worker_log = worker.log_text()
@@ -152,10 +158,31 @@ def in_broker(app: Any, task_id: str) -> bool:
     return any(needle in raw for raw in [*queued, *client.hvals("unacked")])
 
 
-def collect(seen: Outcome, result_of: dict[int, Any], deadline: float) -> None:
+def done(result_of: dict[int, Any]) -> int:
+    return sum(result.ready() for result in result_of.values())
+
+
+def supervise(worker: WorkerProcess, condition: Any, what: str) -> None:
+    """Wait for ``condition``, starting the worker again whenever it exits by itself.
+
+    Celery's consumer can die on a broker connection error (kombu 5.7: "Unrecoverable
+    error: AttributeError(...'hostname')" while restoring unacked messages on close), and a
+    process supervisor would restart it; the messages it held come back after the
+    visibility timeout.
+    """
+
+    def check() -> bool:
+        worker.restart_if_exited()
+        return bool(condition())
+
+    wait_for(check, COLLECT_TIMEOUT, what)
+
+
+def collect(seen: Outcome, result_of: dict[int, Any]) -> None:
     for i, result in result_of.items():
         try:
-            seen.values[i] = result.get(timeout=max(0.5, deadline - time.monotonic()))
+            # Every run had its chance above: what is not ready now never answers.
+            seen.values[i] = result.get(timeout=1.0 if not result.ready() else 10.0)
         except CeleryTimeoutError:
             seen.lost.append(i)
         except Exception as exc:

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import kombu.exceptions
+import redis
 from celery import Celery
 
 from celery_taskengine import get_task_run
@@ -157,6 +159,8 @@ class WorkerProcess:
         self.log = logdir / f"{self.name.split('@')[0]}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
+        #: Exit codes of the times the worker exited by itself (see restart_if_exited).
+        self.exits: list[int] = []
 
     @property
     def pid(self) -> int:
@@ -201,10 +205,26 @@ class WorkerProcess:
         def answers() -> bool:
             if self.proc is None or self.proc.poll() is not None:
                 raise AssertionError(f"worker {self.name} exited during start-up:\n{self.tail()}")
-            replies = self.app.control.ping(destination=[self.name], timeout=0.5)
+            try:
+                # A connection of its own: the app's pooled ones may be dead after an outage.
+                with self.app.connection_for_write() as connection:
+                    replies = self.app.control.ping(
+                        destination=[self.name], timeout=0.5, connection=connection
+                    )
+            except (OSError, redis.exceptions.ConnectionError, kombu.exceptions.OperationalError):
+                return False
             return bool(replies) and (self.pool != "prefork" or len(self.children()) > 0)
 
         wait_for(answers, READY_TIMEOUT, f"worker {self.name} to answer a ping", poll=0.1)
+
+    def restart_if_exited(self) -> bool:
+        """Start the worker again if it exited by itself, as a process supervisor would."""
+        if self.proc is None or self.proc.poll() is None:
+            return False
+        self.exits.append(self.proc.returncode)
+        self.kill()  # its pool processes, if any are left
+        self.start()
+        return True
 
     def children(self) -> list[int]:
         """The pool processes of a prefork worker."""

@@ -1,0 +1,74 @@
+"""A run record's JSON document, built up state by state.
+
+A worker saves its run at every state change. The document is the one
+:meth:`~celery_taskengine.task_run.TaskRun.to_document` gives (``run_from_document`` reads
+both), but parameters and the states already entered never change, so they are encoded once,
+and states are written as JSON directly rather than through dicts: on the hot path this is
+several times cheaper.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import datetime
+from json.encoder import encode_basestring_ascii
+
+from celery_taskengine.states import State
+from celery_taskengine.task_run import DOCUMENT_VERSION, TaskRun, _jsonable, _state_to_dict
+
+__all__ = ["RunDocument"]
+
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+_json_str: Callable[[str], str] = encode_basestring_ascii  # a JSON string literal, in C
+
+
+class RunDocument:
+    """A run's JSON document (as :meth:`TaskRun.to_document` gives it), built incrementally.
+
+    A run is saved at every state change; its parameters and the states already entered never
+    change, so they are encoded once.
+    """
+
+    def __init__(self, run: TaskRun) -> None:
+        try:
+            self._parameters = _ENCODER.encode(run.parameters)
+        except (TypeError, ValueError):  # some value is not JSON: its repr stands in
+            parameters = {name: _jsonable(value) for name, value in run.parameters.items()}
+            self._parameters = _ENCODER.encode(parameters)
+        self._head = _ENCODER.encode(
+            {"v": DOCUMENT_VERSION, "id": run.id, "task_name": run.task_name}
+        )[:-1]
+        self._tags = _ENCODER.encode(sorted(run.tags))
+        self._states: list[str] = []
+
+    def encode(self, run: TaskRun) -> str:
+        history = run.state_history
+        while len(self._states) < len(history) - 1:
+            self._states.append(_state_json(history[len(self._states)]))
+        states = self._states[: max(0, len(history) - 1)]
+        if history and run.state is not None:
+            states = [*states, _state_json(run.state, with_data=True)]
+        return (
+            f'{self._head},"name":{_json_str(run.name)},"parameters":{self._parameters},'
+            f'"tags":{self._tags},"run_count":{run.run_count},'
+            f'"start_time":{_json_time(run.start_time)},"end_time":{_json_time(run.end_time)},'
+            f'"state_history":[{",".join(states)}]}}'
+        )
+
+
+def _state_json(state: State, *, with_data: bool = False) -> str:
+    """``_state_to_dict(state)`` as JSON, written directly: this runs several times per run."""
+    if with_data and state.data is not None:
+        return _ENCODER.encode(_state_to_dict(state, with_data=True))
+    message = "null" if state.message is None else _json_str(state.message)
+    scheduled = _json_time(state.scheduled_time)
+    return (
+        f'{{"type":"{state.type.value}","name":{_json_str(state.name)},'
+        f'"message":{message},"timestamp":"{state.timestamp.isoformat()}",'
+        f'"scheduled_time":{scheduled}}}'
+    )
+
+
+def _json_time(moment: datetime | None) -> str:
+    return "null" if moment is None else f'"{moment.isoformat()}"'

@@ -1,0 +1,149 @@
+"""The result backend's view of an engine run: Celery task states beyond Celery's own.
+
+While a run is in a state Celery has no name for, the backend's task meta says so:
+``AsyncResult(id).state`` reads ``RUNNING``, ``RETRYING``, ``AWAITING_RETRY``, ... and
+``.info`` the engine state, run count and scheduled time. Final states are Celery's to write
+(SUCCESS, FAILURE, REVOKED); ours never overwrite them, which is checked inside Redis.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import TYPE_CHECKING, Any
+
+from celery_taskengine.result_store import ResultStore
+from celery_taskengine.states import State, utcnow
+from celery_taskengine.task_run import TaskRun
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+__all__ = [
+    "SET_META_LUA",
+    "celery_status",
+    "encode_meta",
+    "px",
+    "save_run_with_meta",
+    "state_info",
+    "write_task_meta",
+]
+
+# Sets the backend's task meta unless a final one (or, with an expected status, another one)
+# is there. Meta written with a serializer Lua cannot decode is left alone.
+_SET_META_FN = """
+local function set_meta(key, value, px, expected)
+  local current = redis.call('get', key)
+  if current then
+    local ok, meta = pcall(cjson.decode, current)
+    if not ok or type(meta) ~= 'table' then return 0 end
+    local status = meta['status']
+    if status == 'SUCCESS' or status == 'FAILURE' or status == 'REVOKED' then return 0 end
+    if expected ~= '' and status ~= expected then return 0 end
+  elseif expected ~= '' then
+    return 0
+  end
+  if px ~= '0' then redis.call('set', key, value, 'PX', px) else redis.call('set', key, value) end
+  return 1
+end
+"""
+#: KEYS: meta. ARGV: meta, px, expected status ('' for any).
+SET_META_LUA = _SET_META_FN + "return set_meta(KEYS[1], ARGV[1], ARGV[2], ARGV[3])"
+_SNAKE = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|[^A-Za-z0-9]+")
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
+
+def celery_status(state: State) -> str | None:
+    """The backend task state shown for ``state`` (``AwaitingRetry`` -> ``AWAITING_RETRY``).
+
+    ``None`` for Pending and for final states Celery records itself (SUCCESS, FAILURE, REVOKED).
+    """
+    if state.name == "Pending" or (state.is_final() and not state.is_crashed()):
+        return None
+    status = _STATUS_NAMES.get(state.name)
+    if status is None:
+        status = _STATUS_NAMES.setdefault(
+            state.name, _SNAKE.sub("_", state.name).strip("_").upper()
+        )
+    return status
+
+
+_STATUS_NAMES: dict[str, str] = {}
+
+
+def write_task_meta(
+    app: Celery, task_id: str, status: str, result: Any, *, expected: str = ""
+) -> bool:
+    """Set the backend's meta of ``task_id`` (one round trip), never over a final one."""
+    backend = app.backend
+    meta = backend.encode(_meta(task_id, status, result))
+    keys = [backend.get_key_for_task(task_id)]
+    return bool(backend.client.eval(SET_META_LUA, 1, *keys, meta, px(backend.expires), expected))
+
+
+def state_info(run: TaskRun, state: State) -> dict[str, Any]:
+    """What ``AsyncResult(id).info`` shows while the run is in ``state``."""
+    scheduled = state.scheduled_time.isoformat() if state.scheduled_time is not None else None
+    return {
+        "engine_state": state.name,
+        "run_count": run.run_count,
+        "message": state.message,
+        "scheduled_time": scheduled,
+    }
+
+
+def encode_meta(backend: Any, task_id: str, status: str, result: Any) -> bytes | str:
+    """The backend's encoded task meta for a run not finished yet."""
+    meta = _meta(task_id, status, result)
+    if backend.serializer == "json" and not getattr(backend, "compression", None):
+        return _ENCODER.encode(meta)  # what the backend's JSON would be, for less
+    encoded: bytes | str = backend.encode(meta)
+    return encoded
+
+
+def save_run_with_meta(
+    app: Celery, store: ResultStore, run: TaskRun, status: str, result: Any
+) -> None:
+    """Save a run that never reaches a worker, with its final backend state (one round trip).
+
+    Used for runs answered at send time; Celery's result readers see ``status`` and ``result``.
+    """
+    from celery_taskengine.redis_store import RedisStore
+
+    if not isinstance(store, RedisStore):
+        store.save_run(run)
+        return
+    backend = app.backend
+    meta = _meta(run.id, status, result, date_done=utcnow().isoformat())
+    pipe = store.client.pipeline(transaction=False)
+    document = _ENCODER.encode(run.to_document())
+    pipe.set(store.key_for("run", run.id), document, px=_px_int(store.run_expires))
+    pipe.set(backend.get_key_for_task(run.id), backend.encode(meta), px=_px_int(backend.expires))
+    pipe.execute()
+
+
+def _meta(
+    task_id: str, status: str, result: Any, *, date_done: str | None = None
+) -> dict[str, Any]:
+    # The shape Celery's backends store (backends/base.py _get_result_meta).
+    return {
+        "status": status,
+        "result": result,
+        "traceback": None,
+        "children": [],
+        "date_done": date_done,
+        "task_id": task_id,
+    }
+
+
+def px(seconds: float | None) -> str:
+    """Milliseconds for a Lua script's PX argument; ``"0"`` means no expiry."""
+    return str(_px_int(seconds) or 0)
+
+
+def _px_int(seconds: float | None) -> int | None:
+    """Milliseconds for redis-py's ``px=``; ``None`` means no expiry."""
+    if not seconds or seconds <= 0:
+        return None
+    return max(1, math.ceil(seconds * 1000))

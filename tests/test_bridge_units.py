@@ -1,0 +1,247 @@
+"""The bridge's pieces on their own: state events, backend task states, run documents, the
+Redis record channel, the per-process loop, and the producer's cache-key check.
+
+The bridge as a whole is tested with real workers in ``test_bridge_worker.py``,
+``test_bridge_threads.py`` and ``test_bridge_processes.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from celery import Celery
+from redis.connection import Connection
+
+from celery_taskengine import cache_policies as cp
+from celery_taskengine import stream
+from celery_taskengine.errors import ConfigurationError, TaskRunTimeoutError
+from celery_taskengine.events import event_fields, event_type
+from celery_taskengine.producer import _key_may_ignore_run_id
+from celery_taskengine.redis_oneway import _SKIP, RecordChannel, _pack
+from celery_taskengine.run_document import RunDocument
+from celery_taskengine.states import (
+    AwaitingRetry,
+    Cached,
+    Cancelled,
+    Completed,
+    Crashed,
+    Failed,
+    NotReady,
+    Pending,
+    Retrying,
+    Running,
+    State,
+    StateType,
+    TimedOut,
+    utcnow,
+)
+from celery_taskengine.task_meta import celery_status, write_task_meta
+from celery_taskengine.task_run import TaskRun
+from celery_taskengine.worker_loop import run_on_worker_loop
+
+# -- events -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("state", "expected"),
+    [
+        (Pending(), None),
+        (Running(), None),
+        (Completed(1), None),
+        (Failed(ValueError()), None),
+        (Cancelled(), None),
+        (AwaitingRetry(utcnow()), "task-awaiting-retry"),
+        (Retrying(), "task-retrying"),
+        (Cached(1), "task-cached"),
+        (TimedOut(TimeoutError()), "task-timed-out"),
+        (Crashed(KeyboardInterrupt()), "task-crashed"),
+        (NotReady(), "task-not-ready"),
+        (State(StateType.COMPLETED, "Skipped"), "task-skipped"),
+    ],
+    ids=lambda value: getattr(value, "name", str(value)),
+)
+def test_states_without_a_celery_twin_have_their_own_event(
+    state: State, expected: str | None
+) -> None:
+    assert event_type(state) == expected
+
+
+@pytest.mark.parametrize("name", ["Retry", "Retried", "Success", "Succeeded", "Revoked", "-"])
+def test_a_state_named_like_a_celery_event_is_never_announced(name: str) -> None:
+    assert event_type(State(StateType.COMPLETED, name)) is None
+
+
+def test_event_fields_carry_engine_fields_and_never_state_or_worker() -> None:
+    run = TaskRun(id="r", name="t", task_name="t", run_count=1)
+    awaiting = AwaitingRetry(utcnow() + timedelta(seconds=2))
+
+    fields = event_fields(run, awaiting)
+
+    assert fields["engine_state"] == "AwaitingRetry"
+    assert fields["run_count"] == 1
+    assert fields["retries"] == 0
+    assert fields["eta"] == awaiting.scheduled_time.isoformat()  # type: ignore[union-attr]
+    assert not {"state", "worker"} & set(fields)
+
+
+# -- backend task states ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("state", "status"),
+    [
+        (Pending(), None),
+        (Running(), "RUNNING"),
+        (Retrying(), "RETRYING"),
+        (AwaitingRetry(utcnow()), "AWAITING_RETRY"),
+        (NotReady(), "NOT_READY"),
+        (Crashed(), "CRASHED"),
+        (Completed(1), None),
+        (Cached(1), None),
+        (Failed(), None),
+        (TimedOut(), None),
+        (Cancelled(), None),
+    ],
+    ids=lambda value: getattr(value, "name", str(value)),
+)
+def test_the_backend_shows_engine_states_celery_does_not_write_itself(
+    state: State, status: str | None
+) -> None:
+    assert celery_status(state) == status
+
+
+def test_an_engine_state_never_overwrites_a_finished_tasks_result(redis_app: Celery) -> None:
+    redis_app.backend.store_result("done", 42, "SUCCESS")
+
+    assert not write_task_meta(redis_app, "done", "RUNNING", {})
+    assert redis_app.AsyncResult("done").get(timeout=1) == 42
+
+
+def test_awaiting_retry_replaces_only_the_retry_state_celery_stored(redis_app: Celery) -> None:
+    backend = redis_app.backend
+    backend.mark_as_retry("waiting", None)
+    backend.store_result("running", {}, "RUNNING")
+
+    assert write_task_meta(redis_app, "waiting", "AWAITING_RETRY", {}, expected="RETRY")
+    assert not write_task_meta(redis_app, "running", "AWAITING_RETRY", {}, expected="RETRY")
+    assert redis_app.AsyncResult("waiting").state == "AWAITING_RETRY"
+    assert redis_app.AsyncResult("running").state == "RUNNING"
+
+
+def test_a_timeout_survives_celerys_json_exception_round_trip(redis_app: Celery) -> None:
+    backend = redis_app.backend
+    stored = json.loads(json.dumps(backend.prepare_exception(TaskRunTimeoutError(0.5))))
+
+    rebuilt = backend.exception_to_python(stored)
+
+    assert isinstance(rebuilt, TaskRunTimeoutError)
+    assert rebuilt.timeout_seconds == 0.5
+    assert str(rebuilt) == "Scope timed out after 0.5 second(s)."
+
+
+# -- run documents ------------------------------------------------------------------------------
+
+
+def test_an_incremental_run_document_matches_the_run_records_own() -> None:
+    run = TaskRun(id="r", name='a "name"', task_name="t", parameters={"x": 1, "s": {1, 2}})
+    document = RunDocument(run)
+    states = [
+        Pending(),
+        Running(),
+        Failed(ValueError("boom"), message="Task run encountered an exception"),
+        AwaitingRetry(utcnow() + timedelta(seconds=1)),
+        Retrying(),
+        Completed({"total": [1, 2]}),
+    ]
+    for state in states:
+        run.state = state
+        run.state_history.append(state)
+        run.start_time = run.start_time or state.timestamp
+
+        assert json.loads(document.encode(run)) == run.to_document()
+
+
+# -- the record channel -------------------------------------------------------------------------
+
+
+def test_commands_are_packed_as_redis_py_packs_them() -> None:
+    commands = [_SKIP, ("SET", "k", "é", "PX", 5), ("SET", b"a\x00b", bytearray(b"z")), ("X",)]
+
+    assert _pack(commands) == b"".join(Connection().pack_commands(commands))
+
+
+def test_a_held_write_reaches_redis_with_the_threads_next_write(redis_client: Any) -> None:
+    channel = RecordChannel(redis_client)
+
+    channel.send(("SET", "first", "1"), hold=True)
+    channel.send(("SET", "second", "2"))
+    channel.send_blocking(("SET", "third", "3"))
+
+    assert redis_client.mget("first", "second", "third") == [b"1", b"2", b"3"]
+
+
+def test_a_piggybacked_write_rides_on_the_pools_next_command(redis_client: Any) -> None:
+    channel = RecordChannel(redis_client)
+    redis_client.ping()  # an idle connection in the pool, as Celery's backend has one
+
+    channel.send(("SET", "record", "saved"), piggyback=True)
+
+    assert redis_client.get("record") == b"saved"
+
+
+def test_a_blocking_write_reports_a_failed_command(redis_client: Any) -> None:
+    channel = RecordChannel(redis_client)
+    redis_client.set("text", "x")
+
+    with pytest.raises(Exception, match="WRONGTYPE"):
+        channel.send_blocking(("LPUSH", "text", "y"), ("SET", "after", "1"))
+    assert redis_client.get("after") == b"1"  # the connection stayed in step
+
+
+# -- the worker's event loop --------------------------------------------------------------------
+
+
+def test_coroutines_from_any_thread_run_on_one_loop_per_process() -> None:
+    async def loop_id() -> int:
+        return id(asyncio.get_running_loop())
+
+    seen: list[int] = [run_on_worker_loop(loop_id())]
+    thread = threading.Thread(target=lambda: seen.append(run_on_worker_loop(loop_id())))
+    thread.start()
+    thread.join()
+
+    assert len(seen) == 2
+    assert seen[0] == seen[1]
+
+
+# -- the producer -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("policy", "storage_key", "known_before_the_run"),
+    [
+        (cp.INPUTS, None, True),
+        (cp.INPUTS + cp.TASK_SOURCE, None, True),
+        (cp.DEFAULT, None, False),
+        (cp.RUN_ID, None, False),
+        (cp.INPUTS - "x", None, True),
+        (None, "report-{parameters[day]}", True),
+        (None, "report-{run_id}", False),
+    ],
+)
+def test_a_key_is_known_at_send_time_only_without_a_run_id_part(
+    policy: cp.CachePolicy | None, storage_key: str | None, known_before_the_run: bool
+) -> None:
+    assert _key_may_ignore_run_id(policy, storage_key) is known_before_the_run
+
+
+def test_stream_needs_a_redis_result_backend() -> None:
+    app = Celery("no-backend", set_as_current=False)
+
+    with pytest.raises(ConfigurationError, match="Redis result backend"):
+        next(stream(app.AsyncResult("some-id")))
