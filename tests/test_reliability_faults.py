@@ -27,7 +27,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -55,6 +54,9 @@ BODY_SECONDS = 0.01
 FAULT_POINTS = (0.2, 0.6)
 #: Bound on collecting every result after the faults (seconds, for the whole batch).
 COLLECT_TIMEOUT = 90.0
+#: Seconds without a run getting ready after which the rest are taken as never answering:
+#: longer than a worker restart plus the visibility timeout and its sweep (3 + 0.5 s).
+STALL_SECONDS = 15.0
 
 
 @dataclass
@@ -136,7 +138,7 @@ def outcome(
                     )
                     inject(fault, server)
                 with contextlib.suppress(AssertionError):  # what never ends is reported below
-                    supervise(worker, lambda: done(result_of) == RUNS, "every run to finish")
+                    supervise(worker, finished_or_stalled(result_of), "every run to finish")
                 collect(seen, result_of)
                 seen.seconds = time.monotonic() - started
                 seen.worker_exits = list(worker.exits)
@@ -160,6 +162,19 @@ def in_broker(app: Any, task_id: str) -> bool:
 
 def done(result_of: dict[int, Any]) -> int:
     return sum(result.ready() for result in result_of.values())
+
+
+def finished_or_stalled(result_of: dict[int, Any]) -> Any:
+    """A condition: every run is ready, or none got ready for ``STALL_SECONDS``."""
+    last = {"count": -1, "at": time.monotonic()}
+
+    def check() -> bool:
+        count, now = done(result_of), time.monotonic()
+        if count != last["count"]:
+            last.update(count=count, at=now)
+        return count == RUNS or now - last["at"] > STALL_SECONDS
+
+    return check
 
 
 def supervise(worker: WorkerProcess, condition: Any, what: str) -> None:

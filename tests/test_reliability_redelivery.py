@@ -116,7 +116,9 @@ def test_a_retry_countdown_longer_than_the_visibility_timeout_runs_each_attempt_
         value = result.get(timeout=REDELIVERY_TIMEOUT)
         # Redelivered copies of the countdown messages are run too; let them finish.
         wait_for(
-            lambda: len(deliveries(app).ended(result.id)) == len(deliveries(app).started(result.id)),
+            lambda: (
+                len(deliveries(app).ended(result.id)) == len(deliveries(app).started(result.id))
+            ),
             REDELIVERY_TIMEOUT,
             "every delivery to end",
         )

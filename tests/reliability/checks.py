@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,7 +71,7 @@ def check_committed_once(
             problems.append(f"{key}: record holds {run.state.data}, .get() gave {value}")
         if crashed < executions - 1:
             problems.append(f"{key}: {executions} executions, {crashed} Crashed: {names}")
-        for before, after in zip(names, names[1:], strict=False):
+        for before, after in itertools.pairwise(names):
             if before == "Crashed" and after != "Retrying":
                 problems.append(f"{key}: Crashed not followed by Retrying: {names}")
         if run.run_count != 1 + crashed:

@@ -262,10 +262,8 @@ class WorkerProcess:
             os.killpg(proc.pid, signal.SIGCONT)  # in case a test stopped it
         if proc.poll() is None:
             proc.terminate()
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                pass
         self.kill()
 
     def tail(self, lines: int = 40) -> str:

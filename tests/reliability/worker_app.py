@@ -37,6 +37,8 @@ GATE_TIMEOUT = 60.0
 DEFAULT_VISIBILITY_TIMEOUT = 3.0
 #: How long the soak tasks' results are cached (seconds): every cache record gets a TTL.
 SOAK_CACHE_EXPIRATION = 300.0
+#: Seconds results and run records live (Celery's ``result_expires``).
+RESULT_EXPIRES = 600
 #: Where the workers log each delivery they start (see _log_delivery).
 DELIVERIES = "rel:deliveries"
 
@@ -77,10 +79,10 @@ def make_app(
         broker_connection_retry_on_startup=True,
         result_backend_always_retry=True,
         result_backend_max_retries=20,
-        result_expires=600,
+        result_expires=RESULT_EXPIRES,
         worker_hijack_root_logger=True,
-        **conf,
     )
+    app.conf.update(conf)
     return app, _register_tasks(app)
 
 
@@ -97,7 +99,7 @@ def wait_for_gate(app: Celery, gate: str) -> None:
         time.sleep(0.01)
 
 
-def _register_tasks(app: Celery) -> SimpleNamespace:  # noqa: C901 - a catalogue of tasks
+def _register_tasks(app: Celery) -> SimpleNamespace:
     @app.task(name="rel.probe", shared=False)
     def probe() -> int:
         return os.getpid()
@@ -144,7 +146,8 @@ def _register_tasks(app: Celery) -> SimpleNamespace:  # noqa: C901 - a catalogue
             raise ConnectionError(f"execution {execution} fails")
         return execution
 
-    serializable = INPUTS.configure(isolation_level=IsolationLevel.SERIALIZABLE)
+    # The gate only tells a test's run when to go on: runs differing in it share the lock.
+    serializable = (INPUTS - "gate").configure(isolation_level=IsolationLevel.SERIALIZABLE)
 
     @task(
         app=app,
