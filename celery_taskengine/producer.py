@@ -19,7 +19,7 @@ import inspect
 import logging
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import states as celery_states
 from celery.result import AsyncResult, EagerResult
@@ -36,6 +36,9 @@ from celery_taskengine.run_core import RunCore, RunEnvironment
 from celery_taskengine.states import State, StateType
 from celery_taskengine.task_meta import save_run_with_meta
 from celery_taskengine.task_run import TaskRun
+
+if TYPE_CHECKING:
+    from celery_taskengine.task import Task
 
 __all__ = ["CachedResult", "apply_async"]
 
@@ -67,7 +70,7 @@ _dumps: Callable[..., tuple[str, str, str | bytes]] = serialization.dumps
 
 
 def apply_async(
-    task: Any, publish: Publish, args: Any, kwargs: Any, options: dict[str, Any]
+    task: Task, publish: Publish, args: Any, kwargs: Any, options: dict[str, Any]
 ) -> AsyncResult:
     """Celery's ``apply_async`` (``publish``), answered from the cache when it can be."""
     args = tuple(args or ())
@@ -84,7 +87,7 @@ def apply_async(
 
 
 def serialization_error(
-    task: Any, args: tuple[Any, ...], kwargs: dict[str, Any], options: dict[str, Any], exc: Any
+    task: Task, args: tuple[Any, ...], kwargs: dict[str, Any], options: dict[str, Any], exc: Any
 ) -> SerializationError:
     """A clear error for arguments the message serializer refused, naming the first culprit."""
     serializer = options.get("serializer") or task.serializer or task.app.conf.task_serializer
@@ -102,7 +105,7 @@ def serialization_error(
     )
 
 
-def _positional_names(task: Any, count: int) -> list[str]:
+def _positional_names(task: Task, count: int) -> list[str]:
     try:
         parameters = list(inspect.signature(task.run).parameters.values())
     except (TypeError, ValueError):
@@ -119,7 +122,7 @@ def _positional_names(task: Any, count: int) -> list[str]:
     return names
 
 
-def _may_answer_from_cache(task: Any, options: dict[str, Any]) -> bool:
+def _may_answer_from_cache(task: Task, options: dict[str, Any]) -> bool:
     engine = task.engine_options
     if options.get("retries") or any(options.get(name) for name in _CANVAS_OPTIONS):
         return False
@@ -144,7 +147,7 @@ def _key_may_ignore_run_id(policy: cp.CachePolicy | None, storage_key: str | Non
 
 
 def _answer_from_cache(
-    task: Any, args: tuple[Any, ...], kwargs: dict[str, Any], task_id: str
+    task: Task, args: tuple[Any, ...], kwargs: dict[str, Any], task_id: str
 ) -> CachedResult | None:
     try:
         parameters = bind_parameters(task.run, args, kwargs)
@@ -163,7 +166,7 @@ def _answer_from_cache(
     return CachedResult(task_id, record.value, task.name, task.app)
 
 
-def _cache_store(task: Any) -> ResultStore | None:
+def _cache_store(task: Task) -> ResultStore | None:
     """Where the task's records live, if producers share it with workers."""
     policy = task.engine_options.cache_policy
     if policy is not None and policy.key_storage is not None:
@@ -172,7 +175,7 @@ def _cache_store(task: Any) -> ResultStore | None:
     return None if isinstance(store, MemoryStore) else store
 
 
-def _cache_key(task: Any, parameters: dict[str, Any], task_id: str) -> str | None:
+def _cache_key(task: Task, parameters: dict[str, Any], task_id: str) -> str | None:
     """The run's transaction key, if it is the same whatever the run id turns out to be."""
     engine = task.engine_options
 
@@ -194,7 +197,7 @@ def _cache_key(task: Any, parameters: dict[str, Any], task_id: str) -> str | Non
     return None if probe and key_for(f"{task_id}-probe") != key else key
 
 
-def _cached_run(task: Any, parameters: dict[str, Any], task_id: str, value: Any) -> TaskRun:
+def _cached_run(task: Task, parameters: dict[str, Any], task_id: str, value: Any) -> TaskRun:
     """The run record of a send-time cache hit: Pending, Cached; ``on_completion`` hooks run."""
     from celery_taskengine.task_engine import new_task_run
 

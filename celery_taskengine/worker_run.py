@@ -17,7 +17,7 @@ import logging
 import threading
 import weakref
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery.app.task import get_actual_ignore_result
 from celery.exceptions import Ignore, Retry
@@ -43,6 +43,9 @@ from celery_taskengine.task_run import TaskRun
 from celery_taskengine.worker_loop import run_on_worker_loop
 from celery_taskengine.worker_record import Delivery, DeliveryRecorder
 
+if TYPE_CHECKING:
+    from celery_taskengine.task import Task
+
 __all__ = ["after_celery_retry", "run_delivery"]
 
 logger = logging.getLogger(__name__)
@@ -51,7 +54,7 @@ logger = logging.getLogger(__name__)
 _awaiting_info: dict[str, dict[str, Any]] = {}
 
 
-def run_delivery(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def run_delivery(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Run the engine for the delivery Celery is executing, and give Celery its outcome."""
     store = store_for_app(task.app)
     delivery = _delivery(task, task.request, store)
@@ -72,7 +75,7 @@ def run_delivery(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> An
     return _outcome(task, delivery, run, items)
 
 
-def after_celery_retry(task: Any, task_id: str) -> None:
+def after_celery_retry(task: Task, task_id: str) -> None:
     """Show AWAITING_RETRY in the backend, over the RETRY Celery just stored for our retry."""
     info = _awaiting_info.pop(task_id, None)
     if info is None or not isinstance(store_for_app(task.app), RedisStore):
@@ -83,7 +86,7 @@ def after_celery_retry(task: Any, task_id: str) -> None:
         logger.warning("%s: could not store the AWAITING_RETRY state", task_id, exc_info=True)
 
 
-def _delivery(task: Any, request: Any, store: ResultStore) -> Delivery:
+def _delivery(task: Task, request: Any, store: ResultStore) -> Delivery:
     delivery_info = request.delivery_info or {}
     return Delivery(
         task_id=str(request.id),
@@ -105,7 +108,7 @@ def _workflow_id(request: Any) -> str:
     return str(request.group or request.id)
 
 
-def _may_piggyback(task: Any, request: Any, store: ResultStore) -> bool:
+def _may_piggyback(task: Task, request: Any, store: ResultStore) -> bool:
     """Whether records may ride on Celery's next backend command (see redis_oneway).
 
     Only where that command surely follows on this thread's connection: a single-threaded
@@ -125,11 +128,11 @@ def _may_piggyback(task: Any, request: Any, store: ResultStore) -> bool:
 
 
 #: Whether a task's backend is the one its records go to (a fork keeps both the same).
-_same_backend: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+_same_backend: weakref.WeakKeyDictionary[Task, bool] = weakref.WeakKeyDictionary()
 
 
 def _execute(
-    task: Any,
+    task: Task,
     delivery: Delivery,
     store: ResultStore,
     run: TaskRun,
@@ -157,7 +160,7 @@ def _execute(
 
 
 def _environment(
-    task: Any, delivery: Delivery, store: ResultStore, *, on_attempt: Any
+    task: Task, delivery: Delivery, store: ResultStore, *, on_attempt: Any
 ) -> RunEnvironment:
     common: dict[str, Any] = {
         "key_run_id": delivery.workflow_id,
@@ -176,7 +179,7 @@ def _environment(
     )
 
 
-def _announcer(task: Any, delivery: Delivery, on_attempt: Any) -> Any:
+def _announcer(task: Task, delivery: Delivery, on_attempt: Any) -> Any:
     """The ``record`` of a run kept in memory: nothing to save, only events to send."""
 
     def record(run: TaskRun, state: State) -> None:
@@ -224,7 +227,7 @@ def _ended_in_failure(run: TaskRun) -> bool:
     return run.state is not None and run.state.is_final() and not run.state.is_completed()
 
 
-def _outcome(task: Any, delivery: Delivery, run: TaskRun, items: list[Any]) -> Any:
+def _outcome(task: Task, delivery: Delivery, run: TaskRun, items: list[Any]) -> Any:
     """The run's state as Celery understands it: a value, an exception, a retry, or Ignore."""
     state = run.state
     assert state is not None, "the engine always enters a state"
@@ -238,7 +241,7 @@ def _outcome(task: Any, delivery: Delivery, run: TaskRun, items: list[Any]) -> A
     return state.result()  # raises the stored exception (or why there is none)
 
 
-def _retry_later(task: Any, delivery: Delivery, run: TaskRun, state: State) -> None:
+def _retry_later(task: Task, delivery: Delivery, run: TaskRun, state: State) -> None:
     """Send the run back to the broker until its scheduled time: the worker slot is freed."""
     scheduled = state.scheduled_time
     countdown = max(0.0, (scheduled - utcnow()).total_seconds()) if scheduled else 0.0
@@ -252,7 +255,7 @@ def _retry_later(task: Any, delivery: Delivery, run: TaskRun, state: State) -> N
         raise
 
 
-def _report_cancelled(task: Any, delivery: Delivery, state: State) -> None:
+def _report_cancelled(task: Task, delivery: Delivery, state: State) -> None:
     """The engine saw a revoke between attempts: store REVOKED and announce it, as Celery does."""
     logger.info("%s: %s", delivery.task_id, state.message)
     task.backend.mark_as_revoked(delivery.task_id, "revoked", request=task.request)

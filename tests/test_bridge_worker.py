@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from celery import chain, chord, group
+from celery.events.state import State as MonitorState
 from celery.result import AsyncResult
 from celery.utils.nodenames import anon_nodename
 
@@ -170,6 +171,20 @@ def test_engine_retries_are_announced_as_task_events_with_engine_fields(worker: 
     ours = [e for e in events.of(result.id) if "engine_state" in e]
     assert all("state" not in e and "worker" not in e for e in ours)
     assert not {"task-retry", "task-success"} & set(events.types_of(result.id))
+
+
+def test_a_monitor_shows_a_task_awaiting_its_retry(worker: Worker) -> None:
+    with EventRecorder(worker.app) as events:
+        result = worker.tasks.flaky.delay(worker.key("counter"), 1)
+        assert result.get(timeout=15) == "finally"
+        wait_for(lambda: "task-retrying" in events.types_of(result.id), what="task-retrying")
+
+    monitor = MonitorState()  # what Flower and `celery events` build from events
+    for event in events.of(result.id):
+        monitor.event(dict(event))
+        if event["type"] == "task-awaiting-retry":
+            break
+    assert monitor.tasks[result.id].state == "AWAITING-RETRY"
 
 
 # -- async and generator tasks --------------------------------------------------------------
