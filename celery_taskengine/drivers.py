@@ -159,6 +159,8 @@ async def _do_async(step: Step) -> Any:
         with step.scope():
             if step.is_async:
                 call = step.fn(*step.args, **step.kwargs)
+                if step.timeout is None:  # no cancel scope to enter: the common case
+                    return await call
                 return await timeouts.await_with_timeout(call, step.timeout)
             return timeouts.call_with_timeout(step.fn, step.args, step.kwargs, step.timeout)
     if isinstance(step, Advance):
