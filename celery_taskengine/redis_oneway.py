@@ -114,7 +114,8 @@ class RecordChannel:
         return bool(self._supported)
 
     def _own_connection(self) -> Any:
-        """This thread's connection: made on first use and after a fork, remade if dropped."""
+        """This thread's connection: made on first use and after a fork, remade if dropped;
+        ``None`` when writes must go through the pool, blocking."""
         local = self._local
         connection = getattr(local, "connection", None)
         if connection is not None and getattr(local, "pid", None) == os.getpid():
@@ -125,7 +126,12 @@ class RecordChannel:
             local.used = now
             return connection
         pool = self.client.connection_pool
-        connection = pool.connection_class(**pool.connection_kwargs)
+        try:
+            connection = pool.connection_class(**pool.connection_kwargs)
+        except TypeError:  # a pool whose connections need more (Sentinel): stay with the pool
+            logger.warning("run records are written blocking: cannot open a connection of our own")
+            self._supported = False
+            return None
         connection.connect()
         if self._supported is None:
             self._supported = _replies_can_be_skipped(connection)

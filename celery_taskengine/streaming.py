@@ -5,7 +5,8 @@ The worker appends each item to a Redis stream next to the run record
 with the results), and an end marker once the run is final. :func:`stream` reads that stream
 with blocking ``XREAD`` and yields each item; at the end it asks Celery for the result, so a
 failed task raises exactly what ``.get()`` raises. A run retried with a delay keeps one stream:
-items of every attempt arrive in order, as a local generator run would yield them.
+items of every attempt arrive in order, as a local generator run would yield them, while
+``.get()`` gives the items of the attempt that succeeded.
 """
 
 from __future__ import annotations

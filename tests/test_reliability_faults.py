@@ -11,7 +11,9 @@ lose their connections.
 What must hold (SPEC §7, the issue): every ``.get()`` returns the run's value or raises a clear
 error (none hangs: a bounded wait tells a lost run apart), a failed state write is retried or
 surfaces as such an error (named in the worker's log), and afterwards every run record exists,
-is final, has a legal history and agrees with what the caller was told.
+is final, has a legal history and agrees with what the caller was told. The last does not
+hold today: how many runs it misses in a batch varies (the summary line counts them), so the
+bug is proven by a focused test that misses it every time (strict xfail, see its reason).
 
 One loss is not the engine's: kombu's Redis transport takes a message with BRPOP and only then
 records it as unacknowledged, so a connection killed in between loses a message no worker
@@ -27,6 +29,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -36,7 +39,6 @@ from celery.exceptions import TimeoutError as CeleryTimeoutError
 from tests.reliability.harness import (
     RedisServer,
     WorkerProcess,
-    history_problems,
     load_run,
     redis_server,
     wait_for,
@@ -89,6 +91,12 @@ class Outcome:
             and f"[{self.task_ids[i]}] received" not in self.worker_log
         ]
 
+    def _unfinished(self) -> list[bool]:
+        return [
+            run is not None and (run.state is None or not run.state.is_final())
+            for run in self.records.values()
+        ]
+
     def summary(self) -> str:
         return (
             f"fault={self.fault} x{len(FAULT_POINTS)} runs={len(self.task_ids)} "
@@ -96,6 +104,7 @@ class Outcome:
             f"lost_after_reaching_a_worker={len(self.lost) - len(self.lost_in_transport())} "
             f"lost_by_the_redis_transport={len(self.lost_in_transport())} "
             f"no_record={sum(r is None for r in self.records.values())} "
+            f"unfinished_record={sum(self._unfinished())} "
             f"worker_exits={self.worker_exits} "
             f"seconds={self.seconds:.1f}"
         )
@@ -116,7 +125,7 @@ def inject(fault: str, server: RedisServer) -> None:
 def outcome(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Outcome]:
-    """Run the batch once per fault kind; the tests below check different things of it."""
+    """Run the batch once per fault kind (module-scoped: it takes seconds)."""
     fault: str = request.param
     workdir = tmp_path_factory.mktemp(f"faults-{fault}")
     with redis_server(workdir) as server:
@@ -236,31 +245,39 @@ def test_every_run_returns_its_value_or_raises_a_clear_error_logged_by_the_worke
 @pytest.mark.xfail(
     strict=True,
     reason=(
-        "bridge: run-record writes that meet a connection Redis dropped are lost: "
-        "redis_oneway.RecordChannel sends them on the pool's idle connection without a reply "
-        "(lost without an error when the socket is dead but not yet reset, so a run returns "
-        "its value and has no record) or raises StoreUnavailableError on the first broken "
-        "pipe without retrying on a new connection, which worker_run.run_delivery lets fail "
-        "the Celery task (no record, or Completed while the caller got the error)"
+        "bridge: redis_oneway.RecordChannel queues run-record writes (MSG_MORE, replies "
+        "skipped) on the pool's idle connection; when Redis has dropped it, Celery's next "
+        "command fails on it, redis-py retries on a new connection and the queued records are "
+        "lost without an error: the run returns its value and has no record (when the socket "
+        "is already reset, the write raises StoreUnavailableError instead, not retried, and "
+        "worker_run.run_delivery lets it fail the task)"
     ),
 )
-def test_after_the_faults_every_run_has_a_final_record_that_agrees_with_its_caller(
-    outcome: Outcome,
+@pytest.mark.parametrize("fault", ["restart", "client-kill"])
+def test_a_run_right_after_redis_dropped_the_workers_connections_ends_with_its_record(
+    fault: str, tmp_path: Path
 ) -> None:
-    problems = []
-    for i, task_id in enumerate(outcome.task_ids):
-        run = outcome.records[i]
-        problems += history_problems(run, task_id)
-        if run is None or run.state is None:
-            continue
-        if i in outcome.values and (
-            run.state.name != "Completed" or run.state.data != outcome.values[i]
-        ):
-            problems.append(f"{task_id}: .get() gave {outcome.values[i]}, {run.history_names()}")
-        if i in outcome.errors and run.state.is_completed():
-            problems.append(f"{task_id}: caller got {outcome.errors[i]!r}, record Completed")
-    with_value = sum(1 for i in outcome.values if outcome.records[i] is None)
-    assert not problems, (
-        f"{len(problems)} problems ({with_value} runs returned a value but have no record):\n"
-        + "\n".join(problems[:20])
-    )
+    with redis_server(tmp_path) as server:
+        app, tasks = make_app(f"{server.url}/1", queue=f"rel-{uuid.uuid4().hex[:8]}")
+        worker = WorkerProcess(app, tmp_path, concurrency=1)
+        try:
+            with workers(worker):
+                # Given: the pool process has used its backend connection, now idle.
+                assert tasks.tiny.delay(1).get(timeout=30) == 2
+                # When: Redis drops every connection, then the next run comes.
+                inject(fault, server)
+                result = tasks.tiny.delay(2)
+                supervise(worker, result.ready, "the run after the fault to finish")
+                outcome: Any
+                try:
+                    outcome = result.get(timeout=10)
+                except Exception as exc:  # the run's own exception, whatever it is
+                    outcome = exc
+                run = load_run(app, result.id)
+        finally:
+            app.close()
+
+    # Then: the run completed, and its record says so.
+    history = run.history_names() if run is not None else None
+    assert history == ["Pending", "Running", "Completed"], f".get() gave {outcome!r}"
+    assert outcome == 4
