@@ -18,13 +18,14 @@ from __future__ import annotations
 import inspect
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from celery import states as celery_states
 from celery.result import AsyncResult, EagerResult
 from kombu import serialization
 from kombu.exceptions import EncodeError
+from kombu.serialization import prepare_accept_content, registry
 
 from celery_taskengine import cache_policies as cp
 from celery_taskengine.drivers import drive_sync
@@ -73,8 +74,9 @@ def apply_async(
     task: Task, publish: Publish, args: Any, kwargs: Any, options: dict[str, Any]
 ) -> AsyncResult:
     """Celery's ``apply_async`` (``publish``), answered from the cache when it can be."""
-    args = tuple(args or ())
-    kwargs = dict(kwargs or {})
+    args, kwargs = _shaped(task, args, kwargs)
+    if "serializer" in options:
+        _check_accepted(task, options["serializer"])
     if _may_answer_from_cache(task, options):
         options["task_id"] = options.get("task_id") or str(uuid.uuid4())
         hit = _answer_from_cache(task, args, kwargs, str(options["task_id"]))
@@ -84,6 +86,37 @@ def apply_async(
         return publish(args, kwargs, **options)
     except EncodeError as exc:
         raise serialization_error(task, args, kwargs, options, exc) from exc
+
+
+def _shaped(task: Task, args: Any, kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``args`` as a tuple and ``kwargs`` as a dict, or a ``TypeError`` saying which is wrong."""
+    if args is None:
+        args = ()
+    elif isinstance(args, str | bytes | Mapping) or not isinstance(args, Iterable):
+        raise TypeError(
+            f"'args' of task {task.name!r} must be a list or tuple of positional arguments, "
+            f"got {type(args).__qualname__!r}"
+        )
+    if kwargs is None:
+        kwargs = {}
+    elif not isinstance(kwargs, Mapping):
+        raise TypeError(
+            f"'kwargs' of task {task.name!r} must be a mapping of keyword arguments, "
+            f"got {type(kwargs).__qualname__!r}"
+        )
+    return tuple(args), dict(kwargs)
+
+
+def _check_accepted(task: Task, serializer: str) -> None:
+    """Refuse a message serializer the app's workers would reject: its result would never come."""
+    accepted = prepare_accept_content(task.app.conf.accept_content)
+    content_type = registry.name_to_type.get(serializer, serializer)
+    if content_type not in accepted:
+        raise SerializationError(
+            f"task {task.name!r} cannot be sent with serializer {serializer!r}: the app's "
+            f"accept_content ({sorted(task.app.conf.accept_content)}) does not accept it, so "
+            f"its workers would refuse the message; add {serializer!r} to accept_content"
+        )
 
 
 def serialization_error(

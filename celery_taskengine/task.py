@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import types
 from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any, ClassVar, Literal, TypeVar, overload
@@ -185,6 +186,20 @@ def task(
     return decorate
 
 
+def _header(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Celery's argument checker for ``fn``. Celery builds it by ``exec`` of a ``def`` with the
+    function's name, which a lambda's ``<lambda>`` is not: its code gets a usable name."""
+    name = getattr(fn, "__name__", "")
+    if isinstance(fn, types.FunctionType) and not name.isidentifier():
+        renamed = types.FunctionType(
+            fn.__code__, fn.__globals__, "anonymous", fn.__defaults__, fn.__closure__
+        )
+        renamed.__kwdefaults__ = fn.__kwdefaults__
+        fn = renamed
+    header: Callable[..., Any] = head_from_fun(fn, bound=False)
+    return header
+
+
 def build_task(
     app: Celery,
     fn: Callable[..., Any],
@@ -208,7 +223,7 @@ def build_task(
         "__module__": getattr(fn, "__module__", __name__),
         "__qualname__": getattr(fn, "__qualname__", name),
         "__wrapped__": fn,
-        "__header__": staticmethod(head_from_fun(fn, bound=False)),
+        "__header__": staticmethod(_header(fn)),
         "engine_options": options,
         "fn_kind": fn_kind(fn),
         "celery_options": dict(celery_options),

@@ -73,7 +73,7 @@ def _call_with_alarm(
     fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any], timeout: float
 ) -> Any:
     def on_alarm(signum: int, frame: object) -> None:
-        raise TaskRunTimeoutError(timeout)
+        raise _DeadlinePassed
 
     previous = signal.signal(signal.SIGALRM, on_alarm)
     try:
@@ -83,8 +83,16 @@ def _call_with_alarm(
         finally:
             # An alarm landing right here still raises, but the handler below is restored.
             signal.setitimer(signal.ITIMER_REAL, 0)
+    except _DeadlinePassed:
+        raise TaskRunTimeoutError(timeout) from None
     finally:
         signal.signal(signal.SIGALRM, previous)
+
+
+class _DeadlinePassed(BaseException):
+    """Raised by SIGALRM wherever the attempt is. Not a ``TimeoutError`` (a socket timeout to
+    client libraries, which would convert or retry it) nor an ``Exception`` (which the
+    function's own handlers would swallow); converted once it has left the function."""
 
 
 def _call_in_helper_thread(
@@ -115,8 +123,9 @@ def _call_in_helper_thread(
     return outcome.get("value")
 
 
-class _AttemptAbandoned(Exception):
-    """Raised asynchronously inside a helper thread whose caller already timed out."""
+class _AttemptAbandoned(BaseException):
+    """Raised asynchronously inside a helper thread whose caller already timed out (a
+    ``BaseException`` for the reasons given at :class:`_DeadlinePassed`)."""
 
 
 def _interrupt(helper: threading.Thread, timeout: float) -> None:

@@ -196,11 +196,6 @@ def test_a_bad_decoration_raises_naming_the_option_and_registers_nothing(
         app.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bridge: task.build_task calls Celery's head_from_fun, which exec()s "
-    "'def <lambda>(...)' and raises SyntaxError: a lambda cannot be decorated",
-)
 def test_a_lambda_can_be_decorated_and_run() -> None:
     app = Celery("bad-options", set_as_current=False)
     try:
@@ -266,11 +261,6 @@ def test_bad_arguments_fail_at_delay_naming_the_problem_and_publish_nothing(
     assert engine_keys(redis_client, "run") == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bridge: producer.apply_async does tuple(args)/dict(kwargs), which says \"'int' "
-    'object is not iterable" without naming args or kwargs',
-)
 @pytest.mark.parametrize(
     ("call", "named"),
     [

@@ -35,14 +35,6 @@ def rel(redis_url: str) -> Iterator[tuple[Any, Any]]:
         app.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "engine: timeouts._call_with_alarm raises TaskRunTimeoutError (a socket.timeout) from "
-        "SIGALRM; inside a redis-py socket read it becomes redis' own TimeoutError (run Failed, "
-        "not TimedOut) or is retried away (run Completed past its deadline)"
-    ),
-)
 def test_a_deadline_that_falls_inside_a_redis_call_still_times_the_attempt_out(
     rel: tuple[Any, Any], tmp_path: Path
 ) -> None:

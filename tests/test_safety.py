@@ -178,11 +178,6 @@ def test_pickle_works_when_the_app_accepts_it(
     assert base64.b64decode(record["payload"]).startswith(PICKLE_MAGIC)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bridge: apply_async publishes a pickle message the app's workers will refuse "
-    "(accept_content is JSON only), so .get() would wait for a result that never comes",
-)
 def test_sending_with_the_pickle_serializer_to_an_app_that_refuses_it_fails_at_send(
     default_app: Celery, redis_client: Any
 ) -> None:
