@@ -109,7 +109,7 @@ def _shaped(task: Task, args: Any, kwargs: Any) -> tuple[tuple[Any, ...], dict[s
 
 def _check_accepted(task: Task, serializer: str) -> None:
     """Refuse a message serializer the app's workers would reject: its result would never come."""
-    accepted = prepare_accept_content(task.app.conf.accept_content)
+    accepted = prepare_accept_content(task.app.conf.accept_content)  # type: ignore[no-untyped-call]
     content_type = registry.name_to_type.get(serializer, serializer)
     if content_type not in accepted:
         raise SerializationError(
