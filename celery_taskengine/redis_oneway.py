@@ -22,18 +22,25 @@ reaches Redis before Celery stores the task's result (Celery reads the result ke
 same connection or after ours was sent): when ``AsyncResult.get()`` returns, the record is
 there. Servers that ignore ``CLIENT REPLY`` (some proxies) are detected once per process, and
 then every write blocks.
+
+Nothing is lost silently when Redis drops connections (restart, ``CLIENT KILL``, idle timeout):
+a connection the server closed is found (one ``select``) and remade before a send; a send that
+fails is made again once on a fresh connection; and writes queued for Celery's next command are
+kept until a reply on that connection proves Redis read them. If the connection breaks first,
+they become *orphans*, sent again (in order, superseded by any newer write of the same record)
+before this channel's next write and when the delivery ends (:meth:`RecordChannel.resend_orphans`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import select
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
@@ -45,68 +52,176 @@ __all__ = ["RecordChannel"]
 logger = logging.getLogger(__name__)
 
 Command = Sequence[Any]
-#: After this many idle seconds an own connection is checked before use: a server that closed
-#: it (its ``timeout`` setting) would otherwise swallow the next send. Checking is a syscall.
-IDLE_CHECK_SECONDS = 5.0
 _SKIP = ("CLIENT", "REPLY", "SKIP")
 _PROBE = b"celery-taskengine-probe"
 _MSG_MORE: int = getattr(socket, "MSG_MORE", 0)
+_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 _SKIP_PACKED = b"*3\r\n$6\r\nCLIENT\r\n$5\r\nREPLY\r\n$4\r\nSKIP\r\n"
+_PING_PACKED = b"*1\r\n$4\r\nPING\r\n"
 
 
 class RecordChannel:
     """Writes to ``client``'s server: on its pool's next connection, or a per-thread one."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, *, patience: float = 0.0) -> None:
         self.client = client
+        #: Seconds a write is retried while Redis does not answer (as Celery retries its own).
+        self.patience = patience
         self._local = threading.local()
         self._supported: bool | None = None
+        #: Record key -> writes whose connection broke before Redis was seen to read them.
+        self._orphans: dict[str, bytes] = {}
+        self._orphans_lock = threading.Lock()
 
-    def send(self, *commands: Command, piggyback: bool = False, hold: bool = False) -> None:
-        """Send ``commands`` in order, replies skipped; :class:`StoreUnavailableError` if
-        Redis is down. ``piggyback``: queue them for the pool's next command (see above);
-        ``hold``: on an own connection, let the kernel wait for this thread's next send."""
-        with self._available():
-            if not self._skips_replies():
-                self._pipeline(commands)
-                return
-            data = _pack([part for command in commands for part in (_SKIP, command)])
-            if piggyback and _MSG_MORE:
-                self._send_on_next(data)
-            else:
-                _send(self._own_connection(), data, _MSG_MORE if hold else 0)
+    @property
+    def has_orphans(self) -> bool:
+        return bool(self._orphans)
 
-    def send_blocking(self, *commands: Command, piggyback: bool = False) -> None:
-        """Send ``commands`` and wait until Redis has run them, after all this thread sent
-        before on the same channel. Raises ``redis.ResponseError`` if one failed."""
-        with self._available():
-            if piggyback or not self._skips_replies():
-                self._pipeline(commands)  # the pool's next connection: the one queued on
-                return
+    def send(
+        self, *commands: Command, key: str = "", piggyback: bool = False, hold: bool = False
+    ) -> None:
+        """Send ``commands`` (writes of record ``key``) in order, replies skipped.
+        ``piggyback``: queue them for the pool's next command (see above); ``hold``: on an own
+        connection, let the kernel wait for this thread's next send. While Redis does not
+        answer they are retried for ``patience`` seconds, then :class:`StoreUnavailableError`."""
+        if self._orphans:
+            self._orphans.pop(key, None)  # superseded: this write holds the whole record
+            self.resend_orphans()
+        try:
+            self._send_now(commands, key, piggyback=piggyback, hold=hold)
+        except _DOWN:
+            self._patiently(lambda: self._send_now(commands, key))
+
+    def send_blocking(self, *commands: Command, key: str = "", piggyback: bool = False) -> None:
+        """Send ``commands`` (writes of record ``key``) and wait until Redis has run them,
+        after all this thread sent before on the same channel; retried as :meth:`send` is.
+        Raises ``redis.ResponseError`` if one failed."""
+        if self._orphans:
+            self._orphans.pop(key, None)
+            self.resend_orphans()
+        try:
+            self._send_and_wait(commands, piggyback=piggyback)
+        except _DOWN:
+            self._patiently(lambda: self._send_and_wait(commands))
+
+    def resend_orphans(self, patience: float = 0.0) -> None:
+        """Send the orphans again and wait until Redis has read them, retrying for up to
+        ``patience`` seconds; what still fails is logged and kept for the next chance."""
+        with self._orphans_lock:
+            pending, self._orphans = self._orphans, {}
+        if not pending:
+            return
+
+        def resend() -> None:
             connection = self._own_connection()
-            _send(connection, _pack(commands), 0)
-            errors = []
-            for _ in commands:  # read every reply, so the connection stays in step
-                try:
-                    connection.read_response()
-                except redis.exceptions.ResponseError as exc:
-                    errors.append(exc)
-            if errors:
-                raise errors[0]
+            _send(connection, b"".join(pending.values()) + _PING_PACKED, 0)
+            connection.read_response()  # PING: everything before it was read
 
-    def _send_on_next(self, data: bytes) -> None:
+        try:
+            self._patiently(resend, patience)
+        except StoreUnavailableError as exc:
+            with self._orphans_lock:
+                self._orphans = {**pending, **self._orphans}
+            logger.warning("%d run records not written yet: %s", len(pending), exc)
+
+    def _send_now(
+        self, commands: Sequence[Command], key: str, *, piggyback: bool = False, hold: bool = False
+    ) -> None:
+        if not self._skips_replies():
+            self._pipeline(commands)
+            return
+        data = _pack([part for command in commands for part in (_SKIP, command)])
+        if piggyback and _MSG_MORE:
+            self._send_on_next(data, key)
+            return
+        _send(self._own_connection(), data, _MSG_MORE if hold else 0)
+        if self._orphans:  # queued writes of this record lost on the way: superseded
+            with self._orphans_lock:
+                self._orphans.pop(key, None)
+
+    def _send_and_wait(self, commands: Sequence[Command], *, piggyback: bool = False) -> None:
+        if piggyback or not self._skips_replies():
+            self._pipeline(commands)  # the pool's next connection: the one queued on
+            return
+        connection = self._own_connection()
+        _send(connection, _pack(commands), 0)
+        errors = []
+        for _ in commands:  # read every reply, so the connection stays in step
+            try:
+                connection.read_response()
+            except redis.exceptions.ResponseError as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    def _patiently(self, action: Callable[[], None], patience: float | None = None) -> None:
+        """Run ``action`` until Redis takes it, on fresh connections, backing off; after
+        ``patience`` seconds (the channel's by default) :class:`StoreUnavailableError`."""
+        deadline = time.monotonic() + (self.patience if patience is None else patience)
+        delay = 0.05
+        while True:
+            self._local.connection = None
+            try:
+                action()
+                return
+            except _DOWN as exc:
+                if time.monotonic() + delay > deadline:
+                    raise StoreUnavailableError(
+                        f"cannot write run records to Redis: {exc}"
+                    ) from exc
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    def _send_on_next(self, data: bytes, key: str) -> None:
         """Queue ``data`` on the idle connection the pool hands out next (LIFO)."""
         pool = self.client.connection_pool
         idle = getattr(pool, "_available_connections", None)
         if idle and getattr(pool, "pid", None) == os.getpid():
             # Single-threaded caller (see piggyback): nobody takes it meanwhile, no checkout.
-            _send(idle[-1], data, _MSG_MORE)
+            self._queue(idle[-1], data, key)
             return
         connection = pool.get_connection()
         try:
-            _send(connection, data, _MSG_MORE)
+            self._queue(connection, data, key)
         finally:
             pool.release(connection)
+
+    def _queue(self, connection: Any, data: bytes, key: str) -> None:
+        """Queue ``data`` on an idle pool ``connection``, kept until a reply on it proves Redis
+        read it: Celery's command, not ours, is the one that reads from it."""
+        pending: dict[str, bytes] | None = connection.__dict__.get("_cte_pending")
+        if pending is None:
+            pending = self._watch(connection)
+        if _dropped(connection):
+            connection.disconnect()  # orphans what it held; reconnected by the send below
+            with self._orphans_lock:
+                self._orphans.pop(key, None)  # superseded by ``data``
+        pending[key] = pending.get(key, b"") + data
+        _send(connection, data, _MSG_MORE)
+
+    def _watch(self, connection: Any) -> dict[str, bytes]:
+        """Hook ``connection``: a reply clears what is pending on it, a disconnect orphans it."""
+        pending: dict[str, bytes] = {}
+        read_response, disconnect = connection.read_response, connection.disconnect
+
+        def read_and_confirm(*args: Any, **kwargs: Any) -> Any:
+            response = read_response(*args, **kwargs)
+            if pending:  # an idle connection's first reply: what was queued before was read
+                pending.clear()
+            return response
+
+        def disconnect_and_orphan(*args: Any, **kwargs: Any) -> Any:
+            if pending:
+                with self._orphans_lock:
+                    for key, data in pending.items():
+                        self._orphans[key] = self._orphans.get(key, b"") + data
+                pending.clear()
+            return disconnect(*args, **kwargs)
+
+        connection._cte_pending = pending
+        connection.read_response = read_and_confirm
+        connection.disconnect = disconnect_and_orphan
+        return pending
 
     def _skips_replies(self) -> bool:
         if self._supported is None:
@@ -119,11 +234,9 @@ class RecordChannel:
         local = self._local
         connection = getattr(local, "connection", None)
         if connection is not None and getattr(local, "pid", None) == os.getpid():
-            now = time.monotonic()
-            if now - local.used > IDLE_CHECK_SECONDS and _closed_by_server(connection):
+            if _dropped(connection):  # a send on it would be lost without an error
                 connection.disconnect()
                 connection.connect()
-            local.used = now
             return connection
         pool = self.client.connection_pool
         try:
@@ -135,22 +248,20 @@ class RecordChannel:
         connection.connect()
         if self._supported is None:
             self._supported = _replies_can_be_skipped(connection)
-        local.connection, local.pid, local.used = connection, os.getpid(), time.monotonic()
+        local.connection, local.pid = connection, os.getpid()
         return connection
+
+    def _drop_own_connection(self) -> None:
+        connection = getattr(self._local, "connection", None)
+        self._local.connection = None
+        if connection is not None and getattr(self._local, "pid", None) == os.getpid():
+            connection.disconnect()
 
     def _pipeline(self, commands: Sequence[Command]) -> None:
         pipe = self.client.pipeline(transaction=False)
         for command in commands:
             pipe.execute_command(*command)  # type: ignore[no-untyped-call]
         pipe.execute()
-
-    @contextmanager
-    def _available(self) -> Iterator[None]:
-        try:
-            yield
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
-            self._local.connection = None
-            raise StoreUnavailableError(f"cannot write run records to Redis: {exc}") from exc
 
 
 def _send(connection: Any, data: bytes, flags: int) -> None:
@@ -186,11 +297,15 @@ def _pack(commands: Sequence[Command]) -> bytes:
     return b"".join(parts)
 
 
-def _closed_by_server(connection: Any) -> bool:
-    """Whether the server hung up (idle timeout, restart): a send would then be lost."""
+def _dropped(connection: Any) -> bool:
+    """Whether the server hung up (restart, ``CLIENT KILL``, idle timeout): an idle connection
+    has nothing to read unless it was closed. One ``select``: about a microsecond."""
+    sock = getattr(connection, "_sock", None)
+    if sock is None:
+        return False  # not connected: the next use connects
     try:
-        return bool(connection.can_read())  # a live connection we never read has nothing to read
-    except (redis.exceptions.ConnectionError, OSError):
+        return bool(select.select([sock], [], [], 0)[0])
+    except (OSError, ValueError):
         return True
 
 

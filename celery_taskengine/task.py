@@ -121,6 +121,14 @@ class Task(CeleryTask):  # type: ignore[misc]
         )
         return producer_side.apply_async(self, super().apply_async, args, kwargs, options)
 
+    def after_return(
+        self, status: str, retval: Any, task_id: str, args: Any, kwargs: Any, einfo: Any
+    ) -> None:
+        """After Celery stored the outcome: records a dropped connection lost go out again."""
+        from celery_taskengine.worker_record import resend_orphaned_records
+
+        resend_orphaned_records()
+
     def on_retry(self, exc: Any, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         """Celery stored RETRY for a retry the engine asked for: show AWAITING_RETRY instead."""
         from celery_taskengine.worker_run import after_celery_retry

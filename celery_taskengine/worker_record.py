@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from celery_taskengine.delivery_claims import Claim
 from celery_taskengine.events import send_state_event
 from celery_taskengine.redis_oneway import RecordChannel
 from celery_taskengine.run_document import RunDocument
@@ -39,7 +40,10 @@ if TYPE_CHECKING:
 
     from celery_taskengine.redis_store import RedisStore
 
-__all__ = ["Delivery", "DeliveryRecorder"]
+__all__ = ["Delivery", "DeliveryRecorder", "resend_orphaned_records"]
+
+#: Seconds the end of a delivery waits for Redis to take records its connection lost.
+ORPHAN_PATIENCE_SECONDS = 10.0
 
 #: Saves a run unless its stored record already ended: a crash seen while the worker's main
 #: process records a revoke (``terminate=True`` kills the attempt) must not undo the Cancelled.
@@ -75,6 +79,10 @@ class Delivery:
     send_events: bool
     #: Records may ride on Celery's next backend command (see redis_oneway).
     piggyback: bool = False
+    #: This delivery's claim on its message (see delivery_claims), and whether it is taken
+    #: already; if not, it is taken with the first Running record.
+    claim: Claim | None = None
+    claimed: bool = False
 
 
 class DeliveryRecorder:
@@ -92,12 +100,13 @@ class DeliveryRecorder:
         self.store = store
         self.delivery = delivery
         self.on_attempt = on_attempt
-        self._channel = _channel_for(store)
+        self._channel = _channel_for(store, app)
         self._run_key = store.key_for("run", delivery.task_id)
         self._run_px = px(store.run_expires)
         self._document: RunDocument | None = None
         #: No backend meta can exist before a message's first delivery starts.
         self._meta_is_new = not (delivery.retries or delivery.redelivered)
+        self._claim_to_take = delivery.claim if not delivery.claimed else None
 
     def __call__(self, run: TaskRun, state: State) -> None:
         if state.name == "Pending" and len(run.state_history) == 1:
@@ -111,16 +120,23 @@ class DeliveryRecorder:
         elif self._run_px != "0":
             save += ("PX", self._run_px)
         piggyback = self.delivery.piggyback
+        claim = self.delivery.claim
         if state.is_scheduled():
-            self._channel.send_blocking(save, piggyback=piggyback)
+            commands = [save] if claim is None else [save, claim.done_command(self._run_px)]
+            self._channel.send_blocking(*commands, key=self._run_key, piggyback=piggyback)
         else:
             commands = [save]
+            if self._claim_to_take is not None:
+                commands.insert(0, self._claim_to_take.take_command())
+                self._claim_to_take = None
             status = celery_status(state)
             if status is not None:
                 commands.append(self._meta_command(run, state, status))
+            if claim is not None and state.is_final() and not state.is_crashed():
+                commands.append(claim.done_command(self._run_px))
             # An attempt's start may travel with its end (see redis_oneway).
             hold = state.type is StateType.RUNNING
-            self._channel.send(*commands, piggyback=piggyback, hold=hold)
+            self._channel.send(*commands, key=self._run_key, piggyback=piggyback, hold=hold)
         if state.type is StateType.RUNNING and self.on_attempt is not None:
             self.on_attempt()
         if self.delivery.send_events:
@@ -143,9 +159,27 @@ class DeliveryRecorder:
 _channels: weakref.WeakKeyDictionary[RedisStore, RecordChannel] = weakref.WeakKeyDictionary()
 
 
-def _channel_for(store: RedisStore) -> RecordChannel:
+def resend_orphaned_records() -> None:
+    """At a delivery's end: write again the records a dropped connection lost (see
+    redis_oneway), so a run whose result Celery stored does not end without its record."""
+    for channel in list(_channels.values()):
+        if channel.has_orphans:
+            channel.resend_orphans(patience=ORPHAN_PATIENCE_SECONDS)
+
+
+def _channel_for(store: RedisStore, app: Celery) -> RecordChannel:
     """One channel per store, so each thread keeps one connection for its run records."""
     channel = _channels.get(store)
     if channel is None:
-        channel = _channels.setdefault(store, RecordChannel(store.client))
+        patience = _retry_patience(app)
+        channel = _channels.setdefault(store, RecordChannel(store.client, patience=patience))
     return channel
+
+
+def _retry_patience(app: Celery) -> float:
+    """How long Celery's Redis backend retries a write while Redis is down (its
+    ``retry_policy``: by default 20 retries at most 1 s apart): records wait as long."""
+    policy = getattr(app.backend, "retry_policy", None) or {}
+    retries = policy.get("max_retries")
+    interval = float(policy.get("interval_max", 1.0) or 0.0)
+    return ORPHAN_PATIENCE_SECONDS if retries is None else float(retries) * interval

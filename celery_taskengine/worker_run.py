@@ -8,7 +8,8 @@ itself), ``task.retry(countdown=...)`` for AwaitingRetry (same task id, same can
 Celery's ``Ignore`` once a cancellation is recorded.
 
 A message whose run already has a record (a retry, a redelivery) continues that run; one whose
-run is finished returns or raises the recorded outcome without calling the function again.
+run is finished returns or raises the recorded outcome without calling the function again. A
+message handed out twice at once runs once (see :mod:`~celery_taskengine.delivery_claims`).
 """
 
 from __future__ import annotations
@@ -17,12 +18,19 @@ import logging
 import threading
 import weakref
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from celery.app.task import get_actual_ignore_result
 from celery.exceptions import Ignore, Retry
 
 from celery_taskengine.cancellation import revocation_check
+from celery_taskengine.delivery_claims import (
+    CLAIM_TTL_SECONDS,
+    Claim,
+    ClaimRenewer,
+    claim_or_wait,
+)
 from celery_taskengine.events import send_state_event, task_events_enabled
 from celery_taskengine.memory_store import MemoryStore
 from celery_taskengine.parameters import bind_parameters
@@ -50,6 +58,18 @@ __all__ = ["after_celery_retry", "run_delivery"]
 
 logger = logging.getLogger(__name__)
 
+#: One claim renewer per store (see delivery_claims).
+_renewers: weakref.WeakKeyDictionary[RedisStore, ClaimRenewer] = weakref.WeakKeyDictionary()
+
+
+def _renewer_for(store: RedisStore, app: Any) -> ClaimRenewer:
+    renewer = _renewers.get(store)
+    if renewer is None:
+        ttl = float(app.conf.get("taskengine_claim_ttl") or CLAIM_TTL_SECONDS)
+        renewer = _renewers.setdefault(store, ClaimRenewer(store.client, ttl))
+    return renewer
+
+
 #: AwaitingRetry meta to show once Celery has stored its own RETRY state (see on_retry).
 _awaiting_info: dict[str, dict[str, Any]] = {}
 
@@ -57,21 +77,39 @@ _awaiting_info: dict[str, dict[str, Any]] = {}
 def run_delivery(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Run the engine for the delivery Celery is executing, and give Celery its outcome."""
     store = store_for_app(task.app)
-    delivery = _delivery(task, task.request, store)
+    request = task.request
+    delivery = _delivery(task, request, store)
     parameters = bind_parameters(task.run, args, kwargs)
-    run = None
-    if delivery.retries or delivery.redelivered:  # else no record can exist yet: don't look
-        run = store.load_run(delivery.task_id)
-    if run is None:
-        run = new_task_run(task, parameters, delivery.task_id)
-    channel = None
-    if task.fn_kind in ("generator", "async_generator") and isinstance(store, RedisStore):
-        channel = ItemChannel(task.app, store, delivery.task_id)
+    claim = renewer = None
+    if isinstance(store, RedisStore):
+        renewer = _renewer_for(store, task.app)
+        name = f"{delivery.task_id}:{delivery.retries}"
+        claim = Claim.new(store.key_for("claim", name), renewer.ttl)
+        if delivery.retries or delivery.redelivered or request.eta:  # may be a duplicate
+            if not claim_or_wait(store.client, claim, poll=renewer.ttl / 10):
+                logger.info("%s: handled by another delivery of its message", delivery.task_id)
+                raise Ignore()
+            delivery = replace(delivery, claim=claim, claimed=True)
+        else:
+            delivery = replace(delivery, claim=claim)
+        renewer.hold(claim)
     try:
-        items = _execute(task, delivery, store, run, channel)
+        run = None
+        if delivery.retries or delivery.redelivered:  # else no record can exist yet
+            run = store.load_run(delivery.task_id)
+        if run is None:
+            run = new_task_run(task, parameters, delivery.task_id)
+        channel = None
+        if task.fn_kind in ("generator", "async_generator") and isinstance(store, RedisStore):
+            channel = ItemChannel(task.app, store, delivery.task_id)
+        try:
+            items = _execute(task, delivery, store, run, channel)
+        finally:
+            if channel is not None and run.state is not None and run.state.is_final():
+                channel.close()
     finally:
-        if channel is not None and run.state is not None and run.state.is_final():
-            channel.close()
+        if renewer is not None and claim is not None:
+            renewer.release(claim)
     return _outcome(task, delivery, run, items)
 
 

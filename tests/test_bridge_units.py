@@ -9,17 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import threading
+import time
 from datetime import timedelta
 from typing import Any
 
 import pytest
+import redis
 from celery import Celery
+from redis.backoff import NoBackoff
 from redis.connection import Connection
+from redis.retry import Retry
 
 from celery_taskengine import cache_policies as cp
 from celery_taskengine import stream
-from celery_taskengine.errors import ConfigurationError, TaskRunTimeoutError
+from celery_taskengine.delivery_claims import DONE, Claim, ClaimRenewer, claim_or_wait
+from celery_taskengine.errors import ConfigurationError, StoreUnavailableError, TaskRunTimeoutError
 from celery_taskengine.events import event_fields, event_type
 from celery_taskengine.producer import _key_may_ignore_run_id
 from celery_taskengine.redis_oneway import _SKIP, RecordChannel, _pack
@@ -194,6 +200,66 @@ def test_a_piggybacked_write_rides_on_the_pools_next_command(redis_client: Any) 
     assert redis_client.get("record") == b"saved"
 
 
+def kill_connection(client: Any, client_id: int) -> None:
+    """Have Redis close ``client``'s connection ``client_id``, unknown to the client."""
+    kwargs = client.connection_pool.connection_kwargs
+    with redis.Redis(host=kwargs["host"], port=kwargs["port"]) as other:
+        other.client_kill_filter(_id=client_id)
+
+
+def test_a_write_queued_on_a_connection_redis_then_drops_is_sent_again(
+    redis_client: Any,
+) -> None:
+    # Given: a record queued on the pool's idle connection, not yet read by Redis.
+    channel = RecordChannel(redis_client)
+    client_id = redis_client.client_id()
+    channel.send(("SET", "record", "final"), key="record", piggyback=True)
+
+    # When: Redis drops that connection; the next command finds out and reconnects.
+    kill_connection(redis_client, client_id)
+    redis_client.ping()
+
+    # Then: the write became an orphan, and the delivery's end writes it.
+    assert channel.has_orphans and redis_client.get("record") is None
+    channel.resend_orphans(patience=5.0)
+    assert redis_client.get("record") == b"final" and not channel.has_orphans
+
+
+def test_a_newer_write_of_a_record_supersedes_its_orphan(redis_client: Any) -> None:
+    channel = RecordChannel(redis_client)
+    client_id = redis_client.client_id()
+    channel.send(("SET", "record", "running"), key="record", piggyback=True)
+    kill_connection(redis_client, client_id)
+    redis_client.ping()
+
+    channel.send(("SET", "record", "final"), key="record", piggyback=True)
+    channel.resend_orphans(patience=5.0)
+
+    assert redis_client.get("record") == b"final"
+
+
+def test_a_write_to_a_connection_redis_killed_still_arrives(redis_client: Any) -> None:
+    channel = RecordChannel(redis_client)
+    channel.send(("SET", "before", "1"))
+    redis_client.client_kill_filter(_type="normal", skipme=True)
+
+    channel.send(("SET", "after", "2"))
+    redis_client.ping()  # our writes skip replies: a round trip later they were read
+
+    assert redis_client.get("after") == b"2"
+
+
+def test_a_write_while_redis_is_down_fails_with_a_clear_error_after_its_patience() -> None:
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    client = redis.Redis(port=port, retry=Retry(NoBackoff(), 0))  # fail each try at once
+    channel = RecordChannel(client, patience=0.2)
+
+    with pytest.raises(StoreUnavailableError, match="cannot write run records to Redis"):
+        channel.send(("SET", "record", "x"))
+
+
 def test_a_blocking_write_reports_a_failed_command(redis_client: Any) -> None:
     channel = RecordChannel(redis_client)
     redis_client.set("text", "x")
@@ -245,3 +311,48 @@ def test_stream_needs_a_redis_result_backend() -> None:
 
     with pytest.raises(ConfigurationError, match="Redis result backend"):
         next(stream(app.AsyncResult("some-id")))
+
+
+# -- delivery claims ----------------------------------------------------------------------------
+
+
+def test_a_delivery_claims_a_free_message(redis_client: Any) -> None:
+    claim = Claim.new("claim:t:0", ttl=5.0)
+
+    assert claim_or_wait(redis_client, claim, poll=0.01)
+    assert redis_client.get("claim:t:0") == claim.token.encode()
+
+
+def test_a_duplicate_delivery_waits_for_the_holder_and_then_has_nothing_to_do(
+    redis_client: Any,
+) -> None:
+    holder, duplicate = Claim.new("claim:t:0", ttl=5.0), Claim.new("claim:t:0", ttl=5.0)
+    assert claim_or_wait(redis_client, holder, poll=0.01)
+    timer = threading.Timer(0.2, lambda: redis_client.execute_command(*holder.done_command("0")))
+    timer.start()
+    try:
+        assert not claim_or_wait(redis_client, duplicate, poll=0.01)
+    finally:
+        timer.join()
+    assert redis_client.get("claim:t:0") == DONE
+
+
+def test_a_crashed_holders_claim_lapses_and_is_taken_over(redis_client: Any) -> None:
+    crashed = Claim.new("claim:t:0", ttl=0.2)
+    redis_client.execute_command(*crashed.take_command())  # then it dies: never renewed
+    successor = Claim.new("claim:t:0", ttl=5.0)
+
+    assert claim_or_wait(redis_client, successor, poll=0.01)
+    assert redis_client.get("claim:t:0") == successor.token.encode()
+
+
+def test_a_held_claim_is_renewed_while_its_delivery_runs(redis_client: Any) -> None:
+    renewer = ClaimRenewer(redis_client, ttl=0.3)
+    claim = Claim.new("claim:t:0", ttl=0.3)
+    assert claim_or_wait(redis_client, claim, poll=0.01)
+    renewer.hold(claim)
+    try:
+        time.sleep(1.0)  # more than three lifetimes
+        assert redis_client.get("claim:t:0") == claim.token.encode()
+    finally:
+        renewer.release(claim)

@@ -5,9 +5,8 @@ Redis has no real acknowledgements: kombu keeps each delivered, unacknowledged m
 (Celery's default: one hour; 2 s here, swept every 0.5 s). That happens to an attempt that
 already finished when the worker died before acknowledging it, to an attempt still running
 after the visibility timeout, and to a retry's countdown message, which a worker holds
-unacknowledged on its timer for the whole countdown. SPEC §3 and the issue promise the first
-and the last; the second has the same cause as the last (a delivery cannot tell a live
-attempt's duplicate from a dead one's redelivery). Both are strict xfails: bridge bugs.
+unacknowledged on its timer for the whole countdown. Each must run the function once: the
+deliveries claim their message (see celery_taskengine.delivery_claims).
 """
 
 from __future__ import annotations
@@ -100,15 +99,6 @@ def wait_for_redelivered_delivery_to_end(app: Any, task_id: str) -> None:
     wait_for(ended, REDELIVERY_TIMEOUT, f"a redelivery of {task_id} to be run and end")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bridge: a delivery that finds its run Running takes the run for crashed "
-        "(run_core.RunCore.start via worker_run.run_delivery), even when the attempt is alive "
-        "in another process and the message was only redelivered by the visibility timeout: "
-        "the body runs twice at once, and the two deliveries overwrite each other's record"
-    ),
-)
 def test_an_attempt_running_longer_than_the_visibility_timeout_is_not_run_twice(
     rel: tuple[Any, Any], tmp_path: Path
 ) -> None:
@@ -149,15 +139,6 @@ def test_an_attempt_running_longer_than_the_visibility_timeout_is_not_run_twice(
     assert run.history_names() == ["Pending", "Running", "Completed"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bridge: a retry's countdown message, redelivered by Redis after the visibility "
-        "timeout while a worker holds it, is run as a second copy of the same attempt "
-        "(worker_run.run_delivery continues any run found AwaitingRetry/Running, whatever "
-        "message it came from), so the body runs more than retries + 1 times"
-    ),
-)
 def test_a_retry_countdown_longer_than_the_visibility_timeout_runs_each_attempt_once(
     rel: tuple[Any, Any], tmp_path: Path
 ) -> None:

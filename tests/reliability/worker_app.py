@@ -38,6 +38,9 @@ DEFAULT_VISIBILITY_TIMEOUT = 3.0
 #: The soak task's timeout (seconds): 20 times its longest regular body, so that a loaded
 #: 2-core machine does not time out runs that are not meant to.
 SOAK_TIMEOUT = 0.2
+#: Seconds a delivery's claim on its message lives unless renewed (delivery_claims): how long
+#: a killed delivery's message waits before another delivery takes its run over.
+CLAIM_TTL = 2.0
 #: How long the soak tasks' results are cached (seconds): every cache record gets a TTL.
 SOAK_CACHE_EXPIRATION = 300.0
 #: Seconds results and run records live (Celery's ``result_expires``).
@@ -84,6 +87,7 @@ def make_app(
         result_backend_max_retries=20,
         result_expires=RESULT_EXPIRES,
         worker_hijack_root_logger=True,
+        taskengine_claim_ttl=CLAIM_TTL,
     )
     app.conf.update(conf)
     return app, _register_tasks(app)
