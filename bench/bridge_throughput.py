@@ -113,7 +113,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tasks", type=int, default=2000)
     parser.add_argument("--round-trips", type=int, default=200)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--pool", default="prefork")
     args = parser.parse_args()
     with private_redis() as url:
@@ -137,27 +137,35 @@ def main() -> None:
 
 def report(app_module: Any, args: argparse.Namespace) -> None:
     plain, engine = app_module.plain_noop.delay, app_module.engine_noop.delay
-    rows: dict[str, list[float]] = {k: [] for k in ("pt", "et", "pr", "er", "cr")}
+    rows: dict[str, list[float]] = {k: [] for k in ("pt", "et", "pr", "er", "cr", "tr", "rr")}
     app_module.engine_cached.delay(7).get(timeout=60)  # commit the record once
-    for _ in range(args.repeats):
-        rows["pt"].append(throughput(plain, args.tasks))
-        rows["et"].append(throughput(engine, args.tasks))
-        rows["pr"].append(round_trip_ms(plain, args.round_trips))
-        rows["er"].append(round_trip_ms(engine, args.round_trips))
+    for repeat in range(args.repeats):
+        # Alternate which kind goes first, and compare each pair measured back to back: a
+        # shared machine drifts, and whichever runs first would otherwise be favoured.
+        order = ("plain", "engine") if repeat % 2 == 0 else ("engine", "plain")
+        for kind in order:
+            key = "pt" if kind == "plain" else "et"
+            rows[key].append(throughput(plain if kind == "plain" else engine, args.tasks))
+        for kind in order:
+            key = "pr" if kind == "plain" else "er"
+            rows[key].append(round_trip_ms(plain if kind == "plain" else engine, args.round_trips))
+        rows["tr"].append(rows["et"][-1] / rows["pt"][-1])
+        rows["rr"].append(rows["er"][-1] / rows["pr"][-1])
         rows["cr"].append(
             round_trip_ms(lambda i: app_module.engine_cached.delay(7), args.round_trips)
         )
     med = {k: statistics.median(v) for k, v in rows.items()}
     print(
         f"pool={args.pool}, {args.tasks} tasks, {args.round_trips} round trips, "
-        f"median of {args.repeats}"
+        f"median of {args.repeats} (ratios: median of back-to-back pairs, order alternated)"
     )
     print(f"{'what':<40} {'value':>10} {'vs plain':>9}")
     print(f"{'plain Celery throughput (tasks/s)':<40} {med['pt']:>10.0f} {1.0:>9.2f}")
-    print(f"{'engine throughput (tasks/s)':<40} {med['et']:>10.0f} {med['et'] / med['pt']:>9.2f}")
+    print(f"{'engine throughput (tasks/s)':<40} {med['et']:>10.0f} {med['tr']:>9.2f}")
     print(f"{'plain Celery round trip (ms)':<40} {med['pr']:>10.2f} {1.0:>9.2f}")
-    print(f"{'engine round trip (ms)':<40} {med['er']:>10.2f} {med['er'] / med['pr']:>9.2f}")
+    print(f"{'engine round trip (ms)':<40} {med['er']:>10.2f} {med['rr']:>9.2f}")
     print(f"{'producer-side cache hit (ms)':<40} {med['cr']:>10.2f} {med['cr'] / med['pr']:>9.2f}")
+    print(f"throughput ratios per pair: {', '.join(f'{r:.2f}' for r in rows['tr'])}")
     print(f"cache hit is {med['pr'] / med['cr']:.1f}x faster than a plain Celery round trip")
 
 
