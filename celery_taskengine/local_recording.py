@@ -4,8 +4,11 @@ A local run (``t(...)`` in a producer or a script) on an app with a Redis result
 visible to ``get_task_run`` from other processes, but a Redis round trip per state would cost a
 local run far more than the run itself (a cache hit would cost four round trips instead of one).
 So the live run object is kept in this process's memory store, where same-process reads find
-it at once, and its document is written to the shared store by a daemon thread, coalesced, at
-the states other processes care about: the first Running, AwaitingRetry, and the final state.
+it at once, and its document is written to the shared store by a daemon thread at the states
+other processes care about: the first Running, AwaitingRetry, and the final state. The thread
+gathers what arrives within :data:`BATCH_WINDOW_SECONDS` and writes it in one round trip, a run
+that moved on meanwhile once: a cache hit's Running and Cached become one write, shared with
+the runs around it, instead of a round trip each competing with the caller's own.
 Pending records are flushed at exit.
 """
 
@@ -33,6 +36,11 @@ logger = logging.getLogger(__name__)
 
 #: How long exit waits for records still queued.
 FLUSH_ON_EXIT_SECONDS = 5.0
+#: Seconds the writer waits, after a record arrives, for more to write with it (a flush does
+#: not wait). Other processes see a local run this much later, at most.
+BATCH_WINDOW_SECONDS = 0.002
+#: At most this many runs per write, so one command stays small.
+BATCH_MAX_RUNS = 500
 
 _WORTH_SHARING = frozenset(
     {
@@ -55,6 +63,8 @@ class BackgroundRunWriter:
         self._thread: threading.Thread | None = None
         self._pid = 0
         self._lock = threading.Lock()
+        #: Set by a flush: write what is queued now, without waiting for the batch to fill.
+        self._hurry = threading.Event()
 
     def record(self, run: TaskRun, state: State) -> None:
         """Called by the engine for every state the run enters; cheap on the caller's side."""
@@ -77,6 +87,7 @@ class BackgroundRunWriter:
             done.set()
         else:
             self._queue.put(_Marker(done))  # type: ignore[arg-type]
+            self._hurry.set()
         return done
 
     def _ensure_thread(self) -> None:
@@ -87,6 +98,7 @@ class BackgroundRunWriter:
                 return
             self._pid = os.getpid()  # a forked child starts its own writer
             self._queue = queue.SimpleQueue()
+            self._hurry = threading.Event()
             self._thread = threading.Thread(
                 target=self._drain, name="taskengine-run-writer", daemon=True
             )
@@ -97,29 +109,39 @@ class BackgroundRunWriter:
 
     def _drain(self) -> None:
         while True:
-            first = self._queue.get()
+            item: Any = self._queue.get()
+            if not isinstance(item, _Marker):
+                self._hurry.wait(BATCH_WINDOW_SECONDS)
+            self._hurry.clear()
             batch: dict[str, TaskRun] = {}
             markers: list[_Marker] = []
-            item: Any = first
             while True:
                 if isinstance(item, _Marker):
                     markers.append(item)
                 elif item is not None:
                     batch[item.id] = item  # several states of one run: write the latest once
+                if len(batch) >= BATCH_MAX_RUNS:
+                    break
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
                     break
-            for run in batch.values():
-                self._write(run)
+            if batch:
+                self._write(list(batch.values()))
             for marker in markers:
                 marker.done.set()
 
-    def _write(self, run: TaskRun) -> None:
+    def _write(self, runs: list[TaskRun]) -> None:
+        save_runs = getattr(self._store, "save_runs", None)
         try:
-            self._store.save_run(run)
-        except Exception:  # a record that cannot be written must not stop the writer
-            logger.warning("%s: could not write the local run's record", run.id, exc_info=True)
+            if save_runs is not None:
+                save_runs(runs)
+            else:
+                for run in runs:
+                    self._store.save_run(run)
+        except Exception:  # records that cannot be written must not stop the writer
+            ids = ", ".join(run.id for run in runs[:3]) + (", ..." if len(runs) > 3 else "")
+            logger.warning("%s: could not write the local runs' records", ids, exc_info=True)
 
 
 class _Marker:

@@ -15,7 +15,7 @@ from datetime import datetime
 from json.encoder import encode_basestring_ascii
 
 from celery_taskengine.states import State
-from celery_taskengine.task_run import DOCUMENT_VERSION, TaskRun, _jsonable, _state_to_dict
+from celery_taskengine.task_run import DOCUMENT_VERSION, TaskRun, _jsonable, encode_exception
 
 __all__ = ["RunDocument"]
 
@@ -36,10 +36,11 @@ class RunDocument:
         except (TypeError, ValueError):  # some value is not JSON: its repr stands in
             parameters = {name: _jsonable(value) for name, value in run.parameters.items()}
             self._parameters = _ENCODER.encode(parameters)
-        self._head = _ENCODER.encode(
-            {"v": DOCUMENT_VERSION, "id": run.id, "task_name": run.task_name}
-        )[:-1]
-        self._tags = _ENCODER.encode(sorted(run.tags))
+        self._head = (
+            f'{{"v":{DOCUMENT_VERSION},"id":{_json_str(run.id)},'
+            f'"task_name":{_json_str(run.task_name)}'
+        )
+        self._tags = _ENCODER.encode(sorted(run.tags)) if run.tags else "[]"
         self._states: list[str] = []
 
     def encode(self, run: TaskRun) -> str:
@@ -59,15 +60,25 @@ class RunDocument:
 
 def _state_json(state: State, *, with_data: bool = False) -> str:
     """``_state_to_dict(state)`` as JSON, written directly: this runs several times per run."""
-    if with_data and state.data is not None:
-        return _ENCODER.encode(_state_to_dict(state, with_data=True))
+    data = state.data
+    extra = "" if not with_data or data is None else _data_json(data)
     message = "null" if state.message is None else _json_str(state.message)
     scheduled = _json_time(state.scheduled_time)
     return (
         f'{{"type":"{state.type.value}","name":{_json_str(state.name)},'
         f'"message":{message},"timestamp":"{state.timestamp.isoformat()}",'
-        f'"scheduled_time":{scheduled}}}'
+        f'"scheduled_time":{scheduled}{extra}}}'
     )
+
+
+def _data_json(data: object) -> str:
+    """The ``"data"`` (or ``"exception"``) member of a state's dict, with its leading comma."""
+    if isinstance(data, BaseException):
+        return f',"exception":{_ENCODER.encode(encode_exception(data))}'
+    try:
+        return f',"data":{_ENCODER.encode(data)}'
+    except (TypeError, ValueError):  # as _jsonable: what JSON cannot carry, its repr stands in
+        return f',"data":{_json_str(repr(data))}'
 
 
 def _json_time(moment: datetime | None) -> str:
