@@ -150,6 +150,31 @@ def hash_objects(*objects: Any) -> str:
     return hashlib.blake2b(payload, digest_size=16).hexdigest()
 
 
+#: Digests of inputs that are all short strings, ints, bools or None, by their names, types
+#: and values: a cached task is called with the same few such inputs again and again, and
+#: hashing them was most of a key's cost. Floats are left out: ``0.0 == -0.0``, but their JSON
+#: differs. Cleared when full.
+_DIGESTS: dict[tuple[tuple[str, type, Any], ...], str] = {}
+_DIGESTS_MAX = 1024
+_MEMO_TYPES = frozenset({str, int, bool, type(None)})
+_MEMO_MAX_CHARS = 256
+
+
+def _inputs_digest(inputs: dict[str, Any]) -> str:
+    """``hash_objects(inputs)``, remembered for inputs of plain scalars."""
+    memo = tuple([(name, type(value), value) for name, value in inputs.items()])
+    for _, kind, value in memo:
+        if kind not in _MEMO_TYPES or (kind is str and len(value) > _MEMO_MAX_CHARS):
+            return hash_objects(inputs)
+    digest = _DIGESTS.get(memo)
+    if digest is None:
+        digest = hash_objects(inputs)
+        if len(_DIGESTS) >= _DIGESTS_MAX:
+            _DIGESTS.clear()
+        _DIGESTS[memo] = digest
+    return digest
+
+
 _SETTINGS = (
     ("key_storage", "storage locations"),
     ("isolation_level", "isolation levels"),
@@ -231,7 +256,7 @@ class Inputs(CachePolicy):
 
     def compute_key(self, ctx: KeyContext, inputs: Mapping[str, Any]) -> str | None:
         kept = {name: value for name, value in inputs.items() if name not in self.exclude}
-        return hash_objects(kept) if kept else None
+        return _inputs_digest(kept) if kept else None
 
     def __sub__(self, name: str) -> CachePolicy:
         if not isinstance(name, str):

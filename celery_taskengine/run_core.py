@@ -22,7 +22,7 @@ from celery_taskengine.drivers import GeneratorClosed
 from celery_taskengine.errors import ConfigurationError, TaskRunTimeoutError
 from celery_taskengine.options import TaskOptions
 from celery_taskengine.parameters import call_arguments
-from celery_taskengine.result_store import ResultStore
+from celery_taskengine.result_store import ResultRecord, ResultStore
 from celery_taskengine.retry_policy import delay_for_retry, jittered
 from celery_taskengine.run_scope import run_scope
 from celery_taskengine.states import (
@@ -31,7 +31,7 @@ from celery_taskengine.states import (
 from celery_taskengine.states import State, StateType, aggregate_states, delay_to, utcnow
 from celery_taskengine.steps import Advance, CallTask, Emit, Invoke, Sleep, Steps
 from celery_taskengine.task_run import TaskRun
-from celery_taskengine.transactions import Transaction
+from celery_taskengine.transactions import Transaction, effective_isolation
 
 __all__ = ["EngineTask", "RunCore", "RunEnvironment"]
 
@@ -201,14 +201,10 @@ class RunCore:
             ) is not None:
                 yield step
             return
-        txn = self.transaction_context()
-        if txn.key is None:
-            txn.enter()
-        else:
-            yield from txn.begin_steps()
+        hit, txn = yield from self._look_up()
         try:
-            if txn.is_committed():
-                cached = self._new(StateType.COMPLETED, "Cached", data=txn.read())
+            if hit is not None:
+                cached = self._new(StateType.COMPLETED, "Cached", data=hit.value)
                 if (step := self.enter_state(cached)) is not None:
                     yield step
                 yield from self._leave_transaction(txn, None)
@@ -222,29 +218,66 @@ class RunCore:
                 yield from self.handle_exception(exc)
             return
         except GeneratorExit:
-            txn.abandon()
+            if txn is not None:
+                txn.abandon()
             raise
         except BaseException as exc:
             yield from self._leave_transaction(txn, exc)
             raise
+        assert txn is not None, "a miss always opens a transaction"
         yield from self.handle_success(result, txn)
         yield from self._leave_transaction(txn, None)
 
-    def _leave_transaction(self, txn: Transaction, error: BaseException | None) -> Steps[None]:
-        if not txn.leave_quietly(error):
+    def _look_up(self) -> Steps[tuple[ResultRecord | None, Transaction | None]]:
+        """The committed record under this attempt's key, if any, and its open transaction.
+
+        READ_COMMITTED takes no lock and a hit runs nothing, so then the key is read before a
+        transaction is opened: a hit needs none (``None``), and a miss's need not read again.
+        """
+        key = None if self.is_generator else self.compute_transaction_key()
+        plain = key is not None and self._reads_plainly()
+        if plain:
+            hit: ResultRecord | None = yield Invoke(self._key_store().read, (key,))
+            if hit is not None:
+                return hit, None
+        txn = self._transaction(key)
+        if key is None:
+            txn.enter()
+        else:
+            yield from txn.begin_steps(read=not plain)
+        return (txn.record if txn.is_committed() else None), txn
+
+    def _leave_transaction(
+        self, txn: Transaction | None, error: BaseException | None
+    ) -> Steps[None]:
+        if txn is not None and not txn.leave_quietly(error):
             yield from txn.exit_steps(error)
+
+    def _reads_plainly(self) -> bool:
+        """Whether this attempt's transaction would only read its key: no lock, no refresh."""
+        policy = self.options.cache_policy
+        if self.options.refresh_cache:
+            return False
+        given = policy.isolation_level if policy is not None else None
+        return effective_isolation(given) is cp.IsolationLevel.READ_COMMITTED
+
+    def _key_store(self) -> ResultStore:
+        """Where this task's records live: the policy's key_storage, else the run's store."""
+        policy = self.options.cache_policy
+        if policy is not None and policy.key_storage is not None:
+            return policy.key_storage  # type: ignore[no-any-return]
+        return self.env.store
 
     def transaction_context(self) -> Transaction:
         """The transaction for this attempt, keyed by the cache policy (or not at all)."""
+        return self._transaction(None if self.is_generator else self.compute_transaction_key())
+
+    def _transaction(self, key: str | None) -> Transaction:
         options = self.options
         policy = options.cache_policy
-        key = None if self.is_generator else self.compute_transaction_key()
-        store = self.env.store
-        if policy is not None and policy.key_storage is not None:
-            store = policy.key_storage
         return Transaction(
             key,
-            store=store,
+            store=self._key_store(),
             isolation_level=policy.isolation_level if policy is not None else None,
             overwrite=options.refresh_cache,
             write_on_commit=options.persist_result,

@@ -30,6 +30,7 @@ __all__ = [
     "IsolationLevel",
     "Transaction",
     "TransactionState",
+    "effective_isolation",
     "get_transaction",
     "transaction",
 ]
@@ -56,6 +57,17 @@ class TransactionState(enum.Enum):
 def get_transaction() -> Transaction | None:
     """The innermost open transaction in this context, if any."""
     return _current.get()
+
+
+def effective_isolation(
+    given: IsolationLevel | None, parent: Transaction | None = None
+) -> IsolationLevel:
+    """The isolation a transaction opened now gets: its own, else its parent's, else
+    READ_COMMITTED. With no ``parent`` given, the current transaction is the parent."""
+    if given is not None:
+        return given
+    parent = parent if parent is not None else _current.get()
+    return parent.isolation_level if parent is not None else IsolationLevel.READ_COMMITTED
 
 
 class Transaction:
@@ -87,9 +99,7 @@ class Transaction:
         self.commit_mode: CommitMode | None = commit_mode or (
             inherited.commit_mode if inherited else None
         )
-        self.isolation_level: IsolationLevel = isolation_level or (
-            inherited.isolation_level if inherited else IsolationLevel.READ_COMMITTED
-        )
+        self.isolation_level: IsolationLevel = effective_isolation(isolation_level, inherited)
         self.store: ResultStore | None = (
             store if store is not None else (inherited.store if inherited else None)
         )
@@ -186,8 +196,11 @@ class Transaction:
         self._leave()
         return True
 
-    def begin_steps(self) -> Steps[None]:
-        """Enter: make current, take the lock (SERIALIZABLE), and look for a committed record."""
+    def begin_steps(self, *, read: bool = True) -> Steps[None]:
+        """Enter: make current, take the lock (SERIALIZABLE), and look for a committed record.
+
+        ``read=False`` skips the look: the caller has just read the key and found nothing.
+        """
         self.enter()
         store, key = self.store, self.key
         if key is None or store is None:
@@ -196,7 +209,7 @@ class Transaction:
             if self.isolation_level is IsolationLevel.SERIALIZABLE:
                 locks = self.lock_manager if self.lock_manager is not None else store
                 yield from self._lock_steps(locks, key)
-            if not self.overwrite:
+            if read and not self.overwrite:
                 record = yield Invoke(store.read, (key,))
                 if record is not None:
                     self.record = record
