@@ -8,22 +8,28 @@ Cancelled state to the run record, so the run's history says how it ended.
 
 Between two attempts of one delivery (immediate retries) the engine asks
 :func:`revocation_check`, which reads the worker's revoked set. That set lives in the process
-that received the revoke: the solo and threads pools see it; a prefork child sees only what was
-revoked before it forked.
+that received the revoke, so for a running engine task the main process also leaves a marker
+on the result backend (``revoked:<task id>``, expiring with run records), which a prefork child
+reads before its second and later attempts (the first needs no look: Celery checks the
+revoked set before it hands a message to a child).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
-from celery.signals import task_revoked
+from celery.signals import task_revoked, worker_init
+from celery.utils.functional import maybe_list
+from celery.worker import control
 from celery.worker import state as worker_state
 
 from celery_taskengine.drivers import drive_sync
 from celery_taskengine.parameters import bind_parameters
-from celery_taskengine.result_store import store_for_app
+from celery_taskengine.redis_store import RedisStore
+from celery_taskengine.result_store import ResultStore, store_for_app
 from celery_taskengine.run_core import RunCore, RunEnvironment
 from celery_taskengine.states import State, StateType, is_legal_transition
 
@@ -32,14 +38,63 @@ __all__ = ["record_cancelled", "revocation_check"]
 logger = logging.getLogger(__name__)
 
 
-def revocation_check(task_id: str) -> Callable[[], bool]:
-    """The engine's ``is_cancelled`` for a delivery: has ``task_id`` been revoked here?"""
+#: The pid of the worker's main process (set at ``worker_init``); pool children differ.
+_worker_pid: int | None = None
+
+
+def revocation_check(task_id: str, store: ResultStore | None = None) -> Callable[[], bool]:
+    """The engine's ``is_cancelled`` for a delivery: has ``task_id`` been revoked?"""
     revoked = worker_state.revoked
+    if not isinstance(store, RedisStore) or _worker_pid in (None, os.getpid()):
 
-    def is_cancelled() -> bool:
-        return task_id in revoked
+        def is_cancelled() -> bool:
+            return task_id in revoked
 
-    return is_cancelled
+        return is_cancelled
+
+    marker = store.key_for("revoked", task_id)
+    asked = [False]
+
+    def is_cancelled_in_child() -> bool:
+        if task_id in revoked:
+            return True
+        if not asked[0]:  # before the first attempt: Celery has just checked
+            asked[0] = True
+            return False
+        return bool(store.client.exists(marker))
+
+    return is_cancelled_in_child
+
+
+def _revoke_and_tell_children(state: Any, task_id: Any, *args: Any, **kwargs: Any) -> Any:
+    """Celery's ``revoke`` control command, plus a marker for engine tasks running here."""
+    reply = _celery_revoke(state, task_id, *args, **kwargs)
+    ids = set(maybe_list(task_id) or [])
+    for request in list(worker_state.active_requests):
+        task: Any = getattr(request, "task", None)
+        if request.id not in ids or getattr(task, "engine_options", None) is None:
+            continue
+        try:
+            store = store_for_app(task.app)
+            if isinstance(store, RedisStore):
+                expires = max(1, int(store.run_expires or 86_400))
+                store.client.set(store.key_for("revoked", request.id), 1, ex=expires)
+        except Exception:
+            logger.warning("%s: could not tell the running attempt", request.id, exc_info=True)
+    return reply
+
+
+def _on_worker_init(sender: Any = None, **_: Any) -> None:
+    global _worker_pid
+    _worker_pid = os.getpid()
+    if control.Panel.data.get("revoke") is _celery_revoke:
+        control.Panel.data["revoke"] = _revoke_and_tell_children
+
+
+_celery_revoke = control.Panel.data["revoke"]
+worker_init.connect(
+    _on_worker_init, weak=False, dispatch_uid="celery_taskengine.cancellation.worker_init"
+)
 
 
 def record_cancelled(task: Any, request: Any, message: str) -> bool:

@@ -41,7 +41,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import redis
 
@@ -62,6 +62,9 @@ _PING_PACKED = b"*1\r\n$4\r\nPING\r\n"
 
 class RecordChannel:
     """Writes to ``client``'s server: on its pool's next connection, or a per-thread one."""
+
+    #: Whether any channel of this process may have orphans (checked after every delivery).
+    orphaned: ClassVar[bool] = False
 
     def __init__(self, client: redis.Redis, *, patience: float = 0.0) -> None:
         self.client = client
@@ -212,6 +215,7 @@ class RecordChannel:
 
         def disconnect_and_orphan(*args: Any, **kwargs: Any) -> Any:
             if pending:
+                RecordChannel.orphaned = True
                 with self._orphans_lock:
                     for key, data in pending.items():
                         self._orphans[key] = self._orphans.get(key, b"") + data

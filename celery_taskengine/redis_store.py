@@ -53,7 +53,7 @@ DEFAULT_NAMESPACE = "default"
 #: Seconds a run record lives when the app gives no ``result_expires`` (Celery's default, 1 day).
 DEFAULT_RUN_EXPIRES = 86_400.0
 
-Kind = Literal["cache", "lock", "run", "items", "claim"]
+Kind = Literal["cache", "lock", "run", "items", "claim", "revoked"]
 
 # Both scripts act only if the lock still holds the caller's id, so a holder whose ttl ran out
 # can never release or extend the lock a newer holder has taken since.

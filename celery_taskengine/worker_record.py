@@ -162,9 +162,12 @@ _channels: weakref.WeakKeyDictionary[RedisStore, RecordChannel] = weakref.WeakKe
 def resend_orphaned_records() -> None:
     """At a delivery's end: write again the records a dropped connection lost (see
     redis_oneway), so a run whose result Celery stored does not end without its record."""
+    if not RecordChannel.orphaned:
+        return
     for channel in list(_channels.values()):
         if channel.has_orphans:
             channel.resend_orphans(patience=ORPHAN_PATIENCE_SECONDS)
+    RecordChannel.orphaned = any(channel.has_orphans for channel in list(_channels.values()))
 
 
 def _channel_for(store: RedisStore, app: Celery) -> RecordChannel:

@@ -18,7 +18,6 @@ import logging
 import threading
 import weakref
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from celery.app.task import get_actual_ignore_result
@@ -78,21 +77,9 @@ def run_delivery(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> A
     """Run the engine for the delivery Celery is executing, and give Celery its outcome."""
     store = store_for_app(task.app)
     request = task.request
-    delivery = _delivery(task, request, store)
     parameters = bind_parameters(task.run, args, kwargs)
-    claim = renewer = None
-    if isinstance(store, RedisStore):
-        renewer = _renewer_for(store, task.app)
-        name = f"{delivery.task_id}:{delivery.retries}"
-        claim = Claim.new(store.key_for("claim", name), renewer.ttl)
-        if delivery.retries or delivery.redelivered or request.eta:  # may be a duplicate
-            if not claim_or_wait(store.client, claim, poll=renewer.ttl / 10):
-                logger.info("%s: handled by another delivery of its message", delivery.task_id)
-                raise Ignore()
-            delivery = replace(delivery, claim=claim, claimed=True)
-        else:
-            delivery = replace(delivery, claim=claim)
-        renewer.hold(claim)
+    claim, claimed, renewer = _claim_message(task, request, store)
+    delivery = _delivery(task, request, store, claim, claimed)
     try:
         run = None
         if delivery.retries or delivery.redelivered:  # else no record can exist yet
@@ -124,16 +111,43 @@ def after_celery_retry(task: Task, task_id: str) -> None:
         logger.warning("%s: could not store the AWAITING_RETRY state", task_id, exc_info=True)
 
 
-def _delivery(task: Task, request: Any, store: ResultStore) -> Delivery:
-    delivery_info = request.delivery_info or {}
+def _claim_message(
+    task: Task, request: Any, store: ResultStore
+) -> tuple[Claim | None, bool, ClaimRenewer | None]:
+    """This delivery's claim on its message (see delivery_claims), whether it is taken yet,
+    and its renewer; Celery's ``Ignore`` when another delivery handled the message."""
+    if not isinstance(store, RedisStore):
+        return None, False, None
+    renewer = _renewer_for(store, task.app)
+    retries = int(request.retries or 0)
+    claim = Claim.new(store.key_for("claim", f"{request.id}:{retries}"), renewer.ttl)
+    claimed = False
+    if retries or _redelivered(request) or request.eta:  # may be a duplicate: claim first
+        if not claim_or_wait(store.client, claim, poll=renewer.ttl / 10):
+            logger.info("%s: handled by another delivery of its message", request.id)
+            raise Ignore()
+        claimed = True
+    renewer.hold(claim)
+    return claim, claimed, renewer
+
+
+def _redelivered(request: Any) -> bool:
+    return bool((request.delivery_info or {}).get("redelivered"))
+
+
+def _delivery(
+    task: Task, request: Any, store: ResultStore, claim: Claim | None, claimed: bool
+) -> Delivery:
     return Delivery(
         task_id=str(request.id),
         workflow_id=_workflow_id(request),
         hostname=request.hostname,
         retries=int(request.retries or 0),
-        redelivered=bool(delivery_info.get("redelivered")),
+        redelivered=_redelivered(request),
         send_events=bool(task.send_events) and task_events_enabled(task.app),
         piggyback=_may_piggyback(task, request, store),
+        claim=claim,
+        claimed=claimed,
     )
 
 
@@ -203,7 +217,7 @@ def _environment(
     common: dict[str, Any] = {
         "key_run_id": delivery.workflow_id,
         "defer_retries": True,
-        "is_cancelled": revocation_check(delivery.task_id),
+        "is_cancelled": revocation_check(delivery.task_id, store),
     }
     if isinstance(store, RedisStore):
         recorder = DeliveryRecorder(task.app, store, delivery, on_attempt=on_attempt)

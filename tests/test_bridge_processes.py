@@ -104,6 +104,29 @@ def test_revoking_a_running_task_with_terminate_ends_its_run_cancelled(prefork: 
     wait_for(lambda: AsyncResult(result.id, app=prefork.app).state == "REVOKED", what="REVOKED")
 
 
+def test_a_revoke_between_two_attempts_in_a_pool_child_cancels_the_run(prefork: Worker) -> None:
+    # Given: the first attempt runs in a pool child, which never sees the worker's revoked set.
+    counter, started, gate = prefork.key("counter"), prefork.key("started"), prefork.key("gate")
+    result = prefork.tasks.gated_flaky.delay(counter, started, gate)
+    wait_for(lambda: side(prefork.app).exists(started), what="the first attempt")
+
+    # When: it is revoked (no terminate: the attempt runs on, then fails and would retry).
+    result.revoke()
+    wait_for(lambda: _revoked_by_the_worker(prefork, result.id), what="the worker to learn of it")
+    side(prefork.app).set(gate, 1)
+
+    # Then: the engine sees the revoke before the second attempt.
+    expected = ["Pending", "Running", "Retrying", "Cancelled"]
+    wait_for(lambda: history(prefork, result) == expected, what="Cancelled")
+    assert int(side(prefork.app).get(counter)) == 1
+    wait_for(lambda: AsyncResult(result.id, app=prefork.app).state == "REVOKED", what="REVOKED")
+
+
+def _revoked_by_the_worker(w: Worker, task_id: str) -> bool:
+    replies = w.app.control.inspect(timeout=1.0).revoked() or {}
+    return any(task_id in ids for ids in replies.values())
+
+
 def test_a_child_killed_mid_run_leaves_it_crashed_and_the_redelivery_continues_it(
     prefork: Worker,
 ) -> None:
