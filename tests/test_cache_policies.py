@@ -57,6 +57,23 @@ def test_inputs_key_changes_when_a_value_changes() -> None:
     assert key_of(INPUTS, {"x": 1}) != key_of(INPUTS, {"x": 2})
 
 
+@pytest.mark.parametrize(
+    "inputs",
+    [{"x": 1}, {"x": True}, {"x": "1"}, {"x": None}, {"x": 0.0}, {"x": -0.0}, {"x": "s" * 300}],
+)
+def test_inputs_keys_remembered_for_plain_scalars_are_the_hashed_ones(
+    inputs: dict[str, Any],
+) -> None:
+    for _ in range(2):  # the second time from the memo, where it applies
+        assert key_of(INPUTS, inputs) == cp.hash_objects(inputs)
+
+
+def test_equal_scalars_of_different_types_keep_different_keys() -> None:
+    keys = {key_of(INPUTS, {"x": value}) for value in (1, True, 1.0, "1")}
+
+    assert len(keys) == 4
+
+
 def test_inputs_key_is_none_when_no_inputs_remain() -> None:
     assert key_of(INPUTS, {}) is None
     assert key_of(INPUTS - "x", {"x": 1}) is None

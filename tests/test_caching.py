@@ -554,6 +554,30 @@ def test_a_policys_key_storage_holds_its_records_instead_of_the_backend(
     assert cache_keys(store) == []
 
 
+def test_each_attempt_reads_its_key_once_whether_it_hits_or_misses(redis_app: Any) -> None:
+    from celery_taskengine.memory_store import MemoryStore
+
+    class CountingStore(MemoryStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.reads = 0
+
+        def read(self, key: str) -> Any:
+            self.reads += 1
+            return super().read(key)
+
+    counting = CountingStore()
+
+    @task(app=redis_app, cache_policy=INPUTS.configure(key_storage=counting))
+    def echo(x: int) -> int:
+        return x
+
+    assert names_of_runs(echo, {"x": 1}) == ["Completed"]
+    assert counting.reads == 1
+    assert names_of_runs(echo, {"x": 1}) == ["Cached"]
+    assert counting.reads == 2
+
+
 # -- serializers -----------------------------------------------------------------------------
 
 

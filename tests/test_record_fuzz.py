@@ -406,3 +406,12 @@ def test_a_run_record_reads_back_with_its_whole_history(
 
 def without_data(state: State) -> tuple[Any, ...]:
     return (state.type, state.name, state.message, state.timestamp, state.scheduled_time)
+
+
+def test_json_payloads_decode_to_what_kombu_gives_with_and_without_tagged_values() -> None:
+    moment = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
+    now = datetime.now(timezone.utc)
+    for value in ({"x": 3, "square": 9}, {"when": moment, "s": "é"}, [b"\x00raw"]):
+        raw = encode_record("k", value, serializer="json", accept={"json"}, created_at=now)
+
+        assert decode_record(raw, {"json"}, key="k").value == value
