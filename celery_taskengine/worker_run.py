@@ -30,6 +30,7 @@ from celery_taskengine.delivery_claims import (
     ClaimRenewer,
     claim_or_wait,
 )
+from celery_taskengine.engine_backend import FRESH
 from celery_taskengine.events import send_state_event, task_events_enabled
 from celery_taskengine.memory_store import MemoryStore
 from celery_taskengine.parameters import bind_parameters
@@ -127,6 +128,8 @@ def _claim_message(
             logger.info("%s: handled by another delivery of its message", request.id)
             raise Ignore()
         claimed = True
+    else:  # a first delivery: no other can have stored an outcome (see engine_backend)
+        setattr(request, FRESH, True)
     renewer.hold(claim)
     return claim, claimed, renewer
 
