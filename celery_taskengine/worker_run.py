@@ -20,6 +20,7 @@ import weakref
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
 
+from celery import states as celery_states
 from celery.app.task import get_actual_ignore_result
 from celery.exceptions import Ignore, Retry
 
@@ -79,7 +80,11 @@ def run_delivery(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> A
     store = store_for_app(task.app)
     request = task.request
     parameters = bind_parameters(task.run, args, kwargs)
-    claim, claimed, renewer = _claim_message(task, request, store)
+    claimed_message = _claim_message(task, request, store)
+    if claimed_message is None:
+        assert isinstance(store, RedisStore)
+        return _settle_handled_message(task, request, store)
+    claim, claimed, renewer = claimed_message
     delivery = _delivery(task, request, store, claim, claimed)
     try:
         run = None
@@ -114,9 +119,9 @@ def after_celery_retry(task: Task, task_id: str) -> None:
 
 def _claim_message(
     task: Task, request: Any, store: ResultStore
-) -> tuple[Claim | None, bool, ClaimRenewer | None]:
+) -> tuple[Claim | None, bool, ClaimRenewer | None] | None:
     """This delivery's claim on its message (see delivery_claims), whether it is taken yet,
-    and its renewer; Celery's ``Ignore`` when another delivery handled the message."""
+    and its renewer; ``None`` when another delivery handled the message."""
     if not isinstance(store, RedisStore):
         return None, False, None
     renewer = _renewer_for(store, task.app)
@@ -125,13 +130,29 @@ def _claim_message(
     claimed = False
     if retries or _redelivered(request) or request.eta:  # may be a duplicate: claim first
         if not claim_or_wait(store.client, claim, poll=renewer.ttl / 10):
-            logger.info("%s: handled by another delivery of its message", request.id)
-            raise Ignore()
+            return None  # another delivery handled the message
         claimed = True
     else:  # a first delivery: no other can have stored an outcome (see engine_backend)
         setattr(request, FRESH, True)
     renewer.hold(claim)
     return claim, claimed, renewer
+
+
+def _settle_handled_message(task: Task, request: Any, store: RedisStore) -> Any:
+    """Another delivery of this message wrote its outcome (its claim says done). If Celery
+    stored it too, nothing is left to do (``Ignore``); if that delivery's process died in
+    between, Celery gets the recorded outcome now (a value, the stored exception, or the
+    recorded retry sent again; the next message's claim dedupes a second one)."""
+    status = task.backend.get_state(request.id)
+    if status in celery_states.READY_STATES or status in ("RETRY", "AWAITING_RETRY"):
+        logger.info("%s: handled by another delivery of its message", request.id)
+        raise Ignore()
+    run = store.load_run(str(request.id))
+    if run is None or run.state is None or not (run.state.is_final() or run.state.is_scheduled()):
+        raise Ignore()
+    logger.info("%s: giving Celery the outcome another delivery recorded", request.id)
+    delivery = _delivery(task, request, store, None, False)
+    return _outcome(task, delivery, run, [])
 
 
 def _redelivered(request: Any) -> bool:

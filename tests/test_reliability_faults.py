@@ -40,7 +40,9 @@ from tests.reliability.harness import (
     WorkerProcess,
     history_problems,
     load_run,
+    outcome_of,
     redis_server,
+    reliability_app,
     wait_for,
     workers,
 )
@@ -266,25 +268,17 @@ def test_after_the_faults_every_run_has_a_final_record_that_agrees_with_its_call
 def test_a_run_right_after_redis_dropped_the_workers_connections_ends_with_its_record(
     fault: str, tmp_path: Path
 ) -> None:
-    with redis_server(tmp_path) as server:
-        app, tasks = make_app(f"{server.url}/1", queue=f"rel-{uuid.uuid4().hex[:8]}")
+    with redis_server(tmp_path) as server, reliability_app(f"{server.url}/1") as (app, tasks):
         worker = WorkerProcess(app, tmp_path, concurrency=1)
-        try:
-            with workers(worker):
-                # Given: the pool process has used its backend connection, now idle.
-                assert tasks.tiny.delay(1).get(timeout=30) == 2
-                # When: Redis drops every connection, then the next run comes.
-                inject(fault, server)
-                result = tasks.tiny.delay(2)
-                supervise(worker, result.ready, "the run after the fault to finish")
-                outcome: Any
-                try:
-                    outcome = result.get(timeout=10)
-                except Exception as exc:  # the run's own exception, whatever it is
-                    outcome = exc
-                run = load_run(app, result.id)
-        finally:
-            app.close()
+        with workers(worker):
+            # Given: the pool process has used its backend connection, now idle.
+            assert tasks.tiny.delay(1).get(timeout=30) == 2
+            # When: Redis drops every connection, then the next run comes.
+            inject(fault, server)
+            result = tasks.tiny.delay(2)
+            supervise(worker, result.ready, "the run after the fault to finish")
+            outcome = outcome_of(result, timeout=10)
+            run = load_run(app, result.id)
 
     # Then: the run completed, and its record says so.
     history = run.history_names() if run is not None else None

@@ -22,6 +22,7 @@ from tests.reliability.harness import (
     deliveries,
     history_problems,
     load_run,
+    reliability_app,
     wait_for,
     workers,
 )
@@ -39,13 +40,8 @@ TIMEOUT = 45.0
 
 @pytest.fixture
 def rel(redis_url: str) -> Iterator[tuple[Any, Any]]:
-    from tests.reliability.worker_app import make_app
-
-    app, tasks = make_app(redis_url, queue=f"rel-{uuid.uuid4().hex[:8]}", visibility_timeout=3)
-    try:
-        yield app, tasks
-    finally:
-        app.close()
+    with reliability_app(redis_url, visibility_timeout=3) as app_and_tasks:
+        yield app_and_tasks
 
 
 def lock_keys(app: Any) -> list[bytes]:

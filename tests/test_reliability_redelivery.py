@@ -28,6 +28,7 @@ from tests.reliability.harness import (
     deliveries,
     history_problems,
     load_run,
+    reliability_app,
     wait_for,
     workers,
 )
@@ -46,14 +47,8 @@ REDELIVERY_TIMEOUT = 45.0
 
 @pytest.fixture
 def rel(redis_url: str) -> Iterator[tuple[Any, Any]]:
-    from tests.reliability.worker_app import make_app
-
-    queue = f"rel-{uuid.uuid4().hex[:8]}"
-    app, tasks = make_app(redis_url, queue=queue, visibility_timeout=VISIBILITY_TIMEOUT)
-    try:
-        yield app, tasks
-    finally:
-        app.close()
+    with reliability_app(redis_url, visibility_timeout=VISIBILITY_TIMEOUT) as app_and_tasks:
+        yield app_and_tasks
 
 
 @pytest.mark.parametrize("redelivered_by", ["another-worker", "a-restarted-worker"])

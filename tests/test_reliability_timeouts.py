@@ -20,19 +20,15 @@ from typing import Any
 import pytest
 
 from celery_taskengine.errors import TaskRunTimeoutError
-from tests.reliability.harness import WorkerProcess, load_run, workers
-from tests.reliability.worker_app import make_app
+from tests.reliability.harness import WorkerProcess, load_run, outcome_of, reliability_app, workers
 
 pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture
 def rel(redis_url: str) -> Iterator[tuple[Any, Any]]:
-    app, tasks = make_app(redis_url, queue=f"rel-{uuid.uuid4().hex[:8]}")
-    try:
-        yield app, tasks
-    finally:
-        app.close()
+    with reliability_app(redis_url) as app_and_tasks:
+        yield app_and_tasks
 
 
 def test_a_deadline_that_falls_inside_a_redis_call_still_times_the_attempt_out(
@@ -43,11 +39,7 @@ def test_a_deadline_that_falls_inside_a_redis_call_still_times_the_attempt_out(
     with workers(WorkerProcess(app, tmp_path, concurrency=1)):
         # When: the 0.1 s deadline comes while the body waits 1 s inside one Redis call.
         result = tasks.blocked_in_redis.delay(uuid.uuid4().hex, 1.0)
-        outcome: Any
-        try:
-            outcome = result.get(timeout=30)
-        except Exception as exc:  # the run's own exception, whatever it is
-            outcome = exc
+        outcome = outcome_of(result, timeout=30)
 
     # Then: the attempt timed out, as one blocked in time.sleep would.
     run = load_run(app, result.id)

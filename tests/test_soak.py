@@ -32,12 +32,12 @@ from tests.reliability.harness import (
     deliveries,
     history_problems,
     load_run,
+    reliability_app,
     workers,
 )
 from tests.reliability.worker_app import (
     RESULT_EXPIRES,
     SOAK_CACHE_EXPIRATION,
-    make_app,
     side,
 )
 
@@ -77,15 +77,8 @@ MODES = (
 def soak_app(redis_url: str) -> Iterator[tuple[Any, Any]]:
     # A visibility timeout well above the retry delays, as Celery's docs require (the
     # redelivery tests cover what happens below it).
-    app, tasks = make_app(
-        redis_url,
-        queue=f"soak-{uuid.uuid4().hex[:8]}",
-        visibility_timeout=60,
-    )
-    try:
-        yield app, tasks
-    finally:
-        app.close()
+    with reliability_app(redis_url, prefix="soak", visibility_timeout=60) as app_and_tasks:
+        yield app_and_tasks
 
 
 def test_thousands_of_runs_with_failures_retries_timeouts_and_cache_hits_all_end_cleanly(

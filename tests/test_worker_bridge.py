@@ -460,3 +460,36 @@ def test_engine_and_plain_celery_tasks_mix_in_groups_and_chords(broker_app: Cele
         retried.clear()
         assert chord(header)(plain_total.s()).get(timeout=30) == 30
     assert retried == [3]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("celery_stored_it", [False, True], ids=["lost", "stored"])
+def test_a_message_handled_by_a_dead_delivery_gets_its_recorded_outcome_once(
+    celery_stored_it: bool, redis_app: Celery, redis_client: Any
+) -> None:
+    counter = f"handled:{uuid.uuid4().hex}"
+
+    @task(app=redis_app, name="bridge.handled")
+    def handled() -> str:
+        return f"ran {redis_client.incr(counter)}"
+
+    with embedded_worker(redis_app, pool="threads", concurrency=1):
+        # Given: a delivery recorded its outcome and marked the message handled; then (the
+        # "lost" case) its process died before Celery stored the result.
+        first = handled.delay()
+        assert first.get(timeout=10) == "ran 1"
+        if not celery_stored_it:
+            redis_client.delete(redis_app.backend.get_key_for_task(first.id))
+        # When: a copy of the message comes (a countdown makes it claim first, as a
+        # redelivered or retried message does).
+        again = handled.apply_async(task_id=first.id, countdown=0.1)
+        if celery_stored_it:
+            grace_until = time.monotonic() + 5
+            while time.monotonic() < grace_until and redis_client.get(counter) == b"1":
+                time.sleep(0.1)
+        value = again.get(timeout=10)
+
+    # Then: the function ran once; Celery has the recorded outcome.
+    assert value == "ran 1"
+    assert redis_client.get(counter) == b"1"
+    assert history(first.id, redis_app) == ["Pending", "Running", "Completed"]

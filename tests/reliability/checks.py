@@ -80,7 +80,11 @@ def check_committed_once(
             problems.append(f"{key}: Cached without a crash: {names}")
         again = tasks.work.delay(key, sleep)
         if not isinstance(again, CachedResult) or again.get(timeout=timeout) != value:
-            problems.append(f"{key}: the committed record does not hold {value}")
+            answer = again.get(timeout=timeout)
+            problems.append(
+                f"{key}: the committed record does not hold {value}: a second call gave "
+                f"{answer} ({type(again).__name__}), after {names}"
+            )
         if counter(app, f"exec:{key}") != executions:
             problems.append(f"{key}: calling again ran the body")
         figures.problems += problems

@@ -369,3 +369,25 @@ def counter(app: Celery, name: str) -> int:
 
     value = side(app).get(name)
     return int(value) if value is not None else 0
+
+
+@contextlib.contextmanager
+def reliability_app(
+    url: str, *, prefix: str = "rel", **options: Any
+) -> Iterator[tuple[Celery, Any]]:
+    """The reliability tasks' app on ``url``, with a queue of its own; closed afterwards."""
+    from tests.reliability.worker_app import make_app  # module import builds a default app
+
+    app, tasks = make_app(url, queue=f"{prefix}-{uuid.uuid4().hex[:8]}", **options)
+    try:
+        yield app, tasks
+    finally:
+        app.close()
+
+
+def outcome_of(result: Any, timeout: float) -> Any:
+    """What ``result.get()`` gave: the value, or the exception it raised."""
+    try:
+        return result.get(timeout=timeout)
+    except Exception as exc:  # the run's own exception, whatever it is
+        return exc
