@@ -12,6 +12,10 @@ Recording is on every task's hot path, so it costs as little as it can (see
 - AwaitingRetry is written blocking: the retry's delivery, maybe on another worker, reads it.
 - A crash never overwrites a run that already ended: with ``revoke(terminate=True)`` the
   worker's main process records Cancelled while the killed attempt records its crash.
+- A final state is written when the delivery's engine returns (:meth:`DeliveryRecorder.flush`),
+  not when it is entered: the run's transaction commits after Completed is entered (as in
+  Prefect), and a worker killed in between must leave the run Running, to be continued, not
+  Completed with its result never committed.
 """
 
 from __future__ import annotations
@@ -107,6 +111,8 @@ class DeliveryRecorder:
         #: No backend meta can exist before a message's first delivery starts.
         self._meta_is_new = not (delivery.retries or delivery.redelivered)
         self._claim_to_take = delivery.claim if not delivery.claimed else None
+        #: The final state's writes, sent by flush() (see the module docstring).
+        self._final: list[tuple[Any, ...]] | None = None
 
     def __call__(self, run: TaskRun, state: State) -> None:
         if state.name == "Pending" and len(run.state_history) == 1:
@@ -132,16 +138,25 @@ class DeliveryRecorder:
             status = celery_status(state)
             if status is not None:
                 commands.append(self._meta_command(run, state, status))
-            if claim is not None and state.is_final() and not state.is_crashed():
-                commands.append(claim.done_command(self._run_px))
-            # An attempt's start may travel with its end (see redis_oneway).
-            hold = state.type is StateType.RUNNING
-            self._channel.send(*commands, key=self._run_key, piggyback=piggyback, hold=hold)
+            if state.is_final() and not state.is_crashed():
+                if claim is not None:
+                    commands.append(claim.done_command(self._run_px))
+                self._final = commands
+            else:
+                # An attempt's start may travel with its end (see redis_oneway).
+                hold = state.type is StateType.RUNNING
+                self._channel.send(*commands, key=self._run_key, piggyback=piggyback, hold=hold)
         if state.type is StateType.RUNNING and self.on_attempt is not None:
             self.on_attempt()
         if self.delivery.send_events:
             d = self.delivery
             send_state_event(self.app, d.hostname, d.task_id, run, state)
+
+    def flush(self) -> None:
+        """Write the final state, once the engine has returned (its transaction is over)."""
+        final, self._final = self._final, None
+        if final is not None:
+            self._channel.send(*final, key=self._run_key, piggyback=self.delivery.piggyback)
 
     def _meta_command(self, run: TaskRun, state: State, status: str) -> tuple[Any, ...]:
         backend = self.app.backend

@@ -223,15 +223,21 @@ def _execute(
     env = _environment(task, delivery, store, on_attempt=items.clear)
     context = {"environment": env}
     kind = task.fn_kind
-    if kind == "function":
-        run_task_sync(task, task_run=run, return_type="state", context=context)
-    elif kind == "coroutine":
-        run_on_worker_loop(run_task_async(task, task_run=run, return_type="state", context=context))
-    elif kind == "generator":
-        _drain(run_generator_task_sync(task, task_run=run, context=context), run, channel, items)
-    else:
-        generator = run_generator_task_async(task, task_run=run, context=context)
-        run_on_worker_loop(_drain_async(generator, run, channel, items))
+    try:
+        if kind == "function":
+            run_task_sync(task, task_run=run, return_type="state", context=context)
+        elif kind == "coroutine":
+            coroutine = run_task_async(task, task_run=run, return_type="state", context=context)
+            run_on_worker_loop(coroutine)
+        elif kind == "generator":
+            generator = run_generator_task_sync(task, task_run=run, context=context)
+            _drain(generator, run, channel, items)
+        else:
+            agenerator = run_generator_task_async(task, task_run=run, context=context)
+            run_on_worker_loop(_drain_async(agenerator, run, channel, items))
+    finally:
+        if isinstance(env.record, DeliveryRecorder):
+            env.record.flush()
     return items
 
 
