@@ -31,6 +31,7 @@ from celery_taskengine.errors import ConfigurationError, StoreUnavailableError, 
 from celery_taskengine.events import event_fields, event_type
 from celery_taskengine.producer import _key_may_ignore_run_id
 from celery_taskengine.redis_oneway import _SKIP, RecordChannel, _pack
+from celery_taskengine.redis_store import RedisStore
 from celery_taskengine.run_document import RunDocument
 from celery_taskengine.states import (
     AwaitingRetry,
@@ -51,6 +52,7 @@ from celery_taskengine.states import (
 from celery_taskengine.task_meta import celery_status, write_task_meta
 from celery_taskengine.task_run import TaskRun
 from celery_taskengine.worker_loop import run_on_worker_loop
+from celery_taskengine.worker_record import Delivery, DeliveryRecorder
 
 # -- events -----------------------------------------------------------------------------------
 
@@ -406,3 +408,31 @@ def test_any_other_delivery_never_overwrites_a_success(redis_app: Celery) -> Non
 def _commands(client: Any, name: str) -> int:
     stats = client.info("commandstats").get(f"cmdstat_{name}", {})
     return int(stats.get("calls", 0))
+
+
+# -- recording a worker run ---------------------------------------------------------------------
+
+
+def test_a_worker_run_s_final_state_is_written_only_once_its_engine_returned(
+    redis_app: Celery, redis_client: Any
+) -> None:
+    # The transaction commits after Completed is entered: a worker killed in between must leave
+    # the run Running (continued by the redelivery), not Completed with nothing committed.
+    store = RedisStore.for_app(redis_app)
+    delivery = Delivery(
+        "run-1", "run-1", "worker@x", retries=0, redelivered=False, send_events=False
+    )
+    recorder = DeliveryRecorder(redis_app, store, delivery)
+    run = TaskRun(id="run-1", name="t", task_name="t", parameters={})
+    for state in (Pending(), Running(), Completed(data=1)):
+        run.state = state
+        run.state_history.append(state)
+        recorder(run, state)
+    time.sleep(0.5)  # longer than the kernel holds a held write (200 ms)
+
+    assert store.load_run("run-1").history_names() == ["Pending", "Running"]
+    recorder.flush()
+    deadline = time.monotonic() + 5
+    while store.load_run("run-1").state.name != "Completed" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert store.load_run("run-1").history_names() == ["Pending", "Running", "Completed"]
