@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import redis
 
+from celery_taskengine.redis_store import side_client
+
 __all__ = [
     "CLAIM_TTL_SECONDS",
     "DONE",
@@ -112,11 +114,7 @@ class ClaimRenewer:
         self._held: dict[Claim, float] = {}
         self._lock = threading.Lock()
         self._pid = 0
-        # Connections of its own: the delivery's thread writes on the pool's idle connection
-        # without checking it out (redis_oneway's piggyback), so no other thread may take it.
-        pool = client.connection_pool
-        own = redis.ConnectionPool(connection_class=pool.connection_class, **pool.connection_kwargs)
-        self._renew = redis.Redis(connection_pool=own).register_script(_RENEW_LUA)
+        self._renew = side_client(client).register_script(_RENEW_LUA)
 
     def hold(self, claim: Claim) -> None:
         with self._lock:

@@ -81,6 +81,18 @@ _SCAN_BATCH = 500
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
+def side_client(client: redis.Redis) -> redis.Redis:
+    """A client to ``client``'s server on connections of its own, for background threads.
+
+    A worker's task thread writes run records on the pool's idle connection without checking
+    it out (see redis_oneway's piggyback), so no other thread may take connections from that
+    pool.
+    """
+    pool = client.connection_pool
+    own = redis.ConnectionPool(connection_class=pool.connection_class, **pool.connection_kwargs)
+    return redis.Redis(connection_pool=own)
+
+
 class RedisStore:
     """A :class:`~celery_taskengine.result_store.ResultStore` on one Redis database.
 
@@ -115,7 +127,7 @@ class RedisStore:
         self._prefix = f"{key_prefix}cte:{namespace}:"
         self._clock = clock
         self._release = client.register_script(_RELEASE_LUA)
-        self._renew = client.register_script(_RENEW_LUA)
+        self._renew: Any = None  # on connections of its own, made by the first renewal
         self._save_runs = client.register_script(_SAVE_RUNS_LUA)
 
     @classmethod
@@ -228,6 +240,8 @@ class RedisStore:
     def renew_lock(self, key: str, holder: str, ttl: float) -> bool:
         """Give ``holder``'s lock ``ttl`` more seconds from now; ``False`` if it lost it."""
         ms = _milliseconds(_check_ttl(ttl))
+        if self._renew is None:  # renewals come from a thread: see side_client
+            self._renew = side_client(self.client).register_script(_RENEW_LUA)
         with self._available():
             return bool(self._renew(keys=[self.key_for("lock", key)], args=[holder, ms]))
 
