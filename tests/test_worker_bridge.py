@@ -483,7 +483,7 @@ def test_a_message_handled_by_a_dead_delivery_gets_its_recorded_outcome_once(
         # When: a copy of the message comes (a countdown makes it claim first, as a
         # redelivered or retried message does).
         again = handled.apply_async(task_id=first.id, countdown=0.1)
-        if celery_stored_it:
+        if celery_stored_it:  # .get() answers at once: give the copy time to run, if it would
             grace_until = time.monotonic() + 5
             while time.monotonic() < grace_until and redis_client.get(counter) == b"1":
                 time.sleep(0.1)
