@@ -28,7 +28,7 @@ from celery.worker import state as worker_state
 
 from celery_taskengine.drivers import drive_sync
 from celery_taskengine.parameters import bind_parameters
-from celery_taskengine.redis_store import RedisStore
+from celery_taskengine.redis_store import DEFAULT_RUN_EXPIRES, RedisStore
 from celery_taskengine.result_store import ResultStore, store_for_app
 from celery_taskengine.run_core import RunCore, RunEnvironment
 from celery_taskengine.states import State, StateType, is_legal_transition
@@ -77,7 +77,7 @@ def _revoke_and_tell_children(state: Any, task_id: Any, *args: Any, **kwargs: An
         try:
             store = store_for_app(task.app)
             if isinstance(store, RedisStore):
-                expires = max(1, int(store.run_expires or 86_400))
+                expires = max(1, int(store.run_expires or DEFAULT_RUN_EXPIRES))
                 store.client.set(store.key_for("revoked", request.id), 1, ex=expires)
         except Exception:
             logger.warning("%s: could not tell the running attempt", request.id, exc_info=True)

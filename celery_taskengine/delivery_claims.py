@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import redis
 
-from celery_taskengine.redis_store import side_client
+from celery_taskengine.redis_store import RedisStore
 
 __all__ = [
     "CLAIM_TTL_SECONDS",
@@ -46,10 +46,6 @@ CLAIM_TTL_SECONDS = 15.0
 #: The value of a claim whose delivery has written its outcome.
 DONE = b"done"
 
-_RENEW_LUA = """
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
-return 0
-"""
 _tokens = itertools.count()
 _HOST = socket.gethostname()
 
@@ -109,12 +105,11 @@ class ClaimRenewer:
     A claim is renewed only once it is a third of its life old: short attempts cost nothing.
     """
 
-    def __init__(self, client: redis.Redis, ttl: float) -> None:
-        self.ttl = ttl
+    def __init__(self, store: RedisStore, ttl: float) -> None:
+        self.store, self.ttl = store, ttl
         self._held: dict[Claim, float] = {}
         self._lock = threading.Lock()
         self._pid = 0
-        self._renew = side_client(client).register_script(_RENEW_LUA)
 
     def hold(self, claim: Claim) -> None:
         with self._lock:
@@ -136,7 +131,7 @@ class ClaimRenewer:
                 claims = [claim for claim, since in self._held.items() if since <= due]
             for claim in claims:
                 try:
-                    if not self._renew(keys=[claim.key], args=[claim.token, _ms(self.ttl)]):
+                    if not self.store.renew_if_held(claim.key, claim.token, self.ttl):
                         logger.warning("%s: lost the delivery's claim while running", claim.key)
                         self.release(claim)
                 except redis.RedisError:

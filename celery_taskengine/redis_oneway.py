@@ -88,7 +88,7 @@ class RecordChannel:
         connection, let the kernel wait for this thread's next send. While Redis does not
         answer they are retried for ``patience`` seconds, then :class:`StoreUnavailableError`."""
         if self._orphans:
-            self._orphans.pop(key, None)  # superseded: this write holds the whole record
+            self._supersede(key)
             self.resend_orphans()
         try:
             self._send_now(commands, key, piggyback=piggyback, hold=hold)
@@ -100,7 +100,7 @@ class RecordChannel:
         after all this thread sent before on the same channel; retried as :meth:`send` is.
         Raises ``redis.ResponseError`` if one failed."""
         if self._orphans:
-            self._orphans.pop(key, None)
+            self._supersede(key)
             self.resend_orphans()
         try:
             self._send_and_wait(commands, piggyback=piggyback)
@@ -127,6 +127,11 @@ class RecordChannel:
                 self._orphans = {**pending, **self._orphans}
             logger.warning("%d run records not written yet: %s", len(pending), exc)
 
+    def _supersede(self, key: str) -> None:
+        """Forget record ``key``'s orphans: the write being sent holds the whole record."""
+        with self._orphans_lock:
+            self._orphans.pop(key, None)
+
     def _send_now(
         self, commands: Sequence[Command], key: str, *, piggyback: bool = False, hold: bool = False
     ) -> None:
@@ -138,9 +143,8 @@ class RecordChannel:
             self._send_on_next(data, key)
             return
         _send(self._own_connection(), data, _MSG_MORE if hold else 0)
-        if self._orphans:  # queued writes of this record lost on the way: superseded
-            with self._orphans_lock:
-                self._orphans.pop(key, None)
+        if self._orphans:  # this record's writes queued on a connection that broke meanwhile
+            self._supersede(key)
 
     def _send_and_wait(self, commands: Sequence[Command], *, piggyback: bool = False) -> None:
         if piggyback or not self._skips_replies():
@@ -163,7 +167,7 @@ class RecordChannel:
         deadline = time.monotonic() + (self.patience if patience is None else patience)
         delay = 0.05
         while True:
-            self._local.connection = None
+            self._drop_own_connection()
             try:
                 action()
                 return
@@ -197,8 +201,7 @@ class RecordChannel:
             pending = self._watch(connection)
         if _dropped(connection):
             connection.disconnect()  # orphans what it held; reconnected by the send below
-            with self._orphans_lock:
-                self._orphans.pop(key, None)  # superseded by ``data``
+            self._supersede(key)
         pending[key] = pending.get(key, b"") + data
         _send(connection, data, _MSG_MORE)
 

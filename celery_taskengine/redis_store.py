@@ -239,11 +239,15 @@ class RedisStore:
 
     def renew_lock(self, key: str, holder: str, ttl: float) -> bool:
         """Give ``holder``'s lock ``ttl`` more seconds from now; ``False`` if it lost it."""
-        ms = _milliseconds(_check_ttl(ttl))
-        if self._renew is None:  # renewals come from a thread: see side_client
-            self._renew = side_client(self.client).register_script(_RENEW_LUA)
         with self._available():
-            return bool(self._renew(keys=[self.key_for("lock", key)], args=[holder, ms]))
+            return self.renew_if_held(self.key_for("lock", key), holder, _check_ttl(ttl))
+
+    def renew_if_held(self, redis_key: str, holder: str, ttl: float) -> bool:
+        """Extend ``redis_key`` to ``ttl`` seconds from now if it still holds ``holder`` (a
+        lock's or a delivery claim's owner). Called from renewer threads: see side_client."""
+        if self._renew is None:
+            self._renew = side_client(self.client).register_script(_RENEW_LUA)
+        return bool(self._renew(keys=[redis_key], args=[holder, _milliseconds(ttl)]))
 
     def release_lock(self, key: str, holder: str) -> None:
         """Release the lock if ``holder`` holds it; another holder's lock is left alone."""

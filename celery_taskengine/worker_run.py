@@ -67,7 +67,7 @@ def _renewer_for(store: RedisStore, app: Any) -> ClaimRenewer:
     renewer = _renewers.get(store)
     if renewer is None:
         ttl = float(app.conf.get("taskengine_claim_ttl") or CLAIM_TTL_SECONDS)
-        renewer = _renewers.setdefault(store, ClaimRenewer(store.client, ttl))
+        renewer = _renewers.setdefault(store, ClaimRenewer(store, ttl))
     return renewer
 
 
@@ -80,30 +80,38 @@ def run_delivery(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> A
     store = store_for_app(task.app)
     request = task.request
     parameters = bind_parameters(task.run, args, kwargs)
-    claimed_message = _claim_message(task, request, store)
-    if claimed_message is None:
-        assert isinstance(store, RedisStore)
-        return _settle_handled_message(task, request, store)
-    claim, claimed, renewer = claimed_message
+    claim, claimed = None, False
+    if isinstance(store, RedisStore):
+        claim, claimed = _claim_message(task, request, store)
+        if claim is None:
+            return _settle_handled_message(task, request, store)
     delivery = _delivery(task, request, store, claim, claimed)
     try:
-        run = None
-        if delivery.retries or delivery.redelivered:  # else no record can exist yet
-            run = store.load_run(delivery.task_id)
-        if run is None:
-            run = new_task_run(task, parameters, delivery.task_id)
-        channel = None
-        if task.fn_kind in ("generator", "async_generator") and isinstance(store, RedisStore):
-            channel = ItemChannel(task.app, store, delivery.task_id)
-        try:
-            items = _execute(task, delivery, store, run, channel)
-        finally:
-            if channel is not None and run.state is not None and run.state.is_final():
-                channel.close()
+        run, items = _run(task, delivery, store, parameters)
     finally:
-        if renewer is not None and claim is not None:
-            renewer.release(claim)
+        if claim is not None and isinstance(store, RedisStore):
+            _renewers[store].release(claim)
     return _outcome(task, delivery, run, items)
+
+
+def _run(
+    task: Task, delivery: Delivery, store: ResultStore, parameters: dict[str, Any]
+) -> tuple[TaskRun, list[Any]]:
+    """The delivery's run (continued, if it has a record) after the engine ran it, and the
+    items it yielded."""
+    run = None
+    if delivery.retries or delivery.redelivered:  # else no record can exist yet
+        run = store.load_run(delivery.task_id)
+    if run is None:
+        run = new_task_run(task, parameters, delivery.task_id)
+    channel = None
+    if task.fn_kind in ("generator", "async_generator") and isinstance(store, RedisStore):
+        channel = ItemChannel(task.app, store, delivery.task_id)
+    try:
+        return run, _execute(task, delivery, store, run, channel)
+    finally:
+        if channel is not None and run.state is not None and run.state.is_final():
+            channel.close()
 
 
 def after_celery_retry(task: Task, task_id: str) -> None:
@@ -117,25 +125,22 @@ def after_celery_retry(task: Task, task_id: str) -> None:
         logger.warning("%s: could not store the AWAITING_RETRY state", task_id, exc_info=True)
 
 
-def _claim_message(
-    task: Task, request: Any, store: ResultStore
-) -> tuple[Claim | None, bool, ClaimRenewer | None] | None:
-    """This delivery's claim on its message (see delivery_claims), whether it is taken yet,
-    and its renewer; ``None`` when another delivery handled the message."""
-    if not isinstance(store, RedisStore):
-        return None, False, None
+def _claim_message(task: Task, request: Any, store: RedisStore) -> tuple[Claim | None, bool]:
+    """This delivery's claim on its message (see delivery_claims), held by the store's renewer
+    until the delivery ends, and whether it is taken yet; no claim when another delivery
+    handled the message."""
     renewer = _renewer_for(store, task.app)
     retries = int(request.retries or 0)
     claim = Claim.new(store.key_for("claim", f"{request.id}:{retries}"), renewer.ttl)
     claimed = False
     if retries or _redelivered(request) or request.eta:  # may be a duplicate: claim first
         if not claim_or_wait(store.client, claim, poll=renewer.ttl / 10):
-            return None  # another delivery handled the message
+            return None, False
         claimed = True
     else:  # a first delivery: no other can have stored an outcome (see engine_backend)
         setattr(request, FRESH, True)
     renewer.hold(claim)
-    return claim, claimed, renewer
+    return claim, claimed
 
 
 def _settle_handled_message(task: Task, request: Any, store: RedisStore) -> Any:

@@ -351,7 +351,7 @@ def test_a_crashed_holders_claim_lapses_and_is_taken_over(redis_client: Any) -> 
 
 
 def test_a_held_claim_is_renewed_while_its_delivery_runs(redis_client: Any) -> None:
-    renewer = ClaimRenewer(redis_client, ttl=0.3)
+    renewer = ClaimRenewer(RedisStore(redis_client), ttl=0.3)
     claim = Claim.new("claim:t:0", ttl=0.3)
     assert claim_or_wait(redis_client, claim, poll=0.01)
     renewer.hold(claim)
