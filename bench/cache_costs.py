@@ -9,11 +9,13 @@ whose keys are deleted at the end), prints the median cost per call of:
   through the engine, on the Redis result backend;
 - the same hit and misses on the in-memory store (an app without a result backend);
 - diagnostic: the Redis hit and miss with run recording switched off, which isolates the cache
-  path from the run record the engine writes to the backend on every state change.
+  path from the run record the engine writes to the backend for every local run.
 
 Cases are measured round-robin (one batch of each, repeated), so a busy machine slows them all
-alike; the medians are printed. "Round trips" is the Redis commands one call sends, counted
-with ``INFO commandstats``. No assertions: this is a measurement.
+alike; the medians are printed. "Commands" is the Redis commands one call sends, counted with
+``INFO commandstats``: a hit's run record is a ``SET`` after ``CLIENT REPLY SKIP``, which waits
+for no answer, so a hit's three commands are one round trip. No assertions: this is a
+measurement.
 
     python bench/cache_costs.py [--url redis://127.0.0.1:6379/14] [--calls 1000] [--repeats 9]
 """
@@ -67,11 +69,11 @@ def commands_sent(client: redis.Redis) -> int:
     return sum(entry["calls"] for entry in stats.values())
 
 
-def round_trips(client: redis.Redis, fn: Callable[[], Any], calls: int = 50) -> float:
+def commands_per_call(client: redis.Redis, fn: Callable[[], Any], calls: int = 50) -> float:
     """Redis commands per call of ``fn`` (INFO itself counts one, subtracted).
 
-    Local runs' records are written in the background, in batches: they are flushed before
-    counting, so each call's share is counted (a batch's script call and its SETs included).
+    Local runs' records are written behind the caller: they are flushed before and after
+    counting, so each call's share is counted.
     """
     flush_run_records()
     before = commands_sent(client)
@@ -134,7 +136,7 @@ def main() -> None:
         ("diagnostic, no run records: redis miss", lambda: quiet_refresh(3)),
     ]
     try:
-        trips = {name: round_trips(client, fn) for name, fn in cases if _on_redis(name)}
+        trips = {name: commands_per_call(client, fn) for name, fn in cases if _on_redis(name)}
         medians = measure(cases, args.calls, args.repeats)
     finally:
         names = list(client.scan_iter(match=f"cte:{namespace}:*", count=1000))
@@ -145,7 +147,7 @@ def main() -> None:
 
     get_us, set_us = medians["redis-py GET"], medians["redis-py SET"]
     print(f"Redis {args.url}, {args.calls} calls x {args.repeats} rounds, medians\n")
-    print(f"{'case':<40} {'µs/call':>9} {'round trips':>12} {'minus 1 GET':>12}")
+    print(f"{'case':<40} {'µs/call':>9} {'commands':>12} {'minus 1 GET':>12}")
     for name, _ in cases:
         value = medians[name]
         trip = f"{trips[name]:.1f}" if name in trips else "-"

@@ -350,6 +350,12 @@ def _flatten(policies: Iterable[CachePolicy]) -> Iterable[CachePolicy]:
             yield policy
 
 
+def keys_from_inputs_only(policy: CachePolicy) -> bool:
+    """Whether ``policy``'s keys depend on nothing but the task and its inputs (no user
+    ``cache_key_fn``, which may look at the run): such a key can be computed early."""
+    return not any(isinstance(member, CacheKeyFnPolicy) for member in _flatten((policy,)))
+
+
 INPUTS = Inputs()
 TASK_SOURCE = TaskSource()
 RUN_ID = RunId()

@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import redis
 
+from celery_taskengine.early_read import EarlyRead, EarlyReads
 from celery_taskengine.errors import (
     ConfigurationError,
-    SerializationError,
     StoreUnavailableError,
 )
 from celery_taskengine.record_codec import (
@@ -39,7 +39,7 @@ from celery_taskengine.record_codec import (
     normalize_accept,
 )
 from celery_taskengine.result_store import ResultRecord
-from celery_taskengine.run_document import RunDocument
+from celery_taskengine.run_document import encode_run
 from celery_taskengine.task_run import TaskRun, run_from_document
 
 if TYPE_CHECKING:
@@ -68,15 +68,6 @@ return 0
 
 # Many run records in one command: the local-run writer sends a batch per round trip, and one
 # command costs the client a tenth of a pipeline of SETs. ARGV[1] is the lifetime in ms (0: none).
-_SAVE_RUNS_LUA = """
-local px = tonumber(ARGV[1])
-for i, key in ipairs(KEYS) do
-  if px > 0 then redis.call('set', key, ARGV[i + 1], 'px', px)
-  else redis.call('set', key, ARGV[i + 1]) end
-end
-return #KEYS
-"""
-
 _SCAN_BATCH = 500
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
@@ -128,7 +119,7 @@ class RedisStore:
         self._clock = clock
         self._release = client.register_script(_RELEASE_LUA)
         self._renew: Any = None  # on connections of its own, made by the first renewal
-        self._save_runs = client.register_script(_SAVE_RUNS_LUA)
+        self._early_reads = EarlyReads(self)
 
     @classmethod
     def for_app(cls, app: Celery) -> RedisStore:
@@ -163,6 +154,17 @@ class RedisStore:
             raw = self.client.get(self.key_for("cache", key))
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             raise self._unavailable(exc) from exc
+        return self.record_from(raw, key)
+
+    def start_read(self, key: str) -> EarlyRead:
+        """Send the ``GET`` of :meth:`read` now; :meth:`EarlyRead.result` reads the answer.
+
+        The engine asks before it records Running, so the round trip overlaps that work.
+        """
+        return self._early_reads.start(key)
+
+    def record_from(self, raw: bytes | str | None, key: str) -> ResultRecord | None:
+        """The record a ``GET`` of ``key`` answered (as :meth:`read` gives it)."""
         if raw is None:
             return None
         try:
@@ -264,31 +266,10 @@ class RedisStore:
 
     def save_run(self, run: TaskRun) -> None:
         """Write the run's JSON document (one ``SET``), living ``run_expires`` seconds."""
-        document = _run_document(run)
+        document = encode_run(run)
         px = _milliseconds(self.run_expires) if self.run_expires is not None else None
         with self._available():
             self.client.set(self.key_for("run", run.id), document, px=px)
-
-    def save_runs(self, runs: Iterable[TaskRun]) -> None:
-        """Write several runs' documents in one round trip (one script call).
-
-        A run whose document cannot be encoded is left out with a warning; the others are
-        still written.
-        """
-        keys: list[str] = []
-        documents: list[str] = []
-        for run in runs:
-            try:
-                documents.append(_run_document(run))
-            except SerializationError as exc:
-                logger.warning("%s: the run record is not written: %s", run.id, exc)
-                continue
-            keys.append(self.key_for("run", run.id))
-        if not keys:
-            return
-        px = _milliseconds(self.run_expires) if self.run_expires is not None else 0
-        with self._available():
-            self._save_runs(keys=keys, args=[px, *documents])
 
     def load_run(self, run_id: str) -> TaskRun | None:
         """The run record for ``run_id``; ``None`` when unknown, or malformed (with a warning)."""
@@ -343,14 +324,6 @@ class RedisStore:
 
     def _unavailable(self, exc: Exception) -> StoreUnavailableError:
         return StoreUnavailableError(f"Redis result backend at {self.url} is unavailable: {exc}")
-
-
-def _run_document(run: TaskRun) -> str:
-    """The run's JSON document; raises :class:`SerializationError` if it cannot be encoded."""
-    try:
-        return RunDocument(run).encode(run)
-    except (TypeError, ValueError) as exc:
-        raise SerializationError(f"run record {run.id!r} cannot be encoded: {exc}") from exc
 
 
 def _global_prefix(prefix: Any) -> str:

@@ -97,6 +97,9 @@ class RunCore:
         #: The values the function is called with (upstream states resolved); a copy is made
         #: only when something is resolved.
         self.call_parameters: dict[str, Any] = run.parameters
+        #: The first attempt's cache read, sent before Running (see _read_early): its key and
+        #: the pending answer.
+        self._early_read: tuple[str, Any] | None = None
 
     @property
     def state(self) -> State:
@@ -120,8 +123,10 @@ class RunCore:
                 yield from self.call_hooks(final)
             self.log_finished_message()
         except (GeneratorExit, Exception):
+            self._discard_early_read()
             raise
         except BaseException as exc:
+            self._discard_early_read()
             if self.run.state is not None and not self.state.is_final():
                 yield from self.handle_crash(exc)
             raise
@@ -150,6 +155,7 @@ class RunCore:
                     yield step
                 return False
             self.run.name = self._render_run_name()
+            yield from self._read_early()
             yield from self.begin_run()
             return True
         if (
@@ -234,18 +240,57 @@ class RunCore:
         READ_COMMITTED takes no lock and a hit runs nothing, so then the key is read before a
         transaction is opened: a hit needs none (``None``), and a miss's need not read again.
         """
-        key = None if self.is_generator else self.compute_transaction_key()
-        plain = key is not None and self._reads_plainly()
-        if plain:
-            hit: ResultRecord | None = yield Invoke(self._key_store().read, (key,))
+        key: str | None
+        early, self._early_read = self._early_read, None
+        if early is not None:
+            key, pending = early
+            hit: ResultRecord | None = yield Invoke(pending.result)
             if hit is not None:
                 return hit, None
+            plain = True
+        else:
+            key = None if self.is_generator else self.compute_transaction_key()
+            plain = key is not None and self._reads_plainly()
+            if plain:
+                hit = yield Invoke(self._key_store().read, (key,))
+                if hit is not None:
+                    return hit, None
         txn = self._transaction(key)
         if key is None:
             txn.enter()
         else:
             yield from txn.begin_steps(read=not plain)
         return (txn.record if txn.is_committed() else None), txn
+
+    def _read_early(self) -> Steps[None]:
+        """Send the first attempt's cache read now, to be answered while Running is recorded.
+
+        Only where nothing in between could change the key or the record: a plain read
+        (READ_COMMITTED, no refresh), no ``on_running`` hooks, no cancellation check, and a key
+        that depends on the task and its inputs alone (no ``cache_key_fn`` or storage key
+        template, which may look at the run). A store without ``start_read`` reads later.
+        """
+        policy = self.options.cache_policy
+        if (
+            self.is_generator
+            or policy is None
+            or self.options.on_running
+            or self.env.is_cancelled is not None
+            or self.options.result_storage_key is not None
+            or not cp.keys_from_inputs_only(policy)
+            or not self._reads_plainly()
+        ):
+            return
+        start_read = getattr(self._key_store(), "start_read", None)
+        key = self.compute_transaction_key() if start_read is not None else None
+        if start_read is not None and key is not None:
+            self._early_read = (key, (yield Invoke(start_read, (key,))))
+
+    def _discard_early_read(self) -> None:
+        """Give back an early read's connection that no attempt came to read (a local act)."""
+        early, self._early_read = self._early_read, None
+        if early is not None:
+            early[1].discard()
 
     def _leave_transaction(
         self, txn: Transaction | None, error: BaseException | None

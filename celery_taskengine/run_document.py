@@ -14,10 +14,11 @@ from collections.abc import Callable
 from datetime import datetime
 from json.encoder import encode_basestring_ascii
 
+from celery_taskengine.errors import SerializationError
 from celery_taskengine.states import State
 from celery_taskengine.task_run import DOCUMENT_VERSION, TaskRun, _jsonable, encode_exception
 
-__all__ = ["RunDocument"]
+__all__ = ["RunDocument", "encode_run"]
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
 _json_str: Callable[[str], str] = encode_basestring_ascii  # a JSON string literal, in C
@@ -44,18 +45,26 @@ class RunDocument:
         self._states: list[str] = []
 
     def encode(self, run: TaskRun) -> str:
-        history = run.state_history
+        history = run.state_history[:]  # one moment's history: another thread may add to it
         while len(self._states) < len(history) - 1:
             self._states.append(_state_json(history[len(self._states)]))
         states = self._states[: max(0, len(history) - 1)]
-        if history and run.state is not None:
-            states = [*states, _state_json(run.state, with_data=True)]
+        if history:
+            states = [*states, _state_json(history[-1], with_data=True)]
         return (
             f'{self._head},"name":{_json_str(run.name)},"parameters":{self._parameters},'
             f'"tags":{self._tags},"run_count":{run.run_count},'
             f'"start_time":{_json_time(run.start_time)},"end_time":{_json_time(run.end_time)},'
             f'"state_history":[{",".join(states)}]}}'
         )
+
+
+def encode_run(run: TaskRun) -> str:
+    """The run's JSON document; raises :class:`SerializationError` if it cannot be encoded."""
+    try:
+        return RunDocument(run).encode(run)
+    except (TypeError, ValueError) as exc:
+        raise SerializationError(f"run record {run.id!r} cannot be encoded: {exc}") from exc
 
 
 def _state_json(state: State, *, with_data: bool = False) -> str:

@@ -15,8 +15,9 @@ from typing import Any, Literal
 
 from celery_taskengine.drivers import Finished, drive_async, drive_sync, iterate_async, iterate_sync
 from celery_taskengine.errors import TaskRunTimeoutError
-from celery_taskengine.local_recording import writer_for
+from celery_taskengine.local_recording import recorder_for
 from celery_taskengine.memory_store import MemoryStore
+from celery_taskengine.redis_store import RedisStore
 from celery_taskengine.result_store import ResultStore, store_for_app
 from celery_taskengine.run_core import EngineTask, RunCore, RunEnvironment
 from celery_taskengine.states import State, StateType
@@ -91,7 +92,8 @@ def _fresh_local_environment(task: EngineTask) -> RunEnvironment:
     if isinstance(store, MemoryStore):
         # The memory store keeps the live TaskRun object: saving it once, at creation, is enough.
         return RunEnvironment(store=store, record=None, saves_on_create=True)
-    return RunEnvironment(store=store, record=writer_for(store).record)
+    assert isinstance(store, RedisStore), f"no recorder for local runs on {store!r}"
+    return RunEnvironment(store=store, record=recorder_for(store))
 
 
 class BaseTaskRunEngine:

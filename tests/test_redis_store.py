@@ -355,17 +355,6 @@ def test_a_saved_run_loads_back_with_its_state_history(store: RedisStore) -> Non
     )
 
 
-def test_several_runs_saved_at_once_each_load_back_with_their_lifetime(store: RedisStore) -> None:
-    runs = [make_run(f"batch-{i}") for i in range(3)]
-
-    store.save_runs(runs)
-
-    for run in runs:
-        loaded = store.load_run(run.id)
-        assert loaded is not None and loaded.to_document() == run.to_document()
-        assert store.client.pttl(store.key_for("run", run.id)) > 0
-
-
 def test_an_unknown_run_id_loads_as_none(store: RedisStore) -> None:
     assert store.load_run("nope") is None
 

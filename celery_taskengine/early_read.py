@@ -1,0 +1,124 @@
+"""Cache reads sent before the engine needs their answer, so the round trip overlaps its work.
+
+A cache hit is one Redis round trip plus the engine's own work: recording Running, entering
+states. The engine sends the hit's ``GET`` before that work (see ``RunCore._read_early``) and
+reads the answer after it, so the work is done while Redis answers instead of before.
+
+Each thread sends its early reads on a connection of its own, not the client's pool: taking
+and giving back a pooled connection costs about as much as the rest of the hit (measured on
+the 2-core reference machine: 17 µs of a hit's 40 µs over a plain ``GET``).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import threading
+from typing import TYPE_CHECKING, Any
+
+import redis
+
+from celery_taskengine.result_store import ResultRecord
+
+if TYPE_CHECKING:
+    from celery_taskengine.redis_store import RedisStore
+
+__all__ = ["EarlyRead", "EarlyReads"]
+
+_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+
+
+class EarlyReads:
+    """A store's early reads: one connection per thread (and process) to send them on."""
+
+    def __init__(self, store: RedisStore) -> None:
+        self.store = store
+        self._local = threading.local()
+
+    def start(self, key: str) -> EarlyRead:
+        """Send the ``GET`` of transaction key ``key`` now (see :class:`EarlyRead`)."""
+        return EarlyRead(self, key)
+
+    def take(self) -> Any:
+        """This thread's connection, or ``None`` when it is busy or cannot be made."""
+        local = self._local
+        connection = getattr(local, "connection", None)
+        if connection is None or local.pid != os.getpid():
+            pool = self.store.client.connection_pool
+            try:
+                connection = pool.connection_class(**pool.connection_kwargs)
+            except TypeError:  # a pool whose connections need more (Sentinel): use the pool
+                return None
+            local.connection, local.pid, local.busy = connection, os.getpid(), False
+        if local.busy:  # an early read of this thread is still unanswered
+            return None
+        local.busy = True
+        return connection
+
+    def give_back(self, connection: Any, *, broken: bool = False) -> None:
+        if broken:
+            connection.disconnect()  # an unread answer must never meet a later read
+        self._local.busy = False
+
+
+class EarlyRead:
+    """A cache read whose ``GET`` is on its way; :meth:`result` waits for the answer.
+
+    If sending or reading fails, the read is made again as :meth:`RedisStore.read` makes it
+    (through the pool, with redis-py's retries, then StoreUnavailableError), so an early read
+    never answers differently from a plain one. :meth:`discard` drops an unwanted answer.
+    """
+
+    __slots__ = ("_connection", "_key", "_reads")
+
+    def __init__(self, reads: EarlyReads, key: str) -> None:
+        self._reads, self._key = reads, key
+        connection = reads.take()
+        if connection is not None:
+            try:
+                _send(connection, _get_command(reads.store.key_for("cache", key)))
+            except _DOWN:
+                reads.give_back(connection, broken=True)
+                connection = None
+        self._connection: Any = connection
+
+    def result(self) -> ResultRecord | None:
+        """The committed record (as :meth:`RedisStore.read` gives it)."""
+        connection, self._connection = self._connection, None
+        store = self._reads.store
+        if connection is None:
+            return store.read(self._key)
+        try:
+            raw = connection.read_response()
+        except _DOWN:
+            self._reads.give_back(connection, broken=True)
+            return store.read(self._key)
+        except BaseException:
+            self._reads.give_back(connection, broken=True)
+            raise
+        self._reads.give_back(connection)
+        return store.record_from(raw, self._key)
+
+    def discard(self) -> None:
+        """Drop the read unanswered (its connection is closed, so the answer is never read)."""
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            self._reads.give_back(connection, broken=True)
+
+
+def _get_command(redis_key: str) -> bytes:
+    data = redis_key.encode()
+    return b"*2\r\n$3\r\nGET\r\n$%d\r\n%b\r\n" % (len(data), data)
+
+
+def _send(connection: Any, data: bytes) -> None:
+    sock = getattr(connection, "_sock", None)  # redis-py's socket, once connected
+    if isinstance(sock, socket.socket) and not isinstance(sock, ssl.SSLSocket):
+        try:
+            sock.sendall(data)
+        except OSError:
+            connection.disconnect()
+            raise
+    else:  # not connected yet (connects), or TLS
+        connection.send_packed_command([data], check_health=False)

@@ -1,0 +1,156 @@
+"""Early cache reads: a local cache hit sends its GET before recording Running, on the real Redis.
+
+An early read must answer exactly as a plain read would (hit, miss, expired, corrupt), survive
+a connection Redis dropped, and never let an unread answer meet a later read.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+
+from celery_taskengine import task
+from celery_taskengine.cache_policies import INPUTS, IsolationLevel
+from celery_taskengine.local_recording import LocalRunRecorder
+from celery_taskengine.record_codec import encode_record
+from celery_taskengine.redis_store import RedisStore
+from celery_taskengine.result_store import store_for_app
+from celery_taskengine.states import State
+from celery_taskengine.task_run import TaskRun
+
+
+@pytest.fixture
+def store(redis_app: Any) -> RedisStore:
+    store = store_for_app(redis_app)
+    assert isinstance(store, RedisStore)
+    return store
+
+
+def put(store: RedisStore, key: str, value: Any, *, expired: bool = False) -> None:
+    now = datetime.now(timezone.utc)
+    raw = encode_record(
+        key,
+        value,
+        serializer="json",
+        accept=store.accept,
+        created_at=now - timedelta(hours=2),
+        expires_at=now - timedelta(hours=1) if expired else None,
+    )
+    store.client.set(store.key_for("cache", key), raw)
+
+
+def test_an_early_read_answers_as_a_plain_read(
+    store: RedisStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    put(store, "t/hit", {"v": 1})
+    put(store, "t/old", 5, expired=True)
+    store.client.set(store.key_for("cache", "t/corrupt"), b"\x00not a record")
+
+    with caplog.at_level(logging.WARNING, logger="celery_taskengine"):
+        answers = {key: store.start_read(key).result() for key in ("t/hit", "t/old", "t/corrupt")}
+        missing = store.start_read("t/missing").result()
+
+    hit = answers["t/hit"]
+    assert hit is not None and hit.value == {"v": 1}
+    assert hit == store.read("t/hit")
+    assert answers["t/old"] is None and answers["t/corrupt"] is None and missing is None
+    assert any("t/corrupt" in record.getMessage() for record in caplog.records)
+
+
+def test_two_early_reads_in_flight_on_one_thread_each_get_their_own_answer(
+    store: RedisStore,
+) -> None:
+    put(store, "t/a", "a")
+    put(store, "t/b", "b")
+
+    first, second = store.start_read("t/a"), store.start_read("t/b")
+
+    second_record, first_record = second.result(), first.result()
+    assert first_record is not None and first_record.value == "a"
+    assert second_record is not None and second_record.value == "b"
+
+
+def test_a_discarded_read_never_answers_a_later_one(store: RedisStore) -> None:
+    put(store, "t/a", "a")
+    put(store, "t/b", "b")
+
+    store.start_read("t/a").discard()
+    later = store.start_read("t/b").result()
+
+    assert later is not None and later.value == "b"
+
+
+def test_a_read_on_a_connection_redis_dropped_is_made_again(store: RedisStore) -> None:
+    put(store, "t/a", "a")
+    assert store.start_read("t/a").result() is not None  # this thread's read connection exists
+    host, port = store._early_reads._local.connection._sock.getsockname()[:2]
+    assert store.client.client_kill_filter(_id=None, addr=f"{host}:{port}") == 1
+
+    again = store.start_read("t/a").result()
+
+    assert again is not None and again.value == "a"
+
+
+def test_a_local_hit_sends_its_read_before_running_is_recorded(
+    redis_app: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events: list[str] = []
+    start_read, record = RedisStore.start_read, LocalRunRecorder.__call__
+
+    def spy_read(self: RedisStore, key: str) -> Any:
+        events.append("read sent")
+        return start_read(self, key)
+
+    def spy_record(self: LocalRunRecorder, run: TaskRun, state: State) -> None:
+        events.append(state.name)
+        record(self, run, state)
+
+    monkeypatch.setattr(RedisStore, "start_read", spy_read)
+    monkeypatch.setattr(LocalRunRecorder, "__call__", spy_record)
+
+    @task(app=redis_app, name="early.square", cache_policy=INPUTS)
+    def square(x: int) -> int:
+        return x * x
+
+    assert square(4) == 16
+    assert square(4, return_state=True).name == "Cached"
+    assert events == ["Pending", "read sent", "Running", "Completed"] * 1 + [
+        "Pending",
+        "read sent",
+        "Running",
+        "Cached",
+    ]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"refresh_cache": True},
+        {"on_running": [lambda task, run, state: None]},
+        {"cache_key_fn": lambda context, parameters: f"fixed-{parameters['x']}"},
+        {"cache_policy": INPUTS.configure(isolation_level=IsolationLevel.SERIALIZABLE)},
+        {"result_storage_key": "early-{parameters[x]}"},
+    ],
+    ids=["refresh", "on_running", "cache_key_fn", "serializable", "storage_key"],
+)
+def test_a_read_that_running_could_change_is_not_sent_early(
+    redis_app: Any, monkeypatch: pytest.MonkeyPatch, options: dict[str, Any]
+) -> None:
+    sent: list[str] = []
+    start_read = RedisStore.start_read
+    monkeypatch.setattr(
+        RedisStore, "start_read", lambda self, key: sent.append(key) or start_read(self, key)
+    )
+    given = {"cache_policy": INPUTS, **options}
+    if "cache_key_fn" in given or "result_storage_key" in given:
+        given.pop("cache_policy")
+
+    @task(app=redis_app, name="early.late", **given)
+    def square(x: int) -> int:
+        return x * x
+
+    assert [square(3), square(3)] == [9, 9]
+    assert sent == []

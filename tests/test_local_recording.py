@@ -1,0 +1,191 @@
+"""Local runs' records on the real Redis: written behind the caller, seen by other clients.
+
+Another client (another process, as far as Redis can tell) must see every local run's record
+soon without anyone flushing, at once after ``flush_run_records``, while a long run is still
+running, and after the process that ran it exits; a cache hit writes one record, not two.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from typing import Any
+
+import pytest
+import redis
+
+from celery_taskengine import flush_run_records, task
+from celery_taskengine.cache_policies import INPUTS
+from celery_taskengine.local_recording import WRITE_BEHIND_SECONDS
+from celery_taskengine.redis_store import RedisStore
+from celery_taskengine.result_store import store_for_app
+from celery_taskengine.run_scope import current_task_run
+from celery_taskengine.task_engine import run_task_sync
+
+#: How long a test waits for a record that is written behind (about 0.2 s is expected).
+PATIENCE_SECONDS = 5.0
+
+
+@pytest.fixture
+def store(redis_app: Any) -> RedisStore:
+    store = store_for_app(redis_app)
+    assert isinstance(store, RedisStore)
+    return store
+
+
+def run_locally(t: Any, **parameters: Any) -> tuple[str, Any]:
+    """Run ``t`` locally, as ``t(...)`` does, under a run id of our own: (id, final state)."""
+    run_id = uuid.uuid4().hex
+    return run_id, run_task_sync(t, run_id, parameters=parameters, return_type="state")
+
+
+def stored_history(client: redis.Redis, store: RedisStore, run_id: str) -> list[str] | None:
+    raw = client.get(store.key_for("run", run_id))
+    if raw is None:
+        return None
+    return [state["name"] for state in json.loads(raw)["state_history"]]
+
+
+def wait_for_history(
+    client: redis.Redis, store: RedisStore, run_id: str, last: str
+) -> list[str] | None:
+    """The run's stored history once it ends in ``last`` (None if it never does)."""
+    deadline = time.monotonic() + PATIENCE_SECONDS
+    while time.monotonic() < deadline:
+        history = stored_history(client, store, run_id)
+        if history is not None and history[-1] == last:
+            return history
+        time.sleep(0.005)
+    return stored_history(client, store, run_id)
+
+
+def test_a_local_runs_record_reaches_other_clients_without_a_flush(
+    redis_app: Any, store: RedisStore, redis_client: redis.Redis
+) -> None:
+    t = task(app=redis_app, name="records.double")(lambda x: 2 * x)
+
+    run_id, state = run_locally(t, x=21)
+
+    assert state.result() == 42
+    history = wait_for_history(redis_client, store, run_id, "Completed")
+    assert history == ["Pending", "Running", "Completed"]
+
+
+def test_flush_run_records_makes_them_visible_at_once(
+    redis_app: Any, store: RedisStore, redis_client: redis.Redis
+) -> None:
+    t = task(app=redis_app, name="records.flushed")(lambda x: x)
+    run_ids = [run_locally(t, x=n)[0] for n in range(20)]
+
+    assert flush_run_records(redis_app)
+
+    histories = [stored_history(redis_client, store, run_id) for run_id in run_ids]
+    assert histories == [["Pending", "Running", "Completed"]] * 20
+
+
+def test_a_long_local_run_is_seen_running_while_it_runs(
+    redis_app: Any, store: RedisStore, redis_client: redis.Redis
+) -> None:
+    seen_running = threading.Event()
+    run_ids: list[str] = []
+
+    def watch() -> None:
+        while not run_ids:
+            time.sleep(0.001)
+        if wait_for_history(redis_client, store, run_ids[0], "Running") is not None:
+            seen_running.set()
+
+    @task(app=redis_app, name="records.long")
+    def long_running() -> bool:
+        run = current_task_run()
+        assert run is not None
+        run_ids.append(run.id)
+        return seen_running.wait(PATIENCE_SECONDS)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        assert long_running() is True  # the record said Running while the function ran
+    finally:
+        watcher.join()
+
+
+def test_a_cache_hit_writes_its_run_record_once(
+    redis_app: Any, store: RedisStore, redis_url: str
+) -> None:
+    square = task(app=redis_app, name="records.square", cache_policy=INPUTS)(lambda x: x * x)
+    assert square(7) == 49
+    assert flush_run_records(redis_app)
+    run_prefix = store.key_for("run", "").encode()
+    writes: list[bytes] = []
+    watching = threading.Event()
+
+    def monitor() -> None:
+        with redis.Redis.from_url(redis_url).monitor() as commands:
+            watching.set()
+            for command in commands.listen():
+                words = command["command"].split()
+                if words[0] == "SET" and words[1].encode().startswith(run_prefix):
+                    writes.append(words[1].encode())
+                if words[0] == "ECHO":
+                    return
+
+    watcher = threading.Thread(target=monitor)
+    watcher.start()
+    assert watching.wait(5)
+    time.sleep(0.05)  # MONITOR is on before the hits are sent
+
+    started = time.monotonic()
+    runs = [run_locally(square, x=7) for _ in range(30)]
+    elapsed = time.monotonic() - started
+    assert flush_run_records(redis_app)
+    redis.Redis.from_url(redis_url).echo("done")
+    watcher.join(10)
+
+    assert [state.name for _, state in runs] == ["Cached"] * 30
+    run_keys = {store.key_for("run", run_id).encode() for run_id, _ in runs}
+    ours = [key for key in writes if key in run_keys]  # MONITOR sees every database
+    # Each hit's Running and Cached are one write, unless the flusher thread came by between
+    # them (once per WRITE_BEHIND_SECONDS at most): then Running was written on its own.
+    flusher_visits = 1 + int(elapsed / WRITE_BEHIND_SECONDS)
+    assert set(ours) == run_keys
+    assert len(ours) <= len(run_keys) + flusher_visits < 2 * len(run_keys)
+
+
+def test_records_held_when_the_process_exits_are_written(
+    store: RedisStore, redis_client: redis.Redis, redis_url: str
+) -> None:
+    script = textwrap.dedent(
+        f"""
+        import uuid
+        from celery import Celery
+        from celery_taskengine import task
+        from celery_taskengine.task_engine import run_task_sync
+
+        app = Celery("exiting", set_as_current=False)
+        app.conf.update(broker_url={redis_url!r}, result_backend={redis_url!r},
+                        taskengine_namespace={store.namespace!r})
+        t = task(app=app, name="records.exiting")(lambda x: x)
+        for n in range(5):
+            run_id = f"exiting-{{n}}-{{uuid.uuid4().hex}}"
+            run_task_sync(t, run_id, parameters={{"x": n}})
+            print(run_id)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+
+    run_ids = done.stdout.split()
+    assert len(run_ids) == 5
+    for run_id in run_ids:
+        assert wait_for_history(redis_client, store, run_id, "Completed") == [
+            "Pending",
+            "Running",
+            "Completed",
+        ]
