@@ -353,7 +353,8 @@ def _flatten(policies: Iterable[CachePolicy]) -> Iterable[CachePolicy]:
 def keys_from_inputs_only(policy: CachePolicy) -> bool:
     """Whether ``policy``'s keys depend on nothing but the task and its inputs (no user
     ``cache_key_fn``, which may look at the run): such a key can be computed early."""
-    return not any(isinstance(member, CacheKeyFnPolicy) for member in _flatten((policy,)))
+    members = policy.policies if isinstance(policy, CompoundPolicy) else (policy,)  # flat
+    return not any(isinstance(member, CacheKeyFnPolicy) for member in members)
 
 
 INPUTS = Inputs()

@@ -155,7 +155,10 @@ class RunCore:
                     yield step
                 return False
             self.run.name = self._render_run_name()
-            yield from self._read_early()
+            early = self._early_read_to_send()
+            if early is not None:
+                key, start_read = early
+                self._early_read = (key, (yield Invoke(start_read, (key,))))
             yield from self.begin_run()
             return True
         if (
@@ -262,29 +265,31 @@ class RunCore:
             yield from txn.begin_steps(read=not plain)
         return (txn.record if txn.is_committed() else None), txn
 
-    def _read_early(self) -> Steps[None]:
-        """Send the first attempt's cache read now, to be answered while Running is recorded.
+    def _early_read_to_send(self) -> tuple[str, Callable[[str], Any]] | None:
+        """The first attempt's cache key and how to send its read now, before Running is
+        recorded, so that the answer travels while the engine works (see early_read.py).
 
         Only where nothing in between could change the key or the record: a plain read
         (READ_COMMITTED, no refresh), no ``on_running`` hooks, no cancellation check, and a key
         that depends on the task and its inputs alone (no ``cache_key_fn`` or storage key
         template, which may look at the run). A store without ``start_read`` reads later.
         """
-        policy = self.options.cache_policy
+        options = self.options
+        policy = options.cache_policy
+        if policy is None or self.is_generator:
+            return None
+        start_read = getattr(self._key_store(), "start_read", None)
         if (
-            self.is_generator
-            or policy is None
-            or self.options.on_running
+            start_read is None
+            or options.on_running
             or self.env.is_cancelled is not None
-            or self.options.result_storage_key is not None
+            or options.result_storage_key is not None
             or not cp.keys_from_inputs_only(policy)
             or not self._reads_plainly()
         ):
-            return
-        start_read = getattr(self._key_store(), "start_read", None)
-        key = self.compute_transaction_key() if start_read is not None else None
-        if start_read is not None and key is not None:
-            self._early_read = (key, (yield Invoke(start_read, (key,))))
+            return None
+        key = self.compute_transaction_key()
+        return None if key is None else (key, start_read)
 
     def _discard_early_read(self) -> None:
         """Give back an early read's connection that no attempt came to read (a local act)."""

@@ -21,7 +21,7 @@ import redis
 
 from celery_taskengine import flush_run_records, task
 from celery_taskengine.cache_policies import INPUTS
-from celery_taskengine.local_recording import WRITE_BEHIND_SECONDS
+from celery_taskengine.local_recording import WRITE_BEHIND_SECONDS, recorder_for
 from celery_taskengine.redis_store import RedisStore
 from celery_taskengine.result_store import store_for_app
 from celery_taskengine.run_scope import current_task_run
@@ -189,3 +189,20 @@ def test_records_held_when_the_process_exits_are_written(
             "Running",
             "Completed",
         ]
+
+
+def test_records_go_on_after_redis_drops_the_recorders_connection(
+    redis_app: Any, store: RedisStore, redis_client: redis.Redis
+) -> None:
+    t = task(app=redis_app, name="records.dropped")(lambda x: x)
+    first, _ = run_locally(t, x=1)
+    assert flush_run_records(redis_app)
+    recorder = recorder_for(store)
+    host, port = recorder._connection._sock.getsockname()[:2]
+    assert redis_client.client_kill_filter(_id=None, addr=f"{host}:{port}") == 1
+
+    second, _ = run_locally(t, x=2)
+    assert flush_run_records(redis_app)
+
+    for run_id in (first, second):
+        assert stored_history(redis_client, store, run_id) == ["Pending", "Running", "Completed"]
