@@ -12,21 +12,16 @@ the 2-core reference machine: 17 µs of a hit's 40 µs over a plain ``GET``).
 from __future__ import annotations
 
 import os
-import socket
-import ssl
 import threading
 from typing import TYPE_CHECKING, Any
 
-import redis
-
+from celery_taskengine.redis_wire import DOWN, pack, send
 from celery_taskengine.result_store import ResultRecord
 
 if TYPE_CHECKING:
     from celery_taskengine.redis_store import RedisStore
 
 __all__ = ["EarlyRead", "EarlyReads"]
-
-_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 
 
 class EarlyReads:
@@ -77,8 +72,8 @@ class EarlyRead:
         connection = reads.take()
         if connection is not None:
             try:
-                _send(connection, _get_command(reads.store.key_for("cache", key)))
-            except _DOWN:
+                send(connection, pack([("GET", reads.store.key_for("cache", key))]))
+            except DOWN:
                 reads.give_back(connection, broken=True)
                 connection = None
         self._connection: Any = connection
@@ -91,7 +86,7 @@ class EarlyRead:
             return store.read(self._key)
         try:
             raw = connection.read_response()
-        except _DOWN:
+        except DOWN:
             self._reads.give_back(connection, broken=True)
             return store.read(self._key)
         except BaseException:
@@ -105,20 +100,3 @@ class EarlyRead:
         connection, self._connection = self._connection, None
         if connection is not None:
             self._reads.give_back(connection, broken=True)
-
-
-def _get_command(redis_key: str) -> bytes:
-    data = redis_key.encode()
-    return b"*2\r\n$3\r\nGET\r\n$%d\r\n%b\r\n" % (len(data), data)
-
-
-def _send(connection: Any, data: bytes) -> None:
-    sock = getattr(connection, "_sock", None)  # redis-py's socket, once connected
-    if isinstance(sock, socket.socket) and not isinstance(sock, ssl.SSLSocket):
-        try:
-            sock.sendall(data)
-        except OSError:
-            connection.disconnect()
-            raise
-    else:  # not connected yet (connects), or TLS
-        connection.send_packed_command([data], check_health=False)

@@ -27,15 +27,15 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from celery_taskengine.memory_store import default_memory_store
-from celery_taskengine.redis_oneway import (
-    _DOWN,
-    _MSG_MORE,
-    _PING_PACKED,
-    _SKIP,
-    _dropped,
-    _pack,
-    _replies_can_be_skipped,
-    _send,
+from celery_taskengine.redis_wire import (
+    DOWN,
+    MSG_MORE,
+    PING_PACKED,
+    SKIP,
+    dropped,
+    pack,
+    replies_can_be_skipped,
+    send,
 )
 from celery_taskengine.run_document import RunDocument
 from celery_taskengine.states import State, StateType
@@ -140,7 +140,7 @@ class LocalRunRecorder:
                 return
             try:
                 self._send(commands)
-            except _DOWN:
+            except DOWN:
                 shown = ", ".join(ids[:3]) + (", ..." if len(ids) > 3 else "")
                 logger.warning("%s: the run records are not written", shown, exc_info=True)
 
@@ -151,9 +151,9 @@ class LocalRunRecorder:
             if self._connection is None or self._pid != os.getpid():
                 return True
             try:
-                self._connection.send_packed_command([_PING_PACKED], check_health=False)
+                self._connection.send_packed_command([PING_PACKED], check_health=False)
                 self._connection.read_response(timeout=timeout)
-            except _DOWN as exc:
+            except DOWN as exc:
                 self._connection.disconnect()
                 logger.warning("run records not confirmed: %s", exc)
                 return False
@@ -180,19 +180,19 @@ class LocalRunRecorder:
                 pipe.execute_command(*command)  # type: ignore[no-untyped-call]
             pipe.execute()
             return
-        data = _pack([part for command in commands for part in (_SKIP, command)])
+        data = pack([part for command in commands for part in (SKIP, command)])
         try:
-            _send(connection, data, _MSG_MORE)
-        except _DOWN:
+            send(connection, data, MSG_MORE)
+        except DOWN:
             connection.disconnect()
             connection.connect()  # once more on a fresh connection, then give up
-            _send(connection, data, _MSG_MORE)
+            send(connection, data, MSG_MORE)
 
     def _connected(self) -> bool:
         connection = self._connection
         if connection is None or self._pid != os.getpid() or connection._sock is None:
             return False
-        if _dropped(connection):
+        if dropped(connection):
             connection.disconnect()
             return False
         return True
@@ -201,7 +201,7 @@ class LocalRunRecorder:
         """This process's connection for local records, remade after a fork or a hang-up."""
         connection = self._connection
         if connection is not None and self._pid == os.getpid():
-            if _dropped(connection):  # a send on it would be lost without an error
+            if dropped(connection):  # a send on it would be lost without an error
                 connection.disconnect()
                 connection.connect()
             return connection
@@ -209,7 +209,7 @@ class LocalRunRecorder:
         connection = pool.connection_class(**pool.connection_kwargs)
         connection.connect()
         if self._skips_replies is None:
-            self._skips_replies = _replies_can_be_skipped(connection)
+            self._skips_replies = replies_can_be_skipped(connection)
             if not self._skips_replies:
                 connection.connect()
         self._connection, self._pid = connection, os.getpid()

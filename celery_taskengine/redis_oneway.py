@@ -35,9 +35,6 @@ from __future__ import annotations
 
 import logging
 import os
-import select
-import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -46,18 +43,21 @@ from typing import Any, ClassVar
 import redis
 
 from celery_taskengine.errors import StoreUnavailableError
+from celery_taskengine.redis_wire import (
+    DOWN,
+    MSG_MORE,
+    PING_PACKED,
+    SKIP,
+    Command,
+    dropped,
+    pack,
+    replies_can_be_skipped,
+    send,
+)
 
 __all__ = ["RecordChannel"]
 
 logger = logging.getLogger(__name__)
-
-Command = Sequence[Any]
-_SKIP = ("CLIENT", "REPLY", "SKIP")
-_PROBE = b"celery-taskengine-probe"
-_MSG_MORE: int = getattr(socket, "MSG_MORE", 0)
-_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
-_SKIP_PACKED = b"*3\r\n$6\r\nCLIENT\r\n$5\r\nREPLY\r\n$4\r\nSKIP\r\n"
-_PING_PACKED = b"*1\r\n$4\r\nPING\r\n"
 
 
 class RecordChannel:
@@ -92,7 +92,7 @@ class RecordChannel:
             self.resend_orphans()
         try:
             self._send_now(commands, key, piggyback=piggyback, hold=hold)
-        except _DOWN:
+        except DOWN:
             self._patiently(lambda: self._send_now(commands, key))
 
     def send_blocking(self, *commands: Command, key: str = "", piggyback: bool = False) -> None:
@@ -104,7 +104,7 @@ class RecordChannel:
             self.resend_orphans()
         try:
             self._send_and_wait(commands, piggyback=piggyback)
-        except _DOWN:
+        except DOWN:
             self._patiently(lambda: self._send_and_wait(commands))
 
     def resend_orphans(self, patience: float = 0.0) -> None:
@@ -117,7 +117,7 @@ class RecordChannel:
 
         def resend() -> None:
             connection = self._own_connection()
-            _send(connection, b"".join(pending.values()) + _PING_PACKED, 0)
+            send(connection, b"".join(pending.values()) + PING_PACKED, 0)
             connection.read_response()  # PING: everything before it was read
 
         try:
@@ -138,11 +138,11 @@ class RecordChannel:
         if not self._skips_replies():
             self._pipeline(commands)
             return
-        data = _pack([part for command in commands for part in (_SKIP, command)])
-        if piggyback and _MSG_MORE:
+        data = pack([part for command in commands for part in (SKIP, command)])
+        if piggyback and MSG_MORE:
             self._send_on_next(data, key)
             return
-        _send(self._own_connection(), data, _MSG_MORE if hold else 0)
+        send(self._own_connection(), data, MSG_MORE if hold else 0)
         if self._orphans:  # this record's writes queued on a connection that broke meanwhile
             self._supersede(key)
 
@@ -151,7 +151,7 @@ class RecordChannel:
             self._pipeline(commands)  # the pool's next connection: the one queued on
             return
         connection = self._own_connection()
-        _send(connection, _pack(commands), 0)
+        send(connection, pack(commands), 0)
         errors = []
         for _ in commands:  # read every reply, so the connection stays in step
             try:
@@ -171,7 +171,7 @@ class RecordChannel:
             try:
                 action()
                 return
-            except _DOWN as exc:
+            except DOWN as exc:
                 if time.monotonic() + delay > deadline:
                     raise StoreUnavailableError(
                         f"cannot write run records to Redis: {exc}"
@@ -199,11 +199,11 @@ class RecordChannel:
         pending: dict[str, bytes] | None = connection.__dict__.get("_cte_pending")
         if pending is None:
             pending = self._watch(connection)
-        if _dropped(connection):
+        if dropped(connection):
             connection.disconnect()  # orphans what it held; reconnected by the send below
             self._supersede(key)
         pending[key] = pending.get(key, b"") + data
-        _send(connection, data, _MSG_MORE)
+        send(connection, data, MSG_MORE)
 
     def _watch(self, connection: Any) -> dict[str, bytes]:
         """Hook ``connection``: a reply clears what is pending on it, a disconnect orphans it."""
@@ -241,7 +241,7 @@ class RecordChannel:
         local = self._local
         connection = getattr(local, "connection", None)
         if connection is not None and getattr(local, "pid", None) == os.getpid():
-            if _dropped(connection):  # a send on it would be lost without an error
+            if dropped(connection):  # a send on it would be lost without an error
                 connection.disconnect()
                 connection.connect()
             return connection
@@ -254,7 +254,7 @@ class RecordChannel:
             return None
         connection.connect()
         if self._supported is None:
-            self._supported = _replies_can_be_skipped(connection)
+            self._supported = replies_can_be_skipped(connection)
         local.connection, local.pid = connection, os.getpid()
         return connection
 
@@ -269,64 +269,3 @@ class RecordChannel:
         for command in commands:
             pipe.execute_command(*command)  # type: ignore[no-untyped-call]
         pipe.execute()
-
-
-def _send(connection: Any, data: bytes, flags: int) -> None:
-    sock = getattr(connection, "_sock", None)  # redis-py's socket, once connected
-    if flags and isinstance(sock, socket.socket) and not isinstance(sock, ssl.SSLSocket):
-        try:
-            sock.sendall(data, flags)
-        except OSError:
-            connection.disconnect()
-            raise
-    else:  # TLS sockets refuse send flags; this sends at once
-        connection.send_packed_command([data], check_health=False)
-
-
-def _pack(commands: Sequence[Command]) -> bytes:
-    """RESP for ``commands`` (redis-py's packer costs several times more, in pure Python)."""
-    parts: list[bytes] = []
-    for command in commands:
-        if command is _SKIP:
-            parts.append(_SKIP_PACKED)
-            continue
-        parts.append(b"*%d\r\n" % len(command))
-        for arg in command:
-            if isinstance(arg, str):
-                data = arg.encode()
-            elif isinstance(arg, bytes):
-                data = arg
-            else:
-                data = (
-                    str(arg).encode() if not isinstance(arg, bytearray | memoryview) else bytes(arg)
-                )
-            parts += (b"$%d\r\n" % len(data), data, b"\r\n")
-    return b"".join(parts)
-
-
-def _dropped(connection: Any) -> bool:
-    """Whether the server hung up (restart, ``CLIENT KILL``, idle timeout): an idle connection
-    has nothing to read unless it was closed. One ``select``: about a microsecond."""
-    sock = getattr(connection, "_sock", None)
-    if sock is None:
-        return False  # not connected: the next use connects
-    try:
-        return bool(select.select([sock], [], [], 0)[0])
-    except (OSError, ValueError):
-        return True
-
-
-def _replies_can_be_skipped(connection: Any) -> bool:
-    """Whether the server honours ``CLIENT REPLY SKIP``: only the ECHO should answer."""
-    try:
-        connection.send_packed_command(
-            [_pack([_SKIP, ("PING",), ("ECHO", _PROBE)])], check_health=False
-        )
-        reply = connection.read_response()
-    except redis.exceptions.ResponseError:
-        reply = None
-    supported = reply in (_PROBE, _PROBE.decode())
-    if not supported:
-        connection.disconnect()  # its replies are out of step now
-        logger.warning("Redis ignores CLIENT REPLY SKIP; run records are written blocking")
-    return supported

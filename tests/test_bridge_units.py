@@ -30,8 +30,9 @@ from celery_taskengine.engine_backend import FRESH
 from celery_taskengine.errors import ConfigurationError, StoreUnavailableError, TaskRunTimeoutError
 from celery_taskengine.events import event_fields, event_type
 from celery_taskengine.producer import _key_may_ignore_run_id
-from celery_taskengine.redis_oneway import _SKIP, RecordChannel, _pack
+from celery_taskengine.redis_oneway import RecordChannel
 from celery_taskengine.redis_store import RedisStore
+from celery_taskengine.redis_wire import SKIP, pack
 from celery_taskengine.run_document import RunDocument
 from celery_taskengine.states import (
     AwaitingRetry,
@@ -180,9 +181,9 @@ def test_an_incremental_run_document_matches_the_run_records_own() -> None:
 
 
 def test_commands_are_packed_as_redis_py_packs_them() -> None:
-    commands = [_SKIP, ("SET", "k", "é", "PX", 5), ("SET", b"a\x00b", bytearray(b"z")), ("X",)]
+    commands = [SKIP, ("SET", "k", "é", "PX", 5), ("SET", b"a\x00b", bytearray(b"z")), ("X",)]
 
-    assert _pack(commands) == b"".join(Connection().pack_commands(commands))
+    assert pack(commands) == b"".join(Connection().pack_commands(commands))
 
 
 def test_a_held_write_reaches_redis_with_the_threads_next_write(redis_client: Any) -> None:
