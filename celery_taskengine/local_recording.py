@@ -113,6 +113,14 @@ class LocalRunRecorder:
         if self.due_in != os.getpid():
             _flusher.schedule(self)
 
+    def start_afresh(self) -> None:
+        """In a forked child: new lock, nothing held, no connection (the parent's stays open
+        for the parent)."""
+        self._lock = threading.Lock()
+        self._held.clear()
+        self._connection = None
+        self.due_in = 0
+
     def write_held(self, but: str | None = None, *, may_connect: bool = True) -> None:
         """Write the held records (except run ``but``'s) now, without waiting for Redis.
 
@@ -120,8 +128,6 @@ class LocalRunRecorder:
         is up: connecting may block, so the flusher thread does it.
         """
         with self._lock:
-            if self._pid != os.getpid() and self._pid:  # a forked child: not its parent's
-                self._held.clear()
             if not may_connect and not self._connected():
                 return
             held = self._held
@@ -259,6 +265,17 @@ class _Flusher:
 
 _flusher = _Flusher()
 _recorders: weakref.WeakKeyDictionary[RedisStore, LocalRunRecorder] = weakref.WeakKeyDictionary()
+
+
+def _start_afresh_in_child() -> None:
+    """After a fork: the parent's flusher thread may have held a lock (the child would wait
+    on it forever), and what the parent held is the parent's to write."""
+    _flusher.__init__()  # type: ignore[misc]
+    for recorder in list(_recorders.values()):
+        recorder.start_afresh()
+
+
+os.register_at_fork(after_in_child=_start_afresh_in_child)
 
 
 def recorder_for(store: RedisStore) -> LocalRunRecorder:

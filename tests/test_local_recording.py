@@ -8,6 +8,7 @@ running, and after the process that ran it exits; a cache hit writes one record,
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -205,4 +206,29 @@ def test_records_go_on_after_redis_drops_the_recorders_connection(
     assert flush_run_records(redis_app)
 
     for run_id in (first, second):
+        assert stored_history(redis_client, store, run_id) == ["Pending", "Running", "Completed"]
+
+
+def test_a_forked_child_records_its_own_runs_and_leaves_the_parents_connection_alone(
+    redis_app: Any, store: RedisStore, redis_client: redis.Redis
+) -> None:
+    t = task(app=redis_app, name="records.forked")(lambda x: x)
+    before, _ = run_locally(t, x=1)
+    assert flush_run_records(redis_app)
+
+    child_run = f"child-{uuid.uuid4().hex}"
+    pid = os.fork()
+    if pid == 0:  # the child: run, flush, and leave without pytest's clean-up
+        ok = False
+        try:
+            run_task_sync(t, child_run, parameters={"x": 2})
+            ok = flush_run_records(redis_app, timeout=10)
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    after, _ = run_locally(t, x=3)
+    assert flush_run_records(redis_app)
+
+    assert os.waitstatus_to_exitcode(status) == 0
+    for run_id in (before, child_run, after):
         assert stored_history(redis_client, store, run_id) == ["Pending", "Running", "Completed"]
