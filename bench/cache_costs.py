@@ -141,6 +141,7 @@ def main() -> None:
         trips = {name: commands_per_call(client, fn) for name, fn in cases if _on_redis(name)}
         medians = measure(cases, args.calls, args.repeats)
     finally:
+        flush_run_records()  # records written behind the calls land before the clean-up
         names = list(client.scan_iter(match=f"cte:{namespace}:*", count=1000))
         for offset in range(0, len(names), 1000):
             client.delete(*names[offset : offset + 1000])

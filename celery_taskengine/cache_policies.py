@@ -351,11 +351,14 @@ def _flatten(policies: Iterable[CachePolicy]) -> Iterable[CachePolicy]:
 
 
 def keys_from_inputs_only(policy: CachePolicy) -> bool:
-    """Whether ``policy``'s keys depend on nothing but the task and its inputs (no user
-    ``cache_key_fn``, which may look at the run): such a key can be computed early."""
+    """Whether ``policy``'s keys depend on nothing but the task and its inputs, so they can be
+    computed before the run starts: only the built-in policies (a ``cache_key_fn`` or a policy
+    of your own may look at the run)."""
     members = policy.policies if isinstance(policy, CompoundPolicy) else (policy,)  # flat
-    return not any(isinstance(member, CacheKeyFnPolicy) for member in members)
+    return all(type(member) in _KEYED_BY_INPUTS for member in members)
 
+
+_KEYED_BY_INPUTS = frozenset({Inputs, TaskSource, RunId, NoCache})
 
 INPUTS = Inputs()
 TASK_SOURCE = TaskSource()

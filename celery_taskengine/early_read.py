@@ -1,18 +1,18 @@
 """Cache reads sent before the engine needs their answer, so the round trip overlaps its work.
 
 A cache hit is one Redis round trip plus the engine's own work: recording Running, entering
-states. The engine sends the hit's ``GET`` before that work (see ``RunCore._read_early``) and
-reads the answer after it, so the work is done while Redis answers instead of before.
+states. The engine sends the hit's ``GET`` before that work (``RunCore._early_read_to_send``)
+and reads the answer after it, so the work is done while Redis answers instead of before.
 
-Each thread sends its early reads on a connection of its own, not the client's pool: taking
-and giving back a pooled connection costs about as much as the rest of the hit (measured on
-the 2-core reference machine: 17 µs of a hit's 40 µs over a plain ``GET``).
+The reads go on connections the store keeps for them (taken from the client's pool once, so
+the pool's ``disconnect()`` still closes them): checking a connection out of the pool and back
+in for every read costs about as much as the rest of the hit (measured on the 2-core reference
+machine: 17 µs of a hit's 40 µs over a plain ``GET``).
 """
 
 from __future__ import annotations
 
 import os
-import threading
 from typing import TYPE_CHECKING, Any
 
 from celery_taskengine.redis_wire import DOWN, pack, send
@@ -25,36 +25,37 @@ __all__ = ["EarlyRead", "EarlyReads"]
 
 
 class EarlyReads:
-    """A store's early reads: one connection per thread (and process) to send them on."""
+    """A store's early reads, and the connections kept to send them on (one per read in
+    flight at once, shared by all threads)."""
 
     def __init__(self, store: RedisStore) -> None:
         self.store = store
-        self._local = threading.local()
+        self._free: list[Any] = []
 
     def start(self, key: str) -> EarlyRead:
         """Send the ``GET`` of transaction key ``key`` now (see :class:`EarlyRead`)."""
         return EarlyRead(self, key)
 
     def take(self) -> Any:
-        """This thread's connection, or ``None`` when it is busy or cannot be made."""
-        local = self._local
-        connection = getattr(local, "connection", None)
-        if connection is None or local.pid != os.getpid():
-            pool = self.store.client.connection_pool
-            try:
-                connection = pool.connection_class(**pool.connection_kwargs)
-            except TypeError:  # a pool whose connections need more (Sentinel): use the pool
-                return None
-            local.connection, local.pid, local.busy = connection, os.getpid(), False
-        if local.busy:  # an early read of this thread is still unanswered
+        """A kept connection nobody is using, or one more from the pool; ``None`` if Redis
+        cannot be reached (the read is then made as a plain one, which reports it)."""
+        try:
+            connection = self._free.pop()
+        except IndexError:
+            pass
+        else:
+            if connection.pid == os.getpid():
+                return connection
+            self._free = []  # a forked child: the parent's connections are not ours
+        try:
+            return self.store.client.connection_pool.get_connection()
+        except DOWN:
             return None
-        local.busy = True
-        return connection
 
     def give_back(self, connection: Any, *, broken: bool = False) -> None:
         if broken:
             connection.disconnect()  # an unread answer must never meet a later read
-        self._local.busy = False
+        self._free.append(connection)
 
 
 class EarlyRead:
@@ -76,6 +77,9 @@ class EarlyRead:
             except DOWN:
                 reads.give_back(connection, broken=True)
                 connection = None
+            except BaseException:
+                reads.give_back(connection, broken=True)
+                raise
         self._connection: Any = connection
 
     def result(self) -> ResultRecord | None:

@@ -19,6 +19,7 @@ about 30 µs, and writes sent at once about as much.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import threading
@@ -32,6 +33,7 @@ from celery_taskengine.redis_wire import (
     MSG_MORE,
     PING_PACKED,
     SKIP,
+    Command,
     dropped,
     pack,
     replies_can_be_skipped,
@@ -55,8 +57,13 @@ logger = logging.getLogger(__name__)
 FLUSH_TIMEOUT_SECONDS = 5.0
 #: A record waits at most this long for a later one to be written with (see LocalRunRecorder).
 WRITE_BEHIND_SECONDS = 0.01
+#: How long the flusher waits for Redis to confirm what was sent.
+CONFIRM_TIMEOUT_SECONDS = 5.0
 #: Documents kept for runs between Running and their end; more means runs that died unended.
 _MAX_OPEN_DOCUMENTS = 10_000
+
+#: This process's id, kept up to date across forks (os.getpid() is a system call).
+_pid = os.getpid()
 
 _WORTH_SHARING = frozenset(
     {
@@ -77,7 +84,11 @@ class LocalRunRecorder:
     hit makes while its read is on the way to Redis and back, so the writing costs the caller
     no time; or by the flusher thread after :data:`WRITE_BEHIND_SECONDS`, whichever comes
     first. A cache hit's Running and Cached are one record, and a run's Running is written
-    only if it is still running when the flusher comes.
+    only if it is still running when the flusher comes. A run's thread never waits for Redis:
+    if the connection is down or busy, it leaves the writing to the flusher.
+
+    Writes are sent without waiting for answers; the flusher confirms them with a PING. Until
+    then each run's last write is kept, and sent again if the connection is found dropped.
     """
 
     def __init__(self, store: RedisStore) -> None:
@@ -92,12 +103,15 @@ class LocalRunRecorder:
         self._held: dict[str, TaskRun] = {}
         #: The process in which the flusher will visit this recorder (see _Flusher).
         self.due_in = 0
-        #: Held while encoding and sending, so a run's later state is always written later.
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  #: held while encoding and sending (see write_held)
         self._connection: Any = None
         self._pid = 0
         #: Whether the server honours CLIENT REPLY SKIP; if not, records are written blocking.
         self._skips_replies: bool | None = None
+        #: Each run's last write since Redis last confirmed this connection (by record key).
+        self._unconfirmed: dict[str, Command] = {}
+        #: Records given up on since the last flush_run_records.
+        self._lost = 0
 
     def __call__(self, run: TaskRun, state: State) -> None:
         kind = state.type
@@ -110,7 +124,7 @@ class LocalRunRecorder:
         if first_running and self._held:
             self.write_held(but=run.id, may_connect=False)
         self._held[run.id] = run
-        if self.due_in != os.getpid():
+        if self.due_in != _pid:
             _flusher.schedule(self)
 
     def start_afresh(self) -> None:
@@ -118,54 +132,70 @@ class LocalRunRecorder:
         for the parent)."""
         self._lock = threading.Lock()
         self._held.clear()
+        self._unconfirmed.clear()
         self._connection = None
         self.due_in = 0
 
     def write_held(self, but: str | None = None, *, may_connect: bool = True) -> None:
         """Write the held records (except run ``but``'s) now, without waiting for Redis.
 
-        Without ``may_connect`` (a run's own thread) nothing is written unless the connection
-        is up: connecting may block, so the flusher thread does it.
+        Encoding and sending happen under one lock, so a run's later state is always sent
+        after its earlier one. Without ``may_connect`` (a run's own thread) nothing is written
+        unless the connection is up and free: the flusher thread writes it instead.
         """
-        with self._lock:
+        if not self._lock.acquire(blocking=may_connect):
+            return
+        try:
             if not may_connect and not self._connected():
                 return
             held = self._held
-            commands: list[tuple[Any, ...]] = []
-            ids: list[str] = []
+            commands: dict[str, Command] = {}
             for run_id in list(held):
                 run = held.pop(run_id, None) if run_id != but else None
                 if run is None:
                     continue
                 try:
-                    commands.append(self._save_command(run))
-                    ids.append(run_id)
-                except (TypeError, ValueError) as exc:
-                    logger.warning("%s: the run record is not written: %s", run_id, exc)
-            if not commands:
-                return
-            try:
-                self._send(commands)
-            except DOWN:
-                shown = ", ".join(ids[:3]) + (", ..." if len(ids) > 3 else "")
-                logger.warning("%s: the run records are not written", shown, exc_info=True)
+                    key = self._run_key_prefix + run_id
+                    commands[key] = self._save_command(key, run)
+                except Exception as exc:  # a result that cannot be shown loses its record only
+                    self._lost += 1
+                    logger.warning("%s: the run record is not written: %r", run_id, exc)
+            if commands:
+                try:
+                    self._send(commands, checked=not may_connect)
+                except DOWN:
+                    self._give_up(list(commands))
+        finally:
+            self._lock.release()
 
-    def confirm(self, timeout: float) -> bool:
-        """Write what is held and wait up to ``timeout`` seconds until Redis has it."""
-        self.write_held()
+    def confirm_sent(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds until Redis has read what was sent (one PING)."""
         with self._lock:
-            if self._connection is None or self._pid != os.getpid():
-                return True
-            try:
-                self._connection.send_packed_command([PING_PACKED], check_health=False)
-                self._connection.read_response(timeout=timeout)
-            except DOWN as exc:
-                self._connection.disconnect()
-                logger.warning("run records not confirmed: %s", exc)
-                return False
-        return True
+            if not self._unconfirmed or self._connection is None or self._pid != _pid:
+                return
+            for attempt in (1, 2):
+                try:
+                    if attempt == 2:  # the connection failed: everything again, on a new one
+                        self._send({})
+                    send(self._connection, PING_PACKED)
+                    self._connection.read_response(timeout=timeout)
+                except DOWN:
+                    self._connection.disconnect()
+                    continue
+                self._unconfirmed.clear()
+                return
+            self._give_up(list(self._unconfirmed))
+            self._unconfirmed.clear()
 
-    def _save_command(self, run: TaskRun) -> tuple[Any, ...]:
+    def flush(self, timeout: float) -> bool:
+        """Write what is held, wait until Redis has it; whether nothing was lost since the
+        last flush."""
+        self.write_held()
+        self.confirm_sent(timeout)
+        lost, self._lost = self._lost, 0
+        return not lost and not self._unconfirmed
+
+    def _save_command(self, key: str, run: TaskRun) -> Command:
         documents = self._documents
         document = documents.get(run.id)
         if document is None:
@@ -174,51 +204,64 @@ class LocalRunRecorder:
             document = documents[run.id] = RunDocument(run)
         if run.state is not None and run.state.is_final():
             del documents[run.id]
-        save: tuple[Any, ...] = ("SET", self._run_key_prefix + run.id, document.encode(run))
+        save = ("SET", key, document.encode(run))
         return save if self._px == "0" else (*save, "PX", self._px)
 
-    def _send(self, commands: list[tuple[Any, ...]]) -> None:
-        """Send ``commands``, replies skipped, held back by the kernel (MSG_MORE) for more."""
-        connection = self._held_connection()
-        if not self._skips_replies:
-            pipe = self._client.pipeline(transaction=False)
-            for command in commands:
-                pipe.execute_command(*command)  # type: ignore[no-untyped-call]
-            pipe.execute()
+    def _send(self, commands: dict[str, Command], *, checked: bool = False) -> None:
+        """Send ``commands`` (by record key), replies skipped, held back by the kernel
+        (MSG_MORE) for more. On a new connection, the writes the old one carried without a
+        confirmation go first; a failed send is made once more on a new connection.
+        ``checked``: the caller has just seen that the connection is up."""
+        for attempt in (1, 2):
+            connection = self._connection
+            ours = connection is not None and self._pid == _pid
+            if ours and not checked and connection._sock is not None and dropped(connection):
+                connection.disconnect()
+            remade = not ours or connection._sock is None
+            try:
+                connection = self._usable_connection()
+                if remade:
+                    commands = {**self._unconfirmed, **commands}
+                if not self._skips_replies:
+                    send(connection, pack(list(commands.values())))
+                    for _ in commands:
+                        connection.read_response()
+                    return
+                send(connection, pack([p for c in commands.values() for p in (SKIP, c)]), MSG_MORE)
+            except DOWN:
+                if self._connection is not None:
+                    self._connection.disconnect()
+                if attempt == 2:
+                    raise
+                continue
+            self._unconfirmed.update(commands)
             return
-        data = pack([part for command in commands for part in (SKIP, command)])
-        try:
-            send(connection, data, MSG_MORE)
-        except DOWN:
-            connection.disconnect()
-            connection.connect()  # once more on a fresh connection, then give up
-            send(connection, data, MSG_MORE)
+
+    def _give_up(self, keys: list[str]) -> None:
+        self._lost += len(keys)
+        shown = ", ".join(key[len(self._run_key_prefix) :] for key in keys[:3])
+        more = ", ..." if len(keys) > 3 else ""
+        logger.warning("%s%s: the run records are not written", shown, more, exc_info=True)
 
     def _connected(self) -> bool:
         connection = self._connection
-        if connection is None or self._pid != os.getpid() or connection._sock is None:
+        if connection is None or self._pid != _pid or connection._sock is None:
             return False
-        if dropped(connection):
-            connection.disconnect()
-            return False
-        return True
+        return not dropped(connection)  # a dropped one is remade by the flusher
 
-    def _held_connection(self) -> Any:
-        """This process's connection for local records, remade after a fork or a hang-up."""
+    def _usable_connection(self) -> Any:
+        """This process's connection for local records, (re)connected if need be: taken from
+        the client's pool once and kept, so the pool's ``disconnect()`` closes it too."""
         connection = self._connection
-        if connection is not None and self._pid == os.getpid():
-            if dropped(connection):  # a send on it would be lost without an error
-                connection.disconnect()
-                connection.connect()
-            return connection
-        pool = self._client.connection_pool
-        connection = pool.connection_class(**pool.connection_kwargs)
-        connection.connect()
+        if connection is None or self._pid != _pid:
+            connection = self._client.connection_pool.get_connection()
+            self._connection, self._pid = connection, _pid
+        if connection._sock is None:
+            connection.connect()
         if self._skips_replies is None:
             self._skips_replies = replies_can_be_skipped(connection)
             if not self._skips_replies:
                 connection.connect()
-        self._connection, self._pid = connection, os.getpid()
         return connection
 
 
@@ -234,7 +277,7 @@ class _Flusher:
     def schedule(self, recorder: LocalRunRecorder) -> None:
         """Visit ``recorder`` within WRITE_BEHIND_SECONDS (the thread starts on first use)."""
         with self._lock:
-            pid = os.getpid()
+            pid = _pid
             if recorder.due_in == pid:
                 return
             recorder.due_in = pid
@@ -260,18 +303,31 @@ class _Flusher:
                 for recorder in due:
                     recorder.due_in = 0
             for recorder in due:
-                recorder.write_held()
+                try:
+                    recorder.write_held()
+                    recorder.confirm_sent(CONFIRM_TIMEOUT_SECONDS)
+                except Exception:  # never let one store's trouble stop the others' records
+                    logger.exception("local run records: the flusher failed")
 
 
 _flusher = _Flusher()
 _recorders: weakref.WeakKeyDictionary[RedisStore, LocalRunRecorder] = weakref.WeakKeyDictionary()
+_registry_lock = threading.Lock()
+
+
+def _all_recorders() -> list[LocalRunRecorder]:
+    with _registry_lock:
+        return list(_recorders.values())
 
 
 def _start_afresh_in_child() -> None:
     """After a fork: the parent's flusher thread may have held a lock (the child would wait
     on it forever), and what the parent held is the parent's to write."""
+    global _registry_lock, _pid
+    _pid = os.getpid()
+    _registry_lock = threading.Lock()
     _flusher.__init__()  # type: ignore[misc]
-    for recorder in list(_recorders.values()):
+    for recorder in _all_recorders():
         recorder.start_afresh()
 
 
@@ -282,17 +338,18 @@ def recorder_for(store: RedisStore) -> LocalRunRecorder:
     """The local-run recorder for ``store`` in this process (one per store)."""
     recorder = _recorders.get(store)
     if recorder is None:
-        recorder = _recorders.setdefault(store, LocalRunRecorder(store))
+        with _registry_lock:
+            recorder = _recorders.setdefault(store, LocalRunRecorder(store))
     return recorder
 
 
 def flush_run_records(app: Celery | None = None, timeout: float = FLUSH_TIMEOUT_SECONDS) -> bool:
     """Send this process's held local run records and wait until Redis has them.
 
-    Other processes see a local run's record within about 200 ms (see the module docstring);
+    Other processes see a local run's record within about 10 ms (see the module docstring);
     call this before handing a run id to another process that must see it at once. With
-    ``app``, only that app's backend is waited for. Returns whether every backend confirmed
-    within ``timeout`` seconds.
+    ``app``, only that app's backend is waited for. Returns whether every record since the
+    last call reached Redis within ``timeout`` seconds (the ones that did not were logged).
     """
     if app is not None:
         from celery_taskengine.redis_store import RedisStore
@@ -302,9 +359,10 @@ def flush_run_records(app: Celery | None = None, timeout: float = FLUSH_TIMEOUT_
         recorder = _recorders.get(store) if isinstance(store, RedisStore) else None
         recorders = [recorder] if recorder is not None else []
     else:
-        recorders = list(_recorders.values())
+        recorders = _all_recorders()
     deadline = time.monotonic() + timeout
-    return all(recorder.confirm(max(0.0, deadline - time.monotonic())) for recorder in recorders)
+    results = [recorder.flush(max(0.0, deadline - time.monotonic())) for recorder in recorders]
+    return all(results)
 
 
 _exit_hook: list[bool] = []
@@ -319,5 +377,6 @@ def _write_held_at_exit() -> None:
 
 
 def _write_all_held() -> None:
-    for recorder in list(_recorders.values()):
-        recorder.write_held()
+    for recorder in _all_recorders():
+        with contextlib.suppress(Exception):  # exiting: there is nobody left to tell
+            recorder.write_held()

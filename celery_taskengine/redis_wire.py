@@ -40,6 +40,7 @@ DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError
 PING_PACKED = b"*1\r\n$4\r\nPING\r\n"
 _SKIP_PACKED = b"*3\r\n$6\r\nCLIENT\r\n$5\r\nREPLY\r\n$4\r\nSKIP\r\n"
 _PROBE = b"celery-taskengine-probe"
+_poll = getattr(select, "poll", None)
 
 
 def pack(commands: Sequence[Command]) -> bytes:
@@ -78,12 +79,17 @@ def send(connection: Any, data: bytes, flags: int = 0) -> None:
 
 def dropped(connection: Any) -> bool:
     """Whether the server hung up (restart, ``CLIENT KILL``, idle timeout): an idle connection
-    has nothing to read unless it was closed. One ``select``: about a microsecond."""
+    has nothing to read unless it was closed. One ``poll``: about a microsecond (``select``
+    would fail on descriptors above 1023)."""
     sock = getattr(connection, "_sock", None)
     if sock is None:
         return False  # not connected: the next use connects
     try:
-        return bool(select.select([sock], [], [], 0)[0])
+        if _poll is None:
+            return bool(select.select([sock], [], [], 0)[0])
+        poller = _poll()
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0))
     except (OSError, ValueError):
         return True
 

@@ -99,7 +99,7 @@ class RunCore:
         self.call_parameters: dict[str, Any] = run.parameters
         #: The first attempt's cache read, sent before Running (see _read_early): its key and
         #: the pending answer.
-        self._early_read: tuple[str, Any] | None = None
+        self._early_read: tuple[str, Any] | tuple[None, None] | None = None
 
     @property
     def state(self) -> State:
@@ -110,7 +110,7 @@ class RunCore:
     def run_to_end(self) -> Steps[State]:
         """Every attempt of the run, until a final state (or AwaitingRetry when deferring)."""
         try:
-            if not (yield from self.start()):
+            if not (yield from self.start(read_early=True)):
                 return self.state
             while self.state.type in _ACTIVE:
                 if self.state.is_scheduled():
@@ -140,8 +140,12 @@ class RunCore:
             if (step := self.enter_state(self._new(StateType.PENDING, "Pending"))) is not None:
                 yield step
 
-    def start(self) -> Steps[bool]:
-        """Resolve inputs and enter Running; ``False`` when the run must not execute now."""
+    def start(self, *, read_early: bool = False) -> Steps[bool]:
+        """Resolve inputs and enter Running; ``False`` when the run must not execute now.
+
+        ``read_early``: send the first attempt's cache read first (see _early_read_to_send);
+        only for a caller that goes on to the attempt, which reads the answer.
+        """
         if self.run.state is None:
             yield from self.initialize_run()
         state = self.state
@@ -155,7 +159,7 @@ class RunCore:
                     yield step
                 return False
             self.run.name = self._render_run_name()
-            early = self._early_read_to_send()
+            early = self._early_read_to_send() if read_early else None
             if early is not None:
                 key, start_read = early
                 self._early_read = (key, (yield Invoke(start_read, (key,))))
@@ -247,10 +251,11 @@ class RunCore:
         early, self._early_read = self._early_read, None
         if early is not None:
             key, pending = early
-            hit: ResultRecord | None = yield Invoke(pending.result)
-            if hit is not None:
-                return hit, None
-            plain = True
+            plain = pending is not None
+            if pending is not None:
+                hit: ResultRecord | None = yield Invoke(pending.result)
+                if hit is not None:
+                    return hit, None
         else:
             key = None if self.is_generator else self.compute_transaction_key()
             plain = key is not None and self._reads_plainly()
@@ -289,12 +294,15 @@ class RunCore:
         ):
             return None
         key = self.compute_transaction_key()
-        return None if key is None else (key, start_read)
+        if key is None:
+            self._early_read = (None, None)  # no key (maybe with a warning): not computed again
+            return None
+        return key, start_read
 
     def _discard_early_read(self) -> None:
         """Give back an early read's connection that no attempt came to read (a local act)."""
         early, self._early_read = self._early_read, None
-        if early is not None:
+        if early is not None and early[1] is not None:
             early[1].discard()
 
     def _leave_transaction(

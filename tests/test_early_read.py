@@ -6,19 +6,22 @@ a connection Redis dropped, and never let an unread answer meet a later read.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import threading
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
 
 from celery_taskengine import task
-from celery_taskengine.cache_policies import INPUTS, IsolationLevel
+from celery_taskengine.cache_policies import INPUTS, CachePolicy, IsolationLevel
 from celery_taskengine.local_recording import LocalRunRecorder
 from celery_taskengine.record_codec import encode_record
 from celery_taskengine.redis_store import RedisStore
 from celery_taskengine.result_store import store_for_app
 from celery_taskengine.states import State
+from celery_taskengine.task_engine import SyncTaskRunEngine
 from celery_taskengine.task_run import TaskRun
 
 
@@ -85,8 +88,8 @@ def test_a_discarded_read_never_answers_a_later_one(store: RedisStore) -> None:
 
 def test_a_read_on_a_connection_redis_dropped_is_made_again(store: RedisStore) -> None:
     put(store, "t/a", "a")
-    assert store.start_read("t/a").result() is not None  # this thread's read connection exists
-    host, port = store._early_reads._local.connection._sock.getsockname()[:2]
+    assert store.start_read("t/a").result() is not None  # a read connection is kept
+    host, port = store._early_reads._free[-1]._sock.getsockname()[:2]
     assert store.client.client_kill_filter(_id=None, addr=f"{host}:{port}") == 1
 
     again = store.start_read("t/a").result()
@@ -154,3 +157,53 @@ def test_a_read_that_running_could_change_is_not_sent_early(
 
     assert [square(3), square(3)] == [9, 9]
     assert sent == []
+
+
+def test_the_step_by_step_engine_sends_no_early_read(
+    redis_app: Any, store: RedisStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # start() is also a public step: nothing would read an answer sent from it.
+    sent: list[str] = []
+    start_read = RedisStore.start_read
+    monkeypatch.setattr(
+        RedisStore, "start_read", lambda self, key: sent.append(key) or start_read(self, key)
+    )
+    square = task(app=redis_app, name="early.steps", cache_policy=INPUTS)(lambda x: x * x)
+    assert square(5) == 25
+    sent.clear()
+
+    engine = SyncTaskRunEngine(square, {"x": 5})
+    with engine.start(), engine.run_context(), engine.transaction_context() as txn:
+        engine.call_task_fn(txn)
+
+    assert sent == []
+    assert square(5, return_state=True).name == "Cached"
+    assert len(sent) == 1  # and this thread's early reads still work
+
+
+def test_unhashable_inputs_warn_once_per_run(
+    redis_app: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    echo = task(app=redis_app, name="early.unhashable", cache_policy=INPUTS)(lambda x: 1)
+
+    with caplog.at_level(logging.WARNING):
+        assert echo(threading.Lock()) == 1
+
+    assert len([r for r in caplog.records if "cannot compute the cache key" in r.getMessage()]) == 1
+
+
+def test_a_policy_of_your_own_is_not_keyed_early(
+    redis_app: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[str | None] = []
+
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class ByState(CachePolicy):
+        def compute_key(self, ctx: Any, inputs: Any) -> str | None:
+            seen.append(ctx.task_run.state_name)
+            return "fixed"
+
+    t = task(app=redis_app, name="early.own_policy", cache_policy=ByState())(lambda: 1)
+
+    assert t() == 1
+    assert seen == ["Running"]  # computed where it always was, not while Pending
