@@ -14,7 +14,7 @@ Measured on the 2-core reference machine (``bench/cache_costs.py``): a send that
 costs its caller about 30 µs (on loopback the sender's system call wakes the receiver); one
 held back costs about 3 µs. A background thread that batched these writes through a script
 cost a cache hit about 30 µs, and writes sent at once about as much; written while the next
-hit's read travels, they cost it about 0 – 15 µs.
+hit's read travels, they cost it about 0 to 15 µs.
 
 A process killed with SIGKILL (or leaving through ``os._exit``) loses the records of the runs
 that ended in its last 10 ms or so; they stay Running on the backend until they expire.

@@ -147,6 +147,9 @@ class RunCore:
         only for a caller that goes on to the attempt, which reads the answer.
         """
         if self.run.state is None:
+            if read_early and self._inputs_are_values():  # the key is known already
+                yield from self._send_early_read()
+                read_early = False
             yield from self.initialize_run()
         state = self.state
         if state.is_final() and not state.is_crashed():
@@ -158,11 +161,9 @@ class RunCore:
                 if (step := self.enter_state(not_ready)) is not None:
                     yield step
                 return False
+            if read_early:
+                yield from self._send_early_read()
             self.run.name = self._render_run_name()
-            early = self._early_read_to_send() if read_early else None
-            if early is not None:
-                key, start_read = early
-                self._early_read = (key, (yield Invoke(start_read, (key,))))
             yield from self.begin_run()
             return True
         if (
@@ -269,6 +270,18 @@ class RunCore:
         else:
             yield from txn.begin_steps(read=not plain)
         return (txn.record if txn.is_committed() else None), txn
+
+    def _send_early_read(self) -> Steps[None]:
+        early = self._early_read_to_send()
+        if early is not None:
+            key, start_read = early
+            self._early_read = (key, (yield Invoke(start_read, (key,))))
+
+    def _inputs_are_values(self) -> bool:
+        """Whether the inputs need no resolving (no upstream states to wait for or unwrap)."""
+        if self.wait_for:
+            return False
+        return not any(isinstance(value, State) for value in self.run.parameters.values())
 
     def _early_read_to_send(self) -> tuple[str, Callable[[str], Any]] | None:
         """The first attempt's cache key and how to send its read now, before Running is

@@ -20,7 +20,7 @@ from celery_taskengine.local_recording import LocalRunRecorder
 from celery_taskengine.record_codec import encode_record
 from celery_taskengine.redis_store import RedisStore
 from celery_taskengine.result_store import store_for_app
-from celery_taskengine.states import State
+from celery_taskengine.states import Completed, State
 from celery_taskengine.task_engine import SyncTaskRunEngine
 from celery_taskengine.task_run import TaskRun
 
@@ -120,12 +120,35 @@ def test_a_local_hit_sends_its_read_before_running_is_recorded(
 
     assert square(4) == 16
     assert square(4, return_state=True).name == "Cached"
-    assert events == ["Pending", "read sent", "Running", "Completed"] * 1 + [
-        "Pending",
-        "read sent",
-        "Running",
-        "Cached",
+    assert events == [
+        *("read sent", "Pending", "Running", "Completed"),
+        *("read sent", "Pending", "Running", "Cached"),
     ]
+
+
+def test_a_read_waits_for_upstream_states_to_be_unwrapped(
+    redis_app: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An upstream state is keyed by its value, known once the inputs are resolved, after
+    # Pending: the read goes then, still before Running.
+    events: list[str] = []
+    start_read, record = RedisStore.start_read, LocalRunRecorder.__call__
+    monkeypatch.setattr(
+        RedisStore, "start_read", lambda self, key: events.append("read") or start_read(self, key)
+    )
+
+    def spy_record(self: LocalRunRecorder, run: TaskRun, state: State) -> None:
+        events.append(state.name)
+        record(self, run, state)
+
+    monkeypatch.setattr(LocalRunRecorder, "__call__", spy_record)
+    square = task(app=redis_app, name="early.upstream", cache_policy=INPUTS)(lambda x: x * x)
+    assert square(6) == 36
+    events.clear()
+
+    upstream = Completed(data=6)
+    assert square(upstream, return_state=True).name == "Cached"
+    assert events == ["Pending", "read", "Running", "Cached"]
 
 
 @pytest.mark.parametrize(
