@@ -1,7 +1,7 @@
 """Cache reads sent before the engine needs their answer, so the round trip overlaps its work.
 
 A cache hit is one Redis round trip plus the engine's own work: recording Running, entering
-states. The engine sends the hit's ``GET`` before that work (``RunCore._early_read_to_send``)
+states. The engine sends the hit's ``GET`` before that work (``RunCore._early_reader``)
 and reads the answer after it, so the work is done while Redis answers instead of before.
 
 The reads go on connections the store keeps for them (taken from the client's pool once, so

@@ -143,13 +143,14 @@ class RunCore:
     def start(self, *, read_early: bool = False) -> Steps[bool]:
         """Resolve inputs and enter Running; ``False`` when the run must not execute now.
 
-        ``read_early``: send the first attempt's cache read first (see _early_read_to_send);
+        ``read_early``: send the first attempt's cache read first (see _early_reader);
         only for a caller that goes on to the attempt, which reads the answer.
         """
+        reader = self._early_reader() if read_early else None
         if self.run.state is None:
-            if read_early and self._inputs_are_values():  # the key is known already
-                yield from self._send_early_read()
-                read_early = False
+            if reader is not None and self._inputs_are_values():  # the key is known already
+                yield from self._send_early_read(reader)
+                reader = None
             yield from self.initialize_run()
         state = self.state
         if state.is_final() and not state.is_crashed():
@@ -161,8 +162,8 @@ class RunCore:
                 if (step := self.enter_state(not_ready)) is not None:
                     yield step
                 return False
-            if read_early:
-                yield from self._send_early_read()
+            if reader is not None:
+                yield from self._send_early_read(reader)
             self.run.name = self._render_run_name()
             yield from self.begin_run()
             return True
@@ -271,21 +272,9 @@ class RunCore:
             yield from txn.begin_steps(read=not plain)
         return (txn.record if txn.is_committed() else None), txn
 
-    def _send_early_read(self) -> Steps[None]:
-        early = self._early_read_to_send()
-        if early is not None:
-            key, start_read = early
-            self._early_read = (key, (yield Invoke(start_read, (key,))))
-
-    def _inputs_are_values(self) -> bool:
-        """Whether the inputs need no resolving (no upstream states to wait for or unwrap)."""
-        if self.wait_for:
-            return False
-        return not any(isinstance(value, State) for value in self.run.parameters.values())
-
-    def _early_read_to_send(self) -> tuple[str, Callable[[str], Any]] | None:
-        """The first attempt's cache key and how to send its read now, before Running is
-        recorded, so that the answer travels while the engine works (see early_read.py).
+    def _early_reader(self) -> Callable[[str], Any] | None:
+        """How to send this run's first cache read early (the store's ``start_read``), if it
+        may be: sent before Running is recorded, its answer travels while the engine works.
 
         Only where nothing in between could change the key or the record: a plain read
         (READ_COMMITTED, no refresh), no ``on_running`` hooks, no cancellation check, and a key
@@ -296,7 +285,7 @@ class RunCore:
         policy = options.cache_policy
         if policy is None or self.is_generator:
             return None
-        start_read = getattr(self._key_store(), "start_read", None)
+        start_read: Callable[[str], Any] | None = getattr(self._key_store(), "start_read", None)
         if (
             start_read is None
             or options.on_running
@@ -306,11 +295,20 @@ class RunCore:
             or not self._reads_plainly()
         ):
             return None
+        return start_read
+
+    def _send_early_read(self, start_read: Callable[[str], Any]) -> Steps[None]:
         key = self.compute_transaction_key()
         if key is None:
             self._early_read = (None, None)  # no key (maybe with a warning): not computed again
-            return None
-        return key, start_read
+        else:
+            self._early_read = (key, (yield Invoke(start_read, (key,))))
+
+    def _inputs_are_values(self) -> bool:
+        """Whether the inputs need no resolving (no upstream states to wait for or unwrap)."""
+        if self.wait_for:
+            return False
+        return not any(isinstance(value, State) for value in self.run.parameters.values())
 
     def _discard_early_read(self) -> None:
         """Give back an early read's connection that no attempt came to read (a local act)."""
