@@ -138,7 +138,7 @@ def main() -> None:
         ("diagnostic, no run records: redis miss", lambda: quiet_refresh(3)),
     ]
     try:
-        trips = {name: commands_per_call(client, fn) for name, fn in cases if _on_redis(name)}
+        sent = {name: commands_per_call(client, fn) for name, fn in cases if _on_redis(name)}
         medians = measure(cases, args.calls, args.repeats)
     finally:
         flush_run_records()  # records written behind the calls land before the clean-up
@@ -153,9 +153,9 @@ def main() -> None:
     print(f"{'case':<40} {'µs/call':>9} {'commands':>12} {'minus 1 GET':>12}")
     for name, _ in cases:
         value = medians[name]
-        trip = f"{trips[name]:.1f}" if name in trips else "-"
-        over = f"{value - get_us:.1f}" if name in trips and not name.startswith("redis-py") else ""
-        print(f"{name:<40} {value:>9.1f} {trip:>12} {over:>12}")
+        count = f"{sent[name]:.1f}" if name in sent else "-"
+        over = f"{value - get_us:.1f}" if name in sent and not name.startswith("redis-py") else ""
+        print(f"{name:<40} {value:>9.1f} {count:>12} {over:>12}")
     hit = medians["redis: cache hit t(3)"]
     quiet = medians["diagnostic, no run records: redis hit"]
     serial = medians["serial: memory hit, then one GET"]

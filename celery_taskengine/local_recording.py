@@ -66,9 +66,6 @@ CONFIRM_TIMEOUT_SECONDS = 5.0
 #: Documents kept for runs between Running and their end; more means runs that died unended.
 _MAX_OPEN_DOCUMENTS = 10_000
 
-#: This process's id, kept up to date across forks (os.getpid() is a system call).
-_pid = os.getpid()
-
 _WORTH_SHARING = frozenset(
     {
         StateType.SCHEDULED,
@@ -105,11 +102,11 @@ class LocalRunRecorder:
         self._documents: dict[str, RunDocument] = {}
         #: Runs whose latest state is not written yet, by id.
         self._held: dict[str, TaskRun] = {}
-        #: The process in which the flusher will visit this recorder (see _Flusher).
-        self.due_in = 0
+        #: Whether the flusher will visit this recorder (see _Flusher).
+        self.due = False
         self._lock = threading.Lock()  #: held while encoding and sending (see write_held)
+        #: None until first used and in a forked child (see start_afresh).
         self._connection: Any = None
-        self._pid = 0
         #: Whether the server honours CLIENT REPLY SKIP; if not, records are written blocking.
         self._skips_replies: bool | None = None
         #: Each run's last write since Redis last confirmed this connection (by record key).
@@ -128,7 +125,7 @@ class LocalRunRecorder:
         if first_running and self._held:
             self.write_held(but=run.id, may_connect=False)
         self._held[run.id] = run
-        if self.due_in != _pid:
+        if not self.due:
             _flusher.schedule(self)
 
     def start_afresh(self) -> None:
@@ -138,7 +135,7 @@ class LocalRunRecorder:
         self._held.clear()
         self._unconfirmed.clear()
         self._connection = None
-        self.due_in = 0
+        self.due = False
 
     def write_held(self, but: str | None = None, *, may_connect: bool = True) -> None:
         """Write the held records (except run ``but``'s) now, without waiting for Redis.
@@ -175,7 +172,7 @@ class LocalRunRecorder:
     def confirm_sent(self, timeout: float) -> None:
         """Wait up to ``timeout`` seconds until Redis has read what was sent (one PING)."""
         with self._lock:
-            if not self._unconfirmed or self._connection is None or self._pid != _pid:
+            if not self._unconfirmed or self._connection is None:
                 return
             for attempt in (1, 2):
                 try:
@@ -218,10 +215,10 @@ class LocalRunRecorder:
         ``checked``: the caller has just seen that the connection is up."""
         for attempt in (1, 2):
             connection = self._connection
-            ours = connection is not None and self._pid == _pid
-            if ours and not checked and connection._sock is not None and dropped(connection):
+            up = connection is not None and connection._sock is not None
+            if up and not checked and dropped(connection):
                 connection.disconnect()
-            remade = not ours or connection._sock is None
+            remade = connection is None or connection._sock is None
             try:
                 connection = self._usable_connection()
                 if remade:
@@ -249,7 +246,7 @@ class LocalRunRecorder:
 
     def _connected(self) -> bool:
         connection = self._connection
-        if connection is None or self._pid != _pid or connection._sock is None:
+        if connection is None or connection._sock is None:
             return False
         return not dropped(connection)  # a dropped one is remade by the flusher
 
@@ -257,9 +254,8 @@ class LocalRunRecorder:
         """This process's connection for local records, (re)connected if need be: taken from
         the client's pool once and kept, so the pool's ``disconnect()`` closes it too."""
         connection = self._connection
-        if connection is None or self._pid != _pid:
-            connection = self._client.connection_pool.get_connection()
-            self._connection, self._pid = connection, _pid
+        if connection is None:
+            connection = self._connection = self._client.connection_pool.get_connection()
         if connection._sock is None:
             connection.connect()
         if self._skips_replies is None:
@@ -276,19 +272,16 @@ class _Flusher:
         self._due: list[LocalRunRecorder] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._pid = 0
+        self._started = False  #: reset in a forked child, which needs a thread of its own
 
     def schedule(self, recorder: LocalRunRecorder) -> None:
         """Visit ``recorder`` within WRITE_BEHIND_SECONDS (the thread starts on first use)."""
         with self._lock:
-            pid = _pid
-            if recorder.due_in == pid:
+            if recorder.due:
                 return
-            recorder.due_in = pid
-            if self._pid != pid:  # first use, or a forked child: a thread of its own
-                self._pid = pid
-                self._due = []
-                self._wake = threading.Event()
+            recorder.due = True
+            if not self._started:
+                self._started = True
                 threading.Thread(
                     target=self._run, name="taskengine-run-records", daemon=True
                 ).start()
@@ -305,7 +298,7 @@ class _Flusher:
                 due, self._due = self._due, []
                 wake.clear()
                 for recorder in due:
-                    recorder.due_in = 0
+                    recorder.due = False
             for recorder in due:
                 try:
                     recorder.write_held()
@@ -327,8 +320,7 @@ def _all_recorders() -> list[LocalRunRecorder]:
 def _start_afresh_in_child() -> None:
     """After a fork: the parent's flusher thread may have held a lock (the child would wait
     on it forever), and what the parent held is the parent's to write."""
-    global _registry_lock, _pid
-    _pid = os.getpid()
+    global _registry_lock
     _registry_lock = threading.Lock()
     _flusher.__init__()  # type: ignore[misc]
     for recorder in _all_recorders():

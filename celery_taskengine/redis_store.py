@@ -66,8 +66,6 @@ if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[
 return 0
 """
 
-# Many run records in one command: the local-run writer sends a batch per round trip, and one
-# command costs the client a tenth of a pipeline of SETs. ARGV[1] is the lifetime in ms (0: none).
 _SCAN_BATCH = 500
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 

@@ -97,8 +97,8 @@ class RunCore:
         #: The values the function is called with (upstream states resolved); a copy is made
         #: only when something is resolved.
         self.call_parameters: dict[str, Any] = run.parameters
-        #: The first attempt's cache read, sent before Running (see _read_early): its key and
-        #: the pending answer.
+        #: The first attempt's cache read, sent before Running (see _early_reader): its key and
+        #: the pending answer; ``(None, None)`` when the key came out None.
         self._early_read: tuple[str, Any] | tuple[None, None] | None = None
 
     @property
@@ -250,26 +250,24 @@ class RunCore:
         transaction is opened: a hit needs none (``None``), and a miss's need not read again.
         """
         key: str | None
+        read: Invoke | None
         early, self._early_read = self._early_read, None
-        if early is not None:
+        if early is not None:  # sent before Running (see _early_reader)
             key, pending = early
-            plain = pending is not None
-            if pending is not None:
-                hit: ResultRecord | None = yield Invoke(pending.result)
-                if hit is not None:
-                    return hit, None
+            read = Invoke(pending.result) if pending is not None else None
         else:
             key = None if self.is_generator else self.compute_transaction_key()
             plain = key is not None and self._reads_plainly()
-            if plain:
-                hit = yield Invoke(self._key_store().read, (key,))
-                if hit is not None:
-                    return hit, None
+            read = Invoke(self._key_store().read, (key,)) if plain else None
+        if read is not None:
+            hit: ResultRecord | None = yield read
+            if hit is not None:
+                return hit, None
         txn = self._transaction(key)
         if key is None:
             txn.enter()
         else:
-            yield from txn.begin_steps(read=not plain)
+            yield from txn.begin_steps(read=read is None)
         return (txn.record if txn.is_committed() else None), txn
 
     def _early_reader(self) -> Callable[[str], Any] | None:

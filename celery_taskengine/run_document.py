@@ -79,8 +79,7 @@ class RunDocument:
         return (
             f'{self._head},"name":{_json_str(run.name)},"parameters":{self._parameters},'
             f'"tags":{self._tags},"run_count":{run.run_count},'
-            f'"start_time":{_time_json(run.start_time, history, states)},'
-            f'"end_time":{_time_json(run.end_time, history, states)},'
+            f'"start_time":{_json_time(run.start_time)},"end_time":{_json_time(run.end_time)},'
             f'"state_history":[{",".join(states)}]}}'
         )
 
@@ -107,7 +106,7 @@ def _state_json(state: State, *, with_data: bool = False) -> str:
     data = state.data
     extra = "" if not with_data or data is None else _data_json(data)
     message = "null" if state.message is None else _json_str(state.message)
-    scheduled = "null" if state.scheduled_time is None else f'"{state.scheduled_time.isoformat()}"'
+    scheduled = _json_time(state.scheduled_time)
     return (
         f'{head}"message":{message},"timestamp":"{state.timestamp.isoformat()}",'
         f'"scheduled_time":{scheduled}{extra}}}'
@@ -124,12 +123,5 @@ def _data_json(data: object) -> str:
         return f',"data":{_json_str(repr(data))}'
 
 
-def _time_json(moment: datetime | None, history: list[State], states: list[str]) -> str:
-    """``moment`` as JSON; a run's start and end are states' timestamps, already written."""
-    if moment is None:
-        return "null"
-    for state, written in zip(history, states, strict=False):
-        if state.timestamp is moment and state.message is None:
-            start = written.index('"timestamp":"') + 12
-            return written[start : written.index('"', start + 1) + 1]
-    return f'"{moment.isoformat()}"'
+def _json_time(moment: datetime | None) -> str:
+    return "null" if moment is None else f'"{moment.isoformat()}"'
