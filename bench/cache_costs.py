@@ -36,9 +36,9 @@ import redis
 from celery import Celery
 
 from celery_taskengine import flush_run_records, task
+from celery_taskengine._store.redis_store import RedisStore
+from celery_taskengine._store.selection import store_for_app
 from celery_taskengine.cache_policies import INPUTS
-from celery_taskengine.redis_store import RedisStore
-from celery_taskengine.result_store import store_for_app
 from celery_taskengine.task_engine import local_environment
 
 

@@ -26,10 +26,11 @@ from celery.utils.functional import maybe_list
 from celery.worker import control
 from celery.worker import state as worker_state
 
+from celery_taskengine._store.protocol import ResultStore
+from celery_taskengine._store.redis_store import DEFAULT_RUN_EXPIRES, RedisStore
+from celery_taskengine._store.selection import store_for_app
 from celery_taskengine.drivers import drive_sync
 from celery_taskengine.parameters import bind_parameters
-from celery_taskengine.redis_store import DEFAULT_RUN_EXPIRES, RedisStore
-from celery_taskengine.result_store import ResultStore, store_for_app
 from celery_taskengine.run_core import RunCore, RunEnvironment
 from celery_taskengine.states import State, StateType, is_legal_transition
 

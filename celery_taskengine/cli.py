@@ -31,9 +31,10 @@ from celery.app.utils import find_app
 from kombu.utils.url import maybe_sanitize_url
 
 from celery_taskengine import __version__
+from celery_taskengine._store.protocol import ResultRecord
+from celery_taskengine._store.redis_store import RedisStore
+from celery_taskengine._store.selection import store_for_app
 from celery_taskengine.errors import StoreUnavailableError
-from celery_taskengine.redis_store import RedisStore
-from celery_taskengine.result_store import ResultRecord, store_for_app
 from celery_taskengine.states import StateType
 from celery_taskengine.task_run import TaskRun
 from celery_taskengine.timeline import format_duration, format_timeline

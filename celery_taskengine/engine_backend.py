@@ -3,7 +3,7 @@
 Before storing a task's outcome, Celery's key-value backends read the task's stored state, so
 that a duplicate delivery finishing late cannot overwrite a SUCCESS. For an engine task's first
 delivery the engine already rules that out: a message handed out twice is claimed (see
-:mod:`~celery_taskengine.delivery_claims`), and a delivery that finds its run finished never
+:mod:`~celery_taskengine._store.claims`), and a delivery that finds its run finished never
 executes it again. So such a delivery marks its request :data:`FRESH` and its outcome is
 written without the read: one Redis round trip less per task, about a third of a worker
 process's backend traffic. Every other store (retries, redeliveries, plain tasks) is Celery's.

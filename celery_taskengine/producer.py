@@ -28,14 +28,15 @@ from kombu.exceptions import EncodeError
 from kombu.serialization import prepare_accept_content, registry
 
 from celery_taskengine import cache_policies as cp
+from celery_taskengine._store.memory import MemoryStore
+from celery_taskengine._store.protocol import ResultStore
+from celery_taskengine._store.selection import store_for_app
+from celery_taskengine._store.task_meta import save_run_with_meta
 from celery_taskengine.drivers import drive_sync
 from celery_taskengine.errors import SerializationError
-from celery_taskengine.memory_store import MemoryStore
 from celery_taskengine.parameters import bind_parameters
-from celery_taskengine.result_store import ResultStore, store_for_app
 from celery_taskengine.run_core import RunCore, RunEnvironment
 from celery_taskengine.states import State, StateType
-from celery_taskengine.task_meta import save_run_with_meta
 from celery_taskengine.task_run import TaskRun
 
 if TYPE_CHECKING:

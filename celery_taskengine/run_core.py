@@ -18,11 +18,11 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from celery_taskengine import cache_policies as cp
+from celery_taskengine._store.protocol import ResultRecord, ResultStore
 from celery_taskengine.drivers import GeneratorClosed
 from celery_taskengine.errors import ConfigurationError, TaskRunTimeoutError
 from celery_taskengine.options import TaskOptions
 from celery_taskengine.parameters import call_arguments
-from celery_taskengine.result_store import ResultRecord, ResultStore
 from celery_taskengine.retry_policy import delay_for_retry, jittered
 from celery_taskengine.run_scope import run_scope
 from celery_taskengine.states import (

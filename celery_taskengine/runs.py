@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from celery import Celery, current_app
 
-from celery_taskengine.local_recording import flush_run_records
-from celery_taskengine.memory_store import default_memory_store
-from celery_taskengine.result_store import store_for_app
+from celery_taskengine._store.local_records import flush_run_records
+from celery_taskengine._store.memory import default_memory_store
+from celery_taskengine._store.selection import store_for_app
 from celery_taskengine.task_run import TaskRun
 
 __all__ = ["flush_run_records", "get_task_run"]

@@ -17,14 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 
+from celery_taskengine._store.selection import store_for_app
 from celery_taskengine.errors import ConfigurationError
-from celery_taskengine.result_store import store_for_app
 
 if TYPE_CHECKING:
     from celery import Celery
     from celery.result import AsyncResult
 
-    from celery_taskengine.redis_store import RedisStore
+    from celery_taskengine._store.redis_store import RedisStore
 
 __all__ = ["ItemChannel", "stream"]
 
@@ -104,7 +104,7 @@ def _remaining(deadline: float | None) -> float | None:
 
 
 def _redis_store(app: Celery) -> RedisStore:
-    from celery_taskengine.redis_store import RedisStore
+    from celery_taskengine._store.redis_store import RedisStore
 
     store = store_for_app(app)
     if not isinstance(store, RedisStore):

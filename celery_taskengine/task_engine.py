@@ -13,12 +13,13 @@ from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Generator,
 from contextlib import asynccontextmanager, contextmanager, suppress
 from typing import Any, Literal
 
+from celery_taskengine._store.local_records import recorder_for
+from celery_taskengine._store.memory import MemoryStore
+from celery_taskengine._store.protocol import ResultStore
+from celery_taskengine._store.redis_store import RedisStore
+from celery_taskengine._store.selection import store_for_app
 from celery_taskengine.drivers import Finished, drive_async, drive_sync, iterate_async, iterate_sync
 from celery_taskengine.errors import TaskRunTimeoutError
-from celery_taskengine.local_recording import recorder_for
-from celery_taskengine.memory_store import MemoryStore
-from celery_taskengine.redis_store import RedisStore
-from celery_taskengine.result_store import ResultStore, store_for_app
 from celery_taskengine.run_core import EngineTask, RunCore, RunEnvironment
 from celery_taskengine.states import State, StateType
 from celery_taskengine.task_run import TaskRun

@@ -18,10 +18,10 @@ from contextvars import ContextVar, Token
 from types import TracebackType
 from typing import Any
 
+from celery_taskengine._store.protocol import ResultRecord, ResultStore
 from celery_taskengine.cache_policies import CommitMode, IsolationLevel
 from celery_taskengine.drivers import drive_async, drive_sync
 from celery_taskengine.errors import ConfigurationError, SerializationError
-from celery_taskengine.result_store import ResultRecord, ResultStore
 from celery_taskengine.steps import Invoke, Sleep, Steps
 
 __all__ = [
@@ -393,7 +393,7 @@ def transaction(
     if store is None and get_transaction() is None:
         from celery import current_app
 
-        from celery_taskengine.result_store import store_for_app
+        from celery_taskengine._store.selection import store_for_app
 
         store = store_for_app(current_app._get_current_object())
     return AsyncTransaction(

@@ -2,9 +2,10 @@
 
 Every state change of a run in a worker is persisted (so ``get_task_run(id)`` works anywhere
 and a redelivery can continue the run), shown in the result backend (see
-:mod:`~celery_taskengine.task_meta`) and, if it has no Celery twin, announced as a task event.
+:mod:`~celery_taskengine._store.task_meta`) and, if it has no Celery twin, announced as a task
+event.
 Recording is on every task's hot path, so it costs as little as it can (see
-:mod:`~celery_taskengine.redis_oneway` for the measurements):
+:mod:`~celery_taskengine._store.record_channel` for the measurements):
 
 - Pending is held back and written together with Running; a plain run writes twice, at Running
   and at its final state, each a single send that does not wait for Redis to answer.
@@ -25,24 +26,24 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from celery_taskengine.delivery_claims import Claim
-from celery_taskengine.events import send_state_event
-from celery_taskengine.redis_oneway import RecordChannel
-from celery_taskengine.run_document import RunDocument
-from celery_taskengine.states import State, StateType
-from celery_taskengine.task_meta import (
+from celery_taskengine._store.claims import Claim
+from celery_taskengine._store.record_channel import RecordChannel
+from celery_taskengine._store.run_document import RunDocument
+from celery_taskengine._store.task_meta import (
     SET_META_LUA,
     celery_status,
     encode_meta,
     px,
     state_info,
 )
+from celery_taskengine.events import send_state_event
+from celery_taskengine.states import State, StateType
 from celery_taskengine.task_run import TaskRun
 
 if TYPE_CHECKING:
     from celery import Celery
 
-    from celery_taskengine.redis_store import RedisStore
+    from celery_taskengine._store.redis_store import RedisStore
 
 __all__ = ["Delivery", "DeliveryRecorder", "resend_orphaned_records"]
 

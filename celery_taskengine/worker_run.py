@@ -9,7 +9,7 @@ Celery's ``Ignore`` once a cancellation is recorded.
 
 A message whose run already has a record (a retry, a redelivery) continues that run; one whose
 run is finished returns or raises the recorded outcome without calling the function again. A
-message handed out twice at once runs once (see :mod:`~celery_taskengine.delivery_claims`).
+message handed out twice at once runs once (see :mod:`~celery_taskengine._store.claims`).
 """
 
 from __future__ import annotations
@@ -24,19 +24,21 @@ from celery import states as celery_states
 from celery.app.task import get_actual_ignore_result
 from celery.exceptions import Ignore, Retry
 
-from celery_taskengine.cancellation import revocation_check
-from celery_taskengine.delivery_claims import (
+from celery_taskengine._store.claims import (
     CLAIM_TTL_SECONDS,
     Claim,
     ClaimRenewer,
     claim_or_wait,
 )
+from celery_taskengine._store.memory import MemoryStore
+from celery_taskengine._store.protocol import ResultStore
+from celery_taskengine._store.redis_store import RedisStore
+from celery_taskengine._store.selection import store_for_app
+from celery_taskengine._store.task_meta import state_info, write_task_meta
+from celery_taskengine.cancellation import revocation_check
 from celery_taskengine.engine_backend import FRESH
 from celery_taskengine.events import send_state_event, task_events_enabled
-from celery_taskengine.memory_store import MemoryStore
 from celery_taskengine.parameters import bind_parameters
-from celery_taskengine.redis_store import RedisStore
-from celery_taskengine.result_store import ResultStore, store_for_app
 from celery_taskengine.run_core import RunEnvironment
 from celery_taskengine.states import State, utcnow
 from celery_taskengine.streaming import ItemChannel
@@ -47,7 +49,6 @@ from celery_taskengine.task_engine import (
     run_task_async,
     run_task_sync,
 )
-from celery_taskengine.task_meta import state_info, write_task_meta
 from celery_taskengine.task_run import TaskRun
 from celery_taskengine.worker_loop import run_on_worker_loop
 from celery_taskengine.worker_record import Delivery, DeliveryRecorder

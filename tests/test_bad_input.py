@@ -29,13 +29,13 @@ from celery.exceptions import NotRegistered
 from kombu.exceptions import OperationalError
 
 from celery_taskengine import Task, flush_run_records, get_task_run, task
+from celery_taskengine._store.record_codec import encode_record
+from celery_taskengine._store.redis_store import RedisStore
 from celery_taskengine.errors import (
     ReservedArgumentError,
     SerializationError,
     StoreUnavailableError,
 )
-from celery_taskengine.record_codec import encode_record
-from celery_taskengine.redis_store import RedisStore
 from celery_taskengine.states import Completed, Pending, Running
 from celery_taskengine.task_engine import run_task_sync
 from celery_taskengine.task_run import TaskRun
@@ -411,7 +411,7 @@ def test_an_unreadable_cache_record_is_a_miss_at_delay_and_in_the_worker(
 def test_an_unreadable_record_in_the_in_process_store_is_a_miss_too(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from celery_taskengine.memory_store import default_memory_store
+    from celery_taskengine._store.memory import default_memory_store
 
     key = f"bad-input/{uuid.uuid4()}"
     app = Celery("bad-memory", set_as_current=False)  # no backend: the in-process store

@@ -25,15 +25,16 @@ from redis.retry import Retry
 
 from celery_taskengine import cache_policies as cp
 from celery_taskengine import stream, task
-from celery_taskengine.delivery_claims import DONE, Claim, ClaimRenewer, claim_or_wait
+from celery_taskengine._store.claims import DONE, Claim, ClaimRenewer, claim_or_wait
+from celery_taskengine._store.record_channel import RecordChannel
+from celery_taskengine._store.redis_store import RedisStore
+from celery_taskengine._store.run_document import RunDocument
+from celery_taskengine._store.task_meta import celery_status, write_task_meta
+from celery_taskengine._store.wire import SKIP, pack
 from celery_taskengine.engine_backend import FRESH
 from celery_taskengine.errors import ConfigurationError, StoreUnavailableError, TaskRunTimeoutError
 from celery_taskengine.events import event_fields, event_type
 from celery_taskengine.producer import _key_may_ignore_run_id
-from celery_taskengine.redis_oneway import RecordChannel
-from celery_taskengine.redis_store import RedisStore
-from celery_taskengine.redis_wire import SKIP, pack
-from celery_taskengine.run_document import RunDocument
 from celery_taskengine.states import (
     AwaitingRetry,
     Cached,
@@ -50,7 +51,6 @@ from celery_taskengine.states import (
     TimedOut,
     utcnow,
 )
-from celery_taskengine.task_meta import celery_status, write_task_meta
 from celery_taskengine.task_run import TaskRun
 from celery_taskengine.worker_loop import run_on_worker_loop
 from celery_taskengine.worker_record import Delivery, DeliveryRecorder

@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 
 from celery_taskengine import get_task_run, task
+from celery_taskengine._store.record_codec import encode_record
+from celery_taskengine._store.redis_store import RedisStore
+from celery_taskengine._store.selection import store_for_app
 from celery_taskengine.cache_policies import DEFAULT, INPUTS, NO_CACHE, TASK_SOURCE
-from celery_taskengine.record_codec import encode_record
-from celery_taskengine.redis_store import RedisStore
-from celery_taskengine.result_store import store_for_app
 from celery_taskengine.states import Completed, Failed, State
 from celery_taskengine.task_engine import run_task_async, run_task_sync
 
@@ -514,7 +514,7 @@ def test_a_corrupt_or_foreign_record_is_a_miss_with_a_warning(
 def test_an_app_without_a_result_backend_caches_in_process_memory() -> None:
     from celery import Celery
 
-    from celery_taskengine.memory_store import default_memory_store
+    from celery_taskengine._store.memory import default_memory_store
 
     app = Celery("no-backend", set_as_current=False)
     count = Counter()
@@ -541,7 +541,7 @@ def test_an_app_without_a_result_backend_caches_in_process_memory() -> None:
 def test_a_policys_key_storage_holds_its_records_instead_of_the_backend(
     redis_app: Any, store: RedisStore
 ) -> None:
-    from celery_taskengine.memory_store import MemoryStore
+    from celery_taskengine._store.memory import MemoryStore
 
     elsewhere = MemoryStore()
 
@@ -555,7 +555,7 @@ def test_a_policys_key_storage_holds_its_records_instead_of_the_backend(
 
 
 def test_each_attempt_reads_its_key_once_whether_it_hits_or_misses(redis_app: Any) -> None:
-    from celery_taskengine.memory_store import MemoryStore
+    from celery_taskengine._store.memory import MemoryStore
 
     class CountingStore(MemoryStore):
         def __init__(self) -> None:

@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 
 from celery_taskengine import cli
-from celery_taskengine.redis_store import RedisStore
-from celery_taskengine.result_store import store_for_app
+from celery_taskengine._store.redis_store import RedisStore
+from celery_taskengine._store.selection import store_for_app
 from celery_taskengine.task_engine import run_task_sync
 
 REPO = Path(__file__).resolve().parent.parent

@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 
 from celery_taskengine import task
+from celery_taskengine._store.local_records import LocalRunRecorder
+from celery_taskengine._store.record_codec import encode_record
+from celery_taskengine._store.redis_store import RedisStore
+from celery_taskengine._store.selection import store_for_app
 from celery_taskengine.cache_policies import INPUTS, CachePolicy, IsolationLevel
-from celery_taskengine.local_recording import LocalRunRecorder
-from celery_taskengine.record_codec import encode_record
-from celery_taskengine.redis_store import RedisStore
-from celery_taskengine.result_store import store_for_app
 from celery_taskengine.states import Completed, State
 from celery_taskengine.task_engine import SyncTaskRunEngine
 from celery_taskengine.task_run import TaskRun

@@ -24,14 +24,14 @@ import pytest
 import redis
 
 from celery_taskengine import flush_run_records, task
-from celery_taskengine.cache_policies import INPUTS
-from celery_taskengine.local_recording import (
+from celery_taskengine._store.local_records import (
     WRITE_BEHIND_SECONDS,
     LocalRunRecorder,
     recorder_for,
 )
-from celery_taskengine.redis_store import RedisStore
-from celery_taskengine.result_store import store_for_app
+from celery_taskengine._store.redis_store import RedisStore
+from celery_taskengine._store.selection import store_for_app
+from celery_taskengine.cache_policies import INPUTS
 from celery_taskengine.run_scope import current_task_run
 from celery_taskengine.states import State, StateType
 from celery_taskengine.task_engine import run_task_sync

@@ -9,10 +9,10 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
+from celery_taskengine._store.memory import MemoryStore, default_memory_store
+from celery_taskengine._store.protocol import ResultStore
+from celery_taskengine._store.record_codec import decode_record, encode_record
 from celery_taskengine.errors import SerializationError
-from celery_taskengine.memory_store import MemoryStore, default_memory_store
-from celery_taskengine.record_codec import decode_record, encode_record
-from celery_taskengine.result_store import ResultStore
 from celery_taskengine.states import Completed, Pending, Running
 from celery_taskengine.task_run import TaskRun
 
@@ -203,7 +203,7 @@ def test_a_corrupt_or_foreign_record_reads_as_a_miss_with_a_warning(
     store: MemoryStore, raw: bytes, caplog: pytest.LogCaptureFixture
 ) -> None:
     store.write_raw("k", raw)
-    with caplog.at_level(logging.WARNING, logger="celery_taskengine.memory_store"):
+    with caplog.at_level(logging.WARNING, logger="celery_taskengine._store.memory"):
         assert store.read("k") is None
     assert any("'k'" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
 
@@ -223,7 +223,7 @@ def test_a_pickled_record_is_not_loaded_by_a_store_that_does_not_accept_pickle(
     json_only.write_raw("k", raw)
 
     # When it is read, Then it is a miss with a warning, and the payload was never unpickled
-    with caplog.at_level(logging.WARNING, logger="celery_taskengine.memory_store"):
+    with caplog.at_level(logging.WARNING, logger="celery_taskengine._store.memory"):
         assert json_only.read("k") is None
     assert "not accepted" in caplog.text
     assert UNPICKLED == []
@@ -240,7 +240,7 @@ def test_a_record_written_under_another_key_reads_as_a_miss(
         created_at=datetime.fromtimestamp(T0, timezone.utc),
     )
     store.write_raw("k", raw)
-    with caplog.at_level(logging.WARNING, logger="celery_taskengine.memory_store"):
+    with caplog.at_level(logging.WARNING, logger="celery_taskengine._store.memory"):
         assert store.read("k") is None
     assert "'other'" in caplog.text
 

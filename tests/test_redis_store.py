@@ -14,14 +14,14 @@ from typing import Any
 
 import pytest
 
+from celery_taskengine._store.protocol import ResultStore
+from celery_taskengine._store.record_codec import encode_record
+from celery_taskengine._store.redis_store import RedisStore
 from celery_taskengine.errors import ConfigurationError, SerializationError, StoreUnavailableError
-from celery_taskengine.record_codec import encode_record
-from celery_taskengine.redis_store import RedisStore
-from celery_taskengine.result_store import ResultStore
 from celery_taskengine.states import Completed, Pending, Running
 from celery_taskengine.task_run import TaskRun
 
-LOGGER = "celery_taskengine.redis_store"
+LOGGER = "celery_taskengine._store.redis_store"
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ Redis has no real acknowledgements: kombu keeps each delivered, unacknowledged m
 already finished when the worker died before acknowledging it, to an attempt still running
 after the visibility timeout, and to a retry's countdown message, which a worker holds
 unacknowledged on its timer for the whole countdown. Each must run the function once: the
-deliveries claim their message (see celery_taskengine.delivery_claims).
+deliveries claim their message (see celery_taskengine._store.claims).
 """
 
 from __future__ import annotations

@@ -23,10 +23,10 @@ import pytest
 from celery import Celery
 
 from celery_taskengine import flush_run_records, get_task_run, task
+from celery_taskengine._store.record_codec import encode_record
+from celery_taskengine._store.redis_store import RedisStore
 from celery_taskengine.cache_policies import INPUTS
 from celery_taskengine.errors import SerializationError
-from celery_taskengine.record_codec import encode_record
-from celery_taskengine.redis_store import RedisStore
 from celery_taskengine.states import Completed, Failed, Pending, Running
 from celery_taskengine.task_engine import run_task_sync
 from celery_taskengine.task_run import TaskRun

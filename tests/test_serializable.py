@@ -25,11 +25,11 @@ import redis
 from celery import Celery
 
 from celery_taskengine import get_task_run, task, transaction
+from celery_taskengine._store.memory import MemoryStore
+from celery_taskengine._store.redis_store import RedisStore
+from celery_taskengine._store.selection import store_for_app
 from celery_taskengine.cache_policies import INPUTS
 from celery_taskengine.errors import ConfigurationError
-from celery_taskengine.memory_store import MemoryStore
-from celery_taskengine.redis_store import RedisStore
-from celery_taskengine.result_store import store_for_app
 from celery_taskengine.states import State
 from celery_taskengine.task_engine import run_task_sync
 from celery_taskengine.transactions import IsolationLevel, get_transaction

@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 
 from celery_taskengine import task, transaction
+from celery_taskengine._store.redis_store import RedisStore
+from celery_taskengine._store.selection import store_for_app
 from celery_taskengine.cache_policies import INPUTS
-from celery_taskengine.redis_store import RedisStore
-from celery_taskengine.result_store import store_for_app
 from celery_taskengine.states import Completed, Failed, State
 from celery_taskengine.transactions import (
     AsyncTransaction,

@@ -42,8 +42,7 @@ from typing import Any, ClassVar
 
 import redis
 
-from celery_taskengine.errors import StoreUnavailableError
-from celery_taskengine.redis_wire import (
+from celery_taskengine._store.wire import (
     DOWN,
     MSG_MORE,
     PING_PACKED,
@@ -54,6 +53,7 @@ from celery_taskengine.redis_wire import (
     replies_can_be_skipped,
     send,
 )
+from celery_taskengine.errors import StoreUnavailableError
 
 __all__ = ["RecordChannel"]
 

@@ -27,19 +27,19 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import redis
 
-from celery_taskengine.early_read import EarlyRead, EarlyReads
-from celery_taskengine.errors import (
-    ConfigurationError,
-    StoreUnavailableError,
-)
-from celery_taskengine.record_codec import (
+from celery_taskengine._store.early_read import EarlyRead, EarlyReads
+from celery_taskengine._store.protocol import ResultRecord
+from celery_taskengine._store.record_codec import (
     accept_for_app,
     decode_record,
     encode_record,
     normalize_accept,
 )
-from celery_taskengine.result_store import ResultRecord
-from celery_taskengine.run_document import encode_run
+from celery_taskengine._store.run_document import encode_run
+from celery_taskengine.errors import (
+    ConfigurationError,
+    StoreUnavailableError,
+)
 from celery_taskengine.task_run import TaskRun, run_from_document
 
 if TYPE_CHECKING:
@@ -83,7 +83,7 @@ def side_client(client: redis.Redis) -> redis.Redis:
 
 
 class RedisStore:
-    """A :class:`~celery_taskengine.result_store.ResultStore` on one Redis database.
+    """A :class:`~celery_taskengine._store.protocol.ResultStore` on one Redis database.
 
     Use :meth:`for_app` to get one on a Celery app's result backend. ``accept`` lists the
     serializers records may use (JSON only by default); ``run_expires`` is the lifetime of run

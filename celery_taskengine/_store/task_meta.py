@@ -13,7 +13,7 @@ import math
 import re
 from typing import TYPE_CHECKING, Any
 
-from celery_taskengine.result_store import ResultStore
+from celery_taskengine._store.protocol import ResultStore
 from celery_taskengine.states import State, utcnow
 from celery_taskengine.task_run import TaskRun
 
@@ -109,7 +109,7 @@ def save_run_with_meta(
 
     Used for runs answered at send time; Celery's result readers see ``status`` and ``result``.
     """
-    from celery_taskengine.redis_store import RedisStore
+    from celery_taskengine._store.redis_store import RedisStore
 
     if not isinstance(store, RedisStore):
         store.save_run(run)

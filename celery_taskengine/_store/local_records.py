@@ -31,8 +31,10 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from celery_taskengine.memory_store import default_memory_store
-from celery_taskengine.redis_wire import (
+from celery_taskengine._store.memory import default_memory_store
+from celery_taskengine._store.run_document import RunDocument
+from celery_taskengine._store.task_meta import px
+from celery_taskengine._store.wire import (
     DOWN,
     MSG_MORE,
     PING_PACKED,
@@ -43,15 +45,13 @@ from celery_taskengine.redis_wire import (
     replies_can_be_skipped,
     send,
 )
-from celery_taskengine.run_document import RunDocument
 from celery_taskengine.states import State, StateType
-from celery_taskengine.task_meta import px
 from celery_taskengine.task_run import TaskRun
 
 if TYPE_CHECKING:
     from celery import Celery
 
-    from celery_taskengine.redis_store import RedisStore
+    from celery_taskengine._store.redis_store import RedisStore
 
 __all__ = ["LocalRunRecorder", "flush_run_records", "recorder_for"]
 
@@ -348,8 +348,8 @@ def flush_run_records(app: Celery | None = None, timeout: float = FLUSH_TIMEOUT_
     last call reached Redis within ``timeout`` seconds (the ones that did not were logged).
     """
     if app is not None:
-        from celery_taskengine.redis_store import RedisStore
-        from celery_taskengine.result_store import store_for_app
+        from celery_taskengine._store.redis_store import RedisStore
+        from celery_taskengine._store.selection import store_for_app
 
         store = store_for_app(app)
         recorder = _recorders.get(store) if isinstance(store, RedisStore) else None

@@ -12,8 +12,8 @@ outcome (kept as long as run records).
 A delivery that cannot claim waits while the holder lives; then it has nothing to do (the
 holder finished: ``done``) or takes over a crashed holder's run (the claim lapsed). The cheap
 path, a message's first delivery without a countdown, claims with a write that travels with the
-run's Running record (see :mod:`~celery_taskengine.redis_oneway`); only messages that may be
-duplicates (redelivered, retried, with a countdown) claim with a round trip.
+run's Running record (see :mod:`~celery_taskengine._store.record_channel`); only messages
+that may be duplicates (redelivered, retried, with a countdown) claim with a round trip.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import redis
 
-from celery_taskengine.redis_store import RedisStore
+from celery_taskengine._store.redis_store import RedisStore
 
 __all__ = [
     "CLAIM_TTL_SECONDS",

@@ -1,6 +1,6 @@
 """The in-process store: cached results, locks and run records for local runs without a backend.
 
-It behaves like :class:`~celery_taskengine.redis_store.RedisStore` seen from one process:
+It behaves like :class:`~celery_taskengine._store.redis_store.RedisStore` seen from one process:
 records are kept encoded (the same envelope and serializer), so a cache hit is a fresh decoded
 copy and an unserialisable result fails here exactly as it would on Redis. Run records are the
 opposite: the engine's own :class:`TaskRun` objects are kept as they are, because saving them
@@ -19,8 +19,8 @@ from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta, timezone
 from typing import Any, NamedTuple
 
-from celery_taskengine.record_codec import decode_record, encode_record, normalize_accept
-from celery_taskengine.result_store import ResultRecord
+from celery_taskengine._store.protocol import ResultRecord
+from celery_taskengine._store.record_codec import decode_record, encode_record, normalize_accept
 from celery_taskengine.task_run import TaskRun
 
 __all__ = ["DEFAULT_MAX_RUNS", "MemoryStore", "default_memory_store"]
@@ -40,7 +40,7 @@ class _Entry(NamedTuple):
 
 
 class MemoryStore:
-    """A :class:`~celery_taskengine.result_store.ResultStore` for one process; thread-safe.
+    """A :class:`~celery_taskengine._store.protocol.ResultStore` for one process; thread-safe.
 
     ``clock`` returns wall-clock seconds (``time.time`` by default) and decides every expiry,
     of records and of locks alike; inject one for exact tests. ``accept`` lists the serializers

@@ -28,8 +28,8 @@ from kombu import serialization
 from kombu.exceptions import EncodeError, SerializerNotInstalled
 from kombu.utils import json as kombu_json
 
+from celery_taskengine._store.protocol import ResultRecord
 from celery_taskengine.errors import SerializationError
-from celery_taskengine.result_store import ResultRecord
 
 if TYPE_CHECKING:
     from celery import Celery

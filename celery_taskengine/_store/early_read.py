@@ -15,11 +15,11 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from celery_taskengine.redis_wire import DOWN, pack, send
-from celery_taskengine.result_store import ResultRecord
+from celery_taskengine._store.protocol import ResultRecord
+from celery_taskengine._store.wire import DOWN, pack, send
 
 if TYPE_CHECKING:
-    from celery_taskengine.redis_store import RedisStore
+    from celery_taskengine._store.redis_store import RedisStore
 
 __all__ = ["EarlyRead", "EarlyReads"]
 

@@ -1,8 +1,9 @@
 """The storage protocol the engine needs: cached result records, locks, and run records.
 
-Two implementations: :mod:`celery_taskengine.memory_store` (one process, for local runs with
-no result backend) and :mod:`celery_taskengine.redis_store` (the Celery app's Redis result
-backend, shared by every producer and worker). :func:`store_for_app` picks one.
+Two implementations: :mod:`~celery_taskengine._store.memory` (one process, for local runs with
+no result backend) and :mod:`~celery_taskengine._store.redis_store` (the Celery app's Redis
+result backend, shared by every producer and worker);
+:func:`~celery_taskengine._store.selection.store_for_app` picks one.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    from celery import Celery
-
     from celery_taskengine.task_run import TaskRun
 
 __all__ = ["ResultRecord", "ResultStore"]
@@ -87,29 +86,3 @@ class ResultStore(Protocol):
 
     def load_run(self, run_id: str) -> TaskRun | None:
         """The run record for ``run_id``, or ``None`` when unknown."""
-
-
-def store_for_app(app: Celery | None) -> ResultStore:
-    """The store for tasks of ``app``: its Redis result backend, else the process's memory.
-
-    The choice is cached on the app, so it is made once per app and process.
-    """
-    from celery_taskengine import memory_store
-
-    if app is None:
-        return memory_store.default_memory_store()
-    cached: ResultStore | None = getattr(app, "_taskengine_store", None)
-    if cached is not None:
-        return cached
-    backend_url = app.conf.result_backend
-    store: ResultStore
-    if isinstance(backend_url, str) and backend_url.startswith(
-        ("redis://", "rediss://", "unix://")
-    ):
-        from celery_taskengine.redis_store import RedisStore
-
-        store = RedisStore.for_app(app)
-    else:
-        store = memory_store.default_memory_store()
-    app._taskengine_store = store
-    return store
