@@ -9,7 +9,7 @@ Cancelled state to the run record, so the run's history says how it ended.
 Between two attempts of one delivery (immediate retries) the engine asks
 :func:`revocation_check`, which reads the worker's revoked set. That set lives in the process
 that received the revoke, so for a running engine task the main process also leaves a marker
-on the result backend (``revoked:<task id>``, expiring with run records), which a prefork child
+in the app's store (expiring with run records), which a prefork child
 reads before its second and later attempts (the first needs no look: Celery checks the
 revoked set before it hands a message to a child).
 """
@@ -27,7 +27,6 @@ from celery.worker import control
 from celery.worker import state as worker_state
 
 from celery_taskengine._store.protocol import ResultStore
-from celery_taskengine._store.redis_store import DEFAULT_RUN_EXPIRES, RedisStore
 from celery_taskengine._store.selection import store_for_app
 from celery_taskengine.drivers import drive_sync
 from celery_taskengine.parameters import bind_parameters
@@ -46,14 +45,14 @@ _worker_pid: int | None = None
 def revocation_check(task_id: str, store: ResultStore | None = None) -> Callable[[], bool]:
     """The engine's ``is_cancelled`` for a delivery: has ``task_id`` been revoked?"""
     revoked = worker_state.revoked
-    if not isinstance(store, RedisStore) or _worker_pid in (None, os.getpid()):
+    if store is None or not store.shared or _worker_pid in (None, os.getpid()):
 
         def is_cancelled() -> bool:
             return task_id in revoked
 
         return is_cancelled
 
-    marker = store.key_for("revoked", task_id)
+    shared_store = store
     asked = [False]
 
     def is_cancelled_in_child() -> bool:
@@ -62,7 +61,7 @@ def revocation_check(task_id: str, store: ResultStore | None = None) -> Callable
         if not asked[0]:  # before the first attempt: Celery has just checked
             asked[0] = True
             return False
-        return bool(store.client.exists(marker))
+        return shared_store.is_revoked(task_id)
 
     return is_cancelled_in_child
 
@@ -77,9 +76,8 @@ def _revoke_and_tell_children(state: Any, task_id: Any, *args: Any, **kwargs: An
             continue
         try:
             store = store_for_app(task.app)
-            if isinstance(store, RedisStore):
-                expires = max(1, int(store.run_expires or DEFAULT_RUN_EXPIRES))
-                store.client.set(store.key_for("revoked", request.id), 1, ex=expires)
+            if store.shared:
+                store.mark_revoked(str(request.id))
         except Exception:
             logger.warning("%s: could not tell the running attempt", request.id, exc_info=True)
     return reply

@@ -28,7 +28,6 @@ from kombu.exceptions import EncodeError
 from kombu.serialization import prepare_accept_content, registry
 
 from celery_taskengine import cache_policies as cp
-from celery_taskengine._store.memory import MemoryStore
 from celery_taskengine._store.protocol import ResultStore
 from celery_taskengine._store.selection import store_for_app
 from celery_taskengine._store.task_meta import save_run_with_meta
@@ -206,7 +205,7 @@ def _cache_store(task: Task) -> ResultStore | None:
     if policy is not None and policy.key_storage is not None:
         return policy.key_storage  # type: ignore[no-any-return]
     store = store_for_app(task.app)
-    return None if isinstance(store, MemoryStore) else store
+    return store if store.shared else None
 
 
 def _cache_key(task: Task, parameters: dict[str, Any], task_id: str) -> str | None:

@@ -13,10 +13,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Generator,
 from contextlib import asynccontextmanager, contextmanager, suppress
 from typing import Any, Literal
 
-from celery_taskengine._store.local_records import recorder_for
-from celery_taskengine._store.memory import MemoryStore
 from celery_taskengine._store.protocol import ResultStore
-from celery_taskengine._store.redis_store import RedisStore
 from celery_taskengine._store.selection import store_for_app
 from celery_taskengine.drivers import Finished, drive_async, drive_sync, iterate_async, iterate_sync
 from celery_taskengine.errors import TaskRunTimeoutError
@@ -90,11 +87,9 @@ def local_environment(task: EngineTask, context: dict[str, Any] | None) -> RunEn
 
 def _fresh_local_environment(task: EngineTask) -> RunEnvironment:
     store: ResultStore = store_for_app(getattr(task, "app", None))
-    if isinstance(store, MemoryStore):
-        # The memory store keeps the live TaskRun object: saving it once, at creation, is enough.
-        return RunEnvironment(store=store, record=None, saves_on_create=True)
-    assert isinstance(store, RedisStore), f"no recorder for local runs on {store!r}"
-    return RunEnvironment(store=store, record=recorder_for(store))
+    recorder = store.local_recorder()
+    # Without a recorder the store keeps the live TaskRun object: saving it once is enough.
+    return RunEnvironment(store=store, record=recorder, saves_on_create=recorder is None)
 
 
 class BaseTaskRunEngine:

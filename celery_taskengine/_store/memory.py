@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta, timezone
 from typing import Any, NamedTuple
 
-from celery_taskengine._store.protocol import ResultRecord
+from celery_taskengine._store.protocol import ItemBatch, ResultRecord
 from celery_taskengine._store.record_codec import decode_record, encode_record, normalize_accept
 from celery_taskengine.task_run import TaskRun
 
@@ -47,7 +47,9 @@ class MemoryStore:
     records may use; by default JSON and pickle, since nothing stored here leaves the process.
     """
 
+    shared: bool = False
     supports_locking: bool = True
+    url: str = "memory://"
 
     def __init__(
         self,
@@ -66,6 +68,9 @@ class MemoryStore:
         self._locks: dict[str, tuple[str, float]] = {}
         self._runs: OrderedDict[str, TaskRun] = OrderedDict()
         self._writes = 0
+        self._revoked: set[str] = set()
+        self._items: dict[str, ItemBatch] = {}
+        self._item_added = threading.Condition(self._lock)
 
     # -- cached results ------------------------------------------------------------------
 
@@ -197,7 +202,45 @@ class MemoryStore:
         with self._lock:
             return list(itertools.islice(reversed(self._runs.values()), max(limit, 0)))
 
+    def local_recorder(self) -> None:
+        """None: the store keeps the live run object, saved once when it is created."""
+        return None
+
+    # -- revokes and generator items -----------------------------------------------------
+
+    def mark_revoked(self, run_id: str) -> None:
+        with self._lock:
+            self._revoked.add(run_id)
+
+    def is_revoked(self, run_id: str) -> bool:
+        with self._lock:
+            return run_id in self._revoked
+
+    def append_item(self, run_id: str, item: bytes) -> None:
+        self._add_entry(run_id, item)
+
+    def end_items(self, run_id: str) -> None:
+        self._add_entry(run_id, None)
+
+    def read_items(self, run_id: str, after: str, *, count: int, block: float) -> ItemBatch:
+        """Entry ids are ``"<n>-0"``, n counting from 1, as Redis streams look."""
+        start = int(after.split("-")[0])
+        deadline = time.monotonic() + max(block, 0.0)
+        with self._item_added:
+            while True:
+                entries = self._items.get(run_id, [])[start : start + count]
+                left = deadline - time.monotonic()
+                if entries or left <= 0:
+                    return list(entries)
+                self._item_added.wait(left)
+
     # -- internals -----------------------------------------------------------------------
+
+    def _add_entry(self, run_id: str, item: bytes | None) -> None:
+        with self._item_added:
+            entries = self._items.setdefault(run_id, [])
+            entries.append((f"{len(entries) + 1}-0", item))
+            self._item_added.notify_all()
 
     def _put(self, key: str, raw: bytes, expires_in: float | None, now: float) -> None:
         deadline = None if expires_in is None else now + expires_in
@@ -239,6 +282,7 @@ class MemoryStore:
     def _reset_after_fork(self) -> None:
         # Another thread may have held the lock at fork time; in the child it would stay held.
         self._lock = threading.Lock()
+        self._item_added = threading.Condition(self._lock)
 
 
 def _check_ttl(ttl: float) -> None:

@@ -8,14 +8,23 @@ result backend, shared by every producer and worker);
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
+    from celery_taskengine.states import State
     from celery_taskengine.task_run import TaskRun
 
-__all__ = ["ResultRecord", "ResultStore"]
+#: How a store records a local run's states (``None``: the store keeps the live run object).
+LocalRecorder = Callable[["TaskRun", "State"], None]
+
+__all__ = ["ItemBatch", "LocalRecorder", "ResultRecord", "ResultStore"]
+
+#: Stream entries as :meth:`ResultStore.read_items` gives them: ``(entry id, item or None)``,
+#: ``None`` marking the end of the stream.
+ItemBatch = list[tuple[str, bytes | None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,15 +41,20 @@ class ResultRecord:
 
 @runtime_checkable
 class ResultStore(Protocol):
-    """Where committed results, SERIALIZABLE locks and run records live.
+    """Where committed results, SERIALIZABLE locks, run records and stream items live.
 
     Every method is synchronous and quick (an in-process dict or one Redis round trip); the
-    async engine calls them directly. Keys given here are the engine's transaction keys; a
-    store adds its own namespace.
+    async engine calls them directly. Keys given here are the engine's transaction keys and
+    run ids; a store adds its own namespace and layout. Callers never test a store's class:
+    they read its capabilities below.
     """
 
+    #: Whether every process of the app sees what this store holds (workers need that).
+    shared: bool
     #: Whether ``acquire_lock`` works across the processes that share this store.
     supports_locking: bool
+    #: A password-free name of where the store keeps its records, for messages.
+    url: str
 
     def read(self, key: str) -> ResultRecord | None:
         """The committed record, or ``None`` when missing, expired, corrupt or foreign.
@@ -86,3 +100,29 @@ class ResultStore(Protocol):
 
     def load_run(self, run_id: str) -> TaskRun | None:
         """The run record for ``run_id``, or ``None`` when unknown."""
+
+    def iter_runs(self, limit: int) -> list[TaskRun]:
+        """Up to ``limit`` runs, the most recently active first (for tools, not hot paths)."""
+
+    def iter_keys(self, prefix: str = "") -> list[str]:
+        """The transaction keys of stored records starting with ``prefix``, sorted."""
+
+    def local_recorder(self) -> LocalRecorder | None:
+        """How local runs record their states here; ``None`` when saving the live run once,
+        at creation, is enough (a store that keeps the object itself)."""
+
+    def mark_revoked(self, run_id: str) -> None:
+        """Leave a marker that ``run_id`` was revoked, for attempts in other processes."""
+
+    def is_revoked(self, run_id: str) -> bool:
+        """Whether :meth:`mark_revoked` was called for ``run_id`` (and has not expired)."""
+
+    def append_item(self, run_id: str, item: bytes) -> None:
+        """Append an encoded item to ``run_id``'s stream of generator items."""
+
+    def end_items(self, run_id: str) -> None:
+        """Mark ``run_id``'s stream finished: readers stop there."""
+
+    def read_items(self, run_id: str, after: str, *, count: int, block: float) -> ItemBatch:
+        """Up to ``count`` stream entries after entry id ``after`` (``"0-0"``: from the start),
+        waiting up to ``block`` seconds for one to come (``0``: not at all)."""

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import redis
 
 from celery_taskengine._store.early_read import EarlyRead, EarlyReads
-from celery_taskengine._store.protocol import ResultRecord
+from celery_taskengine._store.protocol import ItemBatch, LocalRecorder, ResultRecord
 from celery_taskengine._store.record_codec import (
     accept_for_app,
     decode_record,
@@ -67,6 +67,9 @@ return 0
 """
 
 _SCAN_BATCH = 500
+#: Stream entry fields: an item, or the end marker.
+_ITEM = b"i"
+_END = b"e"
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
@@ -91,6 +94,7 @@ class RedisStore:
     not contain a password; ``clock`` gives wall-clock seconds for record timestamps.
     """
 
+    shared: bool = True
     supports_locking: bool = True
 
     def __init__(
@@ -295,7 +299,54 @@ class RedisStore:
         runs.sort(key=_last_activity, reverse=True)
         return runs[:limit]
 
+    def local_recorder(self) -> LocalRecorder:
+        """Local runs' records are written behind the caller (see local_records)."""
+        from celery_taskengine._store.local_records import recorder_for
+
+        return recorder_for(self)
+
+    # -- revokes and generator items -----------------------------------------------------
+
+    def mark_revoked(self, run_id: str) -> None:
+        """``SET revoked:<run id>``, living as long as run records."""
+        expires = max(1, int(self.run_expires or DEFAULT_RUN_EXPIRES))
+        with self._available():
+            self.client.set(self.key_for("revoked", run_id), 1, ex=expires)
+
+    def is_revoked(self, run_id: str) -> bool:
+        with self._available():
+            return bool(self.client.exists(self.key_for("revoked", run_id)))
+
+    def append_item(self, run_id: str, item: bytes) -> None:
+        """``XADD`` to the run's stream (and renew its expiry), one round trip."""
+        self._add_entry(run_id, {_ITEM: item})
+
+    def end_items(self, run_id: str) -> None:
+        self._add_entry(run_id, {_END: b"1"})
+
+    def read_items(self, run_id: str, after: str, *, count: int, block: float) -> ItemBatch:
+        """``XREAD`` (blocking when ``block`` > 0: redis-py reads ``block=0`` as forever)."""
+        client: Any = self.client  # redis-py's stream types are too narrow to help
+        wait = max(1, int(block * 1000)) if block > 0 else None
+        with self._available():
+            batch = client.xread({self.key_for("items", run_id): after}, count=count, block=wait)
+        if not batch:
+            return []
+        return [
+            (_text(entry_id), None if _END in fields else fields[_ITEM])
+            for entry_id, fields in batch[0][1]
+        ]
+
     # -- internals -----------------------------------------------------------------------
+
+    def _add_entry(self, run_id: str, fields: dict[bytes, bytes]) -> None:
+        pipe: Any = self.client.pipeline(transaction=False)
+        key = self.key_for("items", run_id)
+        pipe.xadd(key, fields)
+        if self.run_expires is not None:
+            pipe.pexpire(key, _milliseconds(self.run_expires))
+        with self._available():
+            pipe.execute()
 
     def _decode_run(self, run_id: str, raw: bytes | str) -> TaskRun | None:
         try:
