@@ -1,0 +1,125 @@
+"""Which store an app gets: decided by the backend class Celery builds, not the URL's spelling.
+
+Every Redis flavour Celery accepts (``redis://``, ``redis+socket://``, a bare ``"redis"`` with
+``redis_*`` settings, ``sentinel://``) gives the shared Redis store; other backends keep the
+per-process memory store. The unix-socket case runs a real ``celery worker`` on a real
+``redis-server`` listening only on a socket.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery
+
+from celery_taskengine import get_task_run
+from celery_taskengine._store.selection import store_for_app
+from tests.bridge_app import side
+from tests.bridge_workers import subprocess_worker
+from tests.conftest import _die_with_parent, _stop, skip_or_fail
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _app(**conf: Any) -> Celery:
+    app = Celery("cte-selection", set_as_current=False)
+    app.conf.update(conf)
+    return app
+
+
+@pytest.fixture(scope="module")
+def socket_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A redis-server that listens on a unix socket only (no TCP port)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        skip_or_fail("redis-server is not on PATH")
+    workdir = tmp_path_factory.mktemp("socket-redis")
+    path = workdir / "redis.sock"
+    command = [
+        binary, "--port", "0", "--unixsocket", str(path), "--unixsocketperm", "700",
+        "--save", "", "--appendonly", "no", "--dir", str(workdir),
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not path.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                skip_or_fail("redis-server did not open its unix socket")
+            time.sleep(0.05)
+        yield path
+    finally:
+        _stop(proc)
+
+
+@pytest.mark.parametrize(
+    "conf",
+    [
+        {"result_backend": "redis://127.0.0.1:6399/3"},
+        {"result_backend": "rediss://127.0.0.1:6399/3?ssl_cert_reqs=none"},
+        {"result_backend": "redis+socket:///tmp/cte-missing.sock"},
+        {"result_backend": "redis", "redis_host": "127.0.0.1", "redis_port": 6399},
+        {"result_backend": "sentinel://127.0.0.1:26399/0;sentinel://127.0.0.1:26400/0"},
+    ],
+    ids=["redis", "rediss", "redis+socket", "bare-redis-with-settings", "sentinel"],
+)
+def test_every_redis_flavour_celery_accepts_gets_the_shared_redis_store(
+    conf: dict[str, Any],
+) -> None:
+    store = store_for_app(_app(**conf))
+
+    assert store.shared
+    assert store.supports_locking
+
+
+@pytest.mark.parametrize(
+    "conf",
+    [{"result_backend": "rpc://"}, {"result_backend": "cache+memory://"}, {}],
+    ids=["rpc", "cache+memory", "no-backend"],
+)
+def test_backends_that_cannot_hold_records_keep_the_per_process_store(
+    conf: dict[str, Any],
+) -> None:
+    store = store_for_app(_app(**conf))
+
+    assert not store.shared
+
+
+def test_a_backend_whose_package_is_missing_is_not_mistaken_for_redis() -> None:
+    if _module_available("sqlalchemy"):
+        pytest.skip("SQLAlchemy is installed here: the database backend would be built")
+
+    store = store_for_app(_app(result_backend="db+sqlite:///cte-selection.db"))
+
+    assert not store.shared
+
+
+def _module_available(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def test_a_worker_on_a_unix_socket_backend_shares_runs_and_cache_with_the_producer(
+    socket_redis: Path,
+) -> None:
+    url = f"redis+socket://{socket_redis}"
+    with subprocess_worker(url, url, pool="prefork", concurrency=2) as worker:
+        counter = worker.key("counter")
+        first = worker.tasks.cached.delay(7, counter)
+        assert first.get(timeout=30) == 70
+        second = worker.tasks.cached.delay(7, counter)
+        assert second.get(timeout=30) == 70
+
+        assert int(side(worker.app).get(counter)) == 1  # the second call was a cache hit
+        run = get_task_run(first.id, app=worker.app)  # read from the producer's process
+        assert run is not None
+        assert run.history_names()[-1] == "Completed"
+        assert store_for_app(worker.app).shared
