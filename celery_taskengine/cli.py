@@ -32,6 +32,7 @@ from kombu.utils.url import maybe_sanitize_url
 from celery_taskengine import __version__
 from celery_taskengine._store.protocol import ResultRecord, ResultStore
 from celery_taskengine._store.selection import store_for_app
+from celery_taskengine.cli_store import add_store_commands
 from celery_taskengine.errors import StoreUnavailableError
 from celery_taskengine.states import StateType
 from celery_taskengine.task_run import TaskRun
@@ -75,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_demo)
     _add_runs_commands(commands)
     _add_cache_commands(commands)
+    add_store_commands(commands, _add_app_option)
     return parser
 
 

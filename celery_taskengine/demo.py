@@ -23,6 +23,8 @@ from celery_taskengine.timeline import format_timeline
 __all__ = ["app", "exchange_rate", "fetch_invoice", "main", "render_report"]
 
 app = Celery("demo", broker="memory://", backend="cache+memory://")
+# One process holds the worker and the caller, so its memory may hold the engine's records.
+app.conf.taskengine_store = "memory://"
 # The in-memory broker is polled; polling often keeps the demo from waiting on it.
 app.conf.broker_transport_options = {"polling_interval": 0.05}
 

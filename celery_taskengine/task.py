@@ -13,7 +13,7 @@ from celery.app.task import Task as CeleryTask
 from celery.result import AsyncResult
 from celery.utils.functional import head_from_fun
 
-from celery_taskengine import cancellation, events  # noqa: F401  (worker signal handlers)
+from celery_taskengine import cancellation, events, worker_checks  # noqa: F401  (signals)
 from celery_taskengine import producer as producer_side
 from celery_taskengine.engine_backend import for_engine_tasks
 from celery_taskengine.options import TaskOptions, build_options, split_celery_options

@@ -20,6 +20,7 @@ from celery import Celery
 
 from celery_taskengine import get_task_run
 from celery_taskengine._store.selection import store_for_app
+from celery_taskengine.errors import ConfigurationError
 from tests.bridge_app import side
 from tests.bridge_workers import subprocess_worker
 from tests.conftest import _die_with_parent, _stop, skip_or_fail
@@ -92,19 +93,51 @@ def test_backends_that_cannot_hold_records_keep_the_per_process_store(
     assert not store.shared
 
 
-def test_a_backend_whose_package_is_missing_is_not_mistaken_for_redis() -> None:
-    if _module_available("sqlalchemy"):
-        pytest.skip("SQLAlchemy is installed here: the database backend would be built")
+def test_a_database_result_backend_gets_the_sql_store_on_the_same_database(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "results.db"
 
-    store = store_for_app(_app(result_backend="db+sqlite:///cte-selection.db"))
+    store = store_for_app(_app(result_backend=f"db+sqlite:///{path}"))
 
-    assert not store.shared
+    assert store.shared
+    assert store.url == f"sqlite:///{path}"
 
 
-def _module_available(name: str) -> bool:
-    import importlib.util
+@pytest.mark.parametrize(
+    ("setting", "shared"),
+    [
+        ("redis://127.0.0.1:6399/2", True),
+        ("sentinel://127.0.0.1:26399/0", True),
+        ("sqlite:///{tmp}/engine.db", True),
+        ("postgresql+psycopg://postgres@127.0.0.1:5432/test", True),
+        ("memory://", False),
+    ],
+    ids=["redis", "sentinel", "sqlite", "postgresql", "memory"],
+)
+def test_the_store_setting_overrides_what_the_result_backend_would_give(
+    setting: str, shared: bool, tmp_path: Path
+) -> None:
+    app = _app(result_backend="rpc://", taskengine_store=setting.format(tmp=tmp_path))
 
-    return importlib.util.find_spec(name) is not None
+    assert store_for_app(app).shared is shared
+
+
+def test_django_settings_name_the_store_with_their_namespace(tmp_path: Path) -> None:
+    class Settings:
+        CELERY_RESULT_BACKEND = "django-db"
+        CELERY_TASKENGINE_STORE = f"sqlite:///{tmp_path / 'django.db'}"
+
+    app = Celery("cte-django", set_as_current=False)
+    app.config_from_object(Settings, namespace="CELERY")
+
+    assert store_for_app(app).url == Settings.CELERY_TASKENGINE_STORE
+
+
+@pytest.mark.parametrize("setting", ["ftp://example/x", "nonsense", 42])
+def test_a_store_setting_that_names_no_store_is_a_configuration_error(setting: Any) -> None:
+    with pytest.raises(ConfigurationError, match="taskengine_store"):
+        store_for_app(_app(result_backend="rpc://", taskengine_store=setting))
 
 
 def test_a_worker_on_a_unix_socket_backend_shares_runs_and_cache_with_the_producer(

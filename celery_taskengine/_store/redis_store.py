@@ -45,7 +45,7 @@ from celery_taskengine.task_run import TaskRun, run_from_document
 if TYPE_CHECKING:
     from celery import Celery
 
-__all__ = ["DEFAULT_NAMESPACE", "DEFAULT_RUN_EXPIRES", "RedisStore"]
+__all__ = ["DEFAULT_NAMESPACE", "DEFAULT_RUN_EXPIRES", "RedisStore", "run_expiry_seconds"]
 
 logger = logging.getLogger(__name__)
 
@@ -124,20 +124,22 @@ class RedisStore:
         self._early_reads = EarlyReads(self)
 
     @classmethod
-    def for_app(cls, app: Celery) -> RedisStore:
+    def for_app(cls, app: Celery, backend: Any = None) -> RedisStore:
         """The store on ``app``'s Redis result backend, sharing its client and connections.
 
+        ``backend``: another Celery Redis backend object to keep the records on (the app's
+        ``taskengine_store`` setting), built by Celery from a URL as its own would be.
         Honours the backend's ``global_keyprefix``, the app's ``taskengine_namespace``,
         ``result_accept_content`` (else ``accept_content``) and ``result_expires``.
         """
-        backend = app.backend
+        backend = app.backend if backend is None else backend
         options = app.conf.get("result_backend_transport_options") or {}
         return cls(
             backend.client,
             namespace=app.conf.get("taskengine_namespace") or DEFAULT_NAMESPACE,
             key_prefix=_global_prefix(options.get("global_keyprefix")),
             accept=accept_for_app(app),
-            run_expires=_seconds(app.conf.get("result_expires")),
+            run_expires=run_expiry_seconds(app.conf.get("result_expires")),
             url=backend.as_uri(),
         )
 
@@ -383,7 +385,7 @@ def _global_prefix(prefix: Any) -> str:
     return text if text[-1] in ":_-." else f"{text}_"
 
 
-def _seconds(expires: Any) -> float | None:
+def run_expiry_seconds(expires: Any) -> float | None:
     """``result_expires`` in seconds: a timedelta or a number; ``None`` or 0 means never."""
     if expires is None:
         return None

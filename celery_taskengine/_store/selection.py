@@ -7,17 +7,23 @@ from typing import TYPE_CHECKING, Any
 
 from celery.app.backends import by_url
 from celery.backends.redis import RedisBackend
+from kombu.utils.url import maybe_sanitize_url
 
 from celery_taskengine._store import memory
 from celery_taskengine._store.protocol import ResultStore
-from celery_taskengine._store.redis_store import RedisStore
+from celery_taskengine._store.record_codec import accept_for_app
+from celery_taskengine._store.redis_store import DEFAULT_NAMESPACE, RedisStore, run_expiry_seconds
+from celery_taskengine.errors import ConfigurationError
 
 if TYPE_CHECKING:
     from celery import Celery
 
-__all__ = ["store_for_app"]
+__all__ = ["configured_store_url", "store_for_app"]
 
 logger = logging.getLogger(__name__)
+
+#: URL schemes (before any ``+driver``) that name a SQL database for the SQL store.
+_SQL_SCHEMES = frozenset({"postgresql", "postgres", "mysql", "mariadb", "sqlite"})
 
 
 def store_for_app(app: Celery | None) -> ResultStore:
@@ -33,26 +39,89 @@ def store_for_app(app: Celery | None) -> ResultStore:
     if cached is not None:
         return cached
     store: ResultStore
-    if _has_redis_backend(app):
+    setting = configured_store_url(app)
+    if setting is not None:
+        store = _store_from_url(app, setting)
+    elif _redis_backend_class(app.backend_cls or app.conf.result_backend, app) is not None:
         store = RedisStore.for_app(app)
+    elif (database_url := _database_backend_url(app)) is not None:
+        store = _sql_store(app, database_url)
     else:
         store = memory.default_memory_store()
     app._taskengine_store = store
     return store
 
 
-def _has_redis_backend(app: Celery) -> bool:
-    """Whether Celery builds a Redis backend (of any flavour) for ``app``'s results.
+def configured_store_url(app: Celery) -> str | None:
+    """The app's ``taskengine_store`` setting (``CELERY_TASKENGINE_STORE`` under Django's
+    settings namespace), or ``None`` when the store follows the result backend."""
+    setting = app.conf.get("taskengine_store")
+    if setting is None or setting == "":
+        return None
+    if not isinstance(setting, str):
+        raise ConfigurationError(f"taskengine_store must be a URL string, got {setting!r}")
+    return setting
+
+
+def _store_from_url(app: Celery, url: str) -> ResultStore:
+    """The store ``taskengine_store`` names: ``memory://`` or any Redis URL Celery accepts."""
+    scheme = url.split("://", 1)[0]
+    if scheme == "memory":
+        return memory.default_memory_store()
+    if scheme.split("+", 1)[0] in _SQL_SCHEMES:
+        return _sql_store(app, url)
+    backend_class = _redis_backend_class(url, app)
+    if backend_class is None:
+        raise ConfigurationError(
+            f"taskengine_store = {maybe_sanitize_url(url)!r} is not a store URL this version "
+            f"knows: use redis://, rediss://, redis+socket://, sentinel://, a SQLAlchemy "
+            f"database URL (postgresql://, mysql+pymysql://, sqlite:///...) or memory://"
+        )
+    # Celery parses the URL (socket paths, TLS and Sentinel options) as for a result backend.
+    return RedisStore.for_app(app, backend_class(app=app, url=url))
+
+
+def _redis_backend_class(spec: Any, app: Celery) -> type | None:
+    """The Redis backend class (of any flavour) Celery builds for ``spec``, if it does.
 
     Asks for the backend's class only: building other backends may need packages that are
     not installed (SQLAlchemy, Django), which is no concern of the engine's.
     """
-    spec: Any = app.backend_cls or app.conf.result_backend
     if spec is None:
-        return False
+        return None
     try:
         backend_class, _ = by_url(spec, app.loader)
     except (ImportError, ValueError) as exc:
         logger.debug("result backend %r is not a Redis backend: %s", spec, exc)
-        return False
-    return isinstance(backend_class, type) and issubclass(backend_class, RedisBackend)
+        return None
+    if isinstance(backend_class, type) and issubclass(backend_class, RedisBackend):
+        return backend_class
+    return None
+
+
+def _database_backend_url(app: Celery) -> str | None:
+    """The SQLAlchemy URL of ``app``'s ``db+...`` result backend, if it has one."""
+    spec: Any = app.backend_cls or app.conf.result_backend
+    if not isinstance(spec, str) or not spec.startswith("db+"):
+        return None
+    url: str | None = app.conf.get("database_url") or spec[len("db+") :]
+    return url
+
+
+def _sql_store(app: Celery, url: str) -> ResultStore:
+    """The SQL store on ``url``, with the app's ``database_engine_options`` (as Celery's own
+    database backend uses them)."""
+    try:
+        from celery_taskengine._store.sql_store import SqlStore
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"the store at {maybe_sanitize_url(url)!r} needs SQLAlchemy: "
+            f"pip install 'celery-taskengine[sql]' ({exc})"
+        ) from exc
+    return SqlStore.from_url(
+        url,
+        engine_options=app.conf.get("database_engine_options"),
+        namespace=app.conf.get("taskengine_namespace") or DEFAULT_NAMESPACE,
+        accept=accept_for_app(app),
+        run_expires=run_expiry_seconds(app.conf.get("result_expires")),
+    )

@@ -1,0 +1,116 @@
+"""The SQL store's tables, and their DDL for each database.
+
+Every table is keyed by ``namespace`` first (the app setting ``taskengine_namespace``), so two
+apps can share one database without sharing caches, as on Redis. Times are UNIX seconds as
+floats from the engine's clock (``expires_at`` ``NULL``: never), so no column depends on the
+database's time zone handling. ``celery-taskengine store init`` creates the tables;
+``celery-taskengine store ddl --dialect postgresql`` prints the statements, for databases
+whose schema is changed by migrations only.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Double,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+from sqlalchemy.dialects import mysql, postgresql, sqlite
+from sqlalchemy.engine import Dialect
+from sqlalchemy.schema import CreateIndex, CreateTable
+
+__all__ = ["DIALECTS", "METADATA", "cache", "ddl", "items", "locks", "revoked", "runs"]
+
+METADATA = MetaData()
+#: Long enough for every transaction key the engine makes and for indexed keys on MySQL.
+_KEY = 191
+_BLOB = LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")
+_TEXT = Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
+
+cache = Table(
+    "cte_cache",
+    METADATA,
+    Column("namespace", String(64), primary_key=True),
+    Column("key", String(_KEY), primary_key=True),
+    Column("value", _BLOB, nullable=False),
+    Column("expires_at", Double, nullable=True),
+)
+
+locks = Table(
+    "cte_locks",
+    METADATA,
+    Column("namespace", String(64), primary_key=True),
+    Column("key", String(_KEY), primary_key=True),
+    Column("holder", String(255), nullable=False),
+    Column("expires_at", Double, nullable=False),
+)
+
+runs = Table(
+    "cte_runs",
+    METADATA,
+    Column("namespace", String(64), primary_key=True),
+    Column("run_id", String(_KEY), primary_key=True),
+    Column("task_name", String(255), nullable=False),
+    Column("state_type", String(32), nullable=False),
+    Column("updated_at", Double, nullable=False),
+    Column("expires_at", Double, nullable=True),
+    Column("document", _TEXT, nullable=False),
+    # ``runs ls`` reads the newest runs, of one task and one state at most: O(limit).
+    Index("cte_runs_recent", "namespace", "updated_at"),
+    Index("cte_runs_by_task", "namespace", "task_name", "updated_at"),
+    Index("cte_runs_by_state", "namespace", "state_type", "updated_at"),
+)
+
+items = Table(
+    "cte_items",
+    METADATA,
+    Column(
+        "id",
+        BigInteger().with_variant(Integer(), "sqlite"),
+        primary_key=True,
+        autoincrement=True,
+    ),
+    Column("namespace", String(64), nullable=False),
+    Column("run_id", String(_KEY), nullable=False),
+    Column("item", _BLOB, nullable=True),  # NULL: the end of the stream
+    Column("expires_at", Double, nullable=True),
+    Index("cte_items_by_run", "namespace", "run_id", "id"),
+)
+
+revoked = Table(
+    "cte_revoked",
+    METADATA,
+    Column("namespace", String(64), primary_key=True),
+    Column("run_id", String(_KEY), primary_key=True),
+    Column("expires_at", Double, nullable=False),
+)
+
+#: The databases the store is tested on, by the names ``store ddl --dialect`` takes.
+DIALECTS: dict[str, Dialect] = {
+    "postgresql": postgresql.dialect(),  # type: ignore[no-untyped-call]
+    "mysql": mysql.dialect(),
+    "sqlite": sqlite.dialect(),
+}
+
+
+def ddl(dialect: str) -> str:
+    """The ``CREATE TABLE`` and ``CREATE INDEX`` statements for ``dialect``, as SQL text."""
+    try:
+        target = DIALECTS[dialect]
+    except KeyError:
+        raise ValueError(
+            f"unknown dialect {dialect!r}: use one of {', '.join(sorted(DIALECTS))}"
+        ) from None
+    statements: list[str] = []
+    for table in METADATA.sorted_tables:
+        statements.append(str(CreateTable(table).compile(dialect=target)).strip() + ";")
+        for index in sorted(table.indexes, key=lambda i: str(i.name)):
+            statements.append(str(CreateIndex(index).compile(dialect=target)).strip() + ";")
+    return "\n\n".join(statements) + "\n"

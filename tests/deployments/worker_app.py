@@ -1,0 +1,62 @@
+"""The app the deployment tests run in ``celery worker`` subprocesses, configured from the
+environment: ``DEPLOY_BROKER``, ``DEPLOY_BACKEND``, ``DEPLOY_STORE`` (``taskengine_store``,
+optional), ``DEPLOY_QUEUE`` and ``DEPLOY_SIDE`` (a Redis URL where tasks count executions).
+"""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import redis
+from celery import Celery
+
+from celery_taskengine import task
+from celery_taskengine.cache_policies import INPUTS
+
+
+def make_app(
+    broker: str, backend: str, store: str | None, queue: str, side_url: str
+) -> tuple[Celery, SimpleNamespace]:
+    """An app on ``broker``/``backend`` (and ``store``), with the deployment tests' tasks."""
+    app = Celery("cte-deploy", set_as_current=False)
+    app.conf.update(
+        broker_url=broker,
+        result_backend=backend,
+        task_default_queue=queue,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        broker_connection_retry_on_startup=True,
+        result_expires=600,
+    )
+    if store:
+        app.conf.taskengine_store = store
+    side = redis.Redis.from_url(side_url)
+
+    @app.task(name="deploy.probe")
+    def probe() -> str:
+        return "ok"
+
+    @task(app=app, name="deploy.cached", cache_policy=INPUTS)
+    def cached(x: int, counter: str) -> int:
+        side.incr(counter)
+        return x * 10
+
+    @task(app=app, name="deploy.flaky", retries=1, retry_delay_seconds=0.5)
+    def flaky(counter: str) -> int:
+        attempt = int(side.incr(counter))
+        if attempt == 1:
+            raise ConnectionError("first attempt fails")
+        return os.getpid()
+
+    return app, SimpleNamespace(probe=probe, cached=cached, flaky=flaky, side=side)
+
+
+app, tasks = make_app(
+    os.environ.get("DEPLOY_BROKER", "redis://127.0.0.1:6379/0"),
+    os.environ.get("DEPLOY_BACKEND", "redis://127.0.0.1:6379/0"),
+    os.environ.get("DEPLOY_STORE") or None,
+    os.environ.get("DEPLOY_QUEUE", "cte-deploy"),
+    os.environ.get("DEPLOY_SIDE", "redis://127.0.0.1:6379/0"),
+)
