@@ -31,6 +31,7 @@ from kombu.utils.url import maybe_sanitize_url
 
 from celery_taskengine import __version__
 from celery_taskengine._store.protocol import ResultRecord, ResultStore
+from celery_taskengine._store.run_filters import task_matches
 from celery_taskengine._store.selection import store_for_app
 from celery_taskengine.cli_store import add_store_commands
 from celery_taskengine.errors import StoreUnavailableError
@@ -218,12 +219,7 @@ def _redis_answering(url: str) -> Iterator[None]:
 
 
 def _runs_ls(store: ResultStore, args: argparse.Namespace) -> int:
-    runs = [
-        run
-        for run in store.iter_runs(sys.maxsize)
-        if (args.task is None or _task_matches(run.task_name, args.task))
-        and (args.state is None or _state_matches(run, args.state))
-    ][: args.limit]
+    runs = store.list_runs(args.limit, task=args.task, state=args.state)
     if not runs:
         print("no runs" + _filters_note(args))
         return 0
@@ -263,25 +259,6 @@ def _runs_show(store: ResultStore, args: argparse.Namespace) -> int:
     return 0
 
 
-def _task_matches(task_name: str | None, wanted: str) -> bool:
-    """Whether ``task_name`` is ``wanted``, given in full or as its last dotted part."""
-    if task_name is None:
-        return False
-    return task_name == wanted or task_name.rsplit(".", 1)[-1] == wanted
-
-
-def _state_matches(run: TaskRun, wanted: str) -> bool:
-    """Whether the run's state has the name or type ``wanted`` (any case, ``-``/``_`` ignored)."""
-    if run.state is None:
-        return False
-    target = _squash(wanted)
-    return target in (_squash(run.state.name), _squash(run.state.type.value))
-
-
-def _squash(text: str) -> str:
-    return text.replace("-", "").replace("_", "").replace(" ", "").lower()
-
-
 def _filters_note(args: argparse.Namespace) -> str:
     given = (("--task", args.task), ("--state", args.state))
     chosen = [f"{flag} {value}" for flag, value in given if value is not None]
@@ -296,7 +273,7 @@ def _cache_ls(store: ResultStore, args: argparse.Namespace) -> int:
     for key in store.iter_keys():
         record = store.read(key)
         task_name = _record_task(key, record)
-        if args.task is not None and not _task_matches(task_name, args.task):
+        if args.task is not None and not task_matches(task_name, args.task):
             continue
         created = _time(record.created_at) if record is not None else "-"
         expires = _expiry(record)
@@ -316,7 +293,7 @@ def _cache_clear(store: ResultStore, args: argparse.Namespace) -> int:
         return 0
     keys = store.iter_keys()
     if args.task is not None:
-        keys = [k for k in keys if _task_matches(_record_task(k, store.read(k)), args.task)]
+        keys = [k for k in keys if task_matches(_record_task(k, store.read(k)), args.task)]
     removed = sum(store.delete(key) for key in keys)
     scope = f"of task {args.task}" if args.task is not None else "of every task"
     print(f"removed {_count(removed, 'cache record')} {scope}")

@@ -19,7 +19,7 @@ import pytest
 from celery_taskengine._store.memory import MemoryStore
 from celery_taskengine._store.protocol import ResultStore
 from celery_taskengine._store.redis_store import RedisStore
-from celery_taskengine.states import Completed, Pending, Running
+from celery_taskengine.states import Completed, Pending, Running, TimedOut
 from celery_taskengine.task_run import TaskRun
 from tests.conftest import skip_or_fail
 
@@ -189,6 +189,26 @@ def test_runs_are_listed_newest_first_up_to_the_limit(store: ResultStore) -> Non
     listed = store.iter_runs(3)
 
     assert [run.id for run in listed] == [run.id for run in reversed(runs)][:3]
+
+
+def test_runs_are_listed_by_task_and_state_names_or_types(store: ResultStore) -> None:
+    fetch, other = _run("shop.tasks.fetch"), _run("shop.tasks.other")
+    failed = _run("shop.tasks.fetch")
+    failed.state = TimedOut(message="too slow")
+    failed.state_history.append(failed.state)
+    for run in (fetch, other, failed):
+        store.save_run(run)
+        time.sleep(0.01)
+
+    def ids(**filters: Any) -> list[str]:
+        return [run.id for run in store.list_runs(10, **filters)]
+
+    assert ids(task="fetch") == [failed.id, fetch.id]
+    assert ids(task="shop.tasks.fetch", state="failed") == [failed.id]
+    assert ids(state="timed-out") == [failed.id]
+    assert ids(state="COMPLETED") == [other.id, fetch.id]
+    assert ids(task="nothing") == []
+    assert len(store.list_runs(1)) == 1
 
 
 # -- revokes and items -----------------------------------------------------------------------

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 
 from celery_taskengine._store.protocol import ItemBatch, ResultRecord
 from celery_taskengine._store.record_codec import decode_record, encode_record, normalize_accept
+from celery_taskengine._store.run_filters import run_matches
 from celery_taskengine.task_run import TaskRun
 
 __all__ = ["DEFAULT_MAX_RUNS", "MemoryStore", "default_memory_store"]
@@ -205,6 +206,15 @@ class MemoryStore:
     def local_recorder(self) -> None:
         """None: the store keeps the live run object, saved once when it is created."""
         return None
+
+    def list_runs(
+        self, limit: int, *, task: str | None = None, state: str | None = None
+    ) -> list[TaskRun]:
+        """A scan of the runs this process keeps, newest first."""
+        with self._lock:
+            newest_first = list(reversed(self._runs.values()))
+        found = (run for run in newest_first if run_matches(run, task, state))
+        return list(itertools.islice(found, max(limit, 0)))
 
     # -- revokes and generator items -----------------------------------------------------
 

@@ -104,6 +104,11 @@ class ResultStore(Protocol):
     def iter_runs(self, limit: int) -> list[TaskRun]:
         """Up to ``limit`` runs, the most recently active first (for tools, not hot paths)."""
 
+    def list_runs(
+        self, limit: int, *, task: str | None = None, state: str | None = None
+    ) -> list[TaskRun]:
+        """Up to ``limit`` runs of ``task`` in ``state`` (see run_filters), newest first."""
+
     def iter_keys(self, prefix: str = "") -> list[str]:
         """The transaction keys of stored records starting with ``prefix``, sorted."""
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -36,6 +37,7 @@ from celery_taskengine._store.record_codec import (
     normalize_accept,
 )
 from celery_taskengine._store.run_document import encode_run
+from celery_taskengine._store.run_filters import run_matches
 from celery_taskengine.errors import (
     ConfigurationError,
     StoreUnavailableError,
@@ -338,6 +340,13 @@ class RedisStore:
             (_text(entry_id), None if _END in fields else fields[_ITEM])
             for entry_id, fields in batch[0][1]
         ]
+
+    def list_runs(
+        self, limit: int, *, task: str | None = None, state: str | None = None
+    ) -> list[TaskRun]:
+        """Up to ``limit`` matching runs, newest first (a SCAN of every run record)."""
+        runs = self.iter_runs(sys.maxsize)
+        return [run for run in runs if run_matches(run, task, state)][: max(limit, 0)]
 
     # -- internals -----------------------------------------------------------------------
 

@@ -58,14 +58,19 @@ runs = Table(
     Column("namespace", String(64), primary_key=True),
     Column("run_id", String(_KEY), primary_key=True),
     Column("task_name", String(255), nullable=False),
-    Column("state_type", String(32), nullable=False),
+    Column("task_short", String(255), nullable=False),  # the last dotted part
+    Column("state_type", String(32), nullable=False),  # squashed: "failed"
+    Column("state_name", String(64), nullable=False),  # squashed: "timedout"
     Column("updated_at", Double, nullable=False),
     Column("expires_at", Double, nullable=True),
     Column("document", _TEXT, nullable=False),
-    # ``runs ls`` reads the newest runs, of one task and one state at most: O(limit).
+    # ``runs ls`` reads the newest runs, of one task and one state at most: an index range
+    # of ``limit`` rows, however many runs there are (see run_filters for the keys).
     Index("cte_runs_recent", "namespace", "updated_at"),
     Index("cte_runs_by_task", "namespace", "task_name", "updated_at"),
-    Index("cte_runs_by_state", "namespace", "state_type", "updated_at"),
+    Index("cte_runs_by_task_short", "namespace", "task_short", "updated_at"),
+    Index("cte_runs_by_state_type", "namespace", "state_type", "updated_at"),
+    Index("cte_runs_by_state_name", "namespace", "state_name", "updated_at"),
 )
 
 items = Table(

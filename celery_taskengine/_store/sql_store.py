@@ -31,6 +31,7 @@ from celery_taskengine._store.protocol import ItemBatch, LocalRecorder, ResultRe
 from celery_taskengine._store.record_codec import decode_record, encode_record, normalize_accept
 from celery_taskengine._store.redis_store import DEFAULT_NAMESPACE, DEFAULT_RUN_EXPIRES
 from celery_taskengine._store.run_document import encode_run
+from celery_taskengine._store.run_filters import short_task_name, squash
 from celery_taskengine.errors import ConfigurationError, StoreUnavailableError
 from celery_taskengine.states import StateType
 from celery_taskengine.task_run import TaskRun, run_from_document
@@ -235,9 +236,12 @@ class SqlStore:
     def save_run(self, run: TaskRun) -> None:
         """Write the run's document (one upsert), living ``run_expires`` seconds."""
         now = self._clock()
+        state = run.state
         values = {
             "task_name": run.task_name,
-            "state_type": run.state.type.value if run.state is not None else "PENDING",
+            "task_short": short_task_name(run.task_name),
+            "state_type": squash(state.type.value if state is not None else "PENDING"),
+            "state_name": squash(state.name if state is not None else "Pending"),
             "updated_at": now,
             "expires_at": None if self.run_expires is None else now + self.run_expires,
             "document": encode_run(run),
@@ -255,12 +259,24 @@ class SqlStore:
 
     def iter_runs(self, limit: int) -> list[TaskRun]:
         """Up to ``limit`` runs, the most recently active first (an index scan of ``limit``)."""
+        return self.list_runs(limit)
+
+    def list_runs(
+        self, limit: int, *, task: str | None = None, state: str | None = None
+    ) -> list[TaskRun]:
+        """Up to ``limit`` matching runs, newest first, read along an index (see
+        sql_schema): the cost follows ``limit``, not the number of runs."""
         if limit <= 0:
             return []
         c = schema.runs.c
+        conditions = [self._mine(c), self._unexpired(c)]
+        if task is not None:
+            conditions.append(or_(c.task_name == task, c.task_short == task))
+        if state is not None:
+            conditions.append(or_(c.state_type == squash(state), c.state_name == squash(state)))
         query = (
             select(c.run_id, c.document)
-            .where(self._mine(c), self._unexpired(c))
+            .where(*conditions)
             .order_by(c.updated_at.desc())
             .limit(min(limit, 2**31 - 1))
         )
