@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import time
+
 from celery import Celery, current_app
 
-from celery_taskengine._store.local_records import flush_run_records
+from celery_taskengine._store import local_records
 from celery_taskengine._store.memory import default_memory_store
 from celery_taskengine._store.selection import store_for_app
+from celery_taskengine._store.write_behind import WriteBehindRecorder, flush_write_behind
 from celery_taskengine.task_run import TaskRun
 
 __all__ = ["flush_run_records", "get_task_run"]
@@ -25,3 +28,22 @@ def get_task_run(task_id: object, app: Celery | None = None) -> TaskRun | None:
         return run
     target = app if app is not None else current_app._get_current_object()
     return store_for_app(target).load_run(run_id)
+
+
+def flush_run_records(app: Celery | None = None, timeout: float = 5.0) -> bool:
+    """Write this process's held local run records now and wait until the store has them.
+
+    Other processes see a local run's record soon after it changes (within about 10 ms);
+    call this before handing a run id to another process that must see it at once. With
+    ``app``, only that app's store is waited for. Returns whether every record since the
+    last call was written within ``timeout`` seconds; those that were not are logged with
+    their run ids.
+    """
+    deadline = time.monotonic() + timeout
+    written = local_records.flush_run_records(app, timeout)
+    recorders = None
+    if app is not None:
+        recorder = store_for_app(app).local_recorder()
+        recorders = [recorder] if isinstance(recorder, WriteBehindRecorder) else []
+    behind_ok, _lost = flush_write_behind(recorders, max(0.0, deadline - time.monotonic()))
+    return bool(written) and behind_ok

@@ -11,6 +11,7 @@ cannot be reached surfaces as :class:`StoreUnavailableError`.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -20,9 +21,19 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import Connection, Engine, and_, create_engine, delete, or_, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    bindparam,
+    create_engine,
+    delete,
+    event,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 
@@ -32,12 +43,9 @@ from celery_taskengine._store.record_codec import decode_record, encode_record, 
 from celery_taskengine._store.redis_store import DEFAULT_NAMESPACE, DEFAULT_RUN_EXPIRES
 from celery_taskengine._store.run_document import encode_run
 from celery_taskengine._store.run_filters import short_task_name, squash
+from celery_taskengine._store.write_behind import WriteBehindRecorder
 from celery_taskengine.errors import ConfigurationError, StoreUnavailableError
-from celery_taskengine.states import StateType
 from celery_taskengine.task_run import TaskRun, run_from_document
-
-if TYPE_CHECKING:
-    from celery_taskengine.states import State
 
 __all__ = ["SqlStore"]
 
@@ -47,16 +55,56 @@ logger = logging.getLogger(__name__)
 _SWEEP_EVERY = 512
 #: How often a blocking :meth:`SqlStore.read_items` asks again.
 _ITEM_POLL_SECONDS = 0.05
-#: The states a local run shares with other processes (as on Redis).
-_WORTH_SHARING = frozenset(
-    {
-        StateType.SCHEDULED,
-        StateType.COMPLETED,
-        StateType.FAILED,
-        StateType.CANCELLED,
-        StateType.CRASHED,
-    }
-)
+
+
+def _live_row(table: Any, key_column: Any, *columns: Any) -> Any:
+    """``SELECT columns`` of the unexpired row under bound ``namespace`` and ``key``, built
+    once (statements built per call cost more than the query's round trip)."""
+    c = table.c
+    return select(*columns).where(
+        c.namespace == bindparam("namespace"),
+        key_column == bindparam("key"),
+        or_(c.expires_at.is_(None), c.expires_at > bindparam("now")),
+    )
+
+
+_READ_RECORD = _live_row(schema.cache, schema.cache.c.key, schema.cache.c.value)
+_LOAD_RUN = _live_row(schema.runs, schema.runs.c.run_id, schema.runs.c.document)
+
+
+class _TryAgain(StoreUnavailableError):
+    """The operation may succeed if made again: the database closed a pooled connection (a
+    restart, an idle timeout), or chose this transaction as a deadlock's victim."""
+
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+#: How often an operation is made in all when the database says to try again.
+_TRIES = 3
+
+
+def _reconnecting(method: _Method) -> _Method:
+    """Make ``method`` again (up to :data:`_TRIES` times in all) when the database says so."""
+
+    @functools.wraps(method)
+    def again_if_told(*args: Any, **kwargs: Any) -> Any:
+        for attempt in range(1, _TRIES + 1):
+            try:
+                return method(*args, **kwargs)
+            except _TryAgain as exc:
+                if attempt == _TRIES:
+                    raise
+                logger.info("%s: making it again: %s", method.__name__, exc)
+        raise AssertionError("unreachable")
+
+    return cast(_Method, again_if_told)
+
+
+def _may_succeed_again(exc: sa_exc.DBAPIError) -> bool:
+    """A dropped connection, a deadlock victim or a lock wait that timed out."""
+    if exc.connection_invalidated:
+        return True
+    text = str(exc.orig).lower()
+    return "deadlock" in text or "lock wait timeout" in text or "database is locked" in text
 
 
 class SqlStore:
@@ -85,6 +133,7 @@ class SqlStore:
                 f"taskengine_namespace must be a non-empty string without ':', got {namespace!r}"
             )
         self.engine = engine
+        self._reader = engine.execution_options(isolation_level="AUTOCOMMIT")
         self.namespace = namespace
         self.accept = normalize_accept(accept)
         self.run_expires = run_expires if run_expires and run_expires > 0 else None
@@ -93,6 +142,7 @@ class SqlStore:
         self._writes = 0
         self._tables_ready = not create_tables
         self._tables_lock = threading.Lock()
+        self._recorder: WriteBehindRecorder | None = None
         _engines.add(engine)
 
     @classmethod
@@ -101,7 +151,12 @@ class SqlStore:
     ) -> SqlStore:
         """A store on the database at SQLAlchemy ``url`` (``postgresql://``, ``sqlite:///``...)."""
         options = dict(engine_options or {})
-        options.setdefault("pool_pre_ping", True)
+        # No ping before each checkout, even where Celery's database_engine_options ask for
+        # one (a round trip per operation): a connection the server closed fails its
+        # statement, is invalidated, and the operation is made once more (_reconnecting).
+        # Every transaction is ended by the store, so no reset on return either.
+        options["pool_pre_ping"] = False
+        options.setdefault("pool_reset_on_return", None)
         if url.startswith("sqlite"):
             # Two worker processes on one file: wait for the other's write lock.
             options.setdefault("connect_args", {"timeout": 30})
@@ -109,17 +164,17 @@ class SqlStore:
             engine = create_engine(url, **options)
         except (sa_exc.ArgumentError, ImportError) as exc:  # unknown dialect, missing driver
             raise ConfigurationError(f"cannot use the database at {url!r}: {exc}") from exc
+        if engine.dialect.name == "sqlite":
+            event.listen(engine, "connect", _sqlite_wal)
         return cls(engine, **kwargs)
 
     # -- cached results ------------------------------------------------------------------
 
+    @_reconnecting
     def read(self, key: str) -> ResultRecord | None:
         """The committed record, or ``None`` when missing, expired, corrupt or foreign."""
-        c = schema.cache.c
         with self._connection() as conn:
-            raw = conn.execute(
-                select(c.value).where(self._live(c, key=key, column=c.key))
-            ).scalar_one_or_none()
+            raw = conn.execute(_READ_RECORD, self._live_params(key)).scalar_one_or_none()
         if raw is None:
             return None
         try:
@@ -134,6 +189,7 @@ class SqlStore:
     def exists(self, key: str) -> bool:
         return self.read(key) is not None
 
+    @_reconnecting
     def write(
         self,
         key: str,
@@ -165,12 +221,14 @@ class SqlStore:
         with self._connection(write=True) as conn:
             self._upsert(conn, schema.cache, {"key": key}, values)
 
+    @_reconnecting
     def delete(self, key: str) -> bool:
         c = schema.cache.c
         with self._connection(write=True) as conn:
             gone = conn.execute(delete(schema.cache).where(self._mine(c), c.key == key))
         return bool(gone.rowcount)
 
+    @_reconnecting
     def iter_keys(self, prefix: str = "") -> list[str]:
         """The transaction keys of live records starting with ``prefix``, sorted."""
         c = schema.cache.c
@@ -183,6 +241,7 @@ class SqlStore:
 
     # -- locks ---------------------------------------------------------------------------
 
+    @_reconnecting
     def acquire_lock(self, key: str, holder: str, ttl: float) -> bool:
         """Delete a lapsed lock on ``key``, then ``INSERT`` ours: the primary key lets one
         holder in. Never blocks; not re-entrant."""
@@ -201,9 +260,12 @@ class SqlStore:
                     )
                 )
         except sa_exc.IntegrityError:
-            return False
+            # Someone holds it, or our own INSERT went through before a dropped connection
+            # made us try again.
+            return self.lock_holder(key) == holder
         return True
 
+    @_reconnecting
     def renew_lock(self, key: str, holder: str, ttl: float) -> bool:
         _check_ttl(ttl)
         c = schema.locks.c
@@ -216,6 +278,7 @@ class SqlStore:
             )
         return bool(renewed.rowcount)
 
+    @_reconnecting
     def release_lock(self, key: str, holder: str) -> None:
         c = schema.locks.c
         with self._connection(write=True) as conn:
@@ -223,6 +286,7 @@ class SqlStore:
                 delete(schema.locks).where(self._mine(c), c.key == key, c.holder == holder)
             )
 
+    @_reconnecting
     def lock_holder(self, key: str) -> str | None:
         c = schema.locks.c
         with self._connection() as conn:
@@ -233,11 +297,17 @@ class SqlStore:
 
     # -- run records ---------------------------------------------------------------------
 
+    @_reconnecting
     def save_run(self, run: TaskRun) -> None:
         """Write the run's document (one upsert), living ``run_expires`` seconds."""
+        values = self._run_values(run)
+        with self._connection(write=True) as conn:
+            self._upsert(conn, schema.runs, {"run_id": run.id}, values)
+
+    def _run_values(self, run: TaskRun) -> dict[str, Any]:
         now = self._clock()
         state = run.state
-        values = {
+        return {
             "task_name": run.task_name,
             "task_short": short_task_name(run.task_name),
             "state_type": squash(state.type.value if state is not None else "PENDING"),
@@ -246,21 +316,18 @@ class SqlStore:
             "expires_at": None if self.run_expires is None else now + self.run_expires,
             "document": encode_run(run),
         }
-        with self._connection(write=True) as conn:
-            self._upsert(conn, schema.runs, {"run_id": run.id}, values)
 
+    @_reconnecting
     def load_run(self, run_id: str) -> TaskRun | None:
-        c = schema.runs.c
         with self._connection() as conn:
-            document = conn.execute(
-                select(c.document).where(self._live(c, key=run_id, column=c.run_id))
-            ).scalar_one_or_none()
+            document = conn.execute(_LOAD_RUN, self._live_params(run_id)).scalar_one_or_none()
         return None if document is None else self._decode_run(run_id, document)
 
     def iter_runs(self, limit: int) -> list[TaskRun]:
         """Up to ``limit`` runs, the most recently active first (an index scan of ``limit``)."""
         return self.list_runs(limit)
 
+    @_reconnecting
     def list_runs(
         self, limit: int, *, task: str | None = None, state: str | None = None
     ) -> list[TaskRun]:
@@ -285,22 +352,30 @@ class SqlStore:
         decoded = (self._decode_run(run_id, document) for run_id, document in rows)
         return [run for run in decoded if run is not None]
 
-    def local_recorder(self) -> LocalRecorder:
-        """Local runs save their record at the states other processes care about."""
-        return self._record_local_state
+    @_reconnecting
+    def save_runs(self, runs: list[TaskRun]) -> None:
+        """Write several runs' documents in one transaction."""
+        # In key order, so two batches never wait for each other's rows (no deadlock).
+        rows = [{"run_id": run.id, **self._run_values(run)} for run in runs]
+        rows.sort(key=lambda row: str(row["run_id"]))
+        with self._connection(write=True) as conn:
+            self._upsert_many(conn, schema.runs, ["run_id"], rows)
 
-    def _record_local_state(self, run: TaskRun, state: State) -> None:
-        first_running = state.type is StateType.RUNNING and run.run_count == 1
-        if first_running or state.type is StateType.PENDING or state.type in _WORTH_SHARING:
-            self.save_run(run)
+    def local_recorder(self) -> LocalRecorder:
+        """Local runs' records are written behind the caller, in batches (see write_behind)."""
+        if self._recorder is None:
+            self._recorder = WriteBehindRecorder(self.save_runs, self.url)
+        return self._recorder
 
     # -- revokes and generator items -----------------------------------------------------
 
+    @_reconnecting
     def mark_revoked(self, run_id: str) -> None:
         expires = self._clock() + (self.run_expires or DEFAULT_RUN_EXPIRES)
         with self._connection(write=True) as conn:
             self._upsert(conn, schema.revoked, {"run_id": run_id}, {"expires_at": expires})
 
+    @_reconnecting
     def is_revoked(self, run_id: str) -> bool:
         c = schema.revoked.c
         with self._connection() as conn:
@@ -309,9 +384,11 @@ class SqlStore:
             ).first()
         return found is not None
 
+    @_reconnecting
     def append_item(self, run_id: str, item: bytes) -> None:
         self._add_entry(run_id, item)
 
+    @_reconnecting
     def end_items(self, run_id: str) -> None:
         self._add_entry(run_id, None)
 
@@ -357,22 +434,30 @@ class SqlStore:
     def _upsert(
         self, conn: Connection, table: Any, key: dict[str, Any], values: dict[str, Any]
     ) -> None:
-        """``INSERT ... ON CONFLICT UPDATE`` in the database's own spelling (one statement)."""
-        row = {"namespace": self.namespace, **key, **values}
+        """One row's ``INSERT ... ON CONFLICT UPDATE`` (see _upsert_many)."""
+        self._upsert_many(conn, table, list(key), [{**key, **values}])
+
+    def _upsert_many(
+        self, conn: Connection, table: Any, key_names: list[str], rows: list[dict[str, Any]]
+    ) -> None:
+        """``INSERT ... ON CONFLICT UPDATE`` of ``rows`` in the database's own spelling: one
+        statement for the whole batch."""
+        rows = [{"namespace": self.namespace, **row} for row in rows]
+        updated = [name for name in rows[0] if name not in ("namespace", *key_names)]
         name = conn.dialect.name
-        if name == "postgresql":
-            pg = postgresql.insert(table).values(**row)
-            conn.execute(pg.on_conflict_do_update(index_elements=["namespace", *key], set_=values))
-        elif name in ("mysql", "mariadb"):
-            my = mysql.insert(table).values(**row)
-            conn.execute(my.on_duplicate_key_update(**values))
-        elif name == "sqlite":
-            lite = sqlite.insert(table).values(**row)
-            conn.execute(
-                lite.on_conflict_do_update(index_elements=["namespace", *key], set_=values)
-            )
-        else:
+        if name in ("mysql", "mariadb"):
+            my = mysql.insert(table).values(rows)
+            conn.execute(my.on_duplicate_key_update({col: my.inserted[col] for col in updated}))
+            return
+        if name not in ("postgresql", "sqlite"):
             raise ConfigurationError(f"the SQL store does not support {name!r} databases")
+        insert = (postgresql if name == "postgresql" else sqlite).insert(table).values(rows)
+        conn.execute(
+            insert.on_conflict_do_update(
+                index_elements=["namespace", *key_names],
+                set_={col: insert.excluded[col] for col in updated},
+            )
+        )
 
     def _mine(self, c: Any) -> Any:
         return c.namespace == self.namespace
@@ -380,21 +465,30 @@ class SqlStore:
     def _unexpired(self, c: Any) -> Any:
         return or_(c.expires_at.is_(None), c.expires_at > self._clock())
 
-    def _live(self, c: Any, *, key: str, column: Any) -> Any:
-        return and_(self._mine(c), column == key, self._unexpired(c))
+    def _live_params(self, key: str) -> dict[str, Any]:
+        return {"namespace": self.namespace, "key": key, "now": self._clock()}
 
     @contextmanager
     def _connection(self, *, write: bool = False) -> Iterator[Connection]:
-        """One transaction; the database's connection failures as StoreUnavailableError."""
+        """A transaction for writes, an autocommitted connection for reads (no BEGIN and
+        ROLLBACK round trips); the database's connection failures as StoreUnavailableError."""
         if not self._tables_ready:
             with self._tables_lock:
                 if not self._tables_ready:
                     self.create_tables()
         try:
-            with self.engine.begin() as conn:
-                yield conn
-        except (sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
-            raise self._unavailable(exc) from exc
+            if write:
+                with self.engine.begin() as conn:
+                    yield conn
+            else:
+                with self._reader.connect() as conn:
+                    yield conn
+        except sa_exc.DBAPIError as exc:
+            if _may_succeed_again(exc):
+                raise _TryAgain(f"SQL store at {self.url}: {exc.orig}") from exc
+            if isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError):
+                raise self._unavailable(exc) from exc
+            raise
         if write:
             self._writes += 1
             if self._writes % _SWEEP_EVERY == 0:
@@ -437,6 +531,15 @@ def _forget_parent_connections() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_parent_connections)
+
+
+def _sqlite_wal(dbapi_connection: Any, _record: Any) -> None:
+    """Readers never wait for a writer's commit (write-ahead log), and commits wait for no
+    disk flush but at checkpoints: safe against a crashed process, not a lost machine."""
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
 
 
 def _utc(seconds: float) -> datetime:
