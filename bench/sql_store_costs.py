@@ -64,7 +64,7 @@ def measure(name: str, url: str, calls: int, repeats: int) -> list[tuple[str, fl
     c = sql_schema.cache.c
     query = select(c.value).where(c.namespace == namespace, c.key == key)
 
-    reader = store.engine.execution_options(isolation_level="AUTOCOMMIT")
+    reader = store._reader  # the store's own autocommitting connections
 
     def bare_read() -> None:  # one round trip: no BEGIN, no ROLLBACK
         with reader.connect() as conn:
@@ -85,7 +85,7 @@ def _clean(store: Any, namespace: str) -> None:
     with store.engine.begin() as conn:
         for table in sql_schema.METADATA.sorted_tables:
             conn.execute(table.delete().where(table.c.namespace == namespace))
-    store.engine.dispose()
+    store.close()
 
 
 def main() -> None:

@@ -38,7 +38,7 @@ def _sql_store(url: str, namespace: str) -> Any:
     try:
         store.create_tables()
     except Exception as exc:  # the server is not there: a gap in CI, a skip on a laptop
-        store.engine.dispose()
+        store.close()
         skip_or_fail(f"cannot reach {store.url}: {type(exc).__name__}: {exc}")
     assert isinstance(sqlalchemy.__version__, str)
     return store
@@ -66,7 +66,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ResultStor
         if kind == "redis":
             made.client.close()
         elif kind not in ("memory",):
-            made.engine.dispose()
+            made.close()
 
 
 def _run(name: str = "t") -> TaskRun:
@@ -262,7 +262,7 @@ def test_processes_racing_for_a_sql_lock_get_one_holder(kind: str, tmp_path: Pat
         "mariadb": MARIADB_URL,
     }[kind]
     namespace = f"t{uuid.uuid4().hex[:12]}"
-    _sql_store(url, namespace).engine.dispose()  # tables exist before the race
+    _sql_store(url, namespace).close()  # tables exist before the race
     context = multiprocessing.get_context("spawn")
     started, results = context.Event(), context.Queue()
     procs = [

@@ -122,6 +122,7 @@ class SqlStore:
         self,
         engine: Engine,
         *,
+        reader: Engine | None = None,
         namespace: str = DEFAULT_NAMESPACE,
         accept: Iterable[str] | None = None,
         run_expires: float | None = DEFAULT_RUN_EXPIRES,
@@ -133,7 +134,10 @@ class SqlStore:
                 f"taskengine_namespace must be a non-empty string without ':', got {namespace!r}"
             )
         self.engine = engine
-        self._reader = engine.execution_options(isolation_level="AUTOCOMMIT")
+        #: Reads go here: connections that autocommit (SQLite's driver begins no
+        #: transaction for a SELECT anyway).
+        self._reader = reader or engine
+        _engines.add(self._reader)
         self.namespace = namespace
         self.accept = normalize_accept(accept)
         self.run_expires = run_expires if run_expires and run_expires > 0 else None
@@ -162,11 +166,14 @@ class SqlStore:
             options.setdefault("connect_args", {"timeout": 30})
         try:
             engine = create_engine(url, **options)
+            reader = None
+            if engine.dialect.name == "sqlite":
+                event.listen(engine, "connect", _sqlite_wal)
+            else:  # connections that autocommit from the start: a read is one round trip
+                reader = create_engine(url, isolation_level="AUTOCOMMIT", **options)
         except (sa_exc.ArgumentError, ImportError) as exc:  # unknown dialect, missing driver
             raise ConfigurationError(f"cannot use the database at {url!r}: {exc}") from exc
-        if engine.dialect.name == "sqlite":
-            event.listen(engine, "connect", _sqlite_wal)
-        return cls(engine, **kwargs)
+        return cls(engine, reader=reader, **kwargs)
 
     # -- cached results ------------------------------------------------------------------
 
@@ -422,6 +429,12 @@ class SqlStore:
             if not _already_exists(exc):  # another process created them meanwhile
                 raise self._unavailable(exc) from exc
         self._tables_ready = True
+
+    def close(self) -> None:
+        """Close the store's pooled connections (it opens new ones if used again)."""
+        self.engine.dispose()
+        if self._reader is not self.engine:
+            self._reader.dispose()
 
     # -- internals -----------------------------------------------------------------------
 

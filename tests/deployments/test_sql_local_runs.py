@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     url = f"sqlite:///{tmp_path / 'engine.db'}" if request.param == "sqlite" else POSTGRES_URL
-    _sql_store(url, "probe").engine.dispose()  # reachable, tables made
+    _sql_store(url, "probe").close()  # reachable, tables made
     return url
 
 
@@ -118,7 +118,7 @@ def test_a_database_that_refuses_the_records_is_reported_with_the_run_ids(
             )
         )
         conn.execute(sqlalchemy.text("GRANT SELECT ON ALL TABLES IN SCHEMA public TO cte_reader"))
-    admin.engine.dispose()
+    admin.close()
     reader_url = POSTGRES_URL.replace("postgres@", "cte_reader@")
     app = _app(reader_url, f"n{uuid.uuid4().hex[:10]}")
 
