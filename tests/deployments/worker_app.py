@@ -5,8 +5,11 @@ optional), ``DEPLOY_QUEUE`` and ``DEPLOY_SIDE`` (a Redis URL where tasks count e
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from types import SimpleNamespace
+from typing import Any
 
 import redis
 from celery import Celery
@@ -16,9 +19,15 @@ from celery_taskengine.cache_policies import INPUTS
 
 
 def make_app(
-    broker: str, backend: str, store: str | None, queue: str, side_url: str
+    broker: str,
+    backend: str,
+    store: str | None,
+    queue: str,
+    side_url: str,
+    backend_options: dict[str, Any] | None = None,
 ) -> tuple[Celery, SimpleNamespace]:
-    """An app on ``broker``/``backend`` (and ``store``), with the deployment tests' tasks."""
+    """An app on ``broker``/``backend`` (and ``store``), with the deployment tests' tasks;
+    ``backend_options`` become ``result_backend_transport_options`` (Sentinel's master)."""
     app = Celery("cte-deploy", set_as_current=False)
     app.conf.update(
         broker_url=broker,
@@ -29,6 +38,7 @@ def make_app(
         accept_content=["json"],
         broker_connection_retry_on_startup=True,
         result_expires=600,
+        result_backend_transport_options=backend_options or {},
     )
     if store:
         app.conf.taskengine_store = store
@@ -50,7 +60,13 @@ def make_app(
             raise ConnectionError("first attempt fails")
         return os.getpid()
 
-    return app, SimpleNamespace(probe=probe, cached=cached, flaky=flaky, side=side)
+    @task(app=app, name="deploy.slow", cache_policy=INPUTS)
+    def slow(x: int, counter: str, seconds: float) -> int:
+        side.incr(counter)
+        time.sleep(seconds)
+        return x + 1
+
+    return app, SimpleNamespace(probe=probe, cached=cached, flaky=flaky, slow=slow, side=side)
 
 
 app, tasks = make_app(
@@ -59,4 +75,5 @@ app, tasks = make_app(
     os.environ.get("DEPLOY_STORE") or None,
     os.environ.get("DEPLOY_QUEUE", "cte-deploy"),
     os.environ.get("DEPLOY_SIDE", "redis://127.0.0.1:6379/0"),
+    json.loads(os.environ.get("DEPLOY_BACKEND_OPTIONS") or "{}"),
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 from celery import Celery
 
@@ -34,13 +36,14 @@ def deployment_worker(
     concurrency: int = 2,
     extra: tuple[str, ...] = (),
     wait: bool = True,
+    backend_options: dict[str, Any] | None = None,
 ) -> Iterator[tuple[Celery, SimpleNamespace, subprocess.Popen[bytes]]]:
     """A worker on a queue of its own, and a producer app with the same configuration.
 
     The worker's output is captured (``proc.stdout``); it is stopped, its pool too, on exit.
     """
     queue = f"cte-deploy-{uuid.uuid4().hex[:10]}"
-    app, tasks = worker_app.make_app(broker, backend, store, queue, side)
+    app, tasks = worker_app.make_app(broker, backend, store, queue, side, backend_options)
     env = {
         **os.environ,
         "DEPLOY_BROKER": broker,
@@ -48,6 +51,7 @@ def deployment_worker(
         "DEPLOY_STORE": store or "",
         "DEPLOY_QUEUE": queue,
         "DEPLOY_SIDE": side,
+        "DEPLOY_BACKEND_OPTIONS": json.dumps(backend_options or {}),
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }
     command = [
