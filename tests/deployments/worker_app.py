@@ -16,6 +16,7 @@ from celery import Celery
 
 from celery_taskengine import task
 from celery_taskengine.cache_policies import INPUTS
+from celery_taskengine.transactions import IsolationLevel
 
 
 def make_app(
@@ -66,7 +67,28 @@ def make_app(
         time.sleep(seconds)
         return x + 1
 
-    return app, SimpleNamespace(probe=probe, cached=cached, flaky=flaky, slow=slow, side=side)
+    serial_policy = INPUTS.configure(isolation_level=IsolationLevel.SERIALIZABLE)
+
+    @task(app=app, name="deploy.serial", cache_policy=serial_policy)
+    def serial(x: int, counter: str) -> int:
+        side.incr(counter)
+        time.sleep(1.0)  # long enough for the other process to wait on the lock
+        return x * 3
+
+    @task(app=app, name="deploy.always_fails", retries=1, retry_delay_seconds=0.2)
+    def always_fails(counter: str) -> None:
+        side.rpush(counter, os.getpid())
+        raise ConnectionError("fails every time")
+
+    return app, SimpleNamespace(
+        probe=probe,
+        cached=cached,
+        flaky=flaky,
+        slow=slow,
+        serial=serial,
+        always_fails=always_fails,
+        side=side,
+    )
 
 
 app, tasks = make_app(
