@@ -1,0 +1,90 @@
+"""Recording a worker run's states on a shared store reached only through its operations (SQL).
+
+The Redis store has a channel of its own for worker records (see ``worker_record``); any other
+shared store is written with its plain operations, each answered, so a refused write raises
+in the delivery instead of passing unseen:
+
+- Running is saved when an attempt starts, so a redelivery after a crash continues the run;
+- AwaitingRetry is saved before the retry's message is sent, so the retry finds it;
+- the final state is saved when the engine returns (:meth:`StoreRecorder.flush`), after the
+  run's transaction committed, and before Celery stores the task's result.
+
+The backend's task state shows the engine's states that Celery has no name for, written with
+Celery's own ``store_result``, so any result backend shows them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from celery.app.task import get_actual_ignore_result
+
+from celery_taskengine._store.protocol import ResultStore
+from celery_taskengine._store.task_meta import celery_status, state_info
+from celery_taskengine.events import send_state_event
+from celery_taskengine.states import State, StateType
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from celery_taskengine.task_run import TaskRun
+
+__all__ = ["StoreRecorder"]
+
+logger = logging.getLogger(__name__)
+
+
+class StoreRecorder:
+    """The ``record`` callback of a worker run on a shared store without a Redis channel."""
+
+    def __init__(
+        self,
+        app: Celery,
+        store: ResultStore,
+        task: Any,
+        delivery: Any,
+        *,
+        on_attempt: Callable[[], None] | None = None,
+    ) -> None:
+        self.app = app
+        self.store = store
+        self.delivery = delivery
+        self.on_attempt = on_attempt
+        #: Whether Celery keeps this task's results (``ignore_result`` tasks show nothing).
+        self._shows_meta = not get_actual_ignore_result(task, task.request)
+        self._final: TaskRun | None = None
+
+    def __call__(self, run: TaskRun, state: State) -> None:
+        if state.name == "Pending" and len(run.state_history) == 1:
+            return  # the first Running says as much
+        if state.is_final() and not state.is_crashed():
+            self._final = run  # written by flush(), once the transaction is over
+        else:
+            self.store.save_run(run)
+        status = celery_status(state)
+        if status is not None and self._shows_meta:
+            self._show_in_backend(run, state, status)
+        if state.type is StateType.RUNNING and self.on_attempt is not None:
+            self.on_attempt()
+        if self.delivery.send_events:
+            d = self.delivery
+            send_state_event(self.app, d.hostname, d.task_id, run, state)
+
+    def flush(self) -> None:
+        """Save the final state, once the engine has returned."""
+        final, self._final = self._final, None
+        if final is not None:
+            self.store.save_run(final)
+
+    def _show_in_backend(self, run: TaskRun, state: State, status: str) -> None:
+        try:
+            self.app.backend.store_result(self.delivery.task_id, state_info(run, state), status)
+        except Exception:  # the run goes on: the backend's view is a courtesy
+            logger.warning(
+                "%s: could not show %s in the result backend",
+                self.delivery.task_id,
+                status,
+                exc_info=True,
+            )
