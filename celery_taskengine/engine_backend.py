@@ -10,11 +10,17 @@ process's backend traffic. Every other store (retries, redeliveries, plain tasks
 
 Engine tasks get the app's backend object itself under a subclass (the two share one
 ``__dict__``: same client, same connections, same result consumer), so nothing else changes.
+``bench/bridge_throughput.py`` measures what the skipped read is worth against an engine task
+whose outcome Celery stores as usual.
+
+The alias lives in the backend's own ``__dict__`` and nowhere else: Celery builds a backend per
+thread (per greenlet under gevent), and a module-level cache of aliases kept every one of them,
+with its connections, alive for ever. Kept on the backend, alias and backend are one cycle that
+the garbage collector frees together when the thread is gone.
 """
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 from celery.backends.base import BaseKeyValueStoreBackend
@@ -54,16 +60,19 @@ class _FreshDeliveryStore:
         return result
 
 
+#: Backend class -> its alias class: one per class of backend, never per backend.
 _classes: dict[type, type] = {}
-_aliases: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+#: The backend attribute holding its alias (see the module docstring for why there).
+_ALIAS = "_taskengine_alias"
 
 
 def for_engine_tasks(backend: Any) -> Any:
     """``backend`` as engine tasks use it (itself, when it is not a key-value backend)."""
-    alias = _aliases.get(backend)
-    if alias is not None:
+    state = getattr(backend, "__dict__", None)
+    alias = state.get(_ALIAS) if state is not None else None
+    if alias is not None and alias.__dict__ is state:  # not a copied backend's stale alias
         return alias
-    if not isinstance(backend, BaseKeyValueStoreBackend):
+    if state is None or not isinstance(backend, BaseKeyValueStoreBackend):
         return backend
     cls = type(backend)
     alias_cls = _classes.get(cls)
@@ -71,6 +80,6 @@ def for_engine_tasks(backend: Any) -> Any:
         alias_cls = type(cls.__name__, (_FreshDeliveryStore, cls), {"__module__": cls.__module__})
         _classes[cls] = alias_cls
     alias = object.__new__(alias_cls)
-    alias.__dict__ = backend.__dict__  # one state: an alias, not a copy
-    _aliases[backend] = alias
+    alias.__dict__ = state  # one state: an alias, not a copy
+    state[_ALIAS] = alias
     return alias
