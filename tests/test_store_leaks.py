@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import os
+import statistics
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -96,8 +97,10 @@ def test_producer_threads_leave_no_connections_behind(
     plain_connections, plain_backends = _left_behind(redis_url, plain.delay, THREADS)
     engine_connections, engine_backends = _left_behind(redis_url, engine.delay, THREADS)
 
-    print(f"left behind: plain {plain_connections} connections, {plain_backends} backends; "
-          f"engine {engine_connections} connections, {engine_backends} backends")
+    print(
+        f"left behind: plain {plain_connections} connections, {plain_backends} backends; "
+        f"engine {engine_connections} connections, {engine_backends} backends"
+    )
     # Then once the threads are gone, the engine task left what a plain task leaves
     assert engine_backends <= plain_backends + SLACK, (engine_backends, plain_backends)
     assert engine_connections <= plain_connections + SLACK, (
@@ -125,6 +128,7 @@ def test_many_producer_threads_over_time_keep_connections_and_memory_flat(
     for _ in range(max(2, total // THREADS)):
         _send_from_threads(engine.delay, THREADS)
         samples.append((_connections(redis_url), _live_backends(), _rss_kib()))
+    print("connections, live backends, RSS KiB per batch:", samples)
     first, last = samples[0], samples[-1]
     assert last[0] <= first[0] + SLACK, samples
     assert last[1] <= first[1] + SLACK, samples
@@ -140,10 +144,11 @@ def _rss_kib() -> int:
 
 
 #: Engine tasks the gevent worker runs, in batches, and the growth allowed between the first
-#: batch and the last (a leak adds connections with every batch).
+#: batches and the last ones: a leak adds about a connection per task, so half a batch's worth
+#: is far below a leak and far above the ups and downs of the garbage collector's timing.
 GEVENT_TASKS = 1200
 GEVENT_BATCH = 200
-GEVENT_GROWTH = 40
+GEVENT_GROWTH = GEVENT_BATCH // 2
 
 
 def test_a_gevent_worker_keeps_its_connections_flat(tmp_path: Path) -> None:
@@ -165,4 +170,5 @@ def test_a_gevent_worker_keeps_its_connections_flat(tmp_path: Path) -> None:
                     wait_for(lambda: _connections(server.url) or 1, 5, "a connection count")
                 )
         # Then its connection count levels off instead of growing with the tasks it ran
-        assert counts[-1] <= counts[0] + GEVENT_GROWTH, counts
+        first, last = statistics.median(counts[:3]), statistics.median(counts[-3:])
+        assert last <= first + GEVENT_GROWTH, counts
