@@ -132,7 +132,6 @@ def main() -> None:
             for _ in range(50):  # warm-up both paths
                 bridge_app.plain_noop.delay(0).get(timeout=60)
                 bridge_app.engine_noop.delay(0).get(timeout=60)
-                bridge_app.engine_noop_celery_store.delay(0).get(timeout=60)
             report(bridge_app, args)
             commands_per_task(bridge_app, url)
 
@@ -151,7 +150,6 @@ def commands_per_task(app_module: Any, url: str, count: int = 200) -> None:
     kinds = {
         "plain Celery": app_module.plain_noop.delay,
         "engine": app_module.engine_noop.delay,
-        "engine, outcome stored as Celery does": app_module.engine_noop_celery_store.delay,
     }
     for label, send in kinds.items():
         before = calls()
@@ -164,26 +162,18 @@ def commands_per_task(app_module: Any, url: str, count: int = 200) -> None:
 
 def report(app_module: Any, args: argparse.Namespace) -> None:
     plain, engine = app_module.plain_noop.delay, app_module.engine_noop.delay
-    celery_stored = app_module.engine_noop_celery_store.delay
-    keys = ("pt", "et", "pr", "er", "cr", "tr", "rr", "ct", "cx")
-    rows: dict[str, list[float]] = {k: [] for k in keys}
+    rows: dict[str, list[float]] = {k: [] for k in ("pt", "et", "pr", "er", "cr", "tr", "rr")}
     app_module.engine_cached.delay(7).get(timeout=60)  # commit the record once
     for repeat in range(args.repeats):
         # Alternate which kind goes first, and compare each pair measured back to back: a
         # shared machine drifts, and whichever runs first would otherwise be favoured.
         order = ("plain", "engine") if repeat % 2 == 0 else ("engine", "plain")
-        # The third kind (engine_backend's fresh-delivery store turned off) takes each place
-        # in turn, so none of the three is favoured by always going first or last.
-        sends = {"plain": (plain, "pt"), "engine": (engine, "et"), "celery": (celery_stored, "ct")}
-        three = list(order)
-        three.insert(repeat % 3, "celery")
-        for kind in three:
-            send, key = sends[kind]
-            rows[key].append(throughput(send, args.tasks))
+        for kind in order:
+            key = "pt" if kind == "plain" else "et"
+            rows[key].append(throughput(plain if kind == "plain" else engine, args.tasks))
         for kind in order:
             key = "pr" if kind == "plain" else "er"
             rows[key].append(round_trip_ms(plain if kind == "plain" else engine, args.round_trips))
-        rows["cx"].append(rows["ct"][-1] / rows["pt"][-1])
         rows["tr"].append(rows["et"][-1] / rows["pt"][-1])
         rows["rr"].append(rows["er"][-1] / rows["pr"][-1])
         rows["cr"].append(
@@ -197,13 +187,10 @@ def report(app_module: Any, args: argparse.Namespace) -> None:
     print(f"{'what':<40} {'value':>10} {'vs plain':>9}")
     print(f"{'plain Celery throughput (tasks/s)':<40} {med['pt']:>10.0f} {1.0:>9.2f}")
     print(f"{'engine throughput (tasks/s)':<40} {med['et']:>10.0f} {med['tr']:>9.2f}")
-    label = "engine, outcome stored as Celery does (t/s)"
-    print(f"{label:<40} {med['ct']:>10.0f} {med['cx']:>9.2f}")
     print(f"{'plain Celery round trip (ms)':<40} {med['pr']:>10.2f} {1.0:>9.2f}")
     print(f"{'engine round trip (ms)':<40} {med['er']:>10.2f} {med['rr']:>9.2f}")
     print(f"{'producer-side cache hit (ms)':<40} {med['cr']:>10.2f} {med['cr'] / med['pr']:>9.2f}")
     print(f"throughput ratios per pair: {', '.join(f'{r:.2f}' for r in rows['tr'])}")
-    print(f"same, outcome stored as Celery does: {', '.join(f'{r:.2f}' for r in rows['cx'])}")
     print(f"cache hit is {med['pr'] / med['cr']:.1f}x faster than a plain Celery round trip")
 
 

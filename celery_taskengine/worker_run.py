@@ -36,7 +36,6 @@ from celery_taskengine._store.redis_store import RedisStore
 from celery_taskengine._store.selection import store_for_app
 from celery_taskengine._store.task_meta import state_info, write_task_meta
 from celery_taskengine.cancellation import revocation_check
-from celery_taskengine.engine_backend import FRESH
 from celery_taskengine.events import send_state_event, task_events_enabled
 from celery_taskengine.parameters import bind_parameters
 from celery_taskengine.run_core import RunEnvironment
@@ -149,8 +148,7 @@ def _claim_message(task: Task, request: Any, store: RedisStore) -> tuple[Claim |
         if not store.call(take, "claiming its message", str(request.id)):
             return None, False
         claimed = True
-    else:  # a first delivery: no other can have stored an outcome (see engine_backend)
-        setattr(request, FRESH, True)
+    # else a first delivery: its claim is taken with its Running record (see claims)
     renewer.hold(claim)
     return claim, claimed
 
