@@ -83,7 +83,7 @@ class Patience:
                     raise
                 wait = min(wait * 2, self.longest_wait)
                 continue
-            logger.warning("%s: Redis answered again for %s (try %d)", run_id, what, tries)
+            logger.info("%s: Redis answered again for %s (try %d)", run_id, what, tries)
             return result
 
 
