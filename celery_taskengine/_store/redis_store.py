@@ -251,9 +251,7 @@ class RedisStore:
 
     def renew_lock(self, key: str, holder: str, ttl: float) -> bool:
         """Give ``holder``'s lock ``ttl`` more seconds from now; ``False`` if it lost it.
-
-        Waits out an outage at most ``ttl`` seconds: later, the lock has lapsed anyway.
-        """
+        Waits out an outage at most ``ttl`` seconds: later, the lock has lapsed anyway."""
         redis_key, ttl = self.key_for("lock", key), _check_ttl(ttl)
         patience = Patience(min(self.patience.seconds, ttl), self.patience.longest_wait)
         renew = lambda: self.renew_if_held(redis_key, holder, ttl)  # noqa: E731
