@@ -84,14 +84,17 @@ def _outage_as_the_retry_is_delivered(
     )
 
 
-@pytest.mark.parametrize("kind", ["engine", "plain"])
+@pytest.mark.parametrize(
+    ("kind", "pool"),
+    [("engine", "prefork"), ("plain", "prefork"), ("engine", "threads"), ("engine", "gevent")],
+)
 def test_a_short_backend_outage_as_a_retry_is_delivered_is_waited_out(
-    tmp_path: Path, kind: str
+    tmp_path: Path, kind: str, pool: str
 ) -> None:
     # Given a prefork worker, and a task whose first execution fails with a countdown retry
     with (
         broker_and_backend(tmp_path) as (_broker, backend, app, tasks),
-        workers(WorkerProcess(app, tmp_path, pool="prefork", concurrency=2)) as (worker,),
+        workers(WorkerProcess(app, tmp_path, pool=pool, concurrency=2)) as (worker,),
     ):
         key = f"short-{uuid.uuid4().hex[:8]}"
         task = tasks.retry_once if kind == "engine" else tasks.plain_retry_once
