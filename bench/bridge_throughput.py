@@ -133,6 +133,31 @@ def main() -> None:
                 bridge_app.plain_noop.delay(0).get(timeout=60)
                 bridge_app.engine_noop.delay(0).get(timeout=60)
             report(bridge_app, args)
+            commands_per_task(bridge_app, url)
+
+
+def commands_per_task(app_module: Any, url: str, count: int = 200) -> None:
+    """Redis commands the server ran per task of each kind (producer and worker together):
+    a count, free of the shared machine's noise, of what each kind asks of Redis."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+
+    def calls() -> int:
+        stats = client.info("commandstats")
+        return sum(int(v["calls"]) for v in stats.values())
+
+    kinds = {
+        "plain Celery": app_module.plain_noop.delay,
+        "engine": app_module.engine_noop.delay,
+    }
+    for label, send in kinds.items():
+        before = calls()
+        for result in [send(i) for i in range(count)]:
+            result.get(timeout=60)
+        per_task = (calls() - before - 1) / count  # the INFO call itself counts once
+        print(f"Redis commands per task, {label}: {per_task:.1f}")
+    client.close()
 
 
 def report(app_module: Any, args: argparse.Namespace) -> None:

@@ -72,6 +72,9 @@ class RunEnvironment:
     rng: random.Random = field(default_factory=lambda: _SHARED_RNG)
     #: Save the run once when it is created (stores that keep the live object).
     saves_on_create: bool = False
+    #: Runs of this task execute in several processes (a worker pool), so its locks must be
+    #: seen by all of them: an in-process store cannot serve SERIALIZABLE there.
+    across_processes: bool = False
 
 
 class RunCore:
@@ -588,7 +591,10 @@ class RunCore:
         locks = next(
             s for s in (policy.lock_manager, policy.key_storage, self.env.store) if s is not None
         )
-        if not getattr(locks, "supports_locking", False):
+        in_one_process = not getattr(locks, "shared", True)
+        if not getattr(locks, "supports_locking", False) or (
+            self.env.across_processes and in_one_process
+        ):
             raise ConfigurationError(
                 f"task {self.task.name!r} uses IsolationLevel.SERIALIZABLE, but its store "
                 f"({type(locks).__name__}) cannot lock across processes; use a Redis result "

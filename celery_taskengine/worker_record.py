@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery_taskengine._store.claims import Claim
 from celery_taskengine._store.record_channel import RecordChannel
+from celery_taskengine._store.retrying import patience_from_policy
 from celery_taskengine._store.run_document import RunDocument
 from celery_taskengine._store.task_meta import (
     SET_META_LUA,
@@ -197,8 +198,5 @@ def _channel_for(store: RedisStore, app: Celery) -> RecordChannel:
 
 def _retry_patience(app: Celery) -> float:
     """How long Celery's Redis backend retries a write while Redis is down (its
-    ``retry_policy``: by default 20 retries at most 1 s apart): records wait as long."""
-    policy = getattr(app.backend, "retry_policy", None) or {}
-    retries = policy.get("max_retries")
-    interval = float(policy.get("interval_max", 1.0) or 0.0)
-    return ORPHAN_PATIENCE_SECONDS if retries is None else float(retries) * interval
+    ``retry_policy``): records wait as long as every other store operation does."""
+    return patience_from_policy(getattr(app.backend, "retry_policy", None)).seconds

@@ -36,7 +36,6 @@ from celery_taskengine._store.redis_store import RedisStore
 from celery_taskengine._store.selection import store_for_app
 from celery_taskengine._store.task_meta import state_info, write_task_meta
 from celery_taskengine.cancellation import revocation_check
-from celery_taskengine.engine_backend import FRESH
 from celery_taskengine.events import send_state_event, task_events_enabled
 from celery_taskengine.parameters import bind_parameters
 from celery_taskengine.run_core import RunEnvironment
@@ -52,6 +51,7 @@ from celery_taskengine.task_engine import (
 from celery_taskengine.task_run import TaskRun
 from celery_taskengine.worker_loop import run_on_worker_loop
 from celery_taskengine.worker_record import Delivery, DeliveryRecorder
+from celery_taskengine.worker_requeue import handed_back_if_unreachable
 
 if TYPE_CHECKING:
     from celery_taskengine.task import Task
@@ -60,15 +60,17 @@ __all__ = ["after_celery_retry", "run_delivery"]
 
 logger = logging.getLogger(__name__)
 
-#: One claim renewer per store (see delivery_claims).
-_renewers: weakref.WeakKeyDictionary[RedisStore, ClaimRenewer] = weakref.WeakKeyDictionary()
+#: The store attribute holding its claim renewer: on the store, not in a module-level map
+#: keyed by stores, whose values (renewers hold their store) would keep every store alive.
+_RENEWER = "_taskengine_claim_renewer"
 
 
 def _renewer_for(store: RedisStore, app: Any) -> ClaimRenewer:
-    renewer = _renewers.get(store)
+    """The store's one claim renewer (see delivery_claims)."""
+    renewer: ClaimRenewer | None = vars(store).get(_RENEWER)
     if renewer is None:
         ttl = float(app.conf.get("taskengine_claim_ttl") or CLAIM_TTL_SECONDS)
-        renewer = _renewers.setdefault(store, ClaimRenewer(store, ttl))
+        renewer = vars(store).setdefault(_RENEWER, ClaimRenewer(store, ttl))
     return renewer
 
 
@@ -83,33 +85,40 @@ def run_delivery(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> A
     parameters = bind_parameters(task.run, args, kwargs)
     claim, claimed = None, False
     if isinstance(store, RedisStore):
-        claim, claimed = _claim_message(task, request, store)
-        if claim is None:
-            return _settle_handled_message(task, request, store)
+        with handed_back_if_unreachable(task, args, kwargs):
+            claim, claimed = _claim_message(task, request, store)
+            handled = _recorded_run(task, request, store) if claim is None else None
+        if handled is not None:
+            logger.info("%s: giving Celery the outcome another delivery recorded", request.id)
+            return _outcome(task, _delivery(task, request, store, None, False), handled, [])
     delivery = _delivery(task, request, store, claim, claimed)
     try:
-        run, items = _run(task, delivery, store, parameters)
+        with handed_back_if_unreachable(task, args, kwargs):
+            run = _stored_run(task, delivery, store, parameters)
+        items = _run(task, delivery, store, run)
     finally:
         if claim is not None and isinstance(store, RedisStore):
-            _renewers[store].release(claim)
+            _renewer_for(store, task.app).release(claim)
     return _outcome(task, delivery, run, items)
 
 
-def _run(
+def _stored_run(
     task: Task, delivery: Delivery, store: ResultStore, parameters: dict[str, Any]
-) -> tuple[TaskRun, list[Any]]:
-    """The delivery's run (continued, if it has a record) after the engine ran it, and the
-    items it yielded."""
+) -> TaskRun:
+    """The delivery's run: the recorded one to continue, if any, else a new one."""
     run = None
     if delivery.retries or delivery.redelivered:  # else no record can exist yet
         run = store.load_run(delivery.task_id)
-    if run is None:
-        run = new_task_run(task, parameters, delivery.task_id)
+    return run if run is not None else new_task_run(task, parameters, delivery.task_id)
+
+
+def _run(task: Task, delivery: Delivery, store: ResultStore, run: TaskRun) -> list[Any]:
+    """Let the engine run ``run``; the items it yielded."""
     channel = None
     if task.fn_kind in ("generator", "async_generator") and isinstance(store, RedisStore):
         channel = ItemChannel(task.app, store, delivery.task_id)
     try:
-        return run, _execute(task, delivery, store, run, channel)
+        return _execute(task, delivery, store, run, channel)
     finally:
         if channel is not None and run.state is not None and run.state.is_final():
             channel.close()
@@ -135,30 +144,29 @@ def _claim_message(task: Task, request: Any, store: RedisStore) -> tuple[Claim |
     claim = Claim.new(store.key_for("claim", f"{request.id}:{retries}"), renewer.ttl)
     claimed = False
     if retries or _redelivered(request) or request.eta:  # may be a duplicate: claim first
-        if not claim_or_wait(store.client, claim, poll=renewer.ttl / 10):
+        take = lambda: claim_or_wait(store.client, claim, poll=renewer.ttl / 10)  # noqa: E731
+        if not store.call(take, "claiming its message", str(request.id)):
             return None, False
         claimed = True
-    else:  # a first delivery: no other can have stored an outcome (see engine_backend)
-        setattr(request, FRESH, True)
+    # else a first delivery: its claim is taken with its Running record (see claims)
     renewer.hold(claim)
     return claim, claimed
 
 
-def _settle_handled_message(task: Task, request: Any, store: RedisStore) -> Any:
+def _recorded_run(task: Task, request: Any, store: RedisStore) -> TaskRun:
     """Another delivery of this message wrote its outcome (its claim says done). If Celery
     stored it too, nothing is left to do (``Ignore``); if that delivery's process died in
-    between, Celery gets the recorded outcome now (a value, the stored exception, or the
-    recorded retry sent again; the next message's claim dedupes a second one)."""
-    status = task.backend.get_state(request.id)
+    between, its recorded run, whose outcome Celery gets now (a value, the stored exception,
+    or the recorded retry sent again; the next message's claim dedupes a second one)."""
+    task_id = str(request.id)
+    status = store.call(lambda: task.backend.get_state(task_id), "reading its state", task_id)
     if status in celery_states.READY_STATES or status in ("RETRY", "AWAITING_RETRY"):
         logger.info("%s: handled by another delivery of its message", request.id)
         raise Ignore()
-    run = store.load_run(str(request.id))
+    run = store.load_run(task_id)
     if run is None or run.state is None or not (run.state.is_final() or run.state.is_scheduled()):
         raise Ignore()
-    logger.info("%s: giving Celery the outcome another delivery recorded", request.id)
-    delivery = _delivery(task, request, store, None, False)
-    return _outcome(task, delivery, run, [])
+    return run
 
 
 def _redelivered(request: Any) -> bool:

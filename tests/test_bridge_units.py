@@ -31,7 +31,6 @@ from celery_taskengine._store.redis_store import RedisStore
 from celery_taskengine._store.run_document import RunDocument
 from celery_taskengine._store.task_meta import celery_status, write_task_meta
 from celery_taskengine._store.wire import SKIP, pack
-from celery_taskengine.engine_backend import FRESH
 from celery_taskengine.errors import ConfigurationError, StoreUnavailableError, TaskRunTimeoutError
 from celery_taskengine.events import event_fields, event_type
 from celery_taskengine.producer import _key_may_ignore_run_id
@@ -366,31 +365,13 @@ def test_a_held_claim_is_renewed_while_its_delivery_runs(redis_client: Any) -> N
 # -- the backend engine tasks store through ------------------------------------------------------
 
 
-def test_an_engine_task_stores_through_the_apps_own_backend_state(redis_app: Celery) -> None:
+def test_an_engine_task_stores_through_the_apps_own_backend(redis_app: Celery) -> None:
     @task(app=redis_app, name="units.stored")
     def stored() -> int:
         return 1
 
-    backend = stored.backend
-    assert backend is not redis_app.backend and isinstance(backend, type(redis_app.backend))
-    assert backend.client is redis_app.backend.client  # one client, one pool, one consumer
-    assert stored.backend is backend
-
-
-def test_a_fresh_delivery_stores_its_outcome_without_reading_first(
-    redis_app: Celery, redis_client: Any
-) -> None:
-    @task(app=redis_app, name="units.fresh")
-    def fresh() -> int:
-        return 1
-
-    request = Context(id="fresh-1", **{FRESH: True})
-    reads = _commands(redis_client, "get")
-
-    fresh.backend.mark_as_done("fresh-1", 42, request=request)
-
-    assert _commands(redis_client, "get") == reads
-    assert fresh.AsyncResult("fresh-1").get(timeout=5) == 42
+    # Celery's own object: nothing of the engine's wraps it, so nothing can outlive it
+    assert stored.backend is redis_app.backend
 
 
 def test_any_other_delivery_never_overwrites_a_success(redis_app: Celery) -> None:
@@ -400,15 +381,10 @@ def test_any_other_delivery_never_overwrites_a_success(redis_app: Celery) -> Non
 
     redelivered.backend.mark_as_done("late-1", 42, request=Context(id="late-1"))
 
-    # A duplicate delivery that failed late (not fresh): Celery's read keeps the success.
+    # A duplicate delivery that failed late: Celery's read keeps the success.
     redelivered.backend.mark_as_failure("late-1", ValueError("late"), request=Context(id="late-1"))
 
     assert redelivered.AsyncResult("late-1").get(timeout=5) == 42
-
-
-def _commands(client: Any, name: str) -> int:
-    stats = client.info("commandstats").get(f"cmdstat_{name}", {})
-    return int(stats.get("calls", 0))
 
 
 # -- recording a worker run ---------------------------------------------------------------------

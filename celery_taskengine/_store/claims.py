@@ -87,6 +87,8 @@ def claim_or_wait(client: redis.Redis, claim: Claim, poll: float) -> bool:
         holder = client.get(claim.key)
         if holder == DONE:
             return False
+        if holder == claim.token.encode():  # our SET went through before a retried failure
+            return True
         if holder is not None and not announced:
             announced = True
             logger.warning(

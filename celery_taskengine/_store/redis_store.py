@@ -11,7 +11,8 @@ so they never meet Celery's (``celery-task-meta-…``) nor another app's on the 
 ``global_keyprefix`` is the backend's (``result_backend_transport_options``), normalised as
 Celery does; ``namespace`` is the app setting ``taskengine_namespace`` (default ``"default"``),
 which lets two apps share one Redis database without sharing caches. Each operation is one
-Redis round trip; connection failures surface as :class:`StoreUnavailableError`.
+Redis round trip, tried again through an outage as long as Celery's backend retries its writes
+(:mod:`~celery_taskengine._store.retrying`), then failing with :class:`StoreUnavailableError`.
 """
 
 from __future__ import annotations
@@ -21,10 +22,9 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import redis
 
@@ -36,6 +36,7 @@ from celery_taskengine._store.record_codec import (
     encode_record,
     normalize_accept,
 )
+from celery_taskengine._store.retrying import OUTAGE_ERRORS, Patience, patience_from_policy
 from celery_taskengine._store.run_document import encode_run
 from celery_taskengine._store.run_filters import run_matches
 from celery_taskengine.errors import (
@@ -50,6 +51,8 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_NAMESPACE", "DEFAULT_RUN_EXPIRES", "RedisStore", "run_expiry_seconds"]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 DEFAULT_NAMESPACE = "default"
 #: Seconds a run record lives when the app gives no ``result_expires`` (Celery's default, 1 day).
@@ -93,7 +96,8 @@ class RedisStore:
     Use :meth:`for_app` to get one on a Celery app's result backend. ``accept`` lists the
     serializers records may use (JSON only by default); ``run_expires`` is the lifetime of run
     records in seconds (``None``: forever); ``url`` names the server in error messages and must
-    not contain a password; ``clock`` gives wall-clock seconds for record timestamps.
+    not contain a password; ``clock`` gives wall-clock seconds for record timestamps;
+    ``patience`` is how long an operation waits out a Redis outage (default: not at all).
     """
 
     shared: bool = True
@@ -109,6 +113,7 @@ class RedisStore:
         run_expires: float | None = DEFAULT_RUN_EXPIRES,
         url: str | None = None,
         clock: Callable[[], float] = time.time,
+        patience: Patience | None = None,
     ) -> None:
         if not namespace or ":" in namespace:
             raise ConfigurationError(
@@ -121,6 +126,7 @@ class RedisStore:
         self.url = url or _describe_client(client)
         self._prefix = f"{key_prefix}cte:{namespace}:"
         self._clock = clock
+        self.patience = patience or Patience()
         self._release = client.register_script(_RELEASE_LUA)
         self._renew: Any = None  # on connections of its own, made by the first renewal
         self._early_reads = EarlyReads(self)
@@ -132,7 +138,8 @@ class RedisStore:
         ``backend``: another Celery Redis backend object to keep the records on (the app's
         ``taskengine_store`` setting), built by Celery from a URL as its own would be.
         Honours the backend's ``global_keyprefix``, the app's ``taskengine_namespace``,
-        ``result_accept_content`` (else ``accept_content``) and ``result_expires``.
+        ``result_accept_content`` (else ``accept_content``), ``result_expires`` and the
+        backend's ``retry_policy`` (how long operations wait out an outage).
         """
         backend = app.backend if backend is None else backend
         options = app.conf.get("result_backend_transport_options") or {}
@@ -143,6 +150,7 @@ class RedisStore:
             accept=accept_for_app(app),
             run_expires=run_expiry_seconds(app.conf.get("result_expires")),
             url=backend.as_uri(),
+            patience=patience_from_policy(getattr(backend, "retry_policy", None)),
         )
 
     def key_for(self, kind: Kind, name: str) -> str:
@@ -156,10 +164,11 @@ class RedisStore:
 
         The envelope's ``expires_at`` decides expiry; Redis' own PX expiry only frees memory.
         """
-        try:  # not ``with self._available()``: this is every cache hit's path
-            raw = self.client.get(self.key_for("cache", key))
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-            raise self._unavailable(exc) from exc
+        redis_key = self.key_for("cache", key)
+        try:  # tried once before any retry machinery: this is every cache hit's path
+            raw = self.client.get(redis_key)
+        except OUTAGE_ERRORS:
+            raw = self.call(lambda: self.client.get(redis_key), f"reading cache record {key!r}")
         return self.record_from(raw, key)
 
     def start_read(self, key: str) -> EarlyRead:
@@ -184,8 +193,8 @@ class RedisStore:
 
     def exists(self, key: str) -> bool:
         """Whether a record is stored under ``key`` (Redis drops expired ones itself)."""
-        with self._available():
-            return bool(self.client.exists(self.key_for("cache", key)))
+        redis_key = self.key_for("cache", key)
+        return bool(self.call(lambda: self.client.exists(redis_key), f"cache record {key!r}"))
 
     def write(
         self,
@@ -213,7 +222,8 @@ class RedisStore:
             task_name=task_name,
         )
         redis_key = self.key_for("cache", key)
-        with self._available():
+
+        def store() -> None:
             if expires_in is None:
                 self.client.set(redis_key, raw)
             elif expires_in <= 0:
@@ -221,10 +231,12 @@ class RedisStore:
             else:
                 self.client.set(redis_key, raw, px=_milliseconds(expires_in))
 
+        self.call(store, f"writing cache record {key!r}")
+
     def delete(self, key: str) -> bool:
         """Remove the record; whether one was there."""
-        with self._available():
-            return bool(self.client.delete(self.key_for("cache", key)))
+        redis_key = self.key_for("cache", key)
+        return bool(self.call(lambda: self.client.delete(redis_key), f"deleting {key!r}"))
 
     def iter_keys(self, prefix: str = "") -> list[str]:
         """The transaction keys of stored records starting with ``prefix``, sorted (SCAN)."""
@@ -239,16 +251,19 @@ class RedisStore:
         Not re-entrant: a holder asking again is refused too. A holder that dies loses the
         lock after ``ttl`` seconds.
         """
-        with self._available():
-            taken = self.client.set(
-                self.key_for("lock", key), holder, nx=True, px=_milliseconds(_check_ttl(ttl))
-            )
+        redis_key, ms = self.key_for("lock", key), _milliseconds(_check_ttl(ttl))
+        taken = self.call(
+            lambda: self.client.set(redis_key, holder, nx=True, px=ms), f"taking lock {key!r}"
+        )
         return bool(taken)
 
     def renew_lock(self, key: str, holder: str, ttl: float) -> bool:
-        """Give ``holder``'s lock ``ttl`` more seconds from now; ``False`` if it lost it."""
-        with self._available():
-            return self.renew_if_held(self.key_for("lock", key), holder, _check_ttl(ttl))
+        """Give ``holder``'s lock ``ttl`` more seconds from now; ``False`` if it lost it.
+        Waits out an outage at most ``ttl`` seconds: later, the lock has lapsed anyway."""
+        redis_key, ttl = self.key_for("lock", key), _check_ttl(ttl)
+        patience = Patience(min(self.patience.seconds, ttl), self.patience.longest_wait)
+        renew = lambda: self.renew_if_held(redis_key, holder, ttl)  # noqa: E731
+        return self.call(renew, f"renewing lock {key!r}", patience=patience)
 
     def renew_if_held(self, redis_key: str, holder: str, ttl: float) -> bool:
         """Extend ``redis_key`` to ``ttl`` seconds from now if it still holds ``holder`` (a
@@ -259,13 +274,13 @@ class RedisStore:
 
     def release_lock(self, key: str, holder: str) -> None:
         """Release the lock if ``holder`` holds it; another holder's lock is left alone."""
-        with self._available():
-            self._release(keys=[self.key_for("lock", key)], args=[holder])
+        redis_key = self.key_for("lock", key)
+        self.call(lambda: self._release(keys=[redis_key], args=[holder]), f"releasing {key!r}")
 
     def lock_holder(self, key: str) -> str | None:
         """Who holds the lock on ``key`` now, if anyone."""
-        with self._available():
-            holder = self.client.get(self.key_for("lock", key))
+        redis_key = self.key_for("lock", key)
+        holder = self.call(lambda: self.client.get(redis_key), f"reading lock {key!r}")
         return _text(holder) if holder is not None else None
 
     # -- run records ---------------------------------------------------------------------
@@ -274,13 +289,13 @@ class RedisStore:
         """Write the run's JSON document (one ``SET``), living ``run_expires`` seconds."""
         document = encode_run(run)
         px = _milliseconds(self.run_expires) if self.run_expires is not None else None
-        with self._available():
-            self.client.set(self.key_for("run", run.id), document, px=px)
+        redis_key = self.key_for("run", run.id)
+        self.call(lambda: self.client.set(redis_key, document, px=px), "saving its run", run.id)
 
     def load_run(self, run_id: str) -> TaskRun | None:
         """The run record for ``run_id``; ``None`` when unknown, or malformed (with a warning)."""
-        with self._available():
-            raw = self.client.get(self.key_for("run", run_id))
+        redis_key = self.key_for("run", run_id)
+        raw = self.call(lambda: self.client.get(redis_key), "loading its run", run_id)
         if raw is None:
             return None
         return self._decode_run(run_id, raw)
@@ -294,8 +309,7 @@ class RedisStore:
         runs: list[TaskRun] = []
         for offset in range(0, len(names), _SCAN_BATCH):
             batch = names[offset : offset + _SCAN_BATCH]
-            with self._available():
-                values = self.client.mget(batch)
+            values = self._mget(batch)
             for name, raw in zip(batch, values, strict=True):
                 run = None if raw is None else self._decode_run(_text(name)[start:], raw)
                 if run is not None:
@@ -314,12 +328,12 @@ class RedisStore:
     def mark_revoked(self, run_id: str) -> None:
         """``SET revoked:<run id>``, living as long as run records."""
         expires = max(1, int(self.run_expires or DEFAULT_RUN_EXPIRES))
-        with self._available():
-            self.client.set(self.key_for("revoked", run_id), 1, ex=expires)
+        key = self.key_for("revoked", run_id)
+        self.call(lambda: self.client.set(key, 1, ex=expires), "a revoke marker", run_id)
 
     def is_revoked(self, run_id: str) -> bool:
-        with self._available():
-            return bool(self.client.exists(self.key_for("revoked", run_id)))
+        key = self.key_for("revoked", run_id)
+        return bool(self.call(lambda: self.client.exists(key), "a revoke marker", run_id))
 
     def append_item(self, run_id: str, item: bytes) -> None:
         """``XADD`` to the run's stream (and renew its expiry), one round trip."""
@@ -332,8 +346,8 @@ class RedisStore:
         """``XREAD`` (blocking when ``block`` > 0: redis-py reads ``block=0`` as forever)."""
         client: Any = self.client  # redis-py's stream types are too narrow to help
         wait = max(1, int(block * 1000)) if block > 0 else None
-        with self._available():
-            batch = client.xread({self.key_for("items", run_id): after}, count=count, block=wait)
+        streams = {self.key_for("items", run_id): after}
+        batch = self.call(lambda: client.xread(streams, count=count, block=wait), "items", run_id)
         if not batch:
             return []
         return [
@@ -351,13 +365,19 @@ class RedisStore:
     # -- internals -----------------------------------------------------------------------
 
     def _add_entry(self, run_id: str, fields: dict[bytes, bytes]) -> None:
-        pipe: Any = self.client.pipeline(transaction=False)
         key = self.key_for("items", run_id)
-        pipe.xadd(key, fields)
-        if self.run_expires is not None:
-            pipe.pexpire(key, _milliseconds(self.run_expires))
-        with self._available():
+
+        def add() -> None:
+            pipe: Any = self.client.pipeline(transaction=False)
+            pipe.xadd(key, fields)
+            if self.run_expires is not None:
+                pipe.pexpire(key, _milliseconds(self.run_expires))
             pipe.execute()
+
+        self.call(add, "a generator item", run_id)
+
+    def _mget(self, names: list[bytes | str]) -> list[Any]:
+        return self.call(lambda: self.client.mget(names), "listing runs")
 
     def _decode_run(self, run_id: str, raw: bytes | str) -> TaskRun | None:
         try:
@@ -368,18 +388,22 @@ class RedisStore:
 
     def _scan(self, kind: Kind, prefix: str) -> list[bytes | str]:
         pattern = _glob_escape(self.key_for(kind, prefix)) + "*"
-        with self._available():
-            return list(self.client.scan_iter(match=pattern, count=_SCAN_BATCH))
+        return self.call(
+            lambda: list(self.client.scan_iter(match=pattern, count=_SCAN_BATCH)), "a scan"
+        )
 
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self._clock(), timezone.utc)
 
-    @contextmanager
-    def _available(self) -> Iterator[None]:
-        """Turn redis-py's connection failures into :class:`StoreUnavailableError`."""
+    def call(
+        self, operation: Callable[[], T], what: str, run_id: str = "", patience: Any = None
+    ) -> T:
+        """``operation()`` (Redis calls on this store's server), waiting out an outage for
+        :attr:`patience`; :class:`StoreUnavailableError` once it is spent. Also for the
+        store's collaborators (claims, channels) that make Redis calls of their own."""
         try:
-            yield
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            return (patience or self.patience).call(operation, what=what, run_id=run_id)
+        except OUTAGE_ERRORS as exc:
             raise self._unavailable(exc) from exc
 
     def _unavailable(self, exc: Exception) -> StoreUnavailableError:

@@ -11,7 +11,9 @@ module's ``app`` is configured from the environment so that
 ``RELIABILITY_VISIBILITY_TIMEOUT``
     seconds before Redis gives an unacknowledged message to a worker again;
 ``RELIABILITY_LOCK_TTL``
-    seconds a SERIALIZABLE lock lives unless renewed (``transactions.LOCK_TTL_SECONDS``).
+    seconds a SERIALIZABLE lock lives unless renewed (``transactions.LOCK_TTL_SECONDS``);
+``RELIABILITY_BACKEND_MAX_RETRIES``
+    the result backend's ``retry_policy`` ``max_retries`` (how long an outage is waited out).
 
 Tasks talk to the tests through Redis keys on the result backend (see :func:`side`): counters
 of how often a function body ran, gates the test opens. Every key a test passes is its own.
@@ -24,6 +26,7 @@ import time
 from types import SimpleNamespace
 from typing import Any
 
+import redis
 from celery import Celery
 from celery.signals import task_postrun, task_prerun
 
@@ -96,6 +99,14 @@ def make_app(
 def side(app: Celery) -> Any:
     """The Redis client tasks and tests share side-channel keys on (the result backend's)."""
     return app.backend.client
+
+
+def broker_side(app: Celery) -> Any:
+    """A Redis client on the broker, for counters that must work while the backend is down."""
+    client = getattr(app, "_rel_broker_side", None)
+    if client is None:
+        client = app._rel_broker_side = redis.Redis.from_url(app.conf.broker_url)
+    return client
 
 
 def wait_for_gate(app: Celery, gate: str) -> None:
@@ -181,6 +192,24 @@ def _register_tasks(app: Celery) -> SimpleNamespace:
         side(app).blpop(key, timeout=seconds)
         return "returned"
 
+    @task(app=app, name="rel.retry_once", retries=1, retry_delay_seconds=2, acks_late=False)
+    def retry_once(key: str) -> int:
+        """Fails its first execution of ``key`` (a countdown retry follows), then succeeds.
+
+        Counts on the broker: the outage tests stop the backend while it runs."""
+        execution = int(broker_side(app).incr(f"exec:{key}"))
+        if execution == 1:
+            raise ValueError(f"{key}: execution 1 fails")
+        return execution
+
+    @app.task(name="rel.plain_retry_once", bind=True, max_retries=1, acks_late=False, shared=False)
+    def plain_retry_once(self: Any, key: str) -> int:
+        """``retry_once`` as a plain Celery task: the same retry shape, without the engine."""
+        execution = int(broker_side(app).incr(f"exec:{key}"))
+        if execution == 1:
+            raise self.retry(countdown=2)
+        return execution
+
     @task(app=app, name="rel.tiny", acks_late=True, reject_on_worker_lost=True)
     def tiny(i: int, sleep: float = 0.0) -> int:
         time.sleep(sleep)
@@ -256,3 +285,8 @@ app, tasks = make_app(
         os.environ.get("RELIABILITY_VISIBILITY_TIMEOUT", DEFAULT_VISIBILITY_TIMEOUT)
     ),
 )
+if os.environ.get("RELIABILITY_BACKEND_MAX_RETRIES"):
+    app.conf.result_backend_transport_options["retry_policy"] = {
+        "max_retries": int(os.environ["RELIABILITY_BACKEND_MAX_RETRIES"]),
+        "interval_max": 1,
+    }
