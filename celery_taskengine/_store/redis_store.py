@@ -17,10 +17,10 @@ Redis round trip, tried again through an outage as long as Celery's backend retr
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
-import sys
 import time
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta, timezone
@@ -38,7 +38,7 @@ from celery_taskengine._store.record_codec import (
 )
 from celery_taskengine._store.retrying import OUTAGE_ERRORS, Patience, patience_from_policy
 from celery_taskengine._store.run_document import encode_run
-from celery_taskengine._store.run_filters import run_matches
+from celery_taskengine._store.run_index import INDEX_LUA, RunIndex, list_indexed
 from celery_taskengine.errors import (
     ConfigurationError,
     StoreUnavailableError,
@@ -75,7 +75,6 @@ _SCAN_BATCH = 500
 #: Stream entry fields: an item, or the end marker.
 _ITEM = b"i"
 _END = b"e"
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 def side_client(client: redis.Redis) -> redis.Redis:
@@ -128,6 +127,8 @@ class RedisStore:
         self._clock = clock
         self.patience = patience or Patience()
         self._release = client.register_script(_RELEASE_LUA)
+        self._index = RunIndex(self._prefix, self.run_expires)
+        self._index_script = client.register_script(INDEX_LUA)
         self._renew: Any = None  # on connections of its own, made by the first renewal
         self._early_reads = EarlyReads(self)
 
@@ -286,11 +287,27 @@ class RedisStore:
     # -- run records ---------------------------------------------------------------------
 
     def save_run(self, run: TaskRun) -> None:
-        """Write the run's JSON document (one ``SET``), living ``run_expires`` seconds."""
+        """Write the run's JSON document, living ``run_expires`` seconds, and index it (one
+        round trip)."""
         document = encode_run(run)
         px = _milliseconds(self.run_expires) if self.run_expires is not None else None
         redis_key = self.key_for("run", run.id)
-        self.call(lambda: self.client.set(redis_key, document, px=px), "saving its run", run.id)
+        keys, args = self.index_keys_and_args(run)
+
+        def save() -> None:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.set(redis_key, document, px=px)
+            self._index_script(keys=keys, args=args, client=pipe)
+            pipe.execute()
+
+        self.call(save, "saving its run", run.id)
+
+    def index_keys_and_args(self, run: TaskRun) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of :data:`~celery_taskengine._store.run_index.INDEX_LUA` for
+        ``run`` as it is now (for writers of run records in scripts of their own)."""
+        state_type = run.state.type.value if run.state is not None else "PENDING"
+        keys = self._index.keys(run.task_name, state_type)
+        return keys, self._index.args(run.id, run.task_name, int(self._clock() * 1000))
 
     def load_run(self, run_id: str) -> TaskRun | None:
         """The run record for ``run_id``; ``None`` when unknown, or malformed (with a warning)."""
@@ -301,21 +318,8 @@ class RedisStore:
         return self._decode_run(run_id, raw)
 
     def iter_runs(self, limit: int) -> list[TaskRun]:
-        """Up to ``limit`` runs, the most recently active first (SCANs the namespace: for tools)."""
-        if limit <= 0:
-            return []
-        start = len(self.key_for("run", ""))
-        names = list(self._scan("run", ""))
-        runs: list[TaskRun] = []
-        for offset in range(0, len(names), _SCAN_BATCH):
-            batch = names[offset : offset + _SCAN_BATCH]
-            values = self._mget(batch)
-            for name, raw in zip(batch, values, strict=True):
-                run = None if raw is None else self._decode_run(_text(name)[start:], raw)
-                if run is not None:
-                    runs.append(run)
-        runs.sort(key=_last_activity, reverse=True)
-        return runs[:limit]
+        """Up to ``limit`` runs, the most recently active first (read along the run index)."""
+        return self.list_runs(limit)
 
     def local_recorder(self) -> LocalRecorder:
         """Local runs' records are written behind the caller (see local_records)."""
@@ -358,9 +362,17 @@ class RedisStore:
     def list_runs(
         self, limit: int, *, task: str | None = None, state: str | None = None
     ) -> list[TaskRun]:
-        """Up to ``limit`` matching runs, newest first (a SCAN of every run record)."""
-        runs = self.iter_runs(sys.maxsize)
-        return [run for run in runs if run_matches(run, task, state)][: max(limit, 0)]
+        """Up to ``limit`` matching runs, newest first, read along the run index (see
+        run_index): the cost follows ``limit``, not the number of runs."""
+        if limit <= 0:
+            return []
+
+        def listing() -> list[TaskRun]:
+            run_key = functools.partial(self.key_for, "run")
+            args = (self._index, run_key, self._decode_run, limit, task, state)
+            return list_indexed(self.client, *args)
+
+        return self.call(listing, "listing runs")
 
     # -- internals -----------------------------------------------------------------------
 
@@ -375,9 +387,6 @@ class RedisStore:
             pipe.execute()
 
         self.call(add, "a generator item", run_id)
-
-    def _mget(self, names: list[bytes | str]) -> list[Any]:
-        return self.call(lambda: self.client.mget(names), "listing runs")
 
     def _decode_run(self, run_id: str, raw: bytes | str) -> TaskRun | None:
         try:
@@ -445,13 +454,6 @@ def _text(value: bytes | str) -> str:
 def _glob_escape(text: str) -> str:
     """``text`` as a literal in a Redis MATCH pattern."""
     return "".join(f"\\{c}" if c in "*?[]\\" else c for c in text)
-
-
-def _last_activity(run: TaskRun) -> datetime:
-    moment = run.state_history[-1].timestamp if run.state_history else run.start_time
-    if moment is None:
-        return _EPOCH
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
 
 
 def _describe_client(client: redis.Redis) -> str:
