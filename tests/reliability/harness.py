@@ -139,7 +139,7 @@ _names = itertools.count(1)
 
 
 class WorkerProcess:
-    """One ``celery worker`` subprocess of ``tests.reliability.worker_app``."""
+    """One ``celery worker`` subprocess of ``app_module`` (``tests.reliability.worker_app``)."""
 
     def __init__(
         self,

@@ -92,13 +92,19 @@ class CellOutcome:
     cell: Cell
     runs: list[Run] = field(default_factory=list)
     worker_exits: list[int] = field(default_factory=list)
+    #: Bodies finished when the fault came, and bodies running then (the fault hits those).
+    finished_at_fault: int = 0
+    running_at_fault: int = 0
+    #: The worker's ERROR and CRITICAL log lines, once each (what went wrong, in its words).
+    worker_errors: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
     def problems(self) -> dict[str, list[str]]:
         """What is wrong, by kind: ``lost``, ``disagreeing``, ``twice``, ``unreported``."""
         found: dict[str, list[str]] = {"lost": [], "disagreeing": [], "twice": [], "unreported": []}
         for run in self.runs:
-            said = f"{run.task_id} (Celery {run.celery_state}, record {_history(run)})"
+            record = f"{_history(run)}{run.record_error}"
+            said = f"{run.task_id} (Celery {run.celery_state}, record {record})"
             if run.celery_state not in FINAL:
                 found["lost"].append(said)
             elif disagreement := self._disagreement(run):
@@ -112,7 +118,7 @@ class CellOutcome:
     def _disagreement(self, run: Run) -> str:
         record = run.record
         if record is None or record.state is None:
-            return f"no run record {run.record_error}".strip()
+            return "no run record"
         if not record.state.is_final():
             return "the record is not final"
         if run.celery_state == "SUCCESS":
@@ -136,7 +142,9 @@ class CellOutcome:
             f"disagreeing={len(problems.get('disagreeing', []))} "
             f"executed_twice={len(problems.get('twice', []))} "
             f"unreported={len(problems.get('unreported', []))} "
-            f"worker_exits={self.worker_exits} seconds={self.seconds:.1f}"
+            f"worker_exits={self.worker_exits} finished_at_fault={self.finished_at_fault} "
+            f"running_at_fault={self.running_at_fault} "
+            f"seconds={self.seconds:.1f}"
         )
 
     def report(self) -> str:
@@ -149,6 +157,9 @@ class CellOutcome:
             if run.reported:
                 lines.append(f"worker log on {run.task_id}:")
                 lines += [f"    {line[:300]}" for line in run.reported[:3]]
+        if self.worker_errors:
+            lines.append("worker errors:")
+            lines += [f"    {line[:300]}" for line in self.worker_errors[:12]]
         return "\n".join(lines)
 
 
@@ -186,11 +197,13 @@ def run_cell(cell: Cell, workdir: Path) -> CellOutcome:
             keys = [run.key for run in outcome.runs]
             supervise(
                 worker,
-                lambda: _count(side, "finished", keys) >= INJECT_AFTER,
+                lambda: _count(side, "exec", keys) > _count(side, "finished", keys) >= INJECT_AFTER,
                 BATCH_TIMEOUT,
-                f"{INJECT_AFTER} bodies to finish before the fault",
+                f"{INJECT_AFTER} bodies to finish and more to run before the fault",
             )
             fault.inject(backend)
+            outcome.finished_at_fault = _count(side, "finished", keys)
+            outcome.running_at_fault = _count(side, "exec", keys) - outcome.finished_at_fault
             time.sleep(FAULT_SECONDS)  # the rest of the batch runs into the fault
             fault.heal(backend)
             with contextlib.suppress(AssertionError):  # what never ends is reported as lost
@@ -262,6 +275,16 @@ def _collect(outcome: CellOutcome, app: Any, backend: Backend, side: Any, log: s
             run.reported = [
                 line for line in log.splitlines() if run.task_id in line and REPORTED.search(line)
             ]
+    errors = (line for line in log.splitlines() if re.search(r"\b(ERROR|CRITICAL)\b", line))
+    outcome.worker_errors = list(dict.fromkeys(_without_ids(line, outcome.runs) for line in errors))
+
+
+def _without_ids(line: str, runs: list[Run]) -> str:
+    """``line`` without its timestamp and run ids, so that repeated errors show once."""
+    line = re.sub(r"^\[[^\]]*: ", "[", line)
+    for run in runs:
+        line = line.replace(run.task_id, "<id>")
+    return line
 
 
 def _load_record(app: Any, task_id: str) -> tuple[Any, str]:
@@ -269,7 +292,7 @@ def _load_record(app: Any, task_id: str) -> tuple[Any, str]:
         try:
             return get_task_run(task_id, app=app), ""
         except Exception as exc:
-            error = f"(reading it raised {exc!r})"
+            error = f": reading it raised {exc!r}"
             time.sleep(0.2)
     return None, error
 
