@@ -11,8 +11,9 @@ result or nothing moves any more. Then, per run:
 - **disagreeing**: Celery's result and the engine's run record tell different stories (no
   record, a record not final, Completed against FAILURE, another value than Celery's);
 - **executed twice**: its body started more than once (the side counter);
-- **unreported**: a run that failed or was lost, whose id the worker never logged in an
-  ERROR, WARNING or CRITICAL line: a loss that cannot be prevented must at least be reported.
+- **unreported**: a run that failed, was lost or lost its record, whose id the worker never
+  logged in an ERROR, WARNING or CRITICAL line: a loss that cannot be prevented must at least
+  be reported.
 
 A run that ended FAILURE with a record that says so, and a log line naming it, is a reported
 loss, not a problem: the fault may outlast what Celery's retry policy allows.
@@ -100,18 +101,22 @@ class CellOutcome:
     seconds: float = 0.0
 
     def problems(self) -> dict[str, list[str]]:
-        """What is wrong, by kind: ``lost``, ``disagreeing``, ``twice``, ``unreported``."""
+        """What is wrong, by kind: ``lost``, ``disagreeing``, ``twice``, ``unreported``, and
+        ``unproven`` if the fault came when no body was running (it proves nothing then)."""
         found: dict[str, list[str]] = {"lost": [], "disagreeing": [], "twice": [], "unreported": []}
+        if self.running_at_fault == 0:
+            found["unproven"] = ["no body was running when the fault came"]
         for run in self.runs:
             record = f"{_history(run)}{run.record_error}"
             said = f"{run.task_id} (Celery {run.celery_state}, record {record})"
+            disagreement = self._disagreement(run) if run.celery_state in FINAL else ""
             if run.celery_state not in FINAL:
                 found["lost"].append(said)
-            elif disagreement := self._disagreement(run):
+            elif disagreement:
                 found["disagreeing"].append(f"{said}: {disagreement}")
             if run.executions > 1:
                 found["twice"].append(f"{said}: body executed {run.executions} times")
-            if run.celery_state != "SUCCESS" and not run.reported:
+            if (run.celery_state != "SUCCESS" or disagreement) and not run.reported:
                 found["unreported"].append(f"{said}: no ERROR/WARNING line names it")
         return {kind: problems for kind, problems in found.items() if problems}
 
@@ -201,9 +206,9 @@ def run_cell(cell: Cell, workdir: Path) -> CellOutcome:
                 BATCH_TIMEOUT,
                 f"{INJECT_AFTER} bodies to finish and more to run before the fault",
             )
-            fault.inject(backend)
             outcome.finished_at_fault = _count(side, "finished", keys)
             outcome.running_at_fault = _count(side, "exec", keys) - outcome.finished_at_fault
+            fault.inject(backend)
             time.sleep(FAULT_SECONDS)  # the rest of the batch runs into the fault
             fault.heal(backend)
             with contextlib.suppress(AssertionError):  # what never ends is reported as lost

@@ -61,6 +61,5 @@ def test_a_batch_through_a_redis_fault_loses_no_run_disagrees_nowhere_and_runs_n
     print(f"\n{outcome.summary()}")
 
     # Then every run ended, agrees with Celery, ran once, and any loss was reported.
-    assert outcome.running_at_fault > 0, f"the fault hit no running body: {outcome.summary()}"
     if outcome.problems():
         pytest.fail(outcome.report(), pytrace=False)
