@@ -174,12 +174,11 @@ def _history(run: Run) -> Any:
 
 def run_cell(cell: Cell, workdir: Path) -> CellOutcome:
     """Run ``cell`` for real and collect what every run ended as."""
-    fault = FAULTS[cell.fault]
     outcome = CellOutcome(cell)
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
         broker = stack.enter_context(redis_server(_mkdir(workdir / "broker")))
-        backend = stack.enter_context(faulted_backend(fault, workdir / "backend"))
+        backend = stack.enter_context(faulted_backend(FAULTS[cell.fault], workdir / "backend"))
         queue = f"matrix-{uuid.uuid4().hex[:8]}"
         app, tasks = make_matrix_app(
             f"{broker.url}/0", backend.url, queue, visibility_timeout=VISIBILITY_TIMEOUT
@@ -198,26 +197,38 @@ def run_cell(cell: Cell, workdir: Path) -> CellOutcome:
             },
         )
         with workers(worker):
-            outcome.runs = _send(getattr(tasks, cell.kind))
-            keys = [run.key for run in outcome.runs]
-            supervise(
-                worker,
-                lambda: _count(side, "exec", keys) > _count(side, "finished", keys) >= INJECT_AFTER,
-                BATCH_TIMEOUT,
-                f"{INJECT_AFTER} bodies to finish and more to run before the fault",
-            )
-            outcome.finished_at_fault = _count(side, "finished", keys)
-            outcome.running_at_fault = _count(side, "exec", keys) - outcome.finished_at_fault
-            fault.inject(backend)
-            time.sleep(FAULT_SECONDS)  # the rest of the batch runs into the fault
-            fault.heal(backend)
-            with contextlib.suppress(AssertionError):  # what never ends is reported as lost
-                supervise(worker, _final_or_stalled(backend, outcome.runs), DRAIN_TIMEOUT,
-                          "every run to end after healing")  # fmt: skip
-            outcome.worker_exits = list(worker.exits)
+            _through_the_fault(outcome, getattr(tasks, cell.kind), worker, backend, side)
         _collect(outcome, app, backend, side, worker.log_text())
     outcome.seconds = time.monotonic() - started
     return outcome
+
+
+def _through_the_fault(
+    outcome: CellOutcome, task: Any, worker: WorkerProcess, backend: Backend, side: Any
+) -> None:
+    """Send the batch, break the backend while bodies run, heal it, wait for the runs."""
+    fault = FAULTS[outcome.cell.fault]
+    outcome.runs = _send(task)
+    keys = [run.key for run in outcome.runs]
+    supervise(
+        worker,
+        lambda: _count(side, "exec", keys) > _count(side, "finished", keys) >= INJECT_AFTER,
+        BATCH_TIMEOUT,
+        f"{INJECT_AFTER} bodies to finish and more to run before the fault",
+    )
+    outcome.finished_at_fault = _count(side, "finished", keys)
+    outcome.running_at_fault = _count(side, "exec", keys) - outcome.finished_at_fault
+    fault.inject(backend)
+    time.sleep(FAULT_SECONDS)  # the rest of the batch runs into the fault
+    fault.heal(backend)
+    with contextlib.suppress(AssertionError):  # what never ends is reported as lost
+        supervise(
+            worker,
+            _final_or_stalled(backend, outcome.runs),
+            DRAIN_TIMEOUT,
+            "every run to end after healing",
+        )
+    outcome.worker_exits = list(worker.exits)
 
 
 def supervise(
