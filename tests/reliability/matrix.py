@@ -60,7 +60,8 @@ DRAIN_TIMEOUT = 45.0
 #: Bound on the batch getting to the fault (seconds).
 BATCH_TIMEOUT = 60.0
 FINAL = ("SUCCESS", "FAILURE", "REVOKED")
-REPORTED = re.compile(r"\b(ERROR|WARNING|CRITICAL)\b")
+#: The header of a log record at a level that reports a problem.
+REPORTED = re.compile(r"^\[[^\]]*: (ERROR|WARNING|CRITICAL)/")
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,8 @@ class Run:
     record_error: str = ""
     executions: int = 0
     reported: list[str] = field(default_factory=list)  #: worker log lines naming the run
+    #: Where its message was when the waiting ended: "queued", "unacknowledged" or "".
+    message: str = ""
 
 
 @dataclass
@@ -93,9 +96,10 @@ class CellOutcome:
     cell: Cell
     runs: list[Run] = field(default_factory=list)
     worker_exits: list[int] = field(default_factory=list)
-    #: Bodies finished when the fault came, and bodies running then (the fault hits those).
+    #: Bodies finished when the fault came, and runs whose body had started but whose Celery
+    #: result was not stored yet (the fault hits those: in their body or in their writes).
     finished_at_fault: int = 0
-    running_at_fault: int = 0
+    unsettled_at_fault: int = 0
     #: The worker's ERROR and CRITICAL log lines, once each (what went wrong, in its words).
     worker_errors: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -104,14 +108,14 @@ class CellOutcome:
         """What is wrong, by kind: ``lost``, ``disagreeing``, ``twice``, ``unreported``, and
         ``unproven`` if the fault came when no body was running (it proves nothing then)."""
         found: dict[str, list[str]] = {"lost": [], "disagreeing": [], "twice": [], "unreported": []}
-        if self.running_at_fault == 0:
-            found["unproven"] = ["no body was running when the fault came"]
+        if self.unsettled_at_fault == 0:
+            found["unproven"] = ["no run had started and not ended when the fault came"]
         for run in self.runs:
             record = f"{_history(run)}{run.record_error}"
             said = f"{run.task_id} (Celery {run.celery_state}, record {record})"
             disagreement = self._disagreement(run) if run.celery_state in FINAL else ""
             if run.celery_state not in FINAL:
-                found["lost"].append(said)
+                found["lost"].append(f"{said}: message {run.message or 'gone from the broker'}")
             elif disagreement:
                 found["disagreeing"].append(f"{said}: {disagreement}")
             if run.executions > 1:
@@ -148,7 +152,7 @@ class CellOutcome:
             f"executed_twice={len(problems.get('twice', []))} "
             f"unreported={len(problems.get('unreported', []))} "
             f"worker_exits={self.worker_exits} finished_at_fault={self.finished_at_fault} "
-            f"running_at_fault={self.running_at_fault} "
+            f"unsettled_at_fault={self.unsettled_at_fault} "
             f"seconds={self.seconds:.1f}"
         )
 
@@ -161,7 +165,7 @@ class CellOutcome:
         for run in self.runs:
             if run.reported:
                 lines.append(f"worker log on {run.task_id}:")
-                lines += [f"    {line[:300]}" for line in run.reported[:3]]
+                lines += [f"    {_gist(record, run.task_id)}" for record in run.reported[:3]]
         if self.worker_errors:
             lines.append("worker errors:")
             lines += [f"    {line[:300]}" for line in self.worker_errors[:12]]
@@ -185,6 +189,7 @@ def run_cell(cell: Cell, workdir: Path) -> CellOutcome:
         )
         stack.callback(app.close)
         side = stack.enter_context(contextlib.closing(redis.Redis.from_url(f"{broker.url}/1")))
+        queues = stack.enter_context(contextlib.closing(redis.Redis.from_url(f"{broker.url}/0")))
         worker = WorkerProcess(
             app,
             workdir,
@@ -198,6 +203,7 @@ def run_cell(cell: Cell, workdir: Path) -> CellOutcome:
         )
         with workers(worker):
             _through_the_fault(outcome, getattr(tasks, cell.kind), worker, backend, side)
+            _locate_messages(outcome.runs, queues, queue)  # before a warm shutdown requeues them
         _collect(outcome, app, backend, side, worker.log_text())
     outcome.seconds = time.monotonic() - started
     return outcome
@@ -209,15 +215,12 @@ def _through_the_fault(
     """Send the batch, break the backend while bodies run, heal it, wait for the runs."""
     fault = FAULTS[outcome.cell.fault]
     outcome.runs = _send(task)
-    keys = [run.key for run in outcome.runs]
-    supervise(
+    outcome.finished_at_fault, outcome.unsettled_at_fault = supervise(
         worker,
-        lambda: _count(side, "exec", keys) > _count(side, "finished", keys) >= INJECT_AFTER,
+        lambda: _ready_for_the_fault(backend, side, outcome.runs),
         BATCH_TIMEOUT,
-        f"{INJECT_AFTER} bodies to finish and more to run before the fault",
+        f"{INJECT_AFTER} bodies to finish, and another to start, before the fault",
     )
-    outcome.finished_at_fault = _count(side, "finished", keys)
-    outcome.running_at_fault = _count(side, "exec", keys) - outcome.finished_at_fault
     fault.inject(backend)
     time.sleep(FAULT_SECONDS)  # the rest of the batch runs into the fault
     fault.heal(backend)
@@ -233,14 +236,15 @@ def _through_the_fault(
 
 def supervise(
     worker: WorkerProcess, condition: Callable[[], Any], timeout: float, what: str
-) -> None:
-    """Wait for ``condition``, starting the worker again if it exits, as a supervisor would."""
+) -> Any:
+    """Wait for ``condition`` and return its value, starting the worker again if it exits, as
+    a supervisor would."""
 
-    def check() -> bool:
+    def check() -> Any:
         worker.restart_if_exited()
-        return bool(condition())
+        return condition()
 
-    wait_for(check, timeout, what, poll=0.1)
+    return wait_for(check, timeout, what, poll=0.1)
 
 
 def _send(task: Any) -> list[Run]:
@@ -250,6 +254,21 @@ def _send(task: Any) -> list[Run]:
         key = uuid.uuid4().hex
         runs.append(Run(key, task.delay(key, BODY_SECONDS).id))
     return runs
+
+
+def _ready_for_the_fault(backend: Backend, side: Any, runs: list[Run]) -> tuple[int, int] | None:
+    """``(finished, unsettled)`` once :data:`INJECT_AFTER` bodies finished and some run is
+    unsettled (its body started, its Celery result not stored yet); else ``None``."""
+    keys = [run.key for run in runs]
+    started = side.mget([f"exec:{key}" for key in keys])
+    finished = _count(side, "finished", keys)
+    with backend.admin() as admin:  # read after the counters: unsettled still, at this moment
+        unsettled = sum(
+            1
+            for run, count in zip(runs, started, strict=True)
+            if count is not None and _meta(admin, run.task_id)[0] not in FINAL
+        )
+    return (finished, unsettled) if finished >= INJECT_AFTER and unsettled else None
 
 
 def _count(side: Any, counter: str, keys: list[str]) -> int:
@@ -282,17 +301,45 @@ def _meta(client: Any, task_id: str) -> tuple[str | None, Any]:
     return meta.get("status"), meta.get("result")
 
 
+def _locate_messages(runs: list[Run], broker: Any, queue: str) -> None:
+    queued = b"".join(broker.lrange(queue, 0, -1))
+    unacknowledged = b"".join(broker.hvals("unacked"))
+    for run in runs:
+        needle = run.task_id.encode()
+        run.message = (
+            "queued" if needle in queued else "unacknowledged" if needle in unacknowledged else ""
+        )
+
+
 def _collect(outcome: CellOutcome, app: Any, backend: Backend, side: Any, log: str) -> None:
+    records = [record for record in _log_records(log) if REPORTED.match(record)]
     with backend.admin() as admin:
         for run in outcome.runs:
             run.celery_state, run.celery_result = _meta(admin, run.task_id)
             run.executions = int(side.get(f"exec:{run.key}") or 0)
             run.record, run.record_error = _load_record(app, run.task_id)
-            run.reported = [
-                line for line in log.splitlines() if run.task_id in line and REPORTED.search(line)
-            ]
+            run.reported = [record for record in records if run.task_id in record]
     errors = (line for line in log.splitlines() if re.search(r"\b(ERROR|CRITICAL)\b", line))
     outcome.worker_errors = list(dict.fromkeys(_without_ids(line, outcome.runs) for line in errors))
+
+
+def _gist(record: str, task_id: str) -> str:
+    """A log record's header, and the line naming ``task_id`` if that is another one."""
+    header, *rest = record.splitlines()
+    naming = next((line.strip() for line in rest if task_id in line), "")
+    return f"{header[:200]}{' ... ' + naming[:200] if naming else ''}"
+
+
+def _log_records(log: str) -> list[str]:
+    """The worker's log records: a line with a ``[time: LEVEL/process]`` header and the lines
+    after it (a traceback), joined, so that a run id anywhere in a traceback counts."""
+    records: list[str] = []
+    for line in log.splitlines():
+        if line.startswith("[") or not records:
+            records.append(line)
+        else:
+            records[-1] += "\n" + line
+    return records
 
 
 def _without_ids(line: str, runs: list[Run]) -> str:
