@@ -112,14 +112,17 @@ class CellOutcome:
             found["unproven"] = ["no run had started and not ended when the fault came"]
         for run in self.runs:
             record = f"{_history(run)}{run.record_error}"
-            said = f"{run.task_id} (Celery {run.celery_state}, record {record})"
+            said = (
+                f"{run.task_id} (Celery {run.celery_state}, record {record}, "
+                f"body executed {run.executions}x)"
+            )
             disagreement = self._disagreement(run) if run.celery_state in FINAL else ""
             if run.celery_state not in FINAL:
                 found["lost"].append(f"{said}: message {run.message or 'gone from the broker'}")
             elif disagreement:
                 found["disagreeing"].append(f"{said}: {disagreement}")
             if run.executions > 1:
-                found["twice"].append(f"{said}: body executed {run.executions} times")
+                found["twice"].append(said)
             if (run.celery_state != "SUCCESS" or disagreement) and not run.reported:
                 found["unreported"].append(f"{said}: no ERROR/WARNING line names it")
         return {kind: problems for kind, problems in found.items() if problems}
