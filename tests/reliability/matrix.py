@@ -3,17 +3,18 @@
 A cell starts two private Redis servers, a broker (which also holds the side counters, see
 :mod:`tests.reliability.matrix_app`) that no fault touches, and the result backend the fault
 hits (:mod:`tests.reliability.faults`), then a ``celery worker`` with the cell's pool. It
-sends :data:`RUNS` runs, injects the fault once :data:`INJECT_AFTER` bodies have finished,
-heals it :data:`FAULT_SECONDS` later, and waits (bounded) until every run has a final Celery
-result or nothing moves any more. Then, per run:
+sends :data:`RUNS` runs, injects the fault once :data:`INJECT_AFTER` bodies have finished and
+another run is unsettled (its body started, its Celery result not stored yet: the fault lands
+in its body or in its writes), heals it :data:`FAULT_SECONDS` later, and waits (bounded)
+until every run has a final Celery result or nothing moves any more. Then, per run:
 
 - **lost**: no final Celery result (nor does one come after healing);
 - **disagreeing**: Celery's result and the engine's run record tell different stories (no
   record, a record not final, Completed against FAILURE, another value than Celery's);
 - **executed twice**: its body started more than once (the side counter);
 - **unreported**: a run that failed, was lost or lost its record, whose id the worker never
-  logged in an ERROR, WARNING or CRITICAL line: a loss that cannot be prevented must at least
-  be reported.
+  logged in an ERROR, WARNING or CRITICAL record (traceback included): a loss that cannot be
+  prevented must at least be reported.
 
 A run that ended FAILURE with a record that says so, and a log line naming it, is a reported
 loss, not a problem: the fault may outlast what Celery's retry policy allows.
@@ -86,7 +87,7 @@ class Run:
     record: Any = None  #: the engine's TaskRun, or None
     record_error: str = ""
     executions: int = 0
-    reported: list[str] = field(default_factory=list)  #: worker log lines naming the run
+    reported: list[str] = field(default_factory=list)  #: worker log records naming the run
     #: Where its message was when the waiting ended: "queued", "unacknowledged" or "".
     message: str = ""
 
@@ -106,7 +107,7 @@ class CellOutcome:
 
     def problems(self) -> dict[str, list[str]]:
         """What is wrong, by kind: ``lost``, ``disagreeing``, ``twice``, ``unreported``, and
-        ``unproven`` if the fault came when no body was running (it proves nothing then)."""
+        ``unproven`` if the fault came when no run was unsettled (it proves nothing then)."""
         found: dict[str, list[str]] = {"lost": [], "disagreeing": [], "twice": [], "unreported": []}
         if self.unsettled_at_fault == 0:
             found["unproven"] = ["no run had started and not ended when the fault came"]
