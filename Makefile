@@ -1,12 +1,21 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   runs the quickstart
-#   make test   installs everything and runs lint, types and the test suite
+#   make test   installs everything and runs lint, types and the test suite, then the store
+#               tests again on the oldest redis-py pyproject.toml allows (a venv of their own)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The redis-py floor: the last 5.0.x, the oldest line pyproject's `redis>=5.0` admits (Celery
+# 5.5's redis extra caps redis at 5.2.1: `make test-redis-floor REDIS_FLOOR=5.2.1` tries that).
+REDIS_FLOOR ?= 5.0.8
+FLOOR_VENV := .venv-redis-floor
+FLOOR_STAMP := $(FLOOR_VENV)/.installed-redis-$(REDIS_FLOOR)
+# The store layer's tests: the Redis ones run over RESP2 and RESP3 (tests/conftest.py).
+STORE_TESTS := tests/test_redis_store.py tests/test_local_recording.py tests/test_early_read.py \
+	tests/test_memory_store.py tests/test_store_contract.py tests/test_layers.py
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-suite test-redis-floor fault-matrix lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,13 +31,33 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check celery_taskengine tests bench examples
 	$(VENV)/bin/mypy --strict celery_taskengine
 
-test: $(STAMP) lint
+$(FLOOR_STAMP): pyproject.toml
+	test -x $(FLOOR_VENV)/bin/python || $(PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(FLOOR_VENV)/bin/python -m pip install --quiet -e '.[test]' 'redis==$(REDIS_FLOOR)'
+	rm -f $(FLOOR_VENV)/.installed-redis-*
+	touch $@
+
+test: test-suite test-redis-floor
+
+test-suite: $(STAMP) lint
 	./scripts/ensure-services
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The store tests on redis-py $(REDIS_FLOOR), RESP2 and RESP3; the newest redis-py is .venv's.
+test-redis-floor: $(FLOOR_STAMP)
+	./scripts/ensure-services
+	$(FLOOR_VENV)/bin/python -c 'import redis; print("redis-py", redis.__version__)'
+	$(FLOOR_VENV)/bin/python -m pytest -q -p no:cacheprovider $(STORE_TESTS)
+
+# Every pool x task kind x Redis fault (tests/reliability/test_fault_matrix.py); CI runs a slice.
+fault-matrix: $(STAMP)
+	./scripts/ensure-services
+	FAULT_MATRIX=full $(PY) -m pytest -q tests/reliability/test_fault_matrix.py $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	./scripts/ensure-services
 	$(PY) bench/engine_overhead.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(FLOOR_VENV) .pytest_cache .mypy_cache .ruff_cache

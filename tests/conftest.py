@@ -34,6 +34,14 @@ from tests.flavours import Flavour
 REDIS_DATABASES = 256
 #: Seconds to wait for a fresh redis-server to answer PING.
 REDIS_START_TIMEOUT = 10.0
+#: The RESP version the result backend and test clients speak: 2, or 3 with
+#: ``CTE_TEST_REDIS_PROTOCOL=3`` (the broker always speaks 2: kombu refuses ``protocol``).
+REDIS_PROTOCOL = int(os.environ.get("CTE_TEST_REDIS_PROTOCOL", "2"))
+#: Test modules of the store layer, run over RESP2 and RESP3 whatever ``REDIS_PROTOCOL`` says
+#: (a module can ask for the same with ``pytestmark = pytest.mark.resp2_and_resp3``).
+BOTH_PROTOCOLS_MODULES = frozenset(
+    {"tests.test_redis_store", "tests.test_local_recording", "tests.test_early_read"}
+)
 
 _db_numbers = itertools.cycle(range(1, REDIS_DATABASES))
 
@@ -147,6 +155,30 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         _stop(proc)
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Run the store layer's Redis tests once per RESP version (ids ``resp2`` / ``resp3``)."""
+    both = metafunc.module.__name__ in BOTH_PROTOCOLS_MODULES or any(
+        mark.name == "resp2_and_resp3" for mark in metafunc.definition.iter_markers()
+    )
+    if both and "redis_protocol" in metafunc.fixturenames:
+        metafunc.parametrize("redis_protocol", [2, 3], ids=["resp2", "resp3"], indirect=True)
+
+
+@pytest.fixture
+def redis_protocol(request: pytest.FixtureRequest) -> int:
+    """The RESP version of the test's backend and clients: 2 or 3 (see ``REDIS_PROTOCOL``)."""
+    protocol: int = getattr(request, "param", REDIS_PROTOCOL)
+    if protocol not in (2, 3):
+        raise ValueError(f"CTE_TEST_REDIS_PROTOCOL must be 2 or 3, not {protocol!r}")
+    return protocol
+
+
+@pytest.fixture
+def redis_backend_url(redis_url: str, redis_protocol: int) -> str:
+    """``redis_url`` as a result backend URL: with ``?protocol=3`` when the test speaks RESP3."""
+    return f"{redis_url}?protocol=3" if redis_protocol == 3 else redis_url
+
+
 @pytest.fixture
 def redis_url(redis_server: str) -> str:
     """``redis://127.0.0.1:PORT/DB`` on a database of its own, flushed before the test."""
@@ -162,11 +194,12 @@ def redis_url(redis_server: str) -> str:
 
 
 @pytest.fixture
-def redis_client(redis_url: str) -> Iterator[Any]:
-    """A ``redis.Redis`` on the test's database (raw bytes, no decoding)."""
+def redis_client(redis_backend_url: str) -> Iterator[Any]:
+    """A ``redis.Redis`` on the test's database (raw bytes, no decoding), speaking the test's
+    RESP version."""
     import redis
 
-    client = redis.Redis.from_url(redis_url)
+    client = redis.Redis.from_url(redis_backend_url)
     try:
         yield client
     finally:
@@ -175,11 +208,12 @@ def redis_client(redis_url: str) -> Iterator[Any]:
 
 @pytest.fixture
 def redis_app_factory(
-    redis_url: str, request: pytest.FixtureRequest
+    redis_url: str, redis_backend_url: str, request: pytest.FixtureRequest
 ) -> Iterator[Callable[..., Any]]:
     """Make Celery apps on the test's database: ``make(**conf)`` -> a closed-after-test app.
 
-    Broker and result backend share the test's database; serializers are JSON. The apps are
+    Broker and result backend share the test's database (the backend speaks the test's RESP
+    version, see ``redis_protocol``); serializers are JSON. The apps are
     not set as the current app (``app.set_current()`` if a test needs that). Extra keyword
     arguments override configuration, e.g. ``make(taskengine_namespace="b")``.
     """
@@ -192,7 +226,7 @@ def redis_app_factory(
         app = Celery(f"cte-{test_name}-{uuid.uuid4().hex[:8]}", set_as_current=False)
         settings: dict[str, Any] = {
             "broker_url": redis_url,
-            "result_backend": redis_url,
+            "result_backend": redis_backend_url,
             "task_serializer": "json",
             "result_serializer": "json",
             "accept_content": ["json"],

@@ -62,7 +62,8 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str, poll: floa
 class RedisServer:
     """A private ``redis-server`` that can be stopped and started again on the same port."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, args: tuple[str, ...] = ()) -> None:
+        """``args``: more ``redis-server`` options, e.g. ``("--replicaof", host, port)``."""
         binary = shutil.which("redis-server")
         if binary is None:
             skip_or_fail("redis-server is not on PATH")
@@ -72,6 +73,7 @@ class RedisServer:
         self.log = workdir / "redis.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.restarts = 0
+        self.args = args
 
     @property
     def url(self) -> str:
@@ -87,6 +89,7 @@ class RedisServer:
             "--appendfsync", "always",
             "--daemonize", "no",
             "--dir", str(self.workdir),
+            *self.args,
         ]  # fmt: skip
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
@@ -136,7 +139,7 @@ _names = itertools.count(1)
 
 
 class WorkerProcess:
-    """One ``celery worker`` subprocess of ``tests.reliability.worker_app``."""
+    """One ``celery worker`` subprocess of ``app_module`` (``tests.reliability.worker_app``)."""
 
     def __init__(
         self,
@@ -148,8 +151,10 @@ class WorkerProcess:
         env: dict[str, str] | None = None,
         loglevel: str = "info",
         queues: str | None = None,
+        app_module: str = "tests.reliability.worker_app",
     ) -> None:
         self.app = app
+        self.app_module = app_module
         self.pool = pool
         self.concurrency = concurrency
         self.extra_env = env or {}
@@ -180,7 +185,7 @@ class WorkerProcess:
             **self.extra_env,
         }
         command = [
-            sys.executable, "-m", "celery", "-A", "tests.reliability.worker_app", "worker",
+            sys.executable, "-m", "celery", "-A", self.app_module, "worker",
             f"--pool={self.pool}", "-c", str(self.concurrency), "-l", self.loglevel,
             "-Q", self.queues, "-n", self.name,
             "--without-gossip", "--without-mingle", "--without-heartbeat",
