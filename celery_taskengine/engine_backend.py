@@ -1,12 +1,12 @@
-"""The result backend as engine tasks see it: Celery's, minus one redundant read.
+"""The result backend as engine tasks see it: Celery's, with the outcome fenced by the claim.
 
 Before storing a task's outcome, Celery's key-value backends read the task's stored state, so
-that a duplicate delivery finishing late cannot overwrite a SUCCESS. For an engine task's first
-delivery the engine already rules that out: a message handed out twice is claimed (see
-:mod:`~celery_taskengine._store.claims`), and a delivery that finds its run finished never
-executes it again. So such a delivery marks its request :data:`FRESH` and its outcome is
-written without the read: one Redis round trip less per task, about a third of a worker
-process's backend traffic. Every other store (retries, redeliveries, plain tasks) is Celery's.
+that a duplicate delivery finishing late cannot overwrite a SUCCESS. An engine task's delivery
+holds a claim on its message instead (see :mod:`~celery_taskengine._store.claims`): its outcome
+is stored by one script that writes only while the claim is the delivery's (or settled by it),
+and publishes it as Celery does. That is both safer (a delivery that lost its claim stores no
+SUCCESS, nor a FAILURE, over the holder's) and one Redis round trip less per task. Every
+other store (plain tasks, deliveries without a claim) is Celery's.
 
 Engine tasks get the app's backend object itself under a subclass (the two share one
 ``__dict__``: same client, same connections, same result consumer), so nothing else changes.
@@ -17,17 +17,21 @@ from __future__ import annotations
 import weakref
 from typing import Any
 
+from celery import states
 from celery.backends.base import BaseKeyValueStoreBackend
 from celery.exceptions import BackendStoreError
 
-__all__ = ["FRESH", "for_engine_tasks"]
+from celery_taskengine._store.claims import Claim, store_result_fenced
 
-#: The request attribute a worker sets on a first delivery whose claim it holds.
-FRESH = "taskengine_fresh_delivery"
+__all__ = ["CLAIM", "for_engine_tasks"]
+
+#: The request attribute holding the :class:`Claim` of the delivery Celery is running.
+CLAIM = "taskengine_claim"
+_MAX = float("inf")
 
 
 class _FreshDeliveryStore:
-    """Mixed into a key-value backend's class: skips the read before a fresh delivery's store."""
+    """Mixed into a key-value backend's class: stores a claimed delivery's outcome fenced."""
 
     def _store_result(
         self,
@@ -38,20 +42,33 @@ class _FreshDeliveryStore:
         request: Any = None,
         **kwargs: Any,
     ) -> Any:
-        if not getattr(request, FRESH, False):
+        claim: Claim | None = getattr(request, CLAIM, None)
+        backend: Any = self
+        if claim is None or not claim.fences_results_of(backend):
             return super()._store_result(  # type: ignore[misc]
                 task_id, result, state, traceback, request=request, **kwargs
             )
-        backend: Any = self
         meta = backend._get_result_meta(
             result=result, state=state, traceback=traceback, request=request
         )
         meta["task_id"] = task_id.decode() if isinstance(task_id, bytes) else task_id
-        try:
-            backend._set_with_state(backend.get_key_for_task(task_id), backend.encode(meta), state)
-        except BackendStoreError as exc:
-            raise BackendStoreError(str(exc), state=state, task_id=task_id) from exc
+        encoded = backend.encode(meta)
+        if isinstance(encoded, str) and len(encoded) > getattr(
+            backend, "_MAX_STR_VALUE_SIZE", _MAX
+        ):
+            message = "value too large for Redis backend"
+            raise BackendStoreError(message, state=state, task_id=task_id)
+        key = backend.get_key_for_task(task_id)
+        store_result_fenced(backend, claim, key, encoded, _expires_ms(backend, state))
         return result
+
+
+def _expires_ms(backend: Any, state: str) -> int | None:
+    """How long Celery keeps a result in ``state`` (failures may have their own), in ms."""
+    expires = backend.expires
+    if state == states.FAILURE:
+        expires = getattr(backend, "failure_expires", expires)
+    return int(float(expires) * 1000) if expires else None
 
 
 _classes: dict[type, type] = {}

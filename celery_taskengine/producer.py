@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,7 @@ from kombu.exceptions import EncodeError
 from kombu.serialization import prepare_accept_content, registry
 
 from celery_taskengine import cache_policies as cp
+from celery_taskengine._store.claims import SENT_AT_HEADER
 from celery_taskengine._store.memory import MemoryStore
 from celery_taskengine._store.protocol import ResultStore
 from celery_taskengine._store.selection import store_for_app
@@ -83,6 +85,8 @@ def apply_async(
         hit = _answer_from_cache(task, args, kwargs, str(options["task_id"]))
         if hit is not None:
             return hit
+    # When it was sent: a worker claims an old message with a round trip (see worker_run).
+    options["headers"] = {**(options.get("headers") or {}), SENT_AT_HEADER: time.time()}
     try:
         return publish(args, kwargs, **options)
     except EncodeError as exc:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import weakref
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
@@ -24,19 +25,15 @@ from celery import states as celery_states
 from celery.app.task import get_actual_ignore_result
 from celery.exceptions import Ignore, Retry
 
-from celery_taskengine._store.claims import (
-    CLAIM_TTL_SECONDS,
-    Claim,
-    ClaimRenewer,
-    claim_or_wait,
-)
+from celery_taskengine._store.claims import CLAIM_TTL_SECONDS, SENT_AT_HEADER, Claim
 from celery_taskengine._store.memory import MemoryStore
 from celery_taskengine._store.protocol import ResultStore
 from celery_taskengine._store.redis_store import RedisStore
+from celery_taskengine._store.renewer import renewer
 from celery_taskengine._store.selection import store_for_app
 from celery_taskengine._store.task_meta import state_info, write_task_meta
 from celery_taskengine.cancellation import revocation_check
-from celery_taskengine.engine_backend import FRESH
+from celery_taskengine.engine_backend import CLAIM
 from celery_taskengine.events import send_state_event, task_events_enabled
 from celery_taskengine.parameters import bind_parameters
 from celery_taskengine.run_core import RunEnvironment
@@ -60,18 +57,6 @@ __all__ = ["after_celery_retry", "run_delivery"]
 
 logger = logging.getLogger(__name__)
 
-#: One claim renewer per store (see delivery_claims).
-_renewers: weakref.WeakKeyDictionary[RedisStore, ClaimRenewer] = weakref.WeakKeyDictionary()
-
-
-def _renewer_for(store: RedisStore, app: Any) -> ClaimRenewer:
-    renewer = _renewers.get(store)
-    if renewer is None:
-        ttl = float(app.conf.get("taskengine_claim_ttl") or CLAIM_TTL_SECONDS)
-        renewer = _renewers.setdefault(store, ClaimRenewer(store, ttl))
-    return renewer
-
-
 #: AwaitingRetry meta to show once Celery has stored its own RETRY state (see on_retry).
 _awaiting_info: dict[str, dict[str, Any]] = {}
 
@@ -81,17 +66,19 @@ def run_delivery(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> A
     store = store_for_app(task.app)
     request = task.request
     parameters = bind_parameters(task.run, args, kwargs)
-    claim, claimed = None, False
+    claim = None
     if isinstance(store, RedisStore):
-        claim, claimed = _claim_message(task, request, store)
+        claim = _claim_message(task, request, store)
         if claim is None:
             return _settle_handled_message(task, request, store)
-    delivery = _delivery(task, request, store, claim, claimed)
+    delivery = _delivery(task, request, store, claim)
     try:
         run, items = _run(task, delivery, store, parameters)
     finally:
-        if claim is not None and isinstance(store, RedisStore):
-            _renewers[store].release(claim)
+        if claim is not None:
+            renewer().release(claim)
+    if claim is not None and claim.lost:
+        raise Ignore()  # the delivery holding the claim gives Celery the outcome (logged)
     return _outcome(task, delivery, run, items)
 
 
@@ -126,22 +113,70 @@ def after_celery_retry(task: Task, task_id: str) -> None:
         logger.warning("%s: could not store the AWAITING_RETRY state", task_id, exc_info=True)
 
 
-def _claim_message(task: Task, request: Any, store: RedisStore) -> tuple[Claim | None, bool]:
-    """This delivery's claim on its message (see delivery_claims), held by the store's renewer
-    until the delivery ends, and whether it is taken yet; no claim when another delivery
-    handled the message."""
-    renewer = _renewer_for(store, task.app)
-    retries = int(request.retries or 0)
-    claim = Claim.new(store.key_for("claim", f"{request.id}:{retries}"), renewer.ttl)
-    claimed = False
-    if retries or _redelivered(request) or request.eta:  # may be a duplicate: claim first
-        if not claim_or_wait(store.client, claim, poll=renewer.ttl / 10):
-            return None, False
-        claimed = True
-    else:  # a first delivery: no other can have stored an outcome (see engine_backend)
-        setattr(request, FRESH, True)
-    renewer.hold(claim)
-    return claim, claimed
+def _claim_message(task: Task, request: Any, store: RedisStore) -> Claim | None:
+    """This delivery's claim on its message (see claims), held by the process's renewer until
+    the delivery ends; ``None`` when another delivery handled the message.
+
+    A message that may have been handed out before claims with a round trip, waiting for a
+    live holder; a young message's first delivery takes its claim with its Running record.
+    """
+    ttl = float(task.app.conf.get("taskengine_claim_ttl") or CLAIM_TTL_SECONDS)
+    claim = store.new_claim(str(request.id), int(request.retries or 0), ttl)
+    if _may_be_duplicate(task.app, request):
+        if not store.take_claim(claim, poll=ttl / 10):
+            return None
+    else:  # no other delivery can exist (see _may_be_duplicate): no need to wait for an answer
+        claim.assumed_at = time.monotonic()
+    setattr(request, CLAIM, claim)  # Celery's stored result is fenced too (engine_backend)
+    renewer().hold(claim)
+    return claim
+
+
+def _may_be_duplicate(app: Any, request: Any) -> bool:
+    """Whether the broker may have handed this message out before: it is a retry, redelivered,
+    has a countdown (held unacknowledged on a worker's timer), or is old.
+
+    Redis gives an unacknowledged message out again once the visibility timeout has passed
+    since a worker took it, even from a worker's prefetch buffer (Celery acknowledges it only
+    when it starts). A message sent less than half that long ago cannot have been, even with
+    the producer's and the worker's clocks apart by up to that much; one with no send time
+    (published by ``send_task``) may have been.
+    """
+    if request.retries or _redelivered(request) or request.eta:
+        return True
+    limit = _duplicate_age(app)
+    if limit is None or request.is_eager:
+        return False
+    sent_at = getattr(request, SENT_AT_HEADER, None)
+    if not isinstance(sent_at, int | float):
+        return True
+    return time.time() - sent_at >= limit
+
+
+def _duplicate_age(app: Any) -> float | None:
+    """Seconds after which the app's broker may hand a message out twice (a fraction of its
+    visibility timeout); ``None`` for brokers that never do (acknowledgements are real)."""
+    limit = _duplicate_ages.get(app, False)
+    if limit is False:
+        url = app.conf.broker_url or ""
+        scheme = (url[0] if isinstance(url, list | tuple) else str(url)).split("://", 1)[0]
+        if scheme.split(";", 1)[0].lower() in _VISIBILITY_SCHEMES:
+            options = app.conf.broker_transport_options or {}
+            timeout = float(options.get("visibility_timeout") or _REDIS_VISIBILITY_TIMEOUT)
+            limit = timeout * _DUPLICATE_AGE_FRACTION
+        else:
+            limit = None
+        _duplicate_ages[app] = limit
+    return limit
+
+
+#: Brokers that restore unacknowledged messages after a visibility timeout (kombu's Redis).
+_VISIBILITY_SCHEMES = frozenset({"redis", "rediss", "sentinel", "redis+socket", "socket"})
+#: kombu's default ``visibility_timeout`` for Redis, in seconds.
+_REDIS_VISIBILITY_TIMEOUT = 3600.0
+#: The fraction of it after which a message claims with a round trip.
+_DUPLICATE_AGE_FRACTION = 0.5
+_duplicate_ages: weakref.WeakKeyDictionary[Any, float | None] = weakref.WeakKeyDictionary()
 
 
 def _settle_handled_message(task: Task, request: Any, store: RedisStore) -> Any:
@@ -157,7 +192,7 @@ def _settle_handled_message(task: Task, request: Any, store: RedisStore) -> Any:
     if run is None or run.state is None or not (run.state.is_final() or run.state.is_scheduled()):
         raise Ignore()
     logger.info("%s: giving Celery the outcome another delivery recorded", request.id)
-    delivery = _delivery(task, request, store, None, False)
+    delivery = _delivery(task, request, store, None)
     return _outcome(task, delivery, run, [])
 
 
@@ -165,9 +200,7 @@ def _redelivered(request: Any) -> bool:
     return bool((request.delivery_info or {}).get("redelivered"))
 
 
-def _delivery(
-    task: Task, request: Any, store: ResultStore, claim: Claim | None, claimed: bool
-) -> Delivery:
+def _delivery(task: Task, request: Any, store: ResultStore, claim: Claim | None) -> Delivery:
     return Delivery(
         task_id=str(request.id),
         workflow_id=_workflow_id(request),
@@ -177,7 +210,6 @@ def _delivery(
         send_events=bool(task.send_events) and task_events_enabled(task.app),
         piggyback=_may_piggyback(task, request, store),
         claim=claim,
-        claimed=claimed,
     )
 
 
@@ -257,7 +289,8 @@ def _environment(
     }
     if isinstance(store, RedisStore):
         recorder = DeliveryRecorder(task.app, store, delivery, on_attempt=on_attempt)
-        return RunEnvironment(store=store, record=recorder, **common)
+        fenced = store.fenced_by(delivery.claim)  # cache commits only while the claim holds
+        return RunEnvironment(store=fenced, record=recorder, **common)
     # No Redis backend: the run lives in this worker's memory, as a local run's would.
     return RunEnvironment(
         store=store,
