@@ -71,8 +71,8 @@ def run_delivery(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> A
         claim = _claim_message(task, request, store)
         if claim is None:
             return _settle_handled_message(task, request, store)
-    delivery = _delivery(task, request, store, claim)
     try:
+        delivery = _delivery(task, request, store, claim)
         run, items = _run(task, delivery, store, parameters)
     finally:
         if claim is not None:

@@ -14,13 +14,15 @@ import time
 from typing import Any
 
 import pytest
-from celery import Celery
+from celery import Celery, current_task
 from celery.app.task import Context
 
+from celery_taskengine import task
 from celery_taskengine._store.claims import SENT_AT_HEADER, Claim, claim_or_wait
 from celery_taskengine._store.redis_store import RedisStore
 from celery_taskengine._store.renewer import renewer
 from celery_taskengine.worker_run import _may_be_duplicate
+from tests.workers import embedded_worker
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -231,3 +233,17 @@ def test_an_old_message_claims_with_a_round_trip_even_on_its_first_delivery(
     request = Context(id="t", retries=0, delivery_info={}, eta=None, is_eager=False, **headers)
 
     assert _may_be_duplicate(app, request) is may_be_duplicate
+
+
+def test_a_message_carries_the_time_it_was_sent_to_the_worker(redis_app: Celery) -> None:
+    @task(app=redis_app, name="claims.sent_at")
+    def sent_at() -> Any:
+        request = current_task.request
+        return [getattr(request, SENT_AT_HEADER, None), _may_be_duplicate(redis_app, request)]
+
+    before = time.time()
+    with embedded_worker(redis_app):
+        stamp, may_be_duplicate = sent_at.delay().get(timeout=10)
+
+    assert before <= stamp <= time.time()
+    assert may_be_duplicate is False  # so it took its claim with its Running record

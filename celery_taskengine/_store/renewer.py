@@ -63,7 +63,8 @@ class Renewer:
                 self._started = True
                 thread = threading.Thread(target=self._run, name="taskengine-leases", daemon=True)
                 thread.start()
-            self._wake.notify()
+            if self._due[0][2] is lease:  # due before any other: the thread must wake earlier
+                self._wake.notify()
 
     def release(self, lease: Lease) -> None:
         """Stop renewing ``lease`` (it stays in the store until its holder frees it or it
