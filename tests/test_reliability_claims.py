@@ -150,5 +150,7 @@ def test_a_paused_holder_whose_claim_lapsed_does_not_write_over_the_new_holder(
     run = load_run(app, result.id)
     assert not history_problems(run, result.id)
     assert run.run_count == 2, f"the stale holder's record won: {run.history_names()}"
+    done = side(app).get(f"cte:default:claim:{result.id}:0")
+    assert done.startswith(b"done:") and done.endswith(f"-{value['pid']}".encode()), done
     lost = [line for line in worker.log_text().splitlines() if "lost its claim" in line]
     assert any(result.id in line for line in lost), worker.tail()
