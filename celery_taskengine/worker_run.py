@@ -159,8 +159,9 @@ def _duplicate_age(app: Any) -> float | None:
     limit = _duplicate_ages.get(app, False)
     if limit is False:
         url = app.conf.broker_url or ""
-        scheme = (url[0] if isinstance(url, list | tuple) else str(url)).split("://", 1)[0]
-        if scheme.split(";", 1)[0].lower() in _VISIBILITY_SCHEMES:
+        first = (url[0] if isinstance(url, list | tuple) else str(url)).split(";", 1)[0]
+        transport = first.split("://", 1)[0].split("+", 1)[0].lower()  # redis+socket: redis
+        if transport in _VISIBILITY_TRANSPORTS:
             options = app.conf.broker_transport_options or {}
             timeout = float(options.get("visibility_timeout") or _REDIS_VISIBILITY_TIMEOUT)
             limit = timeout * _DUPLICATE_AGE_FRACTION
@@ -171,7 +172,7 @@ def _duplicate_age(app: Any) -> float | None:
 
 
 #: Brokers that restore unacknowledged messages after a visibility timeout (kombu's Redis).
-_VISIBILITY_SCHEMES = frozenset({"redis", "rediss", "sentinel", "redis+socket", "socket"})
+_VISIBILITY_TRANSPORTS = frozenset({"redis", "rediss", "sentinel"})
 #: kombu's default ``visibility_timeout`` for Redis, in seconds.
 _REDIS_VISIBILITY_TIMEOUT = 3600.0
 #: The fraction of it after which a message claims with a round trip.

@@ -221,6 +221,7 @@ def test_a_record_write_under_a_settled_claim_is_refused(redis_client: Any) -> N
         ("redis://localhost/0", 0.0, False),
         ("redis://localhost/0", 50.0, True),  # past half the visibility timeout
         ("redis://localhost/0", None, True),  # no send time: sent by send_task
+        ("redis+socket:///tmp/redis.sock", 50.0, True),
         ("amqp://localhost//", 5000.0, False),  # acknowledgements are real
     ],
 )
