@@ -162,8 +162,9 @@ class Claim:
         return max(1, int(self.ttl * 1000))
 
     def is_sure(self) -> bool:
-        """Whether the claim is surely still ours: proven (or assumed) recently enough that
-        it cannot have lapsed. Otherwise a write must ask Redis and read the answer."""
+        """Whether the claim is surely still ours: proven recently enough that it cannot have
+        lapsed since (or, on the cheap path, taken so recently that no other delivery can
+        exist yet). Otherwise a write must ask Redis first (:meth:`confirm`)."""
         since = self.proven_at if self.proven_at is not None else self.assumed_at
         return not self.lost and since is not None and time.monotonic() - since < self.ttl * 2 / 3
 
@@ -241,7 +242,7 @@ def claim_or_wait(client: redis.Redis, claim: Claim, poll: float) -> bool:
         pipe.get(claim.key)
         pipe.pttl(claim.key)
         holder, pttl = pipe.execute()
-        if holder is None:
+        if holder is None or pttl == -2:
             continue  # lapsed in between: take it now
         if is_done(holder):
             return False
@@ -274,7 +275,6 @@ class ClaimStore:
     """The claim operations of :class:`~celery_taskengine._store.redis_store.RedisStore`."""
 
     client: redis.Redis
-    url: str
     _prefix: str
     #: The claim a view made by :meth:`fenced_by` writes cache records under.
     _fence: Claim | None = None
