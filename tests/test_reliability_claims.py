@@ -93,18 +93,25 @@ def test_a_message_completed_elsewhere_while_it_waited_in_a_prefetch_buffer_does
     assert run.run_count == 1
 
 
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
 def test_a_paused_holder_whose_claim_lapsed_does_not_write_over_the_new_holder(
-    rel: tuple[Any, Any], tmp_path: Path
+    pool: str, rel: tuple[Any, Any], tmp_path: Path
 ) -> None:
     app, tasks = rel
     key, gate = uuid.uuid4().hex, f"gate:{uuid.uuid4().hex}"
-    worker = WorkerProcess(app, tmp_path, concurrency=2)
+    # prefork: one worker, the holder's pool process is paused; threads: the holder's whole
+    # worker is paused, and a second worker takes the copy.
+    holder = WorkerProcess(app, tmp_path, pool=pool, concurrency=2 if pool == "prefork" else 1)
+    other = WorkerProcess(app, tmp_path, pool=pool, concurrency=1)
     paused: list[int] = []
-    with workers(worker):
+    with workers(holder), contextlib.ExitStack() as stack:
         try:
             # Given: an attempt still running when Redis gives its message out again; the copy
             # waits for the holder.
             result = tasks.fenced.delay(key, gate)
+            wait_for(lambda: counter(app, f"exec:{key}") == 1, 30, "the body to start")
+            if pool != "prefork":
+                stack.enter_context(workers(other))
             wait_for(
                 lambda: any(row[2] for row in deliveries(app).started(result.id)),
                 REDELIVERY_TIMEOUT,
@@ -124,8 +131,8 @@ def test_a_paused_holder_whose_claim_lapsed_does_not_write_over_the_new_holder(
                 REDELIVERY_TIMEOUT,
                 "the new holder's delivery to end",
             )
-            # And: the paused attempt resumes and finishes its body.
         finally:
+            # And: the paused attempt resumes and finishes its body.
             for pid in paused:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGCONT)
@@ -143,7 +150,7 @@ def test_a_paused_holder_whose_claim_lapsed_does_not_write_over_the_new_holder(
         )
 
     # Then: exactly one outcome is written, the new holder's: Celery's result, the cached
-    # value and the run record; the stale holder said it lost its claim.
+    # value, the run record and the done marker; the stale holder said it lost its claim.
     assert counter(app, f"exec:{key}") == 2
     assert AsyncResult(result.id, app=app).get(timeout=5) == value
     assert tasks.fenced.delay(key, "unused-gate").get(timeout=10) == value  # from the cache
@@ -152,5 +159,5 @@ def test_a_paused_holder_whose_claim_lapsed_does_not_write_over_the_new_holder(
     assert run.run_count == 2, f"the stale holder's record won: {run.history_names()}"
     done = side(app).get(f"cte:default:claim:{result.id}:0")
     assert done.startswith(b"done:") and done.endswith(f"-{value['pid']}".encode()), done
-    lost = [line for line in worker.log_text().splitlines() if "lost its claim" in line]
-    assert any(result.id in line for line in lost), worker.tail()
+    lost = [line for line in holder.log_text().splitlines() if "lost its claim" in line]
+    assert any(result.id in line for line in lost), holder.tail()
