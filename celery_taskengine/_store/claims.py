@@ -34,6 +34,8 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -276,6 +278,7 @@ class ClaimStore:
 
     client: redis.Redis
     _prefix: str
+    _available: Callable[[], AbstractContextManager[None]]
     #: The claim a view made by :meth:`fenced_by` writes cache records under.
     _fence: Claim | None = None
     _claim_renew: Any = None
@@ -289,7 +292,8 @@ class ClaimStore:
     def take_claim(self, claim: Claim, *, poll: float) -> bool:
         """Take ``claim`` with a round trip, waiting while a live holder has it (see
         :func:`claim_or_wait`); ``False``: another delivery settled the message."""
-        return claim_or_wait(self.client, claim, poll)
+        with self._available():
+            return claim_or_wait(self.client, claim, poll)
 
     def renew_claim(self, claim: Claim) -> bool:
         """Extend ``claim`` (or take it again if it lapsed and is free); ``False`` if another
@@ -300,13 +304,16 @@ class ClaimStore:
 
             renew = self._claim_renew = side_client(self.client).register_script(RENEW_LUA)
         args = [claim.token, claim.ttl_ms, claim.done_value]
-        return bool(renew(keys=[claim.key], args=args))
+        with self._available():
+            return bool(renew(keys=[claim.key], args=args))
 
     def write_fenced(self, claim: Claim, command: tuple[Any, ...]) -> bool:
         """Run a fenced write built by ``claim`` (one round trip) and learn from its answer
         whether the claim is still ours; ``False`` (and the claim lost) if not."""
         sent_at = time.monotonic()
-        if self.client.execute_command(*command):  # type: ignore[no-untyped-call]
+        with self._available():
+            answer = self.client.execute_command(*command)  # type: ignore[no-untyped-call]
+        if answer:
             claim.proven(sent_at)
             return True
         claim.lose("its write was refused")
