@@ -17,14 +17,21 @@ an attempt that lost its claim (paused past its lifetime, taken over) writes not
 new holder's outcome, whenever it resumes. Each such write is one script call, not a read
 followed by a write.
 
+A delivery learns it lost its claim from any answer: a renewal, the cache commit, Celery's
+result; and before it writes its outcome it asks, unless an answer proved the claim its own
+recently enough that it cannot have lapsed since. It then writes nothing more, and the bridge
+ends the delivery with ``Ignore``, leaving the outcome to the holder.
+
 A delivery that cannot claim waits, at most until the holder's claim would lapse unless its
 holder renews it; then it has nothing to do (the holder finished: ``done``) or takes over a
 crashed holder's run. The cheap path, a young message's first delivery, takes its claim in the
 script that writes the run's Running record, without waiting for an answer: no other delivery
 of a message can exist before the broker's visibility timeout has passed since it was sent
-(see ``worker_run``), and should one exist anyway, the fenced writes refuse to write and the
-delivery learns it at its next fenced write that answers (cache commit, renewal, Celery's
-result).
+(see ``worker_run``), and should one exist anyway (a task id sent twice), the fenced writes
+refuse to write.
+
+Only the Redis store has claims: the memory store serves one process, where the broker cannot
+hand a message to anyone else.
 """
 
 from __future__ import annotations
