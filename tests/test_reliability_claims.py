@@ -87,6 +87,7 @@ def test_a_message_completed_elsewhere_while_it_waited_in_a_prefetch_buffer_does
     log = deliveries(app)
     assert counter(app, f"exec:{key}") == 1, f"body ran again; deliveries {log.started(result.id)}"
     assert AsyncResult(result.id, app=app).get(timeout=5) == first_value
+    assert sorted(row[1] for row in log.ended(result.id)) == ["IGNORED", "SUCCESS"]
     run = load_run(app, result.id)
     assert not history_problems(run, result.id)
     assert run.history_names() == ["Pending", "Running", "Completed"]

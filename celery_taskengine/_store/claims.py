@@ -30,8 +30,8 @@ of a message can exist before the broker's visibility timeout has passed since i
 (see ``worker_run``), and should one exist anyway (a task id sent twice), the fenced writes
 refuse to write.
 
-Only the Redis store has claims: the memory store serves one process, where the broker cannot
-hand a message to anyone else.
+Only the Redis store has claims: a memory store's runs live in one process's memory, with
+nothing shared to fence.
 """
 
 from __future__ import annotations
