@@ -6,11 +6,13 @@
 - When the task's cache key follows from its arguments alone (its policy has no RUN_ID part,
   which would be the new task's own id) and a committed record exists, the call is answered
   from the cache: the run is recorded as Pending, Cached (the backend shows SUCCESS), and a
-  :class:`CachedResult` is returned, ready at once. No message is published.
-
-Not for Celery's own retries (``options["retries"]``) nor for messages carrying canvas links
-(``link``, ``chain``, ``chord``, group membership): those must reach a worker. Hooks other
-than ``on_completion`` do not run for a cache hit answered here (there is no Running).
+  :class:`CachedResult` is returned, ready at once. No message is published. Not for Celery's
+  own retries (``options["retries"]``) nor for messages carrying canvas links (``link``,
+  ``chain``, ``chord``, group membership): those must reach a worker. Hooks other than
+  ``on_completion`` do not run for a cache hit answered here (there is no Running).
+- Every message it publishes carries the time it was sent (a header): a worker claims a message
+  older than part of the broker's visibility timeout with a round trip (see
+  :mod:`~celery_taskengine._store.claims`).
 """
 
 from __future__ import annotations

@@ -146,7 +146,7 @@ class Claim:
     another delivery holds it; from then on the attempt writes nothing.
     """
 
-    store: RedisStore
+    store: RedisStore = field(repr=False)
     key: str
     run_id: str
     ttl: float
