@@ -88,6 +88,13 @@ class Delivery:
     #: it; a first delivery takes it with its Running record.
     claim: Claim | None = None
 
+    @property
+    def may_continue(self) -> bool:
+        """Whether a record of the run may exist already: a retry, a redelivery, or a message
+        another delivery may have run first (one claimed with a round trip)."""
+        claim = self.claim
+        return bool(self.retries or self.redelivered or (claim and claim.assumed_at is None))
+
 
 class DeliveryRecorder:
     """The ``record`` callback of a worker run on a Redis store (see the module docstring)."""
@@ -109,7 +116,7 @@ class DeliveryRecorder:
         self._run_px = px(store.run_expires)
         self._document: RunDocument | None = None
         #: No backend meta can exist before a message's first delivery starts.
-        self._meta_is_new = not (delivery.retries or delivery.redelivered)
+        self._meta_is_new = not delivery.may_continue
         #: The final state's writes, sent by flush() (see the module docstring).
         self._final: list[tuple[Any, ...]] | None = None
 

@@ -88,7 +88,7 @@ def _run(
     """The delivery's run (continued, if it has a record) after the engine ran it, and the
     items it yielded."""
     run = None
-    if delivery.retries or delivery.redelivered:  # else no record can exist yet
+    if delivery.may_continue:  # else no record can exist yet
         run = store.load_run(delivery.task_id)
     if run is None:
         run = new_task_run(task, parameters, delivery.task_id)

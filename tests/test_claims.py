@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from typing import Any
 
 import pytest
@@ -21,6 +22,8 @@ from celery_taskengine import task
 from celery_taskengine._store.claims import SENT_AT_HEADER, Claim, claim_or_wait
 from celery_taskengine._store.redis_store import RedisStore
 from celery_taskengine._store.renewer import renewer
+from celery_taskengine.states import Pending, Running
+from celery_taskengine.task_engine import new_task_run
 from celery_taskengine.worker_run import _may_be_duplicate
 from tests.workers import embedded_worker
 
@@ -248,3 +251,30 @@ def test_a_message_carries_the_time_it_was_sent_to_the_worker(redis_app: Celery)
 
     assert before <= stamp <= time.time()
     assert may_be_duplicate is False  # so it took its claim with its Running record
+
+
+def test_a_first_delivery_claimed_with_a_round_trip_continues_a_run_a_dead_copy_left(
+    redis_app: Celery, redis_client: Any
+) -> None:
+    counter = f"continued:{uuid.uuid4().hex}"
+
+    @task(app=redis_app, name="claims.continued")
+    def continued() -> int:
+        return int(redis_client.incr(counter))
+
+    # Given: a copy of the message ran first and died mid-run (its claim lapsed), leaving its
+    # run Running.
+    task_id = str(uuid.uuid4())
+    run = new_task_run(continued, {}, task_id)
+    for state in (Pending(), Running()):
+        run.state = state
+        run.state_history.append(state)
+    RedisStore.for_app(redis_app).save_run(run)
+    # When: the message comes with no send time (send_task), so it may be such a duplicate.
+    with embedded_worker(redis_app):
+        assert redis_app.send_task("claims.continued", task_id=task_id).get(timeout=10) == 1
+
+    # Then: its delivery continued that run rather than starting another over it.
+    history = RedisStore.for_app(redis_app).load_run(task_id).history_names()
+    assert history[:2] == ["Pending", "Running"] and history[-1] == "Completed"
+    assert "Crashed" in history, history
