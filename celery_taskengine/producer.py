@@ -12,14 +12,13 @@
   ``on_completion`` do not run for a cache hit answered here (there is no Running).
 - Every message it publishes carries the time it was sent (a header): a worker claims a message
   older than part of the broker's visibility timeout with a round trip (see
-  :mod:`~celery_taskengine._store.claims`).
+  :mod:`~celery_taskengine.message_age`).
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
-import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -31,7 +30,7 @@ from kombu.exceptions import EncodeError
 from kombu.serialization import prepare_accept_content, registry
 
 from celery_taskengine import cache_policies as cp
-from celery_taskengine._store.claims import SENT_AT_HEADER
+from celery_taskengine import message_age
 from celery_taskengine._store.memory import MemoryStore
 from celery_taskengine._store.protocol import ResultStore
 from celery_taskengine._store.selection import store_for_app
@@ -87,8 +86,7 @@ def apply_async(
         hit = _answer_from_cache(task, args, kwargs, str(options["task_id"]))
         if hit is not None:
             return hit
-    # When it was sent: a worker claims an old message with a round trip (see worker_run).
-    options["headers"] = {**(options.get("headers") or {}), SENT_AT_HEADER: time.time()}
+    message_age.stamp(options)  # a worker claims an old message with a round trip
     try:
         return publish(args, kwargs, **options)
     except EncodeError as exc:

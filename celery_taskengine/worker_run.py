@@ -18,14 +18,14 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from celery import states as celery_states
 from celery.app.task import get_actual_ignore_result
 from celery.exceptions import Ignore, Retry
 
-from celery_taskengine._store.claims import CLAIM_TTL_SECONDS, SENT_AT_HEADER, Claim
+from celery_taskengine._store.claims import CLAIM_TTL_SECONDS, Claim
 from celery_taskengine._store.memory import MemoryStore
 from celery_taskengine._store.protocol import ResultStore
 from celery_taskengine._store.redis_store import RedisStore
@@ -35,6 +35,7 @@ from celery_taskengine._store.task_meta import state_info, write_task_meta
 from celery_taskengine.cancellation import revocation_check
 from celery_taskengine.engine_backend import CLAIM
 from celery_taskengine.events import send_state_event, task_events_enabled
+from celery_taskengine.message_age import may_be_duplicate
 from celery_taskengine.parameters import bind_parameters
 from celery_taskengine.run_core import RunEnvironment
 from celery_taskengine.states import State, utcnow
@@ -98,7 +99,8 @@ def _run(
     try:
         return run, _execute(task, delivery, store, run, channel)
     finally:
-        if channel is not None and run.state is not None and run.state.is_final():
+        lost = delivery.claim is not None and delivery.claim.lost
+        if channel is not None and run.state is not None and run.state.is_final() and not lost:
             channel.close()
 
 
@@ -122,62 +124,14 @@ def _claim_message(task: Task, request: Any, store: RedisStore) -> Claim | None:
     """
     ttl = float(task.app.conf.get("taskengine_claim_ttl") or CLAIM_TTL_SECONDS)
     claim = store.new_claim(str(request.id), int(request.retries or 0), ttl)
-    if _may_be_duplicate(task.app, request):
+    if may_be_duplicate(task.app, request):
         if not store.take_claim(claim, poll=ttl / 10):
             return None
-    else:  # no other delivery can exist (see _may_be_duplicate): no need to wait for an answer
+    else:  # no other delivery can exist (see message_age): no need to wait for an answer
         claim.assumed_at = time.monotonic()
     setattr(request, CLAIM, claim)  # Celery's stored result is fenced too (engine_backend)
     renewer().hold(claim)
     return claim
-
-
-def _may_be_duplicate(app: Any, request: Any) -> bool:
-    """Whether the broker may have handed this message out before: it is a retry, redelivered,
-    has a countdown (held unacknowledged on a worker's timer), or is old.
-
-    Redis gives an unacknowledged message out again once the visibility timeout has passed
-    since a worker took it, even from a worker's prefetch buffer (Celery acknowledges it only
-    when it starts). A message sent less than half that long ago cannot have been, even with
-    the producer's and the worker's clocks apart by up to that much; one with no send time
-    (published by ``send_task``) may have been.
-    """
-    if request.retries or _redelivered(request) or request.eta:
-        return True
-    limit = _duplicate_age(app)
-    if limit is None or request.is_eager:
-        return False
-    sent_at = getattr(request, SENT_AT_HEADER, None)
-    if not isinstance(sent_at, int | float):
-        return True
-    return time.time() - sent_at >= limit
-
-
-def _duplicate_age(app: Any) -> float | None:
-    """Seconds after which the app's broker may hand a message out twice (a fraction of its
-    visibility timeout); ``None`` for brokers that never do (acknowledgements are real)."""
-    limit = _duplicate_ages.get(app, False)
-    if limit is False:
-        url = app.conf.broker_url or ""
-        first = (url[0] if isinstance(url, list | tuple) else str(url)).split(";", 1)[0]
-        transport = first.split("://", 1)[0].split("+", 1)[0].lower()  # redis+socket: redis
-        if transport in _VISIBILITY_TRANSPORTS:
-            options = app.conf.broker_transport_options or {}
-            timeout = float(options.get("visibility_timeout") or _REDIS_VISIBILITY_TIMEOUT)
-            limit = timeout * _DUPLICATE_AGE_FRACTION
-        else:
-            limit = None
-        _duplicate_ages[app] = limit
-    return limit
-
-
-#: Brokers that restore unacknowledged messages after a visibility timeout (kombu's Redis).
-_VISIBILITY_TRANSPORTS = frozenset({"redis", "rediss", "sentinel"})
-#: kombu's default ``visibility_timeout`` for Redis, in seconds.
-_REDIS_VISIBILITY_TIMEOUT = 3600.0
-#: The fraction of it after which a message claims with a round trip.
-_DUPLICATE_AGE_FRACTION = 0.5
-_duplicate_ages: weakref.WeakKeyDictionary[Any, float | None] = weakref.WeakKeyDictionary()
 
 
 def _settle_handled_message(task: Task, request: Any, store: RedisStore) -> Any:
@@ -259,6 +213,7 @@ def _execute(
     each one is also published to ``channel`` as it comes.
     """
     items: list[Any] = []
+    publish = _publisher(channel, delivery.claim)
     env = _environment(task, delivery, store, on_attempt=items.clear)
     context = {"environment": env}
     kind = task.fn_kind
@@ -270,10 +225,10 @@ def _execute(
             run_on_worker_loop(coroutine)
         elif kind == "generator":
             generator = run_generator_task_sync(task, task_run=run, context=context)
-            _drain(generator, run, channel, items)
+            _drain(generator, run, publish, items)
         else:
             agenerator = run_generator_task_async(task, task_run=run, context=context)
-            run_on_worker_loop(_drain_async(agenerator, run, channel, items))
+            run_on_worker_loop(_drain_async(agenerator, run, publish, items))
     finally:
         if isinstance(env.record, DeliveryRecorder):
             env.record.flush()
@@ -313,12 +268,29 @@ def _announcer(task: Task, delivery: Delivery, on_attempt: Any) -> Any:
     return record
 
 
-def _drain(items: Iterator[Any], run: TaskRun, channel: ItemChannel | None, out: list[Any]) -> None:
+def _publisher(channel: ItemChannel | None, claim: Claim | None) -> Publish | None:
+    """How a generator's items are published as they come: not at all once the delivery lost
+    its claim (the run's new holder publishes its own)."""
+    if channel is None or claim is None:
+        return None if channel is None else channel.publish
+    items = channel
+
+    def publish(item: Any) -> None:
+        if not claim.lost:
+            items.publish(item)
+
+    return publish
+
+
+Publish = Callable[[Any], None]
+
+
+def _drain(items: Iterator[Any], run: TaskRun, publish: Publish | None, out: list[Any]) -> None:
     try:
         for item in items:
             out.append(item)
-            if channel is not None:
-                channel.publish(item)
+            if publish is not None:
+                publish(item)
     except Exception:
         if not _ended_in_failure(run):
             raise  # not the task's own failure (that one is raised from the run's state)
@@ -329,13 +301,13 @@ def _drain(items: Iterator[Any], run: TaskRun, channel: ItemChannel | None, out:
 
 
 async def _drain_async(
-    items: AsyncIterator[Any], run: TaskRun, channel: ItemChannel | None, out: list[Any]
+    items: AsyncIterator[Any], run: TaskRun, publish: Publish | None, out: list[Any]
 ) -> None:
     try:
         async for item in items:
             out.append(item)
-            if channel is not None:
-                channel.publish(item)
+            if publish is not None:
+                publish(item)
     except Exception:
         if not _ended_in_failure(run):
             raise

@@ -15,16 +15,14 @@ import uuid
 from typing import Any
 
 import pytest
-from celery import Celery, current_task
-from celery.app.task import Context
+from celery import Celery
 
 from celery_taskengine import task
-from celery_taskengine._store.claims import SENT_AT_HEADER, Claim, claim_or_wait
+from celery_taskengine._store.claims import Claim, claim_or_wait
 from celery_taskengine._store.redis_store import RedisStore
 from celery_taskengine._store.renewer import renewer
 from celery_taskengine.states import Pending, Running
 from celery_taskengine.task_engine import new_task_run
-from celery_taskengine.worker_run import _may_be_duplicate
 from tests.workers import embedded_worker
 
 pytestmark = pytest.mark.timeout(60)
@@ -213,44 +211,6 @@ def test_a_record_write_under_a_settled_claim_is_refused(redis_client: Any) -> N
     late = stale.record_command("run", "stale", "0", settle=True)
     assert redis_client.execute_command(*late) == 0
     assert redis_client.get("run") == b"holder"
-
-
-# -- which deliveries claim with a round trip ------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("broker", "age", "may_be_duplicate"),
-    [
-        ("redis://localhost/0", 0.0, False),
-        ("redis://localhost/0", 50.0, True),  # past half the visibility timeout
-        ("redis://localhost/0", None, True),  # no send time: sent by send_task
-        ("redis+socket:///tmp/redis.sock", 50.0, True),
-        ("amqp://localhost//", 5000.0, False),  # acknowledgements are real
-    ],
-)
-def test_an_old_message_claims_with_a_round_trip_even_on_its_first_delivery(
-    broker: str, age: float | None, may_be_duplicate: bool
-) -> None:
-    app = Celery("ages", broker=broker, set_as_current=False)
-    app.conf.broker_transport_options = {"visibility_timeout": 60}
-    headers = {} if age is None else {SENT_AT_HEADER: time.time() - age}
-    request = Context(id="t", retries=0, delivery_info={}, eta=None, is_eager=False, **headers)
-
-    assert _may_be_duplicate(app, request) is may_be_duplicate
-
-
-def test_a_message_carries_the_time_it_was_sent_to_the_worker(redis_app: Celery) -> None:
-    @task(app=redis_app, name="claims.sent_at")
-    def sent_at() -> Any:
-        request = current_task.request
-        return [getattr(request, SENT_AT_HEADER, None), _may_be_duplicate(redis_app, request)]
-
-    before = time.time()
-    with embedded_worker(redis_app):
-        stamp, may_be_duplicate = sent_at.delay().get(timeout=10)
-
-    assert before <= stamp <= time.time()
-    assert may_be_duplicate is False  # so it took its claim with its Running record
 
 
 def test_a_first_delivery_claimed_with_a_round_trip_continues_a_run_a_dead_copy_left(

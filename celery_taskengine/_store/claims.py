@@ -27,8 +27,8 @@ holder renews it; then it has nothing to do (the holder finished: ``done``) or t
 crashed holder's run. The cheap path, a young message's first delivery, takes its claim in the
 script that writes the run's Running record, without waiting for an answer: no other delivery
 of a message can exist before the broker's visibility timeout has passed since it was sent
-(see ``worker_run``), and should one exist anyway (a task id sent twice), the fenced writes
-refuse to write.
+(see :mod:`~celery_taskengine.message_age`), and should one exist anyway (a task id sent
+twice), the fenced writes refuse to write.
 
 Only the Redis store has claims: a memory store's runs live in one process's memory, with
 nothing shared to fence.
@@ -53,7 +53,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CLAIM_TTL_SECONDS",
-    "SENT_AT_HEADER",
     "Claim",
     "ClaimStore",
     "claim_or_wait",
@@ -71,9 +70,6 @@ CLAIM_TTL_SECONDS = 15.0
 #: renewing on time is not taken over.
 LAPSE_MARGIN_SECONDS = 0.25
 _DONE = b"done"
-#: The message header holding the wall-clock time (seconds) the message was published: a
-#: message younger than the broker's visibility timeout cannot have been handed out twice.
-SENT_AT_HEADER = "taskengine_sent_at"
 
 # Every fenced write starts so: the claim must be the writer's, or free (taken now: a lapsed
 # claim nobody else took, or a first delivery whose claim rides with this write).
