@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
     from celery_taskengine._store.redis_store import RedisStore
 
-__all__ = ["Delivery", "DeliveryRecorder", "resend_orphaned_records"]
+__all__ = ["Delivery", "DeliveryRecorder", "resend_orphaned_records", "retry_patience"]
 
 #: Seconds the end of a delivery waits for Redis to take records its connection lost.
 ORPHAN_PATIENCE_SECONDS = 10.0
@@ -200,12 +200,12 @@ def _channel_for(store: RedisStore, app: Celery) -> RecordChannel:
     """One channel per store, so each thread keeps one connection for its run records."""
     channel = _channels.get(store)
     if channel is None:
-        patience = _retry_patience(app)
+        patience = retry_patience(app)
         channel = _channels.setdefault(store, RecordChannel(store.client, patience=patience))
     return channel
 
 
-def _retry_patience(app: Celery) -> float:
+def retry_patience(app: Celery) -> float:
     """How long Celery's Redis backend retries a write while Redis is down (its
     ``retry_policy``: by default 20 retries at most 1 s apart): records wait as long."""
     policy = getattr(app.backend, "retry_policy", None) or {}

@@ -49,7 +49,7 @@ from celery_taskengine.task_engine import (
 )
 from celery_taskengine.task_run import TaskRun
 from celery_taskengine.worker_loop import run_on_worker_loop
-from celery_taskengine.worker_record import Delivery, DeliveryRecorder
+from celery_taskengine.worker_record import Delivery, DeliveryRecorder, retry_patience
 
 if TYPE_CHECKING:
     from celery_taskengine.task import Task
@@ -125,7 +125,7 @@ def _claim_message(task: Task, request: Any, store: RedisStore) -> Claim | None:
     ttl = float(task.app.conf.get("taskengine_claim_ttl") or CLAIM_TTL_SECONDS)
     claim = store.new_claim(str(request.id), int(request.retries or 0), ttl)
     if may_be_duplicate(task.app, request):
-        if not store.take_claim(claim, poll=ttl / 10):
+        if not store.take_claim(claim, poll=ttl / 10, patience=retry_patience(task.app)):
             return None
     else:  # no other delivery can exist (see message_age): no need to wait for an answer
         claim.assumed_at = time.monotonic()

@@ -48,6 +48,8 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from celery_taskengine.errors import StoreUnavailableError
+
 if TYPE_CHECKING:
     from celery_taskengine._store.redis_store import RedisStore
 
@@ -203,8 +205,11 @@ class Claim:
         it) unless that is sure already; a claim found taken is lost."""
         if self.lost:
             return False
-        if self.is_sure() or self.renew():
-            return True
+        try:
+            if self.is_sure() or self.renew():
+                return True
+        except StoreUnavailableError:
+            return True  # cannot ask now: the write itself is fenced, and retried
         self.lose("found before writing the outcome")
         return False
 
@@ -251,6 +256,9 @@ def claim_or_wait(client: redis.Redis, claim: Claim, poll: float) -> bool:
             continue  # lapsed in between: take it now
         if is_done(holder):
             return False
+        if _text(holder) == claim.token:  # taken by a try whose answer a dropped connection lost
+            claim.proven(sent_at)
+            return True
         if not announced:
             announced = True
             _announce(claim, holder)
@@ -266,13 +274,17 @@ def claim_or_wait(client: redis.Redis, claim: Claim, poll: float) -> bool:
         time.sleep(min(poll, pttl / 1000 + LAPSE_MARGIN_SECONDS))
 
 
+def _text(value: bytes | str) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+
 def _announce(claim: Claim, holder: bytes | str) -> None:
     logger.warning(
         "%s is being run by another delivery (%s): the broker handed the message out again "
         "(visibility timeout shorter than the run, its countdown or its wait in a prefetch "
         "buffer?); waiting for that delivery to end",
         claim.run_id,
-        holder.decode(errors="replace") if isinstance(holder, bytes) else holder,
+        _text(holder),
     )
 
 
@@ -292,11 +304,24 @@ class ClaimStore:
         store: Any = self
         return Claim(store, f"{self._prefix}claim:{run_id}:{attempt}", run_id, ttl)
 
-    def take_claim(self, claim: Claim, *, poll: float) -> bool:
+    def take_claim(self, claim: Claim, *, poll: float, patience: float = 0.0) -> bool:
         """Take ``claim`` with a round trip, waiting while a live holder has it (see
-        :func:`claim_or_wait`); ``False``: another delivery settled the message."""
-        with self._available():
-            return claim_or_wait(self.client, claim, poll)
+        :func:`claim_or_wait`); ``False``: another delivery settled the message.
+
+        While Redis does not answer, tried again for up to ``patience`` seconds (as Celery
+        retries its own writes), then :class:`StoreUnavailableError`.
+        """
+        deadline, delay = time.monotonic() + patience, 0.05
+        while True:
+            try:
+                with self._available():
+                    return claim_or_wait(self.client, claim, poll)
+            except StoreUnavailableError as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                logger.warning("%s: cannot claim the message yet: %s", claim.run_id, exc)
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
 
     def renew_claim(self, claim: Claim) -> bool:
         """Extend ``claim`` (or take it again if it lapsed and is free); ``False`` if another
