@@ -6,11 +6,13 @@
 - When the task's cache key follows from its arguments alone (its policy has no RUN_ID part,
   which would be the new task's own id) and a committed record exists, the call is answered
   from the cache: the run is recorded as Pending, Cached (the backend shows SUCCESS), and a
-  :class:`CachedResult` is returned, ready at once. No message is published.
-
-Not for Celery's own retries (``options["retries"]``) nor for messages carrying canvas links
-(``link``, ``chain``, ``chord``, group membership): those must reach a worker. Hooks other
-than ``on_completion`` do not run for a cache hit answered here (there is no Running).
+  :class:`CachedResult` is returned, ready at once. No message is published. Not for Celery's
+  own retries (``options["retries"]``) nor for messages carrying canvas links (``link``,
+  ``chain``, ``chord``, group membership): those must reach a worker. Hooks other than
+  ``on_completion`` do not run for a cache hit answered here (there is no Running).
+- Every message it publishes carries the time it was sent (a header): a worker claims a message
+  older than part of the broker's visibility timeout with a round trip (see
+  :mod:`~celery_taskengine.message_age`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from kombu.exceptions import EncodeError
 from kombu.serialization import prepare_accept_content, registry
 
 from celery_taskengine import cache_policies as cp
+from celery_taskengine import message_age
 from celery_taskengine._store.protocol import ResultStore
 from celery_taskengine._store.selection import store_for_app
 from celery_taskengine._store.task_meta import save_run_with_meta
@@ -82,6 +85,7 @@ def apply_async(
         hit = _answer_from_cache(task, args, kwargs, str(options["task_id"]))
         if hit is not None:
             return hit
+    message_age.stamp(options)  # a worker claims an old message with a round trip
     try:
         return publish(args, kwargs, **options)
     except EncodeError as exc:

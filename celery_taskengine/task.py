@@ -15,6 +15,7 @@ from celery.utils.functional import head_from_fun
 
 from celery_taskengine import cancellation, events, worker_checks  # noqa: F401  (signals)
 from celery_taskengine import producer as producer_side
+from celery_taskengine.engine_backend import for_engine_tasks
 from celery_taskengine.options import TaskOptions, build_options, split_celery_options
 from celery_taskengine.parameters import bind_parameters
 from celery_taskengine.task_engine import run_task, run_task_async, run_task_sync
@@ -91,6 +92,16 @@ class Task(CeleryTask):  # type: ignore[misc]
         if kind == "coroutine":
             return run_task_async(self, None, None, parameters, wait_for, return_type)
         return run_task(self, parameters=parameters, wait_for=wait_for, return_type=return_type)
+
+    @property
+    def backend(self) -> Any:
+        """The app's result backend (or the task's own), storing a claimed delivery's outcome
+        only while it holds its claim (see :mod:`~celery_taskengine.engine_backend`)."""
+        return for_engine_tasks(self._backend or self.app.backend)
+
+    @backend.setter
+    def backend(self, value: Any) -> None:
+        self._backend = value
 
     def before_start(self, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Celery calls this in the worker right before the body: mark the next call a delivery.

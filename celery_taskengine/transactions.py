@@ -11,7 +11,6 @@ from __future__ import annotations
 import enum
 import functools
 import logging
-import threading
 import uuid
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar, Token
@@ -19,6 +18,7 @@ from types import TracebackType
 from typing import Any
 
 from celery_taskengine._store.protocol import ResultRecord, ResultStore
+from celery_taskengine._store.renewer import renewer
 from celery_taskengine.cache_policies import CommitMode, IsolationLevel
 from celery_taskengine.drivers import drive_async, drive_sync
 from celery_taskengine.errors import ConfigurationError, SerializationError
@@ -120,7 +120,7 @@ class Transaction:
         self._staged: tuple[Any] | None = None
         self._values: dict[str, Any] = {}
         self._holder = ""
-        self._renewer: _LockRenewer | None = None
+        self._renewer: _LockLease | None = None
         self._token: Token[Transaction | None] | None = None
 
     # -- the user-facing surface ------------------------------------------------------------
@@ -325,7 +325,7 @@ class Transaction:
         self._holder = self._holder or uuid.uuid4().hex
         while not (yield Invoke(store.acquire_lock, (key, self._holder, self.lock_ttl))):
             yield Sleep(LOCK_POLL_SECONDS, reason="lock")
-        self._renewer = _LockRenewer(store, key, self._holder, self.lock_ttl)
+        self._renewer = _LockLease(store, key, self._holder, self.lock_ttl)
 
     def abandon(self) -> None:
         """Leave without running anything (the run itself is being torn down)."""
@@ -406,26 +406,28 @@ def transaction(
     )
 
 
-class _LockRenewer:
-    """Keeps a SERIALIZABLE lock alive while its holder works, from a daemon thread."""
+class _LockLease:
+    """A SERIALIZABLE lock, kept alive by the process's renewer while its holder works."""
 
     def __init__(self, store: ResultStore, key: str, holder: str, ttl: float) -> None:
         self._store, self._key, self._holder, self._ttl = store, key, holder, ttl
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="taskengine-lock", daemon=True)
-        self._thread.start()
+        renewer().hold(self)
 
-    def _run(self) -> None:
-        while not self._stopped.wait(self._ttl / 3):
-            try:
-                if not self._store.renew_lock(self._key, self._holder, self._ttl):
-                    logger.warning("%s: lost the SERIALIZABLE lock before finishing", self._key)
-                    return
-            except Exception:
-                logger.warning("%s: could not renew the SERIALIZABLE lock", self._key)
+    @property
+    def name(self) -> str:
+        return self._key
+
+    def renew(self) -> bool:
+        return self._store.renew_lock(self._key, self._holder, self._ttl)
+
+    def renew_every(self) -> float:
+        return self._ttl / 3
+
+    def on_lost(self) -> None:
+        logger.warning("%s: lost the SERIALIZABLE lock before finishing", self._key)
 
     def stop(self) -> None:
-        self._stopped.set()
+        renewer().release(self)
         try:
             self._store.release_lock(self._key, self._holder)
         except Exception:

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
     from celery_taskengine._store.redis_store import RedisStore
 
-__all__ = ["Delivery", "DeliveryRecorder", "resend_orphaned_records"]
+__all__ = ["Delivery", "DeliveryRecorder", "resend_orphaned_records", "retry_patience"]
 
 #: Seconds the end of a delivery waits for Redis to take records its connection lost.
 ORPHAN_PATIENCE_SECONDS = 10.0
@@ -85,10 +85,16 @@ class Delivery:
     send_events: bool
     #: Records may ride on Celery's next backend command (see redis_oneway).
     piggyback: bool = False
-    #: This delivery's claim on its message (see delivery_claims), and whether it is taken
-    #: already; if not, it is taken with the first Running record.
+    #: This delivery's claim on its message (see claims): every record write is fenced by
+    #: it; a first delivery takes it with its Running record.
     claim: Claim | None = None
-    claimed: bool = False
+
+    @property
+    def may_continue(self) -> bool:
+        """Whether a record of the run may exist already: a retry, a redelivery, or a message
+        another delivery may have run first (one claimed with a round trip)."""
+        claim = self.claim
+        return bool(self.retries or self.redelivered or (claim and claim.assumed_at is None))
 
 
 class DeliveryRecorder:
@@ -111,38 +117,30 @@ class DeliveryRecorder:
         self._run_px = px(store.run_expires)
         self._document: RunDocument | None = None
         #: No backend meta can exist before a message's first delivery starts.
-        self._meta_is_new = not (delivery.retries or delivery.redelivered)
-        self._claim_to_take = delivery.claim if not delivery.claimed else None
+        self._meta_is_new = not delivery.may_continue
         #: The final state's writes, sent by flush() (see the module docstring).
         self._final: list[tuple[Any, ...]] | None = None
 
     def __call__(self, run: TaskRun, state: State) -> None:
         if state.name == "Pending" and len(run.state_history) == 1:
             return  # held back: written with Running
+        claim = self.delivery.claim
+        if claim is not None and claim.lost:
+            return  # another delivery has the run: nothing of this attempt is written
         if self._document is None:
             self._document = RunDocument(run)
-        document = self._document.encode(run)
-        save: tuple[Any, ...] = ("SET", self._run_key, document)
-        if state.is_crashed():
-            save = ("EVAL", _SAVE_UNLESS_ENDED_LUA, 1, self._run_key, document, self._run_px)
-        elif self._run_px != "0":
-            save += ("PX", self._run_px)
+        settles = state.is_scheduled() or (state.is_final() and not state.is_crashed())
+        save = self._save_command(state, self._document.encode(run), settles=settles)
         piggyback = self.delivery.piggyback
-        claim = self.delivery.claim
         if state.is_scheduled():
-            commands = [save] if claim is None else [save, claim.done_command(self._run_px)]
-            self._channel.send_blocking(*commands, key=self._run_key, piggyback=piggyback)
+            if claim is None or claim.confirm():
+                self._channel.send_blocking(save, key=self._run_key, piggyback=piggyback)
         else:
             commands = [save]
-            if self._claim_to_take is not None:
-                commands.insert(0, self._claim_to_take.take_command())
-                self._claim_to_take = None
             status = celery_status(state)
             if status is not None:
                 commands.append(self._meta_command(run, state, status))
-            if state.is_final() and not state.is_crashed():
-                if claim is not None:
-                    commands.append(claim.done_command(self._run_px))
+            if settles:
                 self._final = commands
             else:
                 # An attempt's start may travel with its end (see redis_oneway).
@@ -155,10 +153,22 @@ class DeliveryRecorder:
             send_state_event(self.app, d.hostname, d.task_id, run, state)
 
     def flush(self) -> None:
-        """Write the final state, once the engine has returned (its transaction is over)."""
+        """Write the final state, once the engine has returned (its transaction is over), and
+        only while the delivery still holds its claim."""
         final, self._final = self._final, None
-        if final is not None:
+        claim = self.delivery.claim
+        if final is not None and (claim is None or claim.confirm()):
             self._channel.send(*final, key=self._run_key, piggyback=self.delivery.piggyback)
+
+    def _save_command(self, state: State, document: str, *, settles: bool) -> tuple[Any, ...]:
+        """The write of the run record: fenced by the claim (and settling it, for an outcome),
+        except a crash's, which never overwrites a run that already ended."""
+        key, px, claim = self._run_key, self._run_px, self.delivery.claim
+        if state.is_crashed():
+            return ("EVAL", _SAVE_UNLESS_ENDED_LUA, 1, key, document, px)
+        if claim is not None:
+            return claim.record_command(key, document, px, settle=settles)
+        return ("SET", key, document) if px == "0" else ("SET", key, document, "PX", px)
 
     def _meta_command(self, run: TaskRun, state: State, status: str) -> tuple[Any, ...]:
         backend = self.app.backend
@@ -191,12 +201,12 @@ def _channel_for(store: RedisStore, app: Celery) -> RecordChannel:
     """One channel per store, so each thread keeps one connection for its run records."""
     channel = _channels.get(store)
     if channel is None:
-        patience = _retry_patience(app)
+        patience = retry_patience(app)
         channel = _channels.setdefault(store, RecordChannel(store.client, patience=patience))
     return channel
 
 
-def _retry_patience(app: Celery) -> float:
+def retry_patience(app: Celery) -> float:
     """How long Celery's Redis backend retries a write while Redis is down (its
     ``retry_policy``): records wait as long as every other store operation does."""
     return patience_from_policy(getattr(app.backend, "retry_policy", None)).seconds

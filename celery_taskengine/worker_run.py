@@ -16,27 +16,26 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import weakref
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from celery import states as celery_states
 from celery.app.task import get_actual_ignore_result
 from celery.exceptions import Ignore, Retry
 
-from celery_taskengine._store.claims import (
-    CLAIM_TTL_SECONDS,
-    Claim,
-    ClaimRenewer,
-    claim_or_wait,
-)
+from celery_taskengine._store.claims import CLAIM_TTL_SECONDS, Claim
 from celery_taskengine._store.memory import MemoryStore
 from celery_taskengine._store.protocol import ResultStore
 from celery_taskengine._store.redis_store import RedisStore
+from celery_taskengine._store.renewer import renewer
 from celery_taskengine._store.selection import store_for_app
 from celery_taskengine._store.task_meta import state_info, write_task_meta
 from celery_taskengine.cancellation import revocation_check
+from celery_taskengine.engine_backend import CLAIM
 from celery_taskengine.events import send_state_event, task_events_enabled
+from celery_taskengine.message_age import may_be_duplicate
 from celery_taskengine.parameters import bind_parameters
 from celery_taskengine.run_core import RunEnvironment
 from celery_taskengine.states import State, utcnow
@@ -50,7 +49,7 @@ from celery_taskengine.task_engine import (
 )
 from celery_taskengine.task_run import TaskRun
 from celery_taskengine.worker_loop import run_on_worker_loop
-from celery_taskengine.worker_record import Delivery, DeliveryRecorder
+from celery_taskengine.worker_record import Delivery, DeliveryRecorder, retry_patience
 from celery_taskengine.worker_requeue import handed_back_if_unreachable
 
 if TYPE_CHECKING:
@@ -60,45 +59,37 @@ __all__ = ["after_celery_retry", "run_delivery"]
 
 logger = logging.getLogger(__name__)
 
-#: The store attribute holding its claim renewer: on the store, not in a module-level map
-#: keyed by stores, whose values (renewers hold their store) would keep every store alive.
-_RENEWER = "_taskengine_claim_renewer"
-
-
-def _renewer_for(store: RedisStore, app: Any) -> ClaimRenewer:
-    """The store's one claim renewer (see delivery_claims)."""
-    renewer: ClaimRenewer | None = vars(store).get(_RENEWER)
-    if renewer is None:
-        ttl = float(app.conf.get("taskengine_claim_ttl") or CLAIM_TTL_SECONDS)
-        renewer = vars(store).setdefault(_RENEWER, ClaimRenewer(store, ttl))
-    return renewer
-
-
 #: AwaitingRetry meta to show once Celery has stored its own RETRY state (see on_retry).
 _awaiting_info: dict[str, dict[str, Any]] = {}
 
 
 def run_delivery(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """Run the engine for the delivery Celery is executing, and give Celery its outcome."""
+    """Run the engine for the delivery Celery is executing, and give Celery its outcome.
+
+    A store that cannot be reached before the attempt starts hands the delivery back to the
+    broker (see worker_requeue) instead of failing the run.
+    """
     store = store_for_app(task.app)
     request = task.request
     parameters = bind_parameters(task.run, args, kwargs)
-    claim, claimed = None, False
+    claim = None
     if isinstance(store, RedisStore):
         with handed_back_if_unreachable(task, args, kwargs):
-            claim, claimed = _claim_message(task, request, store)
+            claim = _claim_message(task, request, store)
             handled = _recorded_run(task, request, store) if claim is None else None
         if handled is not None:
             logger.info("%s: giving Celery the outcome another delivery recorded", request.id)
-            return _outcome(task, _delivery(task, request, store, None, False), handled, [])
-    delivery = _delivery(task, request, store, claim, claimed)
+            return _outcome(task, _delivery(task, request, store, None), handled, [])
     try:
+        delivery = _delivery(task, request, store, claim)
         with handed_back_if_unreachable(task, args, kwargs):
             run = _stored_run(task, delivery, store, parameters)
         items = _run(task, delivery, store, run)
     finally:
-        if claim is not None and isinstance(store, RedisStore):
-            _renewer_for(store, task.app).release(claim)
+        if claim is not None:
+            renewer().release(claim)
+    if claim is not None and claim.lost:
+        raise Ignore()  # the delivery holding the claim gives Celery the outcome (logged)
     return _outcome(task, delivery, run, items)
 
 
@@ -107,7 +98,7 @@ def _stored_run(
 ) -> TaskRun:
     """The delivery's run: the recorded one to continue, if any, else a new one."""
     run = None
-    if delivery.retries or delivery.redelivered:  # else no record can exist yet
+    if delivery.may_continue:  # else no record can exist yet
         run = store.load_run(delivery.task_id)
     return run if run is not None else new_task_run(task, parameters, delivery.task_id)
 
@@ -120,7 +111,8 @@ def _run(task: Task, delivery: Delivery, store: ResultStore, run: TaskRun) -> li
     try:
         return _execute(task, delivery, store, run, channel)
     finally:
-        if channel is not None and run.state is not None and run.state.is_final():
+        lost = delivery.claim is not None and delivery.claim.lost
+        if channel is not None and run.state is not None and run.state.is_final() and not lost:
             channel.close()
 
 
@@ -135,22 +127,23 @@ def after_celery_retry(task: Task, task_id: str) -> None:
         logger.warning("%s: could not store the AWAITING_RETRY state", task_id, exc_info=True)
 
 
-def _claim_message(task: Task, request: Any, store: RedisStore) -> tuple[Claim | None, bool]:
-    """This delivery's claim on its message (see delivery_claims), held by the store's renewer
-    until the delivery ends, and whether it is taken yet; no claim when another delivery
-    handled the message."""
-    renewer = _renewer_for(store, task.app)
-    retries = int(request.retries or 0)
-    claim = Claim.new(store.key_for("claim", f"{request.id}:{retries}"), renewer.ttl)
-    claimed = False
-    if retries or _redelivered(request) or request.eta:  # may be a duplicate: claim first
-        take = lambda: claim_or_wait(store.client, claim, poll=renewer.ttl / 10)  # noqa: E731
-        if not store.call(take, "claiming its message", str(request.id)):
-            return None, False
-        claimed = True
-    # else a first delivery: its claim is taken with its Running record (see claims)
-    renewer.hold(claim)
-    return claim, claimed
+def _claim_message(task: Task, request: Any, store: RedisStore) -> Claim | None:
+    """This delivery's claim on its message (see claims), held by the process's renewer until
+    the delivery ends; ``None`` when another delivery handled the message.
+
+    A message that may have been handed out before claims with a round trip, waiting for a
+    live holder; a young message's first delivery takes its claim with its Running record.
+    """
+    ttl = float(task.app.conf.get("taskengine_claim_ttl") or CLAIM_TTL_SECONDS)
+    claim = store.new_claim(str(request.id), int(request.retries or 0), ttl)
+    if may_be_duplicate(task.app, request):
+        if not store.take_claim(claim, poll=ttl / 10, patience=retry_patience(task.app)):
+            return None
+    else:  # no other delivery can exist (see message_age): no need to wait for an answer
+        claim.assumed_at = time.monotonic()
+    setattr(request, CLAIM, claim)  # Celery's stored result is fenced too (engine_backend)
+    renewer().hold(claim)
+    return claim
 
 
 def _recorded_run(task: Task, request: Any, store: RedisStore) -> TaskRun:
@@ -173,9 +166,7 @@ def _redelivered(request: Any) -> bool:
     return bool((request.delivery_info or {}).get("redelivered"))
 
 
-def _delivery(
-    task: Task, request: Any, store: ResultStore, claim: Claim | None, claimed: bool
-) -> Delivery:
+def _delivery(task: Task, request: Any, store: ResultStore, claim: Claim | None) -> Delivery:
     return Delivery(
         task_id=str(request.id),
         workflow_id=_workflow_id(request),
@@ -185,7 +176,6 @@ def _delivery(
         send_events=bool(task.send_events) and task_events_enabled(task.app),
         piggyback=_may_piggyback(task, request, store),
         claim=claim,
-        claimed=claimed,
     )
 
 
@@ -234,6 +224,7 @@ def _execute(
     each one is also published to ``channel`` as it comes.
     """
     items: list[Any] = []
+    publish = _publisher(channel, delivery.claim)
     env = _environment(task, delivery, store, on_attempt=items.clear)
     context = {"environment": env}
     kind = task.fn_kind
@@ -245,10 +236,10 @@ def _execute(
             run_on_worker_loop(coroutine)
         elif kind == "generator":
             generator = run_generator_task_sync(task, task_run=run, context=context)
-            _drain(generator, run, channel, items)
+            _drain(generator, run, publish, items)
         else:
             agenerator = run_generator_task_async(task, task_run=run, context=context)
-            run_on_worker_loop(_drain_async(agenerator, run, channel, items))
+            run_on_worker_loop(_drain_async(agenerator, run, publish, items))
     finally:
         if isinstance(env.record, DeliveryRecorder):
             env.record.flush()
@@ -265,7 +256,8 @@ def _environment(
     }
     if isinstance(store, RedisStore):
         recorder = DeliveryRecorder(task.app, store, delivery, on_attempt=on_attempt)
-        return RunEnvironment(store=store, record=recorder, **common)
+        fenced = store.fenced_by(delivery.claim)  # cache commits only while the claim holds
+        return RunEnvironment(store=fenced, record=recorder, **common)
     # No Redis backend: the run lives in this worker's memory, as a local run's would.
     return RunEnvironment(
         store=store,
@@ -287,12 +279,29 @@ def _announcer(task: Task, delivery: Delivery, on_attempt: Any) -> Any:
     return record
 
 
-def _drain(items: Iterator[Any], run: TaskRun, channel: ItemChannel | None, out: list[Any]) -> None:
+def _publisher(channel: ItemChannel | None, claim: Claim | None) -> Publish | None:
+    """How a generator's items are published as they come: not at all once the delivery lost
+    its claim (the run's new holder publishes its own)."""
+    if channel is None or claim is None:
+        return None if channel is None else channel.publish
+    items = channel
+
+    def publish(item: Any) -> None:
+        if not claim.lost:
+            items.publish(item)
+
+    return publish
+
+
+Publish = Callable[[Any], None]
+
+
+def _drain(items: Iterator[Any], run: TaskRun, publish: Publish | None, out: list[Any]) -> None:
     try:
         for item in items:
             out.append(item)
-            if channel is not None:
-                channel.publish(item)
+            if publish is not None:
+                publish(item)
     except Exception:
         if not _ended_in_failure(run):
             raise  # not the task's own failure (that one is raised from the run's state)
@@ -303,13 +312,13 @@ def _drain(items: Iterator[Any], run: TaskRun, channel: ItemChannel | None, out:
 
 
 async def _drain_async(
-    items: AsyncIterator[Any], run: TaskRun, channel: ItemChannel | None, out: list[Any]
+    items: AsyncIterator[Any], run: TaskRun, publish: Publish | None, out: list[Any]
 ) -> None:
     try:
         async for item in items:
             out.append(item)
-            if channel is not None:
-                channel.publish(item)
+            if publish is not None:
+                publish(item)
     except Exception:
         if not _ended_in_failure(run):
             raise

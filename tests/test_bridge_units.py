@@ -25,12 +25,14 @@ from redis.retry import Retry
 
 from celery_taskengine import cache_policies as cp
 from celery_taskengine import stream, task
-from celery_taskengine._store.claims import DONE, Claim, ClaimRenewer, claim_or_wait
+from celery_taskengine._store.claims import Claim, claim_or_wait, is_done
 from celery_taskengine._store.record_channel import RecordChannel
 from celery_taskengine._store.redis_store import RedisStore
+from celery_taskengine._store.renewer import renewer
 from celery_taskengine._store.run_document import RunDocument
 from celery_taskengine._store.task_meta import celery_status, write_task_meta
 from celery_taskengine._store.wire import SKIP, pack
+from celery_taskengine.engine_backend import CLAIM
 from celery_taskengine.errors import ConfigurationError, StoreUnavailableError, TaskRunTimeoutError
 from celery_taskengine.events import event_fields, event_type
 from celery_taskengine.producer import _key_may_ignore_run_id
@@ -320,46 +322,51 @@ def test_stream_needs_a_redis_result_backend() -> None:
 # -- delivery claims ----------------------------------------------------------------------------
 
 
+def _claim(client: Any, ttl: float = 5.0) -> Claim:
+    return RedisStore(client).new_claim("t", 0, ttl)
+
+
 def test_a_delivery_claims_a_free_message(redis_client: Any) -> None:
-    claim = Claim.new("claim:t:0", ttl=5.0)
+    claim = _claim(redis_client)
 
     assert claim_or_wait(redis_client, claim, poll=0.01)
-    assert redis_client.get("claim:t:0") == claim.token.encode()
+    assert redis_client.get(claim.key) == claim.token.encode()
 
 
 def test_a_duplicate_delivery_waits_for_the_holder_and_then_has_nothing_to_do(
     redis_client: Any,
 ) -> None:
-    holder, duplicate = Claim.new("claim:t:0", ttl=5.0), Claim.new("claim:t:0", ttl=5.0)
+    holder, duplicate = _claim(redis_client), _claim(redis_client)
     assert claim_or_wait(redis_client, holder, poll=0.01)
-    timer = threading.Timer(0.2, lambda: redis_client.execute_command(*holder.done_command("0")))
+    settle = holder.record_command(holder.key + ":run", "{}", "0", settle=True)
+    timer = threading.Timer(0.2, lambda: redis_client.execute_command(*settle))
     timer.start()
     try:
         assert not claim_or_wait(redis_client, duplicate, poll=0.01)
     finally:
         timer.join()
-    assert redis_client.get("claim:t:0") == DONE
+    assert is_done(redis_client.get(holder.key))
 
 
 def test_a_crashed_holders_claim_lapses_and_is_taken_over(redis_client: Any) -> None:
-    crashed = Claim.new("claim:t:0", ttl=0.2)
-    redis_client.execute_command(*crashed.take_command())  # then it dies: never renewed
-    successor = Claim.new("claim:t:0", ttl=5.0)
+    crashed = _claim(redis_client, ttl=0.2)
+    assert claim_or_wait(redis_client, crashed, poll=0.01)  # then it dies: never renewed
+    successor = _claim(redis_client)
 
     assert claim_or_wait(redis_client, successor, poll=0.01)
-    assert redis_client.get("claim:t:0") == successor.token.encode()
+    assert redis_client.get(successor.key) == successor.token.encode()
 
 
 def test_a_held_claim_is_renewed_while_its_delivery_runs(redis_client: Any) -> None:
-    renewer = ClaimRenewer(RedisStore(redis_client), ttl=0.3)
-    claim = Claim.new("claim:t:0", ttl=0.3)
+    claim = _claim(redis_client, ttl=0.3)
     assert claim_or_wait(redis_client, claim, poll=0.01)
-    renewer.hold(claim)
+    renewer().hold(claim)
     try:
         time.sleep(1.0)  # more than three lifetimes
-        assert redis_client.get("claim:t:0") == claim.token.encode()
+        assert redis_client.get(claim.key) == claim.token.encode()
+        assert not claim.lost
     finally:
-        renewer.release(claim)
+        renewer().release(claim)
 
 
 # -- the backend engine tasks store through ------------------------------------------------------
@@ -370,8 +377,56 @@ def test_an_engine_task_stores_through_the_apps_own_backend(redis_app: Celery) -
     def stored() -> int:
         return 1
 
-    # Celery's own object: nothing of the engine's wraps it, so nothing can outlive it
-    assert stored.backend is redis_app.backend
+    backend = stored.backend
+    assert backend is not redis_app.backend and isinstance(backend, type(redis_app.backend))
+    assert backend.client is redis_app.backend.client  # one client, one pool, one consumer
+    assert stored.backend is backend
+
+
+def test_a_claimed_delivery_stores_its_outcome_without_reading_first(
+    redis_app: Celery, redis_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    @task(app=redis_app, name="units.fresh")
+    def fresh() -> int:
+        return 1
+
+    claim = RedisStore.for_app(redis_app).new_claim("fresh-1", 0, 5.0)
+    assert claim_or_wait(redis_client, claim, poll=0.01)
+    request = Context(id="fresh-1", **{CLAIM: claim})
+    scripts = _commands(redis_client, "eval")
+
+    def no_read(task_id: str) -> Any:
+        raise AssertionError("read the stored meta before storing")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(fresh.backend, "_get_task_meta_for", no_read)
+        fresh.backend.mark_as_done("fresh-1", 42, request=request)
+
+    assert _commands(redis_client, "eval") == scripts + 1  # the fenced store, nothing else
+    assert fresh.AsyncResult("fresh-1").get(timeout=5) == 42
+
+
+def test_a_delivery_that_lost_its_claim_stores_no_outcome_over_the_holders(
+    redis_app: Celery, redis_client: Any
+) -> None:
+    @task(app=redis_app, name="units.stale")
+    def stale() -> int:
+        return 1
+
+    store = RedisStore.for_app(redis_app)
+    lapsed, holder = store.new_claim("stale-1", 0, 0.1), store.new_claim("stale-1", 0, 5.0)
+    assert claim_or_wait(redis_client, lapsed, poll=0.01)
+    assert claim_or_wait(redis_client, holder, poll=0.01)  # after the first one lapsed
+    stale.backend.mark_as_done("stale-1", 42, request=Context(id="stale-1", **{CLAIM: holder}))
+
+    # When: the delivery whose claim lapsed ends, with another outcome.
+    stale.backend.mark_as_failure(
+        "stale-1", ValueError("late"), request=Context(id="stale-1", **{CLAIM: lapsed})
+    )
+
+    # Then: the holder's outcome stays, and the stale delivery knows it lost its claim.
+    assert stale.AsyncResult("stale-1").get(timeout=5) == 42
+    assert lapsed.lost and not holder.lost
 
 
 def test_any_other_delivery_never_overwrites_a_success(redis_app: Celery) -> None:
@@ -385,6 +440,11 @@ def test_any_other_delivery_never_overwrites_a_success(redis_app: Celery) -> Non
     redelivered.backend.mark_as_failure("late-1", ValueError("late"), request=Context(id="late-1"))
 
     assert redelivered.AsyncResult("late-1").get(timeout=5) == 42
+
+
+def _commands(client: Any, name: str) -> int:
+    stats = client.info("commandstats").get(f"cmdstat_{name}", {})
+    return int(stats.get("calls", 0))
 
 
 # -- recording a worker run ---------------------------------------------------------------------

@@ -1,41 +1,66 @@
 """Claims: one live delivery per Celery message, even when the broker hands it out twice.
 
 Redis has no real acknowledgements: a message a worker holds longer than the visibility
-timeout (an attempt that runs long, a retry's countdown waiting on the worker's timer) is given
-out again while the first delivery is alive. A delivery cannot tell such a duplicate from a
-crashed delivery's redelivery by looking at the run record (Running either way), so each
-delivery claims its message first: ``claim:<task id>:<Celery retries>`` holds a token naming the
-delivery, expires unless renewed (a crashed holder's claim lapses), is renewed while the
-attempt runs (:class:`ClaimRenewer`), and says ``done`` once the delivery has written its
-outcome (kept as long as run records).
+timeout (an attempt that runs long, a message waiting in a prefetch buffer, a retry's countdown
+on the worker's timer) is given out again while the first delivery is alive, or after another
+delivery completed it. A delivery cannot tell such a duplicate from a crashed delivery's
+redelivery by looking at the run record (Running either way), so each delivery claims its
+message: ``claim:<task id>:<Celery retries>`` holds a token naming the delivery (unique across
+hosts and containers), taken only when the key is free (``NX``), expiring unless renewed (a
+crashed holder's claim lapses), renewed while the attempt runs (see
+:mod:`~celery_taskengine._store.renewer`), and set to ``done:<token>`` once the delivery has
+written its outcome (kept as long as run records).
 
-A delivery that cannot claim waits while the holder lives; then it has nothing to do (the
-holder finished: ``done``) or takes over a crashed holder's run (the claim lapsed). The cheap
-path, a message's first delivery without a countdown, claims with a write that travels with the
-run's Running record (see :mod:`~celery_taskengine._store.record_channel`); only messages
-that may be duplicates (redelivered, retried, with a countdown) claim with a round trip.
+The claim is a fencing token: the run record, the done marker, the cache commit and Celery's
+stored result are written by scripts that first compare the claim with the writer's token, so
+an attempt that lost its claim (paused past its lifetime, taken over) writes nothing over the
+new holder's outcome, whenever it resumes. Each such write is one script call, not a read
+followed by a write.
+
+A delivery learns it lost its claim from any answer: a renewal, the cache commit, Celery's
+result; and before it writes its outcome it asks, unless an answer proved the claim its own
+recently enough that it cannot have lapsed since. It then writes nothing more, and the bridge
+ends the delivery with ``Ignore``, leaving the outcome to the holder.
+
+A delivery that cannot claim waits, at most until the holder's claim would lapse unless its
+holder renews it; then it has nothing to do (the holder finished: ``done``) or takes over a
+crashed holder's run. The cheap path, a young message's first delivery, takes its claim in the
+script that writes the run's Running record, without waiting for an answer: no other delivery
+of a message can exist before the broker's visibility timeout has passed since it was sent
+(see :mod:`~celery_taskengine.message_age`), and should one exist anyway (a task id sent
+twice), the fenced writes refuse to write.
+
+Only the Redis store has claims: a memory store's runs live in one process's memory, with
+nothing shared to fence.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
-import socket
 import threading
 import time
-from dataclasses import dataclass
+import uuid
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import redis
 
-from celery_taskengine._store.redis_store import RedisStore
+from celery_taskengine.errors import StoreUnavailableError
+
+if TYPE_CHECKING:
+    from celery_taskengine._store.redis_store import RedisStore
 
 __all__ = [
     "CLAIM_TTL_SECONDS",
-    "DONE",
     "Claim",
-    "ClaimRenewer",
+    "ClaimStore",
     "claim_or_wait",
+    "is_done",
+    "new_token",
+    "store_result_fenced",
 ]
 
 logger = logging.getLogger(__name__)
@@ -43,102 +68,314 @@ logger = logging.getLogger(__name__)
 #: Seconds a claim lives unless renewed: how long a crashed delivery's message waits before
 #: another delivery takes its run over. Renewed every third of it while the attempt runs.
 CLAIM_TTL_SECONDS = 15.0
-#: The value of a claim whose delivery has written its outcome.
-DONE = b"done"
+#: Seconds a duplicate waits past the moment the holder's claim would lapse, so that a holder
+#: renewing on time is not taken over.
+LAPSE_MARGIN_SECONDS = 0.25
+_DONE = b"done"
 
-_tokens = itertools.count()
-_HOST = socket.gethostname()
+# Every fenced write starts so: the claim must be the writer's, or free (taken now: a lapsed
+# claim nobody else took, or a first delivery whose claim rides with this write).
+# KEYS[1]: claim. ARGV[1]: token, ARGV[2]: the claim's lifetime in ms.
+_FENCE = """
+local holder = redis.call('get', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+if not holder then redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2]) end
+local function put(key, value, px)
+  if px == '-' then redis.call('del', key)
+  elseif px ~= '0' then redis.call('set', key, value, 'PX', px)
+  else redis.call('set', key, value) end
+end
+"""
+#: KEYS: claim, run. ARGV: token, ttl ms, document, run px, done value ('' keeps the claim),
+#: done px.
+RECORD_LUA = (
+    _FENCE
+    + """
+put(KEYS[2], ARGV[3], ARGV[4])
+if ARGV[5] ~= '' then put(KEYS[1], ARGV[5], ARGV[6]) end
+return 1
+"""
+)
+#: KEYS: claim, cache record. ARGV: token, ttl ms, record, px ('0': none, '-': delete).
+CACHE_LUA = _FENCE + "put(KEYS[2], ARGV[3], ARGV[4])\nreturn 1\n"
+#: Celery's stored result, written (and published, as Celery does) while the claim is the
+#: writer's, settled by it, or free. KEYS: claim, meta. ARGV: token, done value, meta, px.
+META_LUA = """
+local holder = redis.call('get', KEYS[1])
+if holder and holder ~= ARGV[1] and holder ~= ARGV[2] then return 0 end
+if ARGV[4] ~= '0' then redis.call('set', KEYS[2], ARGV[3], 'PX', ARGV[4])
+else redis.call('set', KEYS[2], ARGV[3]) end
+redis.call('publish', KEYS[2], ARGV[3])
+return 1
+"""
+#: KEYS: claim. ARGV: token, ttl ms, done value. 1: kept (or settled by us), 0: lost.
+RENEW_LUA = """
+local holder = redis.call('get', KEYS[1])
+if holder == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
+if holder == ARGV[3] then return 1 end
+if not holder then redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end
+return 0
+"""
+# Replaces a holder whose claim cannot lapse (no expiry: written by something else than us).
+_REPLACE_LUA = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  redis.call('set', KEYS[1], ARGV[2], 'PX', ARGV[3]) return 1 end
+return 0
+"""
 
 
-@dataclass(frozen=True, slots=True)
+def new_token() -> str:
+    """A delivery's token: random (unique across hosts and containers), with the pid for logs."""
+    return f"{uuid.uuid4().hex}-{os.getpid()}"
+
+
+def is_done(holder: bytes | str | None) -> bool:
+    """Whether a claim's value says its delivery wrote its outcome."""
+    if isinstance(holder, str):
+        holder = holder.encode()
+    return holder is not None and holder.startswith(_DONE)
+
+
+@dataclass(eq=False)
 class Claim:
-    """A delivery's claim on its message: the key, and the token that says it is ours."""
+    """A delivery's claim on its message, and what this process knows of it.
 
+    A lease for the process's renewer. ``lost`` is set once any answer from Redis shows
+    another delivery holds it; from then on the attempt writes nothing.
+    """
+
+    store: RedisStore = field(repr=False)
     key: str
-    token: str
+    run_id: str
     ttl: float
+    token: str = field(default_factory=new_token)
+    #: Monotonic time an answer last proved the claim ours (when that question was sent).
+    proven_at: float | None = None
+    #: Monotonic time an unanswered take was sent (the cheap path), trusted as proof.
+    assumed_at: float | None = None
+    lost: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    @classmethod
-    def new(cls, key: str, ttl: float) -> Claim:
-        return cls(key, f"{_HOST}/{os.getpid()}/{next(_tokens)}", ttl)
+    @property
+    def name(self) -> str:
+        return self.run_id
 
-    def take_command(self) -> tuple[str, ...]:
-        """The write that takes the claim unconditionally (a first delivery's cheap path)."""
-        return ("SET", self.key, self.token, "PX", str(_ms(self.ttl)))
+    @property
+    def done_value(self) -> str:
+        return f"done:{self.token}"
 
-    def done_command(self, px: str) -> tuple[str | bytes, ...]:
-        """The write that marks the message handled (``px``: the run record's lifetime)."""
-        if px == "0":
-            return ("SET", self.key, DONE)
-        return ("SET", self.key, DONE, "PX", px)
+    @property
+    def ttl_ms(self) -> int:
+        return max(1, int(self.ttl * 1000))
+
+    def is_sure(self) -> bool:
+        """Whether the claim is surely still ours: proven recently enough that it cannot have
+        lapsed since (or, on the cheap path, taken so recently that no other delivery can
+        exist yet). Otherwise a write must ask Redis first (:meth:`confirm`)."""
+        since = self.proven_at if self.proven_at is not None else self.assumed_at
+        return not self.lost and since is not None and time.monotonic() - since < self.ttl * 2 / 3
+
+    def proven(self, sent_at: float) -> None:
+        with self._lock:
+            if self.proven_at is None or sent_at > self.proven_at:
+                self.proven_at = sent_at
+
+    def lose(self, how: str) -> None:
+        """Another delivery has the claim: log it once; the attempt writes nothing more."""
+        with self._lock:
+            first, self.lost = not self.lost, True
+        if first:
+            logger.warning(
+                "%s: this delivery lost its claim on the message (%s): another delivery took "
+                "the run over; this attempt's outcome is not written",
+                self.run_id,
+                how,
+            )
+
+    def record_command(
+        self, run_key: str, document: str | bytes, run_px: str, *, settle: bool
+    ) -> tuple[Any, ...]:
+        """The fenced write of the run record (and, with ``settle``, of the done marker)."""
+        done = self.done_value if settle else ""
+        args = (self.token, self.ttl_ms, document, run_px, done, run_px)
+        return ("EVAL", RECORD_LUA, 2, self.key, run_key, *args)
+
+    def confirm(self) -> bool:
+        """Whether the claim is still ours, asking Redis (one round trip, which also extends
+        it) unless that is sure already; a claim found taken is lost."""
+        if self.lost:
+            return False
+        try:
+            if self.is_sure() or self.renew():
+                return True
+        except StoreUnavailableError:
+            return True  # cannot ask now: the write itself is fenced, and retried
+        self.lose("found before writing the outcome")
+        return False
+
+    def fences_results_of(self, backend: Any) -> bool:
+        """Whether Celery's results on ``backend`` can be fenced by this claim (a Redis one)."""
+        return isinstance(getattr(backend, "client", None), redis.Redis)
+
+    # -- the renewer's lease -------------------------------------------------------------
+
+    def renew(self) -> bool:
+        sent_at = time.monotonic()
+        kept = self.store.renew_claim(self)
+        if kept:
+            self.proven(sent_at)
+        return kept
+
+    def renew_every(self) -> float:
+        return self.ttl / 3
+
+    def on_lost(self) -> None:
+        self.lose("found when renewing it")
 
 
 def claim_or_wait(client: redis.Redis, claim: Claim, poll: float) -> bool:
     """Take ``claim``, waiting while another live delivery holds it.
 
     ``True``: ours now (a crashed holder's run is ours to take over). ``False``: the holder
-    finished with this message; this delivery has nothing to do.
+    finished with this message; this delivery has nothing to do. The wait for one holder lasts
+    until its claim would lapse (its PTTL, plus a margin); a holder that keeps renewing is
+    waited for, one that has stopped is taken over.
     """
-    ms = _ms(claim.ttl)
     announced = False
+    stuck_since: float | None = None
     while True:
-        if client.set(claim.key, claim.token, nx=True, px=ms):
+        sent_at = time.monotonic()
+        if client.set(claim.key, claim.token, nx=True, px=claim.ttl_ms):
+            claim.proven(sent_at)
             return True
-        holder = client.get(claim.key)
-        if holder == DONE:
+        pipe = client.pipeline(transaction=False)
+        pipe.get(claim.key)
+        pipe.pttl(claim.key)
+        holder, pttl = pipe.execute()
+        if holder is None or pttl == -2:
+            continue  # lapsed in between: take it now
+        if is_done(holder):
             return False
-        if holder == claim.token.encode():  # our SET went through before a retried failure
+        if _text(holder) == claim.token:  # taken by a try whose answer a dropped connection lost
+            claim.proven(sent_at)
             return True
-        if holder is not None and not announced:
+        if not announced:
             announced = True
-            logger.warning(
-                "%s is being run by another delivery (%s): the broker handed the message out "
-                "again (visibility timeout shorter than the run or its countdown?); waiting "
-                "for that delivery to end",
-                claim.key,
-                holder.decode(errors="replace") if isinstance(holder, bytes) else holder,
-            )
-        time.sleep(poll)
+            _announce(claim, holder)
+        if pttl < 0:  # a claim that cannot lapse: replaced once a lifetime has passed
+            stuck_since = stuck_since or time.monotonic()
+            if time.monotonic() - stuck_since > claim.ttl + LAPSE_MARGIN_SECONDS:
+                sent_at = time.monotonic()
+                args = (holder, claim.token, claim.ttl_ms)
+                if client.eval(_REPLACE_LUA, 1, claim.key, *args):
+                    claim.proven(sent_at)
+                    return True
+            pttl = int(poll * 1000)
+        time.sleep(min(poll, pttl / 1000 + LAPSE_MARGIN_SECONDS))
 
 
-class ClaimRenewer:
-    """Renews the claims of this process's running deliveries from one daemon thread.
-
-    A claim is renewed only once it is a third of its life old: short attempts cost nothing.
-    """
-
-    def __init__(self, store: RedisStore, ttl: float) -> None:
-        self.store, self.ttl = store, ttl
-        self._held: dict[Claim, float] = {}
-        self._lock = threading.Lock()
-        self._pid = 0
-
-    def hold(self, claim: Claim) -> None:
-        with self._lock:
-            self._held[claim] = time.monotonic()
-            if self._pid != os.getpid():  # first use in this process (or after a fork)
-                self._pid = os.getpid()
-                threading.Thread(target=self._run, name="taskengine-claims", daemon=True).start()
-
-    def release(self, claim: Claim) -> None:
-        with self._lock:
-            self._held.pop(claim, None)
-
-    def _run(self) -> None:
-        pid = os.getpid()
-        while self._pid == pid:
-            time.sleep(self.ttl / 3)
-            due = time.monotonic() - self.ttl / 3
-            with self._lock:
-                claims = [claim for claim, since in self._held.items() if since <= due]
-            for claim in claims:
-                try:
-                    if not self.store.renew_if_held(claim.key, claim.token, self.ttl):
-                        logger.warning("%s: lost the delivery's claim while running", claim.key)
-                        self.release(claim)
-                except redis.RedisError:
-                    logger.warning("%s: could not renew the delivery's claim", claim.key)
+def _text(value: bytes | str) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
 
 
-def _ms(seconds: float) -> int:
-    return max(1, int(seconds * 1000))
+def _announce(claim: Claim, holder: bytes | str) -> None:
+    logger.warning(
+        "%s is being run by another delivery (%s): the broker handed the message out again "
+        "(visibility timeout shorter than the run, its countdown or its wait in a prefetch "
+        "buffer?); waiting for that delivery to end",
+        claim.run_id,
+        _text(holder),
+    )
+
+
+class ClaimStore:
+    """The claim operations of :class:`~celery_taskengine._store.redis_store.RedisStore`."""
+
+    client: redis.Redis
+    _prefix: str
+    _available: Callable[[], AbstractContextManager[None]]
+    #: The claim a view made by :meth:`fenced_by` writes cache records under.
+    _fence: Claim | None = None
+    _claim_renew: Any = None
+
+    def new_claim(self, run_id: str, attempt: int, ttl: float) -> Claim:
+        """A new claim (not taken yet) on the message of ``run_id``'s attempt ``attempt``
+        (Celery's ``retries``), living ``ttl`` seconds unless renewed."""
+        store: Any = self
+        return Claim(store, f"{self._prefix}claim:{run_id}:{attempt}", run_id, ttl)
+
+    def take_claim(self, claim: Claim, *, poll: float, patience: float = 0.0) -> bool:
+        """Take ``claim`` with a round trip, waiting while a live holder has it (see
+        :func:`claim_or_wait`); ``False``: another delivery settled the message.
+
+        While Redis does not answer, tried again for up to ``patience`` seconds (as Celery
+        retries its own writes), then :class:`StoreUnavailableError`.
+        """
+        deadline, delay = time.monotonic() + patience, 0.05
+        while True:
+            try:
+                with self._available():
+                    return claim_or_wait(self.client, claim, poll)
+            except StoreUnavailableError as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                logger.warning("%s: cannot claim the message yet: %s", claim.run_id, exc)
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    def renew_claim(self, claim: Claim) -> bool:
+        """Extend ``claim`` (or take it again if it lapsed and is free); ``False`` if another
+        delivery holds it. On connections of its own: called from the renewer's thread."""
+        renew = self._claim_renew
+        if renew is None:  # on connections of its own: made by the first renewal
+            from celery_taskengine._store.redis_store import side_client
+
+            renew = self._claim_renew = side_client(self.client).register_script(RENEW_LUA)
+        args = [claim.token, claim.ttl_ms, claim.done_value]
+        with self._available():
+            return bool(renew(keys=[claim.key], args=args))
+
+    def write_fenced(self, claim: Claim, command: tuple[Any, ...]) -> bool:
+        """Run a fenced write built by ``claim`` (one round trip) and learn from its answer
+        whether the claim is still ours; ``False`` (and the claim lost) if not."""
+        sent_at = time.monotonic()
+        with self._available():
+            answer = self.client.execute_command(*command)  # type: ignore[no-untyped-call]
+        if answer:
+            claim.proven(sent_at)
+            return True
+        claim.lose("its write was refused")
+        return False
+
+    def fenced_by(self, claim: Claim | None) -> Any:
+        """This store as an attempt holding ``claim`` uses it: cache commits are written only
+        while the claim is the attempt's (the same store when there is no claim)."""
+        if claim is None:
+            return self
+        view = object.__new__(type(self))
+        view.__dict__.update(self.__dict__)
+        view._fence = claim
+        return view
+
+    def _write_fenced_record(self, redis_key: str, raw: bytes | str, px: str) -> None:
+        """A cache commit under :attr:`_fence` (``px``: ms, ``'0'`` none, ``'-'`` delete)."""
+        claim = self._fence
+        assert claim is not None
+        if claim.lost:
+            return
+        args = (claim.token, claim.ttl_ms, raw, px)
+        self.write_fenced(claim, ("EVAL", CACHE_LUA, 2, claim.key, redis_key, *args))
+
+
+def store_result_fenced(backend: Any, claim: Claim, key: str, value: Any, px: int | None) -> bool:
+    """Store Celery's result ``value`` under ``key`` (and publish it, as Celery does) only if
+    ``claim`` is still the delivery's, or settled by it; one script call, retried as Celery
+    retries its own writes. ``False`` (logged, nothing stored) if another delivery has it."""
+    if claim.lost:
+        return False
+    args = (claim.token, claim.done_value, value, str(px or 0))
+    call = backend.client.eval
+    stored = bool(backend.ensure(call, (META_LUA, 2, claim.key, key, *args)))
+    if not stored:
+        claim.lose("Celery's result was not stored")
+    return stored

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import redis
 
+from celery_taskengine._store.claims import ClaimStore
 from celery_taskengine._store.early_read import EarlyRead, EarlyReads
 from celery_taskengine._store.protocol import ItemBatch, LocalRecorder, ResultRecord
 from celery_taskengine._store.record_codec import (
@@ -89,7 +90,7 @@ def side_client(client: redis.Redis) -> redis.Redis:
     return redis.Redis(connection_pool=own)
 
 
-class RedisStore:
+class RedisStore(ClaimStore):
     """A :class:`~celery_taskengine._store.protocol.ResultStore` on one Redis database.
 
     Use :meth:`for_app` to get one on a Celery app's result backend. ``accept`` lists the
@@ -225,7 +226,9 @@ class RedisStore:
         redis_key = self.key_for("cache", key)
 
         def store() -> None:
-            if expires_in is None:
+            if self._fence is not None:  # a delivery's commit: only while it holds its claim
+                self._write_fenced_record(redis_key, raw, _px_or_delete(expires_in))
+            elif expires_in is None:
                 self.client.set(redis_key, raw)
             elif expires_in <= 0:
                 self.client.delete(redis_key)
@@ -439,6 +442,13 @@ def _milliseconds(seconds: float) -> int:
     # Rounded up so Redis never drops a record before its envelope says it expires; at least 1
     # because PX 0 is an error.
     return max(1, math.ceil(seconds * 1000))
+
+
+def _px_or_delete(expires_in: float | None) -> str:
+    """A fenced write's lifetime argument: ms, ``'0'`` for none, ``'-'`` to delete."""
+    if expires_in is None:
+        return "0"
+    return "-" if expires_in <= 0 else str(_milliseconds(expires_in))
 
 
 def _check_ttl(ttl: float) -> float:

@@ -186,6 +186,30 @@ def _register_tasks(app: Celery) -> SimpleNamespace:
         time.sleep(sleep)
         return {"key": key, "execution": execution, "pid": os.getpid()}
 
+    @task(app=app, name="rel.early_acked", acks_late=False)
+    def early_acked(key: str, gate: str = "") -> dict[str, Any]:
+        """Acknowledged when it starts (Celery's default): counts its executions of ``key``,
+        waits for ``gate`` if given, and returns which execution produced the value."""
+        execution = int(side(app).incr(f"exec:{key}"))
+        if gate:
+            wait_for_gate(app, gate)
+        return {"key": key, "execution": execution, "pid": os.getpid()}
+
+    @task(
+        app=app,
+        name="rel.fenced",
+        cache_policy=INPUTS - "gate",
+        cache_expiration=600,
+        acks_late=True,
+        reject_on_worker_lost=True,
+    )
+    def fenced(key: str, gate: str) -> dict[str, Any]:
+        """Counts its executions of ``key``, waits for ``gate``, and returns (and caches) which
+        execution produced the value."""
+        execution = int(side(app).incr(f"exec:{key}"))
+        wait_for_gate(app, gate)
+        return {"key": key, "execution": execution, "pid": os.getpid()}
+
     @task(app=app, name="rel.blocked_in_redis", timeout_seconds=0.1)
     def blocked_in_redis(key: str, seconds: float) -> str:
         """Spends ``seconds`` inside one Redis call (a BLPOP on an empty list)."""
@@ -273,7 +297,10 @@ def _logged(sender: Any) -> bool:
     return sender is not None and sender.name in _LOGGED_TASKS
 
 
-_LOGGED_TASKS = frozenset({"rel.work", "rel.gated", "rel.flaky", "rel.locked", "rel.soak"})
+_LOGGED_TASKS = frozenset(
+    {"rel.work", "rel.gated", "rel.flaky", "rel.locked", "rel.soak"}
+    | {"rel.early_acked", "rel.fenced"}
+)
 
 
 _apply_lock_ttl()
