@@ -36,6 +36,7 @@ nothing shared to fence.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -48,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from celery_taskengine._store.retrying import Patience
 from celery_taskengine.errors import StoreUnavailableError
 
 if TYPE_CHECKING:
@@ -311,17 +313,10 @@ class ClaimStore:
         While Redis does not answer, tried again for up to ``patience`` seconds (as Celery
         retries its own writes), then :class:`StoreUnavailableError`.
         """
-        deadline, delay = time.monotonic() + patience, 0.05
-        while True:
-            try:
-                with self._available():
-                    return claim_or_wait(self.client, claim, poll)
-            except StoreUnavailableError as exc:
-                if time.monotonic() + delay > deadline:
-                    raise
-                logger.warning("%s: cannot claim the message yet: %s", claim.run_id, exc)
-            time.sleep(delay)
-            delay = min(delay * 2, 1.0)
+        store: Any = self
+        wait = Patience(seconds=patience)
+        take = functools.partial(claim_or_wait, self.client, claim, poll)
+        return bool(store.call(take, "claiming its message", claim.run_id, patience=wait))
 
     def renew_claim(self, claim: Claim) -> bool:
         """Extend ``claim`` (or take it again if it lapsed and is free); ``False`` if another
@@ -332,15 +327,17 @@ class ClaimStore:
 
             renew = self._claim_renew = side_client(self.client).register_script(RENEW_LUA)
         args = [claim.token, claim.ttl_ms, claim.done_value]
-        with self._available():
-            return bool(renew(keys=[claim.key], args=args))
+        store: Any = self
+        renewal = functools.partial(renew, keys=[claim.key], args=args)
+        return bool(store.call(renewal, "renewing its claim", claim.run_id, patience=Patience()))
 
     def write_fenced(self, claim: Claim, command: tuple[Any, ...]) -> bool:
         """Run a fenced write built by ``claim`` (one round trip) and learn from its answer
         whether the claim is still ours; ``False`` (and the claim lost) if not."""
         sent_at = time.monotonic()
-        with self._available():
-            answer = self.client.execute_command(*command)  # type: ignore[no-untyped-call]
+        store: Any = self
+        write = functools.partial(self.client.execute_command, *command)
+        answer = store.call(write, "a fenced write", claim.run_id)
         if answer:
             claim.proven(sent_at)
             return True
