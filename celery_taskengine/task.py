@@ -49,7 +49,8 @@ class Task(CeleryTask):  # type: ignore[misc]
     """
 
     engine_options: ClassVar[TaskOptions]
-    #: The engine counts attempts; Celery's own limit would cut retries the engine asked for.
+    #: Set to the task's ``retries``: the engine asks for every retry, and Celery's retry
+    #: count (the message's) never exceeds the engine's attempts.
     max_retries: ClassVar[int | None] = None
     fn_kind: ClassVar[FnKind] = "function"
     celery_options: ClassVar[dict[str, Any]] = {}
@@ -246,6 +247,9 @@ def build_task(
         "engine_options": options,
         "fn_kind": fn_kind(fn),
         "celery_options": dict(celery_options),
+        # Celery never retries an engine task more often than the engine would (the engine
+        # asks for each retry; this bounds a message whose run record went missing).
+        "max_retries": options.retries,
         **celery_options,
     }
     cls: Any = type(getattr(fn, "__name__", name), (Task,), attributes)

@@ -39,6 +39,7 @@ from celery_taskengine.message_age import may_be_duplicate
 from celery_taskengine.parameters import bind_parameters
 from celery_taskengine.run_core import RunEnvironment
 from celery_taskengine.states import State, utcnow
+from celery_taskengine.store_recorder import StoreRecorder
 from celery_taskengine.streaming import ItemChannel
 from celery_taskengine.task_engine import (
     new_task_run,
@@ -96,11 +97,19 @@ def run_delivery(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> A
 def _stored_run(
     task: Task, delivery: Delivery, store: ResultStore, parameters: dict[str, Any]
 ) -> TaskRun:
-    """The delivery's run: the recorded one to continue, if any, else a new one."""
+    """The delivery's run: the recorded one to continue, if any, else a new one.
+
+    The message says how many attempts came before (Celery's ``retries``): a run whose record
+    is missing (expired, or kept by a store another process cannot see) starts counting
+    there, so its retries can neither start over nor go on for ever.
+    """
     run = None
     if delivery.may_continue:  # else no record can exist yet
         run = store.load_run(delivery.task_id)
-    return run if run is not None else new_task_run(task, parameters, delivery.task_id)
+    if run is None:
+        run = new_task_run(task, parameters, delivery.task_id)
+        run.run_count = max(run.run_count, delivery.retries)
+    return run
 
 
 def _run(task: Task, delivery: Delivery, store: ResultStore, run: TaskRun) -> list[Any]:
@@ -241,7 +250,7 @@ def _execute(
             agenerator = run_generator_task_async(task, task_run=run, context=context)
             run_on_worker_loop(_drain_async(agenerator, run, publish, items))
     finally:
-        if isinstance(env.record, DeliveryRecorder):
+        if isinstance(env.record, DeliveryRecorder | StoreRecorder):
             env.record.flush()
     return items
 
@@ -253,12 +262,16 @@ def _environment(
         "key_run_id": delivery.workflow_id,
         "defer_retries": True,
         "is_cancelled": revocation_check(delivery.task_id, store),
+        "across_processes": True,
     }
     if isinstance(store, RedisStore):
         recorder = DeliveryRecorder(task.app, store, delivery, on_attempt=on_attempt)
         fenced = store.fenced_by(delivery.claim)  # cache commits only while the claim holds
         return RunEnvironment(store=fenced, record=recorder, **common)
-    # No Redis backend: the run lives in this worker's memory, as a local run's would.
+    if store.shared:  # a SQL store: its plain operations, each answered
+        saver = StoreRecorder(task.app, store, task, delivery, on_attempt=on_attempt)
+        return RunEnvironment(store=store, record=saver, **common)
+    # memory:// chosen on purpose: the run lives in this worker's memory, as a local run's.
     return RunEnvironment(
         store=store,
         record=_announcer(task, delivery, on_attempt),

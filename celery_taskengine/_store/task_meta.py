@@ -111,16 +111,26 @@ def save_run_with_meta(
     """
     from celery_taskengine._store.redis_store import RedisStore
 
-    if not isinstance(store, RedisStore):
-        store.save_run(run)
-        return
     backend = app.backend
-    meta = _meta(run.id, status, result, date_done=utcnow().isoformat())
-    pipe = store.client.pipeline(transaction=False)
+    if not isinstance(store, RedisStore) or getattr(backend, "client", None) is not store.client:
+        store.save_run(run)  # the run record, then Celery's result through Celery
+        backend.store_result(run.id, result, status)
+        return
+    meta = backend.encode(_meta(run.id, status, result, date_done=utcnow().isoformat()))
+    meta_key, meta_px = backend.get_key_for_task(run.id), _px_int(backend.expires)
     document = _ENCODER.encode(run.to_document())
-    pipe.set(store.key_for("run", run.id), document, px=_px_int(store.run_expires))
-    pipe.set(backend.get_key_for_task(run.id), backend.encode(meta), px=_px_int(backend.expires))
-    pipe.execute()
+    keys, args = store.index_keys_and_args(run)
+
+    def save() -> None:
+        pipe = store.client.pipeline(transaction=False)
+        pipe.set(store.key_for("run", run.id), document, px=_px_int(store.run_expires))
+        store._index_script(keys=keys, args=args, client=pipe)
+        pipe.set(
+            backend.get_key_for_task(run.id), backend.encode(meta), px=_px_int(backend.expires)
+        )
+        pipe.execute()
+
+    store.call(save, "saving a run answered at send time", run.id)
 
 
 def _meta(
