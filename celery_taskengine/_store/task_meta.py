@@ -125,9 +125,7 @@ def save_run_with_meta(
         pipe = store.client.pipeline(transaction=False)
         pipe.set(store.key_for("run", run.id), document, px=_px_int(store.run_expires))
         store._index_script(keys=keys, args=args, client=pipe)
-        pipe.set(
-            backend.get_key_for_task(run.id), backend.encode(meta), px=_px_int(backend.expires)
-        )
+        pipe.set(meta_key, meta, px=meta_px)
         pipe.execute()
 
     store.call(save, "saving a run answered at send time", run.id)
