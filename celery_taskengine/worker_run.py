@@ -31,7 +31,7 @@ from celery_taskengine._store.protocol import ResultStore
 from celery_taskengine._store.redis_store import RedisStore
 from celery_taskengine._store.renewer import renewer
 from celery_taskengine._store.selection import store_for_app
-from celery_taskengine._store.task_meta import state_info, write_task_meta
+from celery_taskengine._store.task_meta import keeps_meta_on_redis, state_info, write_task_meta
 from celery_taskengine.cancellation import revocation_check
 from celery_taskengine.engine_backend import CLAIM
 from celery_taskengine.events import send_state_event, task_events_enabled
@@ -128,10 +128,13 @@ def _run(task: Task, delivery: Delivery, store: ResultStore, run: TaskRun) -> li
 def after_celery_retry(task: Task, task_id: str) -> None:
     """Show AWAITING_RETRY in the backend, over the RETRY Celery just stored for our retry."""
     info = _awaiting_info.pop(task_id, None)
-    if info is None or not isinstance(store_for_app(task.app), RedisStore):
+    if info is None or get_actual_ignore_result(task, task.request):
         return
     try:
-        write_task_meta(task.app, task_id, "AWAITING_RETRY", info, expected="RETRY")
+        if keeps_meta_on_redis(task.app.backend):
+            write_task_meta(task.app, task_id, "AWAITING_RETRY", info, expected="RETRY")
+        else:  # a database or rpc:// backend: through Celery
+            task.app.backend.store_result(task_id, info, "AWAITING_RETRY")
     except Exception:
         logger.warning("%s: could not store the AWAITING_RETRY state", task_id, exc_info=True)
 

@@ -13,6 +13,8 @@ import math
 import re
 from typing import TYPE_CHECKING, Any
 
+import redis
+
 from celery_taskengine._store.protocol import ResultStore
 from celery_taskengine.states import State, utcnow
 from celery_taskengine.task_run import TaskRun
@@ -24,6 +26,7 @@ __all__ = [
     "SET_META_LUA",
     "celery_status",
     "encode_meta",
+    "keeps_meta_on_redis",
     "px",
     "save_run_with_meta",
     "state_info",
@@ -70,6 +73,11 @@ def celery_status(state: State) -> str | None:
 
 
 _STATUS_NAMES: dict[str, str] = {}
+
+
+def keeps_meta_on_redis(backend: Any) -> bool:
+    """Whether Celery keeps task meta on a Redis server (its scripts can write it)."""
+    return isinstance(getattr(backend, "client", None), redis.Redis)
 
 
 def write_task_meta(
