@@ -106,6 +106,8 @@ class DeliveryRecorder:
         self.delivery = delivery
         self.on_attempt = on_attempt
         self._channel = _channel_for(store, app)
+        #: This delivery's writes on an engine connection, unless they ride on Celery's.
+        self._writer = None if delivery.piggyback else self._channel.writer(delivery.task_id)
         self._run_key = store.key_for("run", delivery.task_id)
         self._run_px = px(store.run_expires)
         self._document: RunDocument | None = None
@@ -130,7 +132,11 @@ class DeliveryRecorder:
         claim = self.delivery.claim
         if state.is_scheduled():
             commands = [save] if claim is None else [save, claim.done_command(self._run_px)]
-            self._channel.send_blocking(*commands, key=self._run_key, piggyback=piggyback)
+            if self._writer is None:
+                self._channel.send_blocking(*commands, key=self._run_key, piggyback=piggyback)
+            else:  # after this delivery's Running, on its connection: confirmed at once
+                self._writer.send(commands)
+                self._writer.confirm()
         else:
             commands = [save]
             if self._claim_to_take is not None:
@@ -144,9 +150,7 @@ class DeliveryRecorder:
                     commands.append(claim.done_command(self._run_px))
                 self._final = commands
             else:
-                # An attempt's start may travel with its end (see redis_oneway).
-                hold = state.type is StateType.RUNNING
-                self._channel.send(*commands, key=self._run_key, piggyback=piggyback, hold=hold)
+                self._send(commands, hold=state.type is StateType.RUNNING)
         if state.type is StateType.RUNNING and self.on_attempt is not None:
             self.on_attempt()
         if self.delivery.send_events:
@@ -154,10 +158,27 @@ class DeliveryRecorder:
             send_state_event(self.app, d.hostname, d.task_id, run, state)
 
     def flush(self) -> None:
-        """Write the final state, once the engine has returned (its transaction is over)."""
+        """Write the final state, once the engine has returned (its transaction is over), and
+        see Redis take this delivery's writes: before Celery stores the task's result.
+
+        Raises :class:`StoreUnavailableError` (logged with the run id) if Redis did not take
+        them within Celery's backend retry policy, or refused one.
+        """
         final, self._final = self._final, None
+        if self._writer is None:  # riding on Celery's connection: its reply confirms them
+            if final is not None:
+                self._channel.send(*final, key=self._run_key, piggyback=True)
+            return
         if final is not None:
-            self._channel.send(*final, key=self._run_key, piggyback=self.delivery.piggyback)
+            self._writer.send(final)
+        self._writer.confirm()
+
+    def _send(self, commands: list[tuple[Any, ...]], *, hold: bool) -> None:
+        """Send without waiting; ``hold``: an attempt's start may travel with its end."""
+        if self._writer is None:
+            self._channel.send(*commands, key=self._run_key, piggyback=True)
+        else:
+            self._writer.send(commands, hold=hold)
 
     def _meta_command(self, run: TaskRun, state: State, status: str) -> tuple[Any, ...]:
         backend = self.app.backend
@@ -191,7 +212,8 @@ def _channel_for(store: RedisStore, app: Celery) -> RecordChannel:
     channel = _channels.get(store)
     if channel is None:
         patience = _retry_patience(app)
-        channel = _channels.setdefault(store, RecordChannel(store.client, patience=patience))
+        channel = RecordChannel(store.client, patience=patience, pool=store.connections)
+        channel = _channels.setdefault(store, channel)
     return channel
 
 

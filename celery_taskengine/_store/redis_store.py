@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import redis
 
+from celery_taskengine._store.connections import DEFAULT_MAX_CONNECTIONS, EnginePool
 from celery_taskengine._store.early_read import EarlyRead, EarlyReads
 from celery_taskengine._store.protocol import ResultRecord
 from celery_taskengine._store.record_codec import (
@@ -88,7 +89,9 @@ class RedisStore:
     Use :meth:`for_app` to get one on a Celery app's result backend. ``accept`` lists the
     serializers records may use (JSON only by default); ``run_expires`` is the lifetime of run
     records in seconds (``None``: forever); ``url`` names the server in error messages and must
-    not contain a password; ``clock`` gives wall-clock seconds for record timestamps.
+    not contain a password; ``clock`` gives wall-clock seconds for record timestamps;
+    ``max_connections`` bounds the connections the engine keeps of its own (see
+    :mod:`~celery_taskengine._store.connections`).
     """
 
     supports_locking: bool = True
@@ -103,6 +106,7 @@ class RedisStore:
         run_expires: float | None = DEFAULT_RUN_EXPIRES,
         url: str | None = None,
         clock: Callable[[], float] = time.time,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
         if not namespace or ":" in namespace:
             raise ConfigurationError(
@@ -117,6 +121,8 @@ class RedisStore:
         self._clock = clock
         self._release = client.register_script(_RELEASE_LUA)
         self._renew: Any = None  # on connections of its own, made by the first renewal
+        #: Connections kept between uses (early reads, run records): never Celery's pool's.
+        self.connections = EnginePool(client, max_connections)
         self._early_reads = EarlyReads(self)
 
     @classmethod
@@ -124,7 +130,8 @@ class RedisStore:
         """The store on ``app``'s Redis result backend, sharing its client and connections.
 
         Honours the backend's ``global_keyprefix``, the app's ``taskengine_namespace``,
-        ``result_accept_content`` (else ``accept_content``) and ``result_expires``.
+        ``result_accept_content`` (else ``accept_content``), ``result_expires`` and
+        ``taskengine_store_max_connections`` (connections the engine keeps, per process).
         """
         backend = app.backend
         options = app.conf.get("result_backend_transport_options") or {}
@@ -135,6 +142,7 @@ class RedisStore:
             accept=accept_for_app(app),
             run_expires=_seconds(app.conf.get("result_expires")),
             url=backend.as_uri(),
+            max_connections=_max_connections(app.conf.get("taskengine_store_max_connections")),
         )
 
     def key_for(self, kind: Kind, name: str) -> str:
@@ -330,6 +338,16 @@ def _global_prefix(prefix: Any) -> str:
         return ""
     text = str(prefix)
     return text if text[-1] in ":_-." else f"{text}_"
+
+
+def _max_connections(setting: Any) -> int:
+    if setting is None:
+        return DEFAULT_MAX_CONNECTIONS
+    if isinstance(setting, bool) or not isinstance(setting, int) or setting < 0:
+        raise ConfigurationError(
+            f"taskengine_store_max_connections must be an int >= 0, got {setting!r}"
+        )
+    return setting
 
 
 def _seconds(expires: Any) -> float | None:
