@@ -19,6 +19,7 @@ client instead.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -27,7 +28,7 @@ from typing import Any
 import redis
 
 from celery_taskengine._store.connections import EnginePool
-from celery_taskengine._store.wire import DOWN, MSG_MORE, Command, pack, read_reply, send
+from celery_taskengine._store.wire import DOWN, MSG_MORE, Command, dropped, pack, read_reply, send
 from celery_taskengine.errors import StoreUnavailableError
 
 __all__ = ["RecordWriter", "patiently"]
@@ -39,16 +40,17 @@ def patiently(
     action: Callable[[], None], patience: float, *, before_each: Callable[[], None]
 ) -> None:
     """Run ``action`` until Redis takes it, backing off, ``before_each`` try (which drops the
-    connection a failed try left); after ``patience`` seconds :class:`StoreUnavailableError`."""
+    connection a failed try left); after ``patience`` seconds, and at least one try on a fresh
+    connection, :class:`StoreUnavailableError`."""
     deadline = time.monotonic() + patience
     delay = 0.05
-    while True:
+    for tries in itertools.count(1):
         before_each()
         try:
             action()
             return
         except DOWN as exc:
-            if time.monotonic() + delay > deadline:
+            if tries > 1 and time.monotonic() + delay > deadline:
                 raise StoreUnavailableError(f"cannot write run records to Redis: {exc}") from exc
         time.sleep(delay)
         delay = min(delay * 2, 1.0)
@@ -74,7 +76,7 @@ class RecordWriter:
         next send, at most 200 ms); a failed send is left for :meth:`confirm` to make again."""
         self._pending.extend(commands)
         if self._connection is None:
-            self._connection = self._pool.take()
+            self._connection = self._take()
             if self._connection is None:  # the engine pool is exhausted: write blocking
                 with contextlib.suppress(*DOWN):  # kept pending: confirm() tries again
                     self._write_blocking()
@@ -115,6 +117,13 @@ class RecordWriter:
                 self._refused = self._refused or exc
             self._pending.pop(0)
             self._on_connection -= 1
+
+    def _take(self) -> Any:
+        """An engine connection, checked: one the server closed while idle is remade."""
+        connection = self._pool.take()
+        if connection is not None and connection._sock is not None and dropped(connection):
+            connection.disconnect()  # a send on it would be lost without an error
+        return connection
 
     def _send_unsent(self, flags: int) -> None:
         unsent = self._pending[self._on_connection :]
