@@ -226,7 +226,7 @@ class RecordChannel:
         try:
             pipe.execute()
         except redis.exceptions.ResponseError as exc:
-            raise StoreUnavailableError(f"Redis refused a run record write: {exc}") from exc
+            raise StoreUnavailableError(f"Redis refused a run record write: {exc!r}") from exc
 
 
 def _skipping(commands: Sequence[Command]) -> list[Command]:

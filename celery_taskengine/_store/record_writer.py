@@ -97,7 +97,7 @@ class RecordWriter:
             if self._pending:
                 patiently(self._read_all, self.patience, before_each=self._reconnect_if_needed)
             if self._refused is not None:
-                raise StoreUnavailableError(f"Redis refused a run record write: {self._refused}")
+                raise StoreUnavailableError(f"Redis refused a run record write: {self._refused!r}")
         except StoreUnavailableError as exc:
             logger.error("%s: the run record is not written: %s", self.run_id, exc)
             self._pending.clear()

@@ -19,6 +19,7 @@ of how often a function body ran, gates the test opens. Every key a test passes 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from types import SimpleNamespace
@@ -185,6 +186,20 @@ def _register_tasks(app: Celery) -> SimpleNamespace:
     def tiny(i: int, sleep: float = 0.0) -> int:
         time.sleep(sleep)
         return i * 2
+
+    @task(app=app, name="rel.ends_after", acks_late=True, reject_on_worker_lost=True)
+    def ends_after(marker: str, sleep: float) -> str:
+        """Says it is about to end (sets ``marker``), then ends ``sleep`` s later."""
+        side(app).set(marker, os.getpid())
+        time.sleep(sleep)
+        return marker
+
+    @task(app=app, name="rel.ends_after_async", acks_late=True, reject_on_worker_lost=True)
+    async def ends_after_async(marker: str, sleep: float) -> str:
+        """:func:`ends_after` as an ``async def`` task."""
+        side(app).set(marker, os.getpid())
+        await asyncio.sleep(sleep)
+        return marker
 
     @task(
         app=app,

@@ -1,0 +1,106 @@
+"""A run's final record when Redis hangs as the run ends, then dies and comes back.
+
+Redis is stopped (SIGSTOP) while a real ``celery worker`` runs a task's last moments, so the
+final record is sent to a server that reads nothing; a second later it is killed (SIGKILL:
+whatever it had not read is gone) and started again with its append-only file. Celery then
+stores the task's result on the restarted server (``result_backend_always_retry``). What must
+hold, in every pool and for sync and ``async def`` tasks: the run record agrees with Celery's
+result, or the loss is logged with the run id (issue 11, break 3).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from tests.reliability.harness import (
+    RedisServer,
+    WorkerProcess,
+    redis_server,
+    reliability_app,
+    wait_for,
+    workers,
+)
+
+pytestmark = pytest.mark.timeout(240)
+
+#: Seconds the task's body runs after saying it is about to end.
+ENDING_SECONDS = 0.5
+#: Seconds Redis stays stopped: the body ends and its final record is sent meanwhile.
+HUNG_SECONDS = 1.5
+
+
+def hang_then_restart(server: RedisServer) -> None:
+    """SIGSTOP Redis for HUNG_SECONDS, then SIGKILL it and start it again (same port, AOF)."""
+    proc = server.proc
+    assert proc is not None
+    proc.send_signal(signal.SIGSTOP)
+    time.sleep(HUNG_SECONDS)
+    proc.kill()
+    proc.send_signal(signal.SIGCONT)
+    proc.wait(timeout=20)
+    server.proc = None
+    server.start()
+
+
+def celery_status(client: redis.Redis, task_id: str) -> str | None:
+    raw = client.get(f"celery-task-meta-{task_id}")
+    return None if raw is None else str(json.loads(raw)["status"])
+
+
+def run_history(client: redis.Redis, task_id: str) -> list[str] | None:
+    raw = client.get(f"cte:default:run:{task_id}")
+    if raw is None:
+        return None
+    return [state["name"] for state in json.loads(raw)["state_history"]]
+
+
+@pytest.mark.parametrize(
+    ("pool", "kind"),
+    [
+        ("threads", "sync"),
+        ("threads", "async"),
+        ("prefork", "sync"),
+        ("prefork", "async"),
+        ("solo", "sync"),
+    ],
+)
+def test_a_final_record_sent_to_a_hung_redis_that_restarts_agrees_with_celerys_result(
+    pool: str, kind: str, tmp_path: Path
+) -> None:
+    with redis_server(tmp_path) as server, reliability_app(f"{server.url}/1") as (app, tasks):
+        worker = WorkerProcess(app, tmp_path, pool=pool, concurrency=1)
+        client = redis.Redis(port=server.port, db=1)
+        with workers(worker):
+            ending = tasks.ends_after if kind == "sync" else tasks.ends_after_async
+            marker = f"ending:{uuid.uuid4().hex}"
+            # Given: a run about to end.
+            task_id = ending.delay(marker, ENDING_SECONDS).id
+            wait_for(lambda: client.exists(marker), 60, "the task to start ending")
+            # When: Redis hangs as it ends, then is killed and restarted.
+            hang_then_restart(server)
+            client = redis.Redis(port=server.port, db=1)
+
+            def settled() -> Any:
+                worker.restart_if_exited()
+                return celery_status(client, task_id) == "SUCCESS" and run_history(
+                    client, task_id
+                ) == ["Pending", "Running", "Completed"]
+
+            # Then: Celery's result and the run record agree (Completed), or the worker says
+            # which run's record it lost.
+            try:
+                wait_for(settled, 60, "Celery's result and the run record to agree")
+            except AssertionError:
+                log = worker.log_text()
+                lost = f"{task_id}: the run record is not written" in log
+                status, history = celery_status(client, task_id), run_history(client, task_id)
+                assert lost, f"Celery says {status}, the record {history}, nothing logged"
+        client.close()
