@@ -80,8 +80,11 @@ def test_a_final_record_sent_to_a_hung_redis_that_restarts_agrees_with_celerys_r
         client = redis.Redis(port=server.port, db=1)
         with workers(worker):
             ending = tasks.ends_after if kind == "sync" else tasks.ends_after_async
+            # Given: a worker whose connections are up (a run went through), and a run about
+            # to end.
+            warm = f"warm:{uuid.uuid4().hex}"
+            assert ending.delay(warm, 0).get(timeout=60) == warm
             marker = f"ending:{uuid.uuid4().hex}"
-            # Given: a run about to end.
             task_id = ending.delay(marker, ENDING_SECONDS).id
             wait_for(lambda: client.exists(marker), 60, "the task to start ending")
             # When: Redis hangs as it ends, then is killed and restarted.
@@ -103,4 +106,5 @@ def test_a_final_record_sent_to_a_hung_redis_that_restarts_agrees_with_celerys_r
                 lost = f"{task_id}: the run record is not written" in log
                 status, history = celery_status(client, task_id), run_history(client, task_id)
                 assert lost, f"Celery says {status}, the record {history}, nothing logged"
+                print(f"\n{task_id}: the record was lost (logged): Celery {status}, {history}")
         client.close()
