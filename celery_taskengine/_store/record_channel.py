@@ -122,28 +122,27 @@ class RecordChannel:
             pending, self._orphans = self._orphans, {}
         if not pending:
             return
+        # An engine connection, or (none to spare) one checked out of the client's pool.
+        pool: EnginePool | None = self.pool
         connection = self.pool.take()
+        if connection is None:
+            connection, pool = checkout(self.client.connection_pool), None
 
         def resend() -> None:
-            if connection is None:
-                self._pipeline([("PING",)])  # nothing to spare: the orphans' fate is unknown
-                raise redis.exceptions.ConnectionError("no engine connection to spare")
             send(connection, b"".join(pending.values()) + PING_PACKED, 0)
             read_reply(connection)  # PING: everything before it was read
 
-        def reconnect() -> None:
-            if connection is not None:
-                connection.disconnect()
-
         try:
-            patiently(resend, patience, before_each=reconnect)
+            patiently(resend, patience, before_each=connection.disconnect)
         except StoreUnavailableError as exc:
             with self._orphans_lock:
                 self._orphans = {**pending, **self._orphans}
             logger.warning("%d run records not written yet: %s", len(pending), exc)
         finally:
-            if connection is not None:
-                self.pool.give_back(connection)
+            if pool is not None:
+                pool.give_back(connection)
+            else:
+                self.client.connection_pool.release(connection)
 
     def _supersede(self, key: str) -> None:
         """Forget record ``key``'s orphans: the write being sent holds the whole record."""

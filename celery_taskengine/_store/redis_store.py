@@ -79,7 +79,9 @@ def side_client(client: redis.Redis) -> redis.Redis:
     pool.
     """
     pool = client.connection_pool
-    own = redis.ConnectionPool(connection_class=pool.connection_class, **pool.connection_kwargs)
+    own = redis.BlockingConnectionPool(  # type: ignore[no-untyped-call]  # bounded: one renewer
+        connection_class=pool.connection_class, max_connections=2, **pool.connection_kwargs
+    )
     return redis.Redis(connection_pool=own)
 
 
