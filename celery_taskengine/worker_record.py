@@ -5,10 +5,12 @@ and a redelivery can continue the run), shown in the result backend (see
 :mod:`~celery_taskengine._store.task_meta`) and, if it has no Celery twin, announced as a task
 event.
 Recording is on every task's hot path, so it costs as little as it can (see
-:mod:`~celery_taskengine._store.record_channel` for the measurements):
+:mod:`~celery_taskengine._store.record_channel` for how):
 
 - Pending is held back and written together with Running; a plain run writes twice, at Running
-  and at its final state, each a single send that does not wait for Redis to answer.
+  and at its final state, each a single send that does not wait for Redis to answer. Their
+  replies are read (or, riding on Celery's connection, Celery's reply is) before Celery
+  stores the task's result, so a write Redis never took or refused is never passed over.
 - The backend's task state is written only for states Celery does not write itself.
 - AwaitingRetry is written blocking: the retry's delivery, maybe on another worker, reads it.
 - A crash never overwrites a run that already ended: with ``revoke(terminate=True)`` the
@@ -82,7 +84,7 @@ class Delivery:
     retries: int
     redelivered: bool
     send_events: bool
-    #: Records may ride on Celery's next backend command (see redis_oneway).
+    #: Records may ride on Celery's next backend command (see record_channel).
     piggyback: bool = False
     #: This delivery's claim on its message (see delivery_claims), and whether it is taken
     #: already; if not, it is taken with the first Running record.
@@ -198,7 +200,7 @@ _channels: weakref.WeakKeyDictionary[RedisStore, RecordChannel] = weakref.WeakKe
 
 def resend_orphaned_records() -> None:
     """At a delivery's end: write again the records a dropped connection lost (see
-    redis_oneway), so a run whose result Celery stored does not end without its record."""
+    record_channel), so a run whose result Celery stored does not end without its record."""
     if not RecordChannel.orphaned:
         return
     for channel in list(_channels.values()):

@@ -50,6 +50,7 @@ from celery_taskengine._store.wire import (
     dropped,
     pack,
     read_reply,
+    refusal,
     send,
 )
 from celery_taskengine.states import State, StateType
@@ -272,7 +273,7 @@ class LocalRunRecorder:
 
     def _lose(self, key: str, exc: BaseException) -> None:
         run_id = key[len(self._run_key_prefix) :]
-        logger.error("%s: the run record is not written to Redis: %r", run_id, exc)
+        logger.error("%s: the run record is not written to Redis: %s", run_id, refusal(exc))
         self._lost_count += 1
         if len(self._lost) < _MAX_LOST_NAMED:
             self._lost[run_id] = None

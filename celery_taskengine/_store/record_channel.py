@@ -49,6 +49,7 @@ from celery_taskengine._store.wire import (
     dropped,
     pack,
     read_reply,
+    refusal,
     replies_can_be_skipped,
     send,
 )
@@ -225,7 +226,8 @@ class RecordChannel:
         try:
             pipe.execute()
         except redis.exceptions.ResponseError as exc:
-            raise StoreUnavailableError(f"Redis refused a run record write: {exc!r}") from exc
+            refused = refusal(exc)
+            raise StoreUnavailableError(f"Redis refused a run record write: {refused}") from exc
 
 
 def _skipping(commands: Sequence[Command]) -> list[Command]:

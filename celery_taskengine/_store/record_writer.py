@@ -28,7 +28,16 @@ from typing import Any
 import redis
 
 from celery_taskengine._store.connections import EnginePool
-from celery_taskengine._store.wire import DOWN, MSG_MORE, Command, dropped, pack, read_reply, send
+from celery_taskengine._store.wire import (
+    DOWN,
+    MSG_MORE,
+    Command,
+    dropped,
+    pack,
+    read_reply,
+    refusal,
+    send,
+)
 from celery_taskengine.errors import StoreUnavailableError
 
 __all__ = ["RecordWriter", "patiently"]
@@ -97,7 +106,8 @@ class RecordWriter:
             if self._pending:
                 patiently(self._read_all, self.patience, before_each=self._reconnect_if_needed)
             if self._refused is not None:
-                raise StoreUnavailableError(f"Redis refused a run record write: {self._refused!r}")
+                refused = refusal(self._refused)
+                raise StoreUnavailableError(f"Redis refused a run record write: {refused}")
         except StoreUnavailableError as exc:
             logger.error("%s: the run record is not written: %s", self.run_id, exc)
             self._pending.clear()

@@ -29,6 +29,7 @@ __all__ = [
     "dropped",
     "pack",
     "read_reply",
+    "refusal",
     "replies_can_be_skipped",
     "send",
 ]
@@ -94,6 +95,12 @@ def read_reply(connection: Any, timeout: float | None = None) -> Any:
     if timeout is not None and not connection.can_read(timeout=timeout):
         raise redis.exceptions.TimeoutError(f"no reply from Redis within {timeout:g} s")
     return connection.read_response()
+
+
+def refusal(exc: BaseException) -> str:
+    """An error reply as a log line shows it: redis-py strips the code (``OOM``, ``NOPERM``,
+    ``READONLY``) from the message and keeps it in the class name."""
+    return f"{type(exc).__name__}: {exc}"
 
 
 def dropped(connection: Any) -> bool:
