@@ -4,8 +4,8 @@ Redis is stopped (SIGSTOP) while a real ``celery worker`` runs a task's last mom
 final record is sent to a server that reads nothing; a second later it is killed (SIGKILL:
 whatever it had not read is gone) and started again with its append-only file. Celery then
 stores the task's result on the restarted server (``result_backend_always_retry``). What must
-hold, in every pool and for sync and ``async def`` tasks: the run record agrees with Celery's
-result, or the loss is logged with the run id (issue 11, break 3).
+hold, in every pool and for sync, ``async def`` and generator tasks: the run record agrees
+with Celery's result, or the loss is logged with the run id (issue 11, break 3).
 """
 
 from __future__ import annotations
@@ -35,6 +35,22 @@ pytestmark = pytest.mark.timeout(240)
 ENDING_SECONDS = 0.5
 #: Seconds Redis stays stopped: the body ends and its final record is sent meanwhile.
 HUNG_SECONDS = 1.5
+
+
+#: A generator task's items are published (streaming.py) with plain client calls that do not
+#: wait out an outage: the delivery fails with a raw ConnectionError while the record, written
+#: on the confirmed channel, says Completed. Outage retries are another part of issue 11.
+STREAM_PUBLISH_UNRETRIED = pytest.mark.xfail(
+    reason="streaming.ItemChannel.publish does not retry while Redis restarts", strict=False
+)
+
+#: The task each kind of function runs as.
+ENDING_TASKS = {
+    "sync": lambda tasks: tasks.ends_after,
+    "async": lambda tasks: tasks.ends_after_async,
+    "generator": lambda tasks: tasks.ends_after_generator,
+    "async_generator": lambda tasks: tasks.ends_after_async_generator,
+}
 
 
 def hang_then_restart(server: RedisServer) -> None:
@@ -70,6 +86,8 @@ def run_history(client: redis.Redis, task_id: str) -> list[str] | None:
         ("prefork", "sync"),
         ("prefork", "async"),
         ("solo", "sync"),
+        pytest.param("threads", "generator", marks=STREAM_PUBLISH_UNRETRIED),
+        pytest.param("prefork", "async_generator", marks=STREAM_PUBLISH_UNRETRIED),
     ],
 )
 def test_a_final_record_sent_to_a_hung_redis_that_restarts_agrees_with_celerys_result(
@@ -79,11 +97,11 @@ def test_a_final_record_sent_to_a_hung_redis_that_restarts_agrees_with_celerys_r
         worker = WorkerProcess(app, tmp_path, pool=pool, concurrency=1)
         client = redis.Redis(port=server.port, db=1)
         with workers(worker):
-            ending = tasks.ends_after if kind == "sync" else tasks.ends_after_async
+            ending = ENDING_TASKS[kind](tasks)
             # Given: a worker whose connections are up (a run went through), and a run about
             # to end.
             warm = f"warm:{uuid.uuid4().hex}"
-            assert ending.delay(warm, 0).get(timeout=60) == warm
+            assert ending.delay(warm, 0).get(timeout=60) in (warm, [warm])
             marker = f"ending:{uuid.uuid4().hex}"
             task_id = ending.delay(marker, ENDING_SECONDS).id
             wait_for(lambda: client.exists(marker), 60, "the task to start ending")

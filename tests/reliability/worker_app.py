@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import AsyncIterator, Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -201,6 +202,20 @@ def _register_tasks(app: Celery) -> SimpleNamespace:
         side(app).set(marker, os.getpid())
         await asyncio.sleep(sleep)
         return marker
+
+    @task(app=app, name="rel.ends_after_generator", acks_late=False)
+    def ends_after_generator(marker: str, sleep: float) -> Iterator[str]:
+        """:func:`ends_after` as a generator task (yields ``marker`` once it is done)."""
+        side(app).set(marker, os.getpid())
+        time.sleep(sleep)
+        yield marker
+
+    @task(app=app, name="rel.ends_after_async_generator", acks_late=False)
+    async def ends_after_async_generator(marker: str, sleep: float) -> AsyncIterator[str]:
+        """:func:`ends_after` as an async generator task."""
+        side(app).set(marker, os.getpid())
+        await asyncio.sleep(sleep)
+        yield marker
 
     @task(
         app=app,
