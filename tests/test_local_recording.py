@@ -24,11 +24,8 @@ import pytest
 import redis
 
 from celery_taskengine import flush_run_records, task
-from celery_taskengine._store.local_records import (
-    WRITE_BEHIND_SECONDS,
-    LocalRunRecorder,
-    recorder_for,
-)
+from celery_taskengine._store.local_flush import WRITE_BEHIND_SECONDS
+from celery_taskengine._store.local_records import LocalRunRecorder, recorder_for
 from celery_taskengine._store.redis_store import RedisStore
 from celery_taskengine._store.selection import store_for_app
 from celery_taskengine.cache_policies import INPUTS

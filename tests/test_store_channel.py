@@ -130,6 +130,27 @@ def test_a_local_record_a_demoted_backend_refuses_is_reported_by_flush_and_logge
     assert any("ReadOnlyError" in message for message in logged), logged
 
 
+def test_a_local_record_made_while_redis_restarts_is_written_once_it_is_back(
+    server: RedisServer,
+) -> None:
+    app = app_on(f"{server.url}/0")
+    t = task(app=app, name="channel.outage")(lambda x: x)
+    try:
+        run_locally(t, x=0)
+        assert flush_run_records(app)  # the recorder's connection is up
+        server.stop()
+        run_id = run_locally(t, x=1)  # written behind, while Redis is away
+        time.sleep(1.0)  # the flusher tries, and keeps the record
+        server.start()
+        flushed = flush_run_records(app, timeout=10)
+        history = run_history(redis.Redis(port=server.port), run_id)
+    finally:
+        app.close()
+
+    assert flushed, flushed
+    assert history == ["Pending", "Running", "Completed"]
+
+
 def test_a_worker_runs_final_record_redis_refuses_fails_its_delivery_loudly(
     server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:

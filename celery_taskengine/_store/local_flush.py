@@ -29,6 +29,8 @@ WRITE_BEHIND_SECONDS = 0.01
 CONFIRM_TIMEOUT_SECONDS = 5.0
 #: How long an exiting process waits for Redis to confirm its last records.
 EXIT_TIMEOUT_SECONDS = 5.0
+#: Seconds between the flusher's tries while Redis cannot be reached.
+RETRY_DELAY_SECONDS = 0.5
 #: Exit priority of the multiprocessing finalizer: before the ones that close pools and queues.
 _FINALIZER_PRIORITY = 50
 
@@ -40,9 +42,9 @@ class Recorder(Protocol):
 
     def write_held(self) -> None: ...
 
-    def confirm_sent(self, timeout: float) -> None: ...
+    def confirm_sent(self, timeout: float) -> bool: ...
 
-    def flush(self, timeout: float) -> FlushResult: ...
+    def flush(self, timeout: float, *, patience: float = ...) -> FlushResult: ...
 
 
 @dataclass(frozen=True)
@@ -110,9 +112,16 @@ class Flusher:
             for recorder in due:
                 try:
                     recorder.write_held()
-                    recorder.confirm_sent(CONFIRM_TIMEOUT_SECONDS)
+                    if not recorder.confirm_sent(CONFIRM_TIMEOUT_SECONDS):
+                        self.retry_later(recorder)
                 except Exception:  # never let one store's trouble stop the others' records
                     logger.exception("local run records: the flusher failed")
+
+    def retry_later(self, recorder: Recorder) -> None:
+        """Visit ``recorder`` again after RETRY_DELAY_SECONDS (Redis could not be reached)."""
+        timer = threading.Timer(RETRY_DELAY_SECONDS, self.schedule, (recorder,))
+        timer.daemon = True
+        timer.start()
 
     def _flush_at_exit(self) -> None:
         """Flush at this process's exit: ``atexit`` for interpreters that end normally, a
@@ -128,6 +137,7 @@ class Flusher:
     def flush_all(self) -> None:
         for recorder in self._recorders():
             try:
-                recorder.flush(EXIT_TIMEOUT_SECONDS)  # what is lost is logged by the recorder
+                # Nobody retries after the exit: what is unconfirmed then is lost (and logged).
+                recorder.flush(EXIT_TIMEOUT_SECONDS, patience=0.0)
             except Exception:  # exiting: there is nobody left to tell but the log
                 logger.exception("local run records: the flush at exit failed")

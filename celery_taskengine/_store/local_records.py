@@ -12,13 +12,10 @@ flusher thread (:mod:`~._store.local_flush`) pushes them with a PING, within abo
 
 Every write's reply is read, by the flusher, not the caller: a write counts as made only when
 Redis answered it. An error reply (OOM, NOPERM, READONLY) loses that run's record, and so does
-a connection that stays lost after the unanswered writes were sent again on a new one; either
-way the run id is logged and the next :func:`flush_run_records` returns a false
-:class:`~._store.local_flush.FlushResult` naming it.
-
+an outage longer than Celery would wait out; either way the run id is logged and the next
+:func:`flush_run_records` returns a false :class:`~._store.local_flush.FlushResult` naming it.
 A process killed with SIGKILL loses the records of the runs that ended in its last 10 ms or so;
-they stay Running on the backend until they expire. Normal exits flush, also a
-``multiprocessing`` child's.
+normal exits flush, also a ``multiprocessing`` child's.
 """
 
 from __future__ import annotations
@@ -33,12 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from celery_taskengine._store.local_flush import (
-    WRITE_BEHIND_SECONDS,
-    Flusher,
-    FlushResult,
-    Recorder,
-)
+from celery_taskengine._store.local_flush import Flusher, FlushResult, Recorder
 from celery_taskengine._store.memory import default_memory_store
 from celery_taskengine._store.run_document import RunDocument
 from celery_taskengine._store.task_meta import px
@@ -61,13 +53,7 @@ if TYPE_CHECKING:
 
     from celery_taskengine._store.redis_store import RedisStore
 
-__all__ = [
-    "WRITE_BEHIND_SECONDS",
-    "FlushResult",
-    "LocalRunRecorder",
-    "flush_run_records",
-    "recorder_for",
-]
+__all__ = ["FlushResult", "LocalRunRecorder", "flush_run_records", "recorder_for"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +61,10 @@ logger = logging.getLogger(__name__)
 FLUSH_TIMEOUT_SECONDS = 5.0
 #: Documents kept for runs between Running and their end; more means runs that died unended.
 _MAX_OPEN_DOCUMENTS = 10_000
+#: Seconds unanswered records are kept and retried while Redis cannot be reached before they
+#: count as lost: as long as Celery's Redis backend retries a write by default (20 tries at
+#: most 1 s apart), so an outage Celery waits out loses no local record either.
+OUTAGE_PATIENCE_SECONDS = 20.0
 #: Lost run ids kept for the next flush_run_records (beyond that they are only counted).
 _MAX_LOST_NAMED = 10_000
 
@@ -95,9 +85,10 @@ class LocalRunRecorder:
     A record is not written when its state is entered but held (the run's latest state
     replaces an older one), and written with the next run's Running record, which a cache
     hit makes while its read is on the way to Redis and back, so the writing costs the caller
-    no time; or by the flusher thread after :data:`WRITE_BEHIND_SECONDS`, whichever comes
-    first. A cache hit's Running and Cached are one record, and a run's Running is written
-    only if it is still running when the flusher comes. A run's thread never waits for Redis:
+    no time; or by the flusher thread after
+    :data:`~._store.local_flush.WRITE_BEHIND_SECONDS`, whichever comes first. A cache hit's
+    Running and Cached are one record, and a run's Running is written only if it is still
+    running when the flusher comes. A run's thread never waits for Redis:
     if the connection is down or busy, it leaves the writing to the flusher.
 
     Writes are sent without waiting for their replies; the flusher reads them. Until its reply
@@ -128,6 +119,8 @@ class LocalRunRecorder:
         #: Runs whose records were given up on since the last flush, and how many.
         self._lost: dict[str, None] = {}
         self._lost_count = 0
+        #: When Redis was first found unreachable in the current outage (monotonic seconds).
+        self._down_since: float | None = None
 
     def __call__(self, run: TaskRun, state: State) -> None:
         kind = state.type
@@ -180,38 +173,67 @@ class LocalRunRecorder:
         finally:
             self._lock.release()
 
-    def confirm_sent(self, timeout: float) -> None:
+    def confirm_sent(self, timeout: float, *, patience: float = OUTAGE_PATIENCE_SECONDS) -> bool:
         """Read the replies to what was sent (pushed with a PING), waiting up to ``timeout``
-        seconds for the first; writes a dropped connection left unanswered are sent again
-        once on a new one, then given up on (logged, and reported by the next flush)."""
-        with self._lock:
-            for _ in (1, 2):
-                if not self._unconfirmed and not self._sent:
-                    return
-                try:
-                    connection = self._connect()
-                    if connection is None:  # every engine connection is busy: write blocking
-                        self._write_blocking(dict(self._unconfirmed))
-                        return
-                    send(connection, PING_PACKED)
-                    self._read_replies(connection, timeout)
-                    return
-                except DOWN as exc:
-                    self._forget_connection()
-                    reason: Exception = exc
-            for key in list(self._unconfirmed):
-                self._lose(key, reason)
-            self._unconfirmed.clear()
+        seconds for the first; whether nothing sent is left unconfirmed.
 
-    def flush(self, timeout: float) -> FlushResult:
+        Writes a dropped connection left unanswered are sent again on a new one; while Redis
+        stays unreachable they are kept, for the flusher to try again, until ``patience``
+        seconds have passed: then they are given up on (logged, reported by the next flush).
+        """
+        with self._lock:
+            try:
+                self._confirm(timeout)
+            except DOWN as exc:
+                return self._still_down(exc, patience)
+            self._down_since = None
+            return True
+
+    def flush(self, timeout: float, *, patience: float = OUTAGE_PATIENCE_SECONDS) -> FlushResult:
         """Write what is held, wait until Redis answered it; the records lost since the last
-        flush (false if any)."""
+        flush, and those still unconfirmed (false if any: the flusher goes on trying those)."""
         self.write_held()
-        self.confirm_sent(timeout)
+        confirmed = self.confirm_sent(timeout, patience=patience)
         with self._lock:
             lost, count = tuple(self._lost), self._lost_count
             self._lost, self._lost_count = {}, 0
-        return FlushResult(lost, count)
+            start = len(self._run_key_prefix)
+            waiting = () if confirmed else tuple(key[start:] for key in self._unconfirmed)
+        if waiting:
+            logger.warning("%s: run records not confirmed by Redis yet", ", ".join(waiting))
+            _flusher.retry_later(self)
+        return FlushResult(lost + waiting, count + len(waiting))
+
+    def _confirm(self, timeout: float) -> None:
+        for attempt in (1, 2):
+            if not self._unconfirmed and not self._sent:
+                return
+            try:
+                connection = self._connect()
+                if connection is None:  # every engine connection is busy: write blocking
+                    self._write_blocking(dict(self._unconfirmed))
+                    return
+                send(connection, PING_PACKED)
+                self._read_replies(connection, timeout)
+                return
+            except DOWN:
+                self._forget_connection()
+                if attempt == 2:
+                    raise
+
+    def _still_down(self, exc: Exception, patience: float) -> bool:
+        """Redis could not be reached: keep the unconfirmed writes (``False``) until it has
+        been so for ``patience`` seconds, then give them up (``True``: nothing left)."""
+        now = time.monotonic()
+        if self._down_since is None:
+            self._down_since = now
+        if now - self._down_since < patience:
+            return False
+        for key in list(self._unconfirmed):
+            self._lose(key, exc)
+        self._unconfirmed.clear()
+        self._down_since = None
+        return True
 
     def _save_command(self, key: str, run: TaskRun) -> Command:
         documents = self._documents
@@ -349,12 +371,10 @@ def flush_run_records(
 ) -> FlushResult:
     """Send this process's held local run records and wait until Redis answered them.
 
-    Other processes see a local run's record within about 10 ms (see the module docstring);
-    call this before handing a run id to another process that must see it at once. With
-    ``app``, only that app's backend is waited for. The result is false when a record since
-    the last call did not reach Redis within ``timeout`` seconds or was refused (OOM, NOPERM,
-    READONLY); its ``lost_runs`` names those runs (each was also logged), so
-    ``if not flush_run_records(): ...`` works as before.
+    Call this before handing a run id to another process that must see it at once (others see
+    it within about 10 ms anyway). With ``app``, only that app's backend is waited for. The
+    result is false when a record since the last call did not reach Redis within ``timeout``
+    seconds or was refused (OOM, NOPERM, READONLY); its ``lost_runs`` names those runs.
     """
     if app is not None:
         from celery_taskengine._store.redis_store import RedisStore
