@@ -23,11 +23,13 @@ import redis
 from tests.reliability.harness import (
     RedisServer,
     WorkerProcess,
+    outcome_of,
     redis_server,
     reliability_app,
     wait_for,
     workers,
 )
+from tests.reliability.worker_app import make_app
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -126,3 +128,35 @@ def test_a_final_record_sent_to_a_hung_redis_that_restarts_agrees_with_celerys_r
                 assert lost, f"Celery says {status}, the record {history}, nothing logged"
                 print(f"\n{task_id}: the record was lost (logged): Celery {status}, {history}")
         client.close()
+
+
+@pytest.mark.parametrize("pool", ["threads", "prefork", "solo"])
+def test_a_run_record_redis_refuses_is_logged_with_the_run_id(pool: str, tmp_path: Path) -> None:
+    # Given: a result backend user that may touch Celery's keys only (NOPERM on the engine's).
+    with redis_server(tmp_path) as server:
+        redis.Redis(port=server.port).acl_setuser(
+            "celery-only",
+            enabled=True,
+            passwords=["+secret"],
+            keys=["celery-task-meta-*"],
+            channels=["*"],
+            commands=["+@all"],
+        )
+        backend = f"redis://celery-only:secret@127.0.0.1:{server.port}/1"
+        app, tasks = make_app(f"{server.url}/1", backend, queue=f"noperm-{uuid.uuid4().hex[:8]}")
+        try:
+            worker = WorkerProcess(app, tmp_path, pool=pool, concurrency=1)
+            with workers(worker):
+                # When: a run's records are written.
+                result = tasks.tiny.delay(1)
+                outcome = outcome_of(result, timeout=60)
+                wait_for(lambda: "NoPermissionError" in worker.log_text(), 30, "the refusal")
+                log = worker.log_text()
+        finally:
+            app.close()
+
+    # Then: the refusal is logged against the run, never swallowed; where the delivery waits
+    # for its own writes (threads, solo), the caller sees it too.
+    refused = [line for line in log.splitlines() if "NoPermissionError" in line]
+    assert any(f"{result.id}: the run record is not written" in line for line in refused), refused
+    assert outcome == 2 or "NoPermissionError" in str(outcome)

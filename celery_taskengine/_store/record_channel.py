@@ -6,11 +6,11 @@ final states with blocking writes cost a fifth of plain-Celery throughput. So:
 
 ``RecordChannel.send(..., piggyback=True)``
     In a single-threaded worker process (a prefork child, the solo CLI worker) the commands are
-    queued (``MSG_MORE``, Linux) after ``CLIENT REPLY SKIP`` on the connection the result
-    backend's pool hands out next: Celery's own next backend command, the read it makes before
-    storing the task's result, is sent on that connection and carries them in the same packet.
-    Reply order forces the skip (Celery reads only its own reply); the writes count as
-    unconfirmed until that reply arrives, which proves Redis read them.
+    queued (``MSG_MORE``, Linux) on the connection the result backend's pool hands out next:
+    Celery's own next backend command, the read it makes before storing the task's result, is
+    sent on that connection and carries them in the same packet. The connection is hooked so
+    that our replies are read first, before Celery reads its own: every error is seen (and
+    logged with the run id), and no ``CLIENT REPLY SKIP`` is needed to keep replies in order.
 :class:`~._store.record_writer.RecordWriter` (``RecordChannel.writer``)
     Elsewhere (the threads and gevent pools, ``async def`` tasks on the loop thread, in-process
     workers) a delivery writes on a connection of the engine pool: sent without waiting, every
@@ -18,13 +18,12 @@ final states with blocking writes cost a fifth of plain-Celery throughput. So:
 
 Either way one run's writes travel on one connection, in order, and a run's final record
 reaches Redis before Celery stores the task's result: when ``AsyncResult.get()`` returns, the
-record is there. Servers that ignore ``CLIENT REPLY`` (some proxies) are detected once per
-process, and then piggybacked writes block.
+record is there.
 
-Writes queued for Celery's next command are kept until a reply on that connection proves Redis
-read them. If the connection breaks first, they become *orphans*, sent again (in order,
-superseded by any newer write of the same record) before this channel's next write and when the
-delivery ends (:meth:`RecordChannel.resend_orphans`).
+Writes queued for Celery's next command are kept until their replies are read. If the
+connection breaks first, they become *orphans*, sent again (in order, superseded by any newer
+write of the same record) before this channel's next write and when the delivery ends
+(:meth:`RecordChannel.resend_orphans`).
 """
 
 from __future__ import annotations
@@ -42,15 +41,11 @@ from celery_taskengine._store.record_writer import RecordWriter, patiently
 from celery_taskengine._store.wire import (
     DOWN,
     MSG_MORE,
-    PING_PACKED,
-    SKIP,
     Command,
     checkout,
     dropped,
     pack,
-    read_reply,
     refusal,
-    replies_can_be_skipped,
     send,
 )
 from celery_taskengine.errors import StoreUnavailableError
@@ -73,9 +68,8 @@ class RecordChannel:
         #: Seconds a write is retried while Redis does not answer (as Celery retries its own).
         self.patience = patience
         self.pool = pool if pool is not None else EnginePool(client)
-        self._supported: bool | None = None
-        #: Record key -> writes whose connection broke before Redis was seen to read them.
-        self._orphans: dict[str, bytes] = {}
+        #: Record key -> writes whose connection broke before their replies were read.
+        self._orphans: dict[str, list[Command]] = {}
         self._orphans_lock = threading.Lock()
 
     @property
@@ -87,18 +81,18 @@ class RecordChannel:
         return RecordWriter(self.client, self.pool, run_id, patience=self.patience)
 
     def send(self, *commands: Command, key: str = "", piggyback: bool = False) -> None:
-        """Send ``commands`` (writes of record ``key``) in order. ``piggyback``: queue them,
-        replies skipped, for the pool's next command (see above); otherwise they are written
-        on an engine connection and confirmed. While Redis does not answer they are retried
-        for ``patience`` seconds, then :class:`StoreUnavailableError`."""
+        """Send ``commands`` (writes of record ``key``) in order. ``piggyback``: queue them
+        for the pool's next command, their replies read before its own (see above); otherwise
+        they are written on an engine connection and confirmed. While Redis does not answer
+        they are retried for ``patience`` seconds, then :class:`StoreUnavailableError`."""
         if self._orphans:
             self._supersede(key)
             self.resend_orphans()
-        if not piggyback or not MSG_MORE or not self._skips_replies():
+        if not piggyback or not MSG_MORE:
             self.send_blocking(*commands, key=key, piggyback=piggyback)
             return
         try:
-            self._send_on_next(_skipping(commands), key)
+            self._send_on_next(list(commands), key)
         except DOWN:
             patiently(lambda: self._pipeline(commands), self.patience, before_each=_nothing)
 
@@ -117,33 +111,22 @@ class RecordChannel:
         writer.confirm()
 
     def resend_orphans(self, patience: float = 0.0) -> None:
-        """Send the orphans again and wait until Redis has read them, retrying for up to
-        ``patience`` seconds; what still fails is logged and kept for the next chance."""
+        """Send the orphans again and wait until Redis answered them, retrying for up to
+        ``patience`` seconds; what Redis could not be reached for is logged and kept for the
+        next chance, what it refused is logged and dropped."""
         with self._orphans_lock:
             pending, self._orphans = self._orphans, {}
         if not pending:
             return
-        # An engine connection, or (none to spare) one checked out of the client's pool.
-        pool: EnginePool | None = self.pool
-        connection = self.pool.take()
-        if connection is None:
-            connection, pool = checkout(self.client.connection_pool), None
-
-        def resend() -> None:
-            send(connection, b"".join(pending.values()) + PING_PACKED, 0)
-            read_reply(connection)  # PING: everything before it was read
-
+        writer = RecordWriter(self.client, self.pool, "orphaned run records", patience=patience)
+        writer.send([command for commands in pending.values() for command in commands])
         try:
-            patiently(resend, patience, before_each=connection.disconnect)
+            writer.confirm()
         except StoreUnavailableError as exc:
-            with self._orphans_lock:
-                self._orphans = {**pending, **self._orphans}
-            logger.warning("%d run records not written yet: %s", len(pending), exc)
-        finally:
-            if pool is not None:
-                pool.give_back(connection)
-            else:
-                self.client.connection_pool.release(connection)
+            if isinstance(exc.__cause__, DOWN):
+                with self._orphans_lock:
+                    self._orphans = {**pending, **self._orphans}
+                logger.warning("%d run records not written yet: %s", len(pending), exc)
 
     def _supersede(self, key: str) -> None:
         """Forget record ``key``'s orphans: the write being sent holds the whole record."""
@@ -165,59 +148,59 @@ class RecordChannel:
             pool.release(connection)
 
     def _queue(self, connection: Any, commands: list[Command], key: str) -> None:
-        """Queue ``commands`` on an idle pool ``connection``, kept until a reply on it proves Redis
-        read it: Celery's command, not ours, is the one that reads from it."""
-        pending: dict[str, bytes] | None = connection.__dict__.get("_cte_pending")
-        if pending is None:
-            pending = self._watch(connection)
-        if dropped(connection):
-            connection.disconnect()  # orphans what it held; reconnected by the send below
+        """Queue ``commands`` on an idle pool ``connection``: sent when Celery's next command
+        is, their replies read (and errors logged) before that command's own."""
+        queued: _Queued | None = connection.__dict__.get("_cte_queued")
+        if queued is None:
+            queued = self._watch(connection)
+        if not queued.replies and dropped(connection):  # idle, nothing of ours to read
+            connection.disconnect()  # reconnected by the send below
             self._supersede(key)
-        data = pack(connection, commands)
-        pending[key] = pending.get(key, b"") + data
-        send(connection, data, MSG_MORE)
+        queued.commands.setdefault(key, []).extend(commands)
+        queued.replies += [key] * len(commands)
+        send(connection, pack(connection, commands), MSG_MORE)
 
-    def _watch(self, connection: Any) -> dict[str, bytes]:
-        """Hook ``connection``: a reply clears what is pending on it, a disconnect orphans it."""
-        pending: dict[str, bytes] = {}
-        read_response, disconnect = connection.read_response, connection.disconnect
+    def _watch(self, connection: Any) -> _Queued:
+        """Hook ``connection``: our replies are read before anyone's, a disconnect orphans
+        the writes whose replies were not read."""
+        queued = _Queued()
+        read_response, can_read = connection.read_response, connection.can_read
+        disconnect = connection.disconnect
 
-        def read_and_confirm(*args: Any, **kwargs: Any) -> Any:
-            response = read_response(*args, **kwargs)
-            if pending:  # an idle connection's first reply: what was queued before was read
-                pending.clear()
-            return response
+        def read_ours() -> None:
+            while queued.replies:
+                try:
+                    read_response()
+                except redis.exceptions.ResponseError as exc:
+                    run_id = queued.replies[0].rpartition(":")[2]
+                    logger.error("%s: the run record is not written: %s", run_id, refusal(exc))
+                queued.replies.pop(0)
+            queued.commands.clear()
+
+        def read_ours_first(*args: Any, **kwargs: Any) -> Any:
+            if queued.replies:
+                read_ours()
+            return read_response(*args, **kwargs)
+
+        def can_read_after_ours(*args: Any, **kwargs: Any) -> Any:
+            if queued.replies and can_read():  # ours were sent: read them, not Celery
+                read_ours()
+            return can_read(*args, **kwargs)
 
         def disconnect_and_orphan(*args: Any, **kwargs: Any) -> Any:
-            if pending:
+            if queued.replies:
                 RecordChannel.orphaned = True
                 with self._orphans_lock:
-                    for key, data in pending.items():
-                        self._orphans[key] = self._orphans.get(key, b"") + data
-                pending.clear()
+                    for key, commands in queued.commands.items():
+                        self._orphans[key] = [*self._orphans.get(key, []), *commands]
+            queued.commands.clear()
+            queued.replies.clear()
             return disconnect(*args, **kwargs)
 
-        connection._cte_pending = pending
-        connection.read_response = read_and_confirm
+        connection._cte_queued = queued
+        connection.read_response, connection.can_read = read_ours_first, can_read_after_ours
         connection.disconnect = disconnect_and_orphan
-        return pending
-
-    def _skips_replies(self) -> bool:
-        """Whether the server honours ``CLIENT REPLY SKIP`` (probed once, on an engine
-        connection; without one to spare, piggybacked writes block until the next probe)."""
-        if self._supported is None:
-            connection = self.pool.take()
-            if connection is None:
-                return False
-            try:
-                connection.connect()
-                self._supported = replies_can_be_skipped(connection)
-            except DOWN:
-                connection.disconnect()
-                return False
-            finally:
-                self.pool.give_back(connection)
-        return self._supported
+        return queued
 
     def _pipeline(self, commands: Sequence[Command]) -> None:
         pipe = self.client.pipeline(transaction=False)
@@ -230,8 +213,15 @@ class RecordChannel:
             raise StoreUnavailableError(f"Redis refused a run record write: {refused}") from exc
 
 
-def _skipping(commands: Sequence[Command]) -> list[Command]:
-    return [part for command in commands for part in (SKIP, command)]
+class _Queued:
+    """Writes queued on one of Celery's connections, by record key, and the record key of each
+    reply not read yet, in order."""
+
+    __slots__ = ("commands", "replies")
+
+    def __init__(self) -> None:
+        self.commands: dict[str, list[Command]] = {}
+        self.replies: list[str] = []
 
 
 def _nothing() -> None:

@@ -10,7 +10,6 @@ connection's own parser, so every error is still seen.
 from __future__ import annotations
 
 import inspect
-import logging
 import select
 import socket
 import ssl
@@ -23,28 +22,21 @@ __all__ = [
     "DOWN",
     "MSG_MORE",
     "PING_PACKED",
-    "SKIP",
     "Command",
     "checkout",
     "dropped",
     "pack",
     "read_reply",
     "refusal",
-    "replies_can_be_skipped",
     "send",
 ]
 
-logger = logging.getLogger(__name__)
-
 Command = Sequence[Any]
-#: Put before a command so Redis sends no answer to it (Redis >= 3.2).
-SKIP = ("CLIENT", "REPLY", "SKIP")
 #: Let the kernel hold what is sent until more follows (or 200 ms pass), Linux only.
 MSG_MORE: int = getattr(socket, "MSG_MORE", 0)
 #: What a send or read raises when Redis is down or hung up.
 DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 PING_PACKED = b"*1\r\n$4\r\nPING\r\n"
-_PROBE = b"celery-taskengine-probe"
 _poll = getattr(select, "poll", None)
 
 
@@ -118,19 +110,3 @@ def dropped(connection: Any) -> bool:
         return bool(poller.poll(0))
     except (OSError, ValueError):
         return True
-
-
-def replies_can_be_skipped(connection: Any) -> bool:
-    """Whether the server honours ``CLIENT REPLY SKIP``: only the ECHO should answer."""
-    try:
-        connection.send_packed_command(
-            connection.pack_commands([SKIP, ("PING",), ("ECHO", _PROBE)]), check_health=False
-        )
-        reply = connection.read_response()
-    except redis.exceptions.ResponseError:
-        reply = None
-    supported = reply in (_PROBE, _PROBE.decode())
-    if not supported:
-        connection.disconnect()  # its replies are out of step now
-        logger.warning("Redis ignores CLIENT REPLY SKIP; run records are written blocking")
-    return supported
