@@ -154,8 +154,10 @@ class RecordChannel:
         if queued is None:
             queued = self._watch(connection)
         if not queued.replies and dropped(connection):  # idle, nothing of ours to read
-            connection.disconnect()  # reconnected by the send below
+            connection.disconnect()
             self._supersede(key)
+        if connection._sock is None:  # before ours are expected: connecting reads its own
+            connection.connect()
         queued.commands.setdefault(key, []).extend(commands)
         queued.replies += [key] * len(commands)
         send(connection, pack(connection, commands), MSG_MORE)
