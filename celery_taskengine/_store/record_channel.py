@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import redis
@@ -169,24 +169,14 @@ class RecordChannel:
         read_response, can_read = connection.read_response, connection.can_read
         disconnect = connection.disconnect
 
-        def read_ours() -> None:
-            while queued.replies:
-                try:
-                    read_response()
-                except redis.exceptions.ResponseError as exc:
-                    run_id = queued.replies[0].rpartition(":")[2]
-                    logger.error("%s: the run record is not written: %s", run_id, refusal(exc))
-                queued.replies.pop(0)
-            queued.commands.clear()
-
         def read_ours_first(*args: Any, **kwargs: Any) -> Any:
             if queued.replies:
-                read_ours()
+                queued.read_all(read_response)
             return read_response(*args, **kwargs)
 
         def can_read_after_ours(*args: Any, **kwargs: Any) -> Any:
             if queued.replies and can_read():  # ours were sent: read them, not Celery
-                read_ours()
+                queued.read_all(read_response)
             return can_read(*args, **kwargs)
 
         def disconnect_and_orphan(*args: Any, **kwargs: Any) -> Any:
@@ -224,6 +214,18 @@ class _Queued:
     def __init__(self) -> None:
         self.commands: dict[str, list[Command]] = {}
         self.replies: list[str] = []
+
+    def read_all(self, read_response: Callable[[], Any]) -> None:
+        """Read our replies (with the connection's own reader); a refusal is logged with the
+        run id. A broken connection raises, and its disconnect orphans what is left."""
+        while self.replies:
+            try:
+                read_response()
+            except redis.exceptions.ResponseError as exc:
+                run_id = self.replies[0].rpartition(":")[2]
+                logger.error("%s: the run record is not written: %s", run_id, refusal(exc))
+            self.replies.pop(0)
+        self.commands.clear()
 
 
 def _nothing() -> None:
