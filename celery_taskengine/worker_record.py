@@ -5,10 +5,12 @@ and a redelivery can continue the run), shown in the result backend (see
 :mod:`~celery_taskengine._store.task_meta`) and, if it has no Celery twin, announced as a task
 event.
 Recording is on every task's hot path, so it costs as little as it can (see
-:mod:`~celery_taskengine._store.record_channel` for the measurements):
+:mod:`~celery_taskengine._store.record_channel` for how):
 
 - Pending is held back and written together with Running; a plain run writes twice, at Running
-  and at its final state, each a single send that does not wait for Redis to answer.
+  and at its final state, each a single send that does not wait for Redis to answer. Their
+  replies are read (or, riding on Celery's connection, Celery's reply is) before Celery
+  stores the task's result, so a write Redis never took or refused is never passed over.
 - The backend's task state is written only for states Celery does not write itself.
 - AwaitingRetry is written blocking: the retry's delivery, maybe on another worker, reads it.
 - A crash never overwrites a run that already ended: with ``revoke(terminate=True)`` the
@@ -21,6 +23,7 @@ Recording is on every task's hot path, so it costs as little as it can (see
 
 from __future__ import annotations
 
+import logging
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,10 +33,13 @@ from celery_taskengine._store.claims import Claim
 from celery_taskengine._store.record_channel import RecordChannel
 from celery_taskengine._store.retrying import patience_from_policy
 from celery_taskengine._store.run_document import RunDocument
+from celery_taskengine._store.run_index import INDEX_LUA
+from celery_taskengine._store.selection import configured_store_url
 from celery_taskengine._store.task_meta import (
     SET_META_LUA,
     celery_status,
     encode_meta,
+    keeps_meta_on_redis,
     px,
     state_info,
 )
@@ -47,6 +53,8 @@ if TYPE_CHECKING:
     from celery_taskengine._store.redis_store import RedisStore
 
 __all__ = ["Delivery", "DeliveryRecorder", "resend_orphaned_records", "retry_patience"]
+
+logger = logging.getLogger(__name__)
 
 #: Seconds the end of a delivery waits for Redis to take records its connection lost.
 ORPHAN_PATIENCE_SECONDS = 10.0
@@ -83,11 +91,13 @@ class Delivery:
     retries: int
     redelivered: bool
     send_events: bool
-    #: Records may ride on Celery's next backend command (see redis_oneway).
+    #: Records may ride on Celery's next backend command (see record_channel).
     piggyback: bool = False
     #: This delivery's claim on its message (see claims): every record write is fenced by
     #: it; a first delivery takes it with its Running record.
     claim: Claim | None = None
+    #: Celery keeps no result of this delivery (``ignore_result``): no engine state either.
+    ignores_result: bool = False
 
     @property
     def may_continue(self) -> bool:
@@ -113,11 +123,19 @@ class DeliveryRecorder:
         self.delivery = delivery
         self.on_attempt = on_attempt
         self._channel = _channel_for(store, app)
+        #: This delivery's writes on an engine connection, unless they ride on Celery's.
+        self._writer = None if delivery.piggyback else self._channel.writer(delivery.task_id)
         self._run_key = store.key_for("run", delivery.task_id)
         self._run_px = px(store.run_expires)
         self._document: RunDocument | None = None
         #: No backend meta can exist before a message's first delivery starts.
         self._meta_is_new = not delivery.may_continue
+        #: The backend's engine states ride with the records when Celery keeps its meta on
+        #: the store's own Redis; else they go through Celery (never for ignored results).
+        self._meta_rides_along = (
+            keeps_meta_on_redis(app.backend) and configured_store_url(app) is None
+        )
+        self._shows_meta = not delivery.ignores_result
         #: The final state's writes, sent by flush() (see the module docstring).
         self._final: list[tuple[Any, ...]] | None = None
 
@@ -134,18 +152,18 @@ class DeliveryRecorder:
         piggyback = self.delivery.piggyback
         if state.is_scheduled():
             if claim is None or claim.confirm():
-                self._channel.send_blocking(save, key=self._run_key, piggyback=piggyback)
+                self._send_confirmed([save, self._index_command(run)], piggyback)
         else:
-            commands = [save]
+            commands = [save, self._index_command(run)]
             status = celery_status(state)
-            if status is not None:
+            if status is not None and self._meta_rides_along:
                 commands.append(self._meta_command(run, state, status))
+            elif status is not None and self._shows_meta:
+                self._show_through_celery(run, state, status)
             if settles:
                 self._final = commands
             else:
-                # An attempt's start may travel with its end (see redis_oneway).
-                hold = state.type is StateType.RUNNING
-                self._channel.send(*commands, key=self._run_key, piggyback=piggyback, hold=hold)
+                self._send(commands, hold=state.type is StateType.RUNNING)
         if state.type is StateType.RUNNING and self.on_attempt is not None:
             self.on_attempt()
         if self.delivery.send_events:
@@ -154,11 +172,50 @@ class DeliveryRecorder:
 
     def flush(self) -> None:
         """Write the final state, once the engine has returned (its transaction is over), and
-        only while the delivery still holds its claim."""
+        only while the delivery still holds its claim; see Redis take this delivery's writes:
+        before Celery stores the task's result.
+
+        Raises :class:`StoreUnavailableError` (logged with the run id) if Redis did not take
+        them within Celery's backend retry policy, or refused one.
+        """
         final, self._final = self._final, None
         claim = self.delivery.claim
-        if final is not None and (claim is None or claim.confirm()):
-            self._channel.send(*final, key=self._run_key, piggyback=self.delivery.piggyback)
+        if final is not None and claim is not None and not claim.confirm():
+            final = None  # another delivery has the run (logged by the claim)
+        if self._writer is None:  # riding on Celery's connection: its reply confirms them
+            if final is not None:
+                self._channel.send(*final, key=self._run_key, piggyback=True)
+            return
+        if final is not None:
+            self._writer.send(final)
+        self._writer.confirm()
+
+    def _send(self, commands: list[tuple[Any, ...]], *, hold: bool) -> None:
+        """Send without waiting; ``hold``: an attempt's start may travel with its end."""
+        if self._writer is None:
+            self._channel.send(*commands, key=self._run_key, piggyback=True)
+        else:
+            self._writer.send(commands, hold=hold)
+
+    def _send_confirmed(self, commands: list[tuple[Any, ...]], piggyback: bool) -> None:
+        """Send and see Redis take them (after this delivery's earlier writes)."""
+        if self._writer is None:
+            self._channel.send_blocking(*commands, key=self._run_key, piggyback=piggyback)
+        else:
+            self._writer.send(commands)
+            self._writer.confirm()
+
+    def _index_command(self, run: TaskRun) -> tuple[Any, ...]:
+        """The run index's update for ``run`` as it is now (see run_index)."""
+        keys, args = self.store.index_keys_and_args(run)
+        return ("EVAL", INDEX_LUA, len(keys), *keys, *args)
+
+    def _show_through_celery(self, run: TaskRun, state: State, status: str) -> None:
+        """The engine state in a backend the records do not ride to (rpc://, a database)."""
+        try:
+            self.app.backend.store_result(self.delivery.task_id, state_info(run, state), status)
+        except Exception:  # the run goes on: the backend's view is a courtesy
+            logger.warning("%s: could not show %s in the backend", self.delivery.task_id, status)
 
     def _save_command(self, state: State, document: str, *, settles: bool) -> tuple[Any, ...]:
         """The write of the run record: fenced by the claim (and settling it, for an outcome),
@@ -188,7 +245,7 @@ _channels: weakref.WeakKeyDictionary[RedisStore, RecordChannel] = weakref.WeakKe
 
 def resend_orphaned_records() -> None:
     """At a delivery's end: write again the records a dropped connection lost (see
-    redis_oneway), so a run whose result Celery stored does not end without its record."""
+    record_channel), so a run whose result Celery stored does not end without its record."""
     if not RecordChannel.orphaned:
         return
     for channel in list(_channels.values()):
@@ -202,7 +259,8 @@ def _channel_for(store: RedisStore, app: Celery) -> RecordChannel:
     channel = _channels.get(store)
     if channel is None:
         patience = retry_patience(app)
-        channel = _channels.setdefault(store, RecordChannel(store.client, patience=patience))
+        channel = RecordChannel(store.client, patience=patience, pool=store.connections)
+        channel = _channels.setdefault(store, channel)
     return channel
 
 

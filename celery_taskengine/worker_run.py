@@ -188,6 +188,7 @@ def _delivery(task: Task, request: Any, store: ResultStore, claim: Claim | None)
         send_events=bool(task.send_events) and task_events_enabled(task.app),
         piggyback=_may_piggyback(task, request, store),
         claim=claim,
+        ignores_result=bool(get_actual_ignore_result(task, request)),
     )
 
 

@@ -20,7 +20,6 @@ import redis
 from celery import Celery
 from celery.app.task import Context
 from redis.backoff import NoBackoff
-from redis.connection import Connection
 from redis.retry import Retry
 
 from celery_taskengine import cache_policies as cp
@@ -31,7 +30,6 @@ from celery_taskengine._store.redis_store import RedisStore
 from celery_taskengine._store.renewer import renewer
 from celery_taskengine._store.run_document import RunDocument
 from celery_taskengine._store.task_meta import celery_status, write_task_meta
-from celery_taskengine._store.wire import SKIP, pack
 from celery_taskengine.engine_backend import CLAIM
 from celery_taskengine.errors import ConfigurationError, StoreUnavailableError, TaskRunTimeoutError
 from celery_taskengine.events import event_fields, event_type
@@ -181,17 +179,13 @@ def test_an_incremental_run_document_matches_the_run_records_own() -> None:
 # -- the record channel -------------------------------------------------------------------------
 
 
-def test_commands_are_packed_as_redis_py_packs_them() -> None:
-    commands = [SKIP, ("SET", "k", "é", "PX", 5), ("SET", b"a\x00b", bytearray(b"z")), ("X",)]
-
-    assert pack(commands) == b"".join(Connection().pack_commands(commands))
-
-
-def test_a_held_write_reaches_redis_with_the_threads_next_write(redis_client: Any) -> None:
+def test_a_held_write_reaches_redis_with_the_deliverys_next_write(redis_client: Any) -> None:
     channel = RecordChannel(redis_client)
+    writer = channel.writer("run")
 
-    channel.send(("SET", "first", "1"), hold=True)
-    channel.send(("SET", "second", "2"))
+    writer.send([("SET", "first", "1")], hold=True)
+    writer.send([("SET", "second", "2")])
+    writer.confirm()
     channel.send_blocking(("SET", "third", "3"))
 
     assert redis_client.mget("first", "second", "third") == [b"1", b"2", b"3"]

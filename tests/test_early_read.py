@@ -89,7 +89,7 @@ def test_a_discarded_read_never_answers_a_later_one(store: RedisStore) -> None:
 def test_a_read_on_a_connection_redis_dropped_is_made_again(store: RedisStore) -> None:
     put(store, "t/a", "a")
     assert store.start_read("t/a").result() is not None  # a read connection is kept
-    host, port = store._early_reads._free[-1]._sock.getsockname()[:2]
+    host, port = store.connections._free[-1]._sock.getsockname()[:2]
     assert store.client.client_kill_filter(_id=None, addr=f"{host}:{port}") == 1
 
     again = store.start_read("t/a").result()

@@ -24,11 +24,8 @@ import pytest
 import redis
 
 from celery_taskengine import flush_run_records, task
-from celery_taskengine._store.local_records import (
-    WRITE_BEHIND_SECONDS,
-    LocalRunRecorder,
-    recorder_for,
-)
+from celery_taskengine._store.local_flush import WRITE_BEHIND_SECONDS
+from celery_taskengine._store.local_records import LocalRunRecorder, recorder_for
 from celery_taskengine._store.redis_store import RedisStore
 from celery_taskengine._store.selection import store_for_app
 from celery_taskengine.cache_policies import INPUTS
@@ -266,12 +263,14 @@ def test_a_record_that_cannot_be_encoded_is_reported_and_the_others_go_on(
     with caplog.at_level(logging.WARNING, logger="celery_taskengine"):
         bad_run, _ = run_locally(bad)
         assert run_locally(good, x=1)[1].result() == 1  # another run's record is not its business
-        assert flush_run_records(redis_app) is False  # one record was lost, and it says so
+        flushed = flush_run_records(redis_app)
+        assert not flushed  # one record was lost, and it says which
+        assert flushed.lost_runs == (bad_run,)
     later, _ = run_locally(good, x=2)  # written by the flusher thread, which goes on
 
     assert any(bad_run in record.getMessage() for record in caplog.records)
     assert wait_for_history(redis_client, store, later, "Completed") is not None
-    assert flush_run_records(redis_app) is True
+    assert flush_run_records(redis_app)
 
 
 def test_a_backend_that_is_down_makes_flush_say_records_were_lost(
@@ -284,7 +283,7 @@ def test_a_backend_that_is_down_makes_flush_say_records_were_lost(
     t = task(app=app, name="records.nowhere")(lambda x: x)
 
     assert t(1) == 1
-    assert flush_run_records(app, timeout=2) is False
+    assert not flush_run_records(app, timeout=2)
 
 
 def test_local_runs_do_not_wait_for_a_backend_that_hangs(redis_app_factory: Any) -> None:

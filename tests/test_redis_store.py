@@ -220,6 +220,10 @@ def test_keys_live_in_the_default_namespace_away_from_celerys(
 
     assert raw_keys(redis_client) == [
         "cte:default:cache:k",
+        "cte:default:index:all",  # the run index (see run_index)
+        "cte:default:index:state:completed",
+        "cte:default:index:task:tests.add",
+        "cte:default:index:tasks",
         "cte:default:lock:k",
         "cte:default:run:r1",
     ]

@@ -157,6 +157,7 @@ def expiry_problems(app: Any) -> list[str]:
         b"celery-task-meta-": RESULT_EXPIRES,
         b"cte:default:run:": RESULT_EXPIRES,
         b"cte:default:claim:": RESULT_EXPIRES,  # "done" lives as long as the run record
+        b"cte:default:index:": RESULT_EXPIRES,  # the run index lives as long as its runs
         b"cte:default:cache:": SOAK_CACHE_EXPIRATION,
     }
     problems, seen = [], collections.Counter()

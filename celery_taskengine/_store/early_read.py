@@ -4,15 +4,14 @@ A cache hit is one Redis round trip plus the engine's own work: recording Runnin
 states. The engine sends the hit's ``GET`` before that work (``RunCore._early_reader``)
 and reads the answer after it, so the work is done while Redis answers instead of before.
 
-The reads go on connections the store keeps for them (taken from the client's pool once, so
-the pool's ``disconnect()`` still closes them): checking a connection out of the pool and back
-in for every read costs about as much as the rest of the hit (measured on the 2-core reference
-machine: 17 µs of a hit's 40 µs over a plain ``GET``).
+The reads go on connections the store keeps (its :class:`~._store.connections.EnginePool`,
+never Celery's backend pool, whose ``redis_max_connections`` they would exhaust): checking a
+connection out of redis-py's pool and back in for every read costs about as much as the rest
+of the hit. When every kept connection is busy the read is made as a plain one.
 """
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any
 
 from celery_taskengine._store.protocol import ResultRecord
@@ -25,37 +24,24 @@ __all__ = ["EarlyRead", "EarlyReads"]
 
 
 class EarlyReads:
-    """A store's early reads, and the connections kept to send them on (one per read in
+    """A store's early reads, on connections of the store's engine pool (one per read in
     flight at once, shared by all threads)."""
 
     def __init__(self, store: RedisStore) -> None:
         self.store = store
-        self._free: list[Any] = []
 
     def start(self, key: str) -> EarlyRead:
         """Send the ``GET`` of transaction key ``key`` now (see :class:`EarlyRead`)."""
         return EarlyRead(self, key)
 
     def take(self) -> Any:
-        """A kept connection nobody is using, or one more from the pool; ``None`` if Redis
-        cannot be reached (the read is then made as a plain one, which reports it)."""
-        try:
-            connection = self._free.pop()
-        except IndexError:
-            pass
-        else:
-            if connection.pid == os.getpid():
-                return connection
-            self._free = []  # a forked child: the parent's connections are not ours
-        try:
-            return self.store.client.connection_pool.get_connection()
-        except DOWN:
-            return None
+        """A kept connection nobody is using; ``None`` if all are busy (the read is then
+        made as a plain one)."""
+        return self.store.connections.take()
 
     def give_back(self, connection: Any, *, broken: bool = False) -> None:
-        if broken:
-            connection.disconnect()  # an unread answer must never meet a later read
-        self._free.append(connection)
+        # broken: an unread answer must never meet a later read
+        self.store.connections.give_back(connection, broken=broken)
 
 
 class EarlyRead:
@@ -73,7 +59,8 @@ class EarlyRead:
         connection = reads.take()
         if connection is not None:
             try:
-                send(connection, pack([("GET", reads.store.key_for("cache", key))]))
+                get = ("GET", reads.store.key_for("cache", key))
+                send(connection, pack(connection, [get]))
             except DOWN:
                 reads.give_back(connection, broken=True)
                 connection = None

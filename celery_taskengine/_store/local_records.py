@@ -5,25 +5,22 @@ visible to ``get_task_run`` from other processes, but a round trip per state wou
 run far more than the run itself: a cache hit would cost three round trips instead of one. So
 the live run object is kept in this process's memory store, where same-process reads find it at
 once, and its document is written to Redis at the states other processes care about (the first
-Running, AwaitingRetry, and the final state) as writes that wait for no answer
-(``CLIENT REPLY SKIP``), on one connection per process and store, held back by the kernel
-(``MSG_MORE``) until the flusher thread confirms them with a PING, within about 10 ms, or
+Running, AwaitingRetry, and the final state) behind the caller: sent on a connection the
+recorder keeps (from the store's engine pool), held back by the kernel (``MSG_MORE``) until the
+flusher thread (:mod:`~._store.local_flush`) pushes them with a PING, within about 10 ms, or
 :func:`flush_run_records` does.
 
-Measured on the 2-core reference machine (``bench/cache_costs.py``): a send that wakes Redis
-costs its caller about 30 µs (on loopback the sender's system call wakes the receiver); one
-held back costs about 3 µs. A background thread that batched these writes through a script
-cost a cache hit about 30 µs, and writes sent at once about as much; written while the next
-hit's read travels, they cost it about 0 to 15 µs.
-
-A process killed with SIGKILL (or leaving through ``os._exit``) loses the records of the runs
-that ended in its last 10 ms or so; they stay Running on the backend until they expire.
+Every write's reply is read, by the flusher, not the caller: a write counts as made only when
+Redis answered it. An error reply (OOM, NOPERM, READONLY) loses that run's record, and so does
+an outage longer than Celery would wait out; either way the run id is logged and the next
+:func:`flush_run_records` returns a false :class:`~._store.local_flush.FlushResult` naming it.
+A process killed with SIGKILL loses the records of the runs that ended in its last 10 ms or so;
+normal exits flush, also a ``multiprocessing`` child's.
 """
 
 from __future__ import annotations
 
-import atexit
-import contextlib
+import collections
 import logging
 import os
 import threading
@@ -31,6 +28,9 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
+import redis
+
+from celery_taskengine._store.local_flush import Flusher, FlushResult, Recorder
 from celery_taskengine._store.memory import default_memory_store
 from celery_taskengine._store.run_document import RunDocument
 from celery_taskengine._store.task_meta import px
@@ -38,11 +38,11 @@ from celery_taskengine._store.wire import (
     DOWN,
     MSG_MORE,
     PING_PACKED,
-    SKIP,
     Command,
     dropped,
     pack,
-    replies_can_be_skipped,
+    read_reply,
+    refusal,
     send,
 )
 from celery_taskengine.states import State, StateType
@@ -53,18 +53,20 @@ if TYPE_CHECKING:
 
     from celery_taskengine._store.redis_store import RedisStore
 
-__all__ = ["LocalRunRecorder", "flush_run_records", "recorder_for"]
+__all__ = ["FlushResult", "LocalRunRecorder", "flush_run_records", "recorder_for"]
 
 logger = logging.getLogger(__name__)
 
 #: How long ``flush_run_records`` waits by default.
 FLUSH_TIMEOUT_SECONDS = 5.0
-#: A record waits at most this long for a later one to be written with (see LocalRunRecorder).
-WRITE_BEHIND_SECONDS = 0.01
-#: How long the flusher waits for Redis to confirm what was sent.
-CONFIRM_TIMEOUT_SECONDS = 5.0
 #: Documents kept for runs between Running and their end; more means runs that died unended.
 _MAX_OPEN_DOCUMENTS = 10_000
+#: Seconds unanswered records are kept and retried while Redis cannot be reached before they
+#: count as lost: as long as Celery's Redis backend retries a write by default (20 tries at
+#: most 1 s apart), so an outage Celery waits out loses no local record either.
+OUTAGE_PATIENCE_SECONDS = 20.0
+#: Lost run ids kept for the next flush_run_records (beyond that they are only counted).
+_MAX_LOST_NAMED = 10_000
 
 _WORTH_SHARING = frozenset(
     {
@@ -83,36 +85,43 @@ class LocalRunRecorder:
     A record is not written when its state is entered but held (the run's latest state
     replaces an older one), and written with the next run's Running record, which a cache
     hit makes while its read is on the way to Redis and back, so the writing costs the caller
-    no time; or by the flusher thread after :data:`WRITE_BEHIND_SECONDS`, whichever comes
-    first. A cache hit's Running and Cached are one record, and a run's Running is written
-    only if it is still running when the flusher comes. A run's thread never waits for Redis:
+    no time; or by the flusher thread after
+    :data:`~._store.local_flush.WRITE_BEHIND_SECONDS`, whichever comes first. A cache hit's
+    Running and Cached are one record, and a run's Running is written only if it is still
+    running when the flusher comes. A run's thread never waits for Redis:
     if the connection is down or busy, it leaves the writing to the flusher.
 
-    Writes are sent without waiting for answers; the flusher confirms them with a PING. Until
-    then each run's last write is kept, and sent again if the connection is found dropped.
+    Writes are sent without waiting for their replies; the flusher reads them. Until its reply
+    arrived, each run's last write is kept, and sent again on a new connection if the old one
+    is found dropped.
     """
 
     def __init__(self, store: RedisStore) -> None:
         # Not the store itself: the registry below forgets a recorder with its store.
         self._client = store.client
+        self._pool = store.connections
         self._run_key_prefix = store.key_for("run", "")
+        self._index = store.run_index
         self._memory = default_memory_store()
         self._px = px(store.run_expires)
         #: Each open run's document, so a state already entered is encoded once.
         self._documents: dict[str, RunDocument] = {}
         #: Runs whose latest state is not written yet, by id.
         self._held: dict[str, TaskRun] = {}
-        #: Whether the flusher will visit this recorder (see _Flusher).
+        #: Whether the flusher will visit this recorder (see local_flush.Flusher).
         self.due = False
-        self._lock = threading.Lock()  #: held while encoding and sending (see write_held)
-        #: None until first used and in a forked child (see start_afresh).
+        self._lock = threading.Lock()  #: held while encoding, sending and reading replies
+        #: Kept from the store's engine pool; None until first used and in a forked child.
         self._connection: Any = None
-        #: Whether the server honours CLIENT REPLY SKIP; if not, records are written blocking.
-        self._skips_replies: bool | None = None
-        #: Each run's last write since Redis last confirmed this connection (by record key).
+        #: Writes sent on the connection whose replies are not read yet, in order (by key).
+        self._sent: collections.deque[tuple[str, Command]] = collections.deque()
+        #: Each record's last write until Redis answered it (by record key).
         self._unconfirmed: dict[str, Command] = {}
-        #: Records given up on since the last flush_run_records.
-        self._lost = 0
+        #: Runs whose records were given up on since the last flush, and how many.
+        self._lost: dict[str, None] = {}
+        self._lost_count = 0
+        #: When Redis was first found unreachable in the current outage (monotonic seconds).
+        self._down_since: float | None = None
 
     def __call__(self, run: TaskRun, state: State) -> None:
         kind = state.type
@@ -133,6 +142,7 @@ class LocalRunRecorder:
         for the parent)."""
         self._lock = threading.Lock()
         self._held.clear()
+        self._sent.clear()
         self._unconfirmed.clear()
         self._connection = None
         self.due = False
@@ -149,52 +159,82 @@ class LocalRunRecorder:
         try:
             if not may_connect and not self._connected():
                 return
-            held = self._held
             commands: dict[str, Command] = {}
-            for run_id in list(held):
-                run = held.pop(run_id, None) if run_id != but else None
+            for run_id in list(self._held):
+                run = self._held.pop(run_id, None) if run_id != but else None
                 if run is None:
                     continue
+                key = self._run_key_prefix + run_id
                 try:
-                    key = self._run_key_prefix + run_id
                     commands[key] = self._save_command(key, run)
                 except Exception as exc:  # a result that cannot be shown loses its record only
-                    self._lost += 1
-                    logger.warning("%s: the run record is not written: %r", run_id, exc)
+                    self._lose(key, exc)
             if commands:
-                try:
-                    self._send(commands, checked=not may_connect)
-                except DOWN:
-                    self._give_up(list(commands))
+                self._send(commands, checked=not may_connect)
         finally:
             self._lock.release()
 
-    def confirm_sent(self, timeout: float) -> None:
-        """Wait up to ``timeout`` seconds until Redis has read what was sent (one PING)."""
-        with self._lock:
-            if not self._unconfirmed or self._connection is None:
-                return
-            for attempt in (1, 2):
-                try:
-                    if attempt == 2:  # the connection failed: everything again, on a new one
-                        self._send({})
-                    send(self._connection, PING_PACKED)
-                    self._connection.read_response(timeout=timeout)
-                except DOWN:
-                    self._connection.disconnect()
-                    continue
-                self._unconfirmed.clear()
-                return
-            self._give_up(list(self._unconfirmed))
-            self._unconfirmed.clear()
+    def confirm_sent(self, timeout: float, *, patience: float = OUTAGE_PATIENCE_SECONDS) -> bool:
+        """Read the replies to what was sent (pushed with a PING), waiting up to ``timeout``
+        seconds for the first; whether nothing sent is left unconfirmed.
 
-    def flush(self, timeout: float) -> bool:
-        """Write what is held, wait until Redis has it; whether nothing was lost since the
-        last flush."""
+        Writes a dropped connection left unanswered are sent again on a new one; while Redis
+        stays unreachable they are kept, for the flusher to try again, until ``patience``
+        seconds have passed: then they are given up on (logged, reported by the next flush).
+        """
+        with self._lock:
+            try:
+                self._confirm(timeout)
+            except DOWN as exc:
+                return self._still_down(exc, patience)
+            self._down_since = None
+            return True
+
+    def flush(self, timeout: float, *, patience: float = OUTAGE_PATIENCE_SECONDS) -> FlushResult:
+        """Write what is held, wait until Redis answered it; the records lost since the last
+        flush, and those still unconfirmed (false if any: the flusher goes on trying those)."""
         self.write_held()
-        self.confirm_sent(timeout)
-        lost, self._lost = self._lost, 0
-        return not lost and not self._unconfirmed
+        confirmed = self.confirm_sent(timeout, patience=patience)
+        with self._lock:
+            lost, count = tuple(self._lost), self._lost_count
+            self._lost, self._lost_count = {}, 0
+            start = len(self._run_key_prefix)
+            waiting = () if confirmed else tuple(key[start:] for key in self._unconfirmed)
+        if waiting:
+            logger.warning("%s: run records not confirmed by Redis yet", ", ".join(waiting))
+            _flusher.retry_later(self)
+        return FlushResult(lost + waiting, count + len(waiting))
+
+    def _confirm(self, timeout: float) -> None:
+        for attempt in (1, 2):
+            if not self._unconfirmed and not self._sent:
+                return
+            try:
+                connection = self._connect()
+                if connection is None:  # every engine connection is busy: write blocking
+                    self._write_blocking(dict(self._unconfirmed))
+                    return
+                send(connection, PING_PACKED)
+                self._read_replies(connection, timeout)
+                return
+            except DOWN:
+                self._forget_connection()
+                if attempt == 2:
+                    raise
+
+    def _still_down(self, exc: Exception, patience: float) -> bool:
+        """Redis could not be reached: keep the unconfirmed writes (``False``) until it has
+        been so for ``patience`` seconds, then give them up (``True``: nothing left)."""
+        now = time.monotonic()
+        if self._down_since is None:
+            self._down_since = now
+        if now - self._down_since < patience:
+            return False
+        for key in list(self._unconfirmed):
+            self._lose(key, exc)
+        self._unconfirmed.clear()
+        self._down_since = None
+        return True
 
     def _save_command(self, key: str, run: TaskRun) -> Command:
         documents = self._documents
@@ -205,116 +245,103 @@ class LocalRunRecorder:
             document = documents[run.id] = RunDocument(run)
         if run.state is not None and run.state.is_final():
             del documents[run.id]
-        save = ("SET", key, document.encode(run))
-        return save if self._px == "0" else (*save, "PX", self._px)
+        return self._index.save_command(key, document.encode(run), self._px, run, time.time())
 
     def _send(self, commands: dict[str, Command], *, checked: bool = False) -> None:
-        """Send ``commands`` (by record key), replies skipped, held back by the kernel
-        (MSG_MORE) for more. On a new connection, the writes the old one carried without a
-        confirmation go first; a failed send is made once more on a new connection.
+        """Send ``commands`` (by record key), held back by the kernel (MSG_MORE) for more;
+        a failed send is made once more on a new connection, then left to the flusher.
         ``checked``: the caller has just seen that the connection is up."""
-        for attempt in (1, 2):
-            connection = self._connection
-            up = connection is not None and connection._sock is not None
-            if up and not checked and dropped(connection):
-                connection.disconnect()
-            remade = connection is None or connection._sock is None
+        for _ in (1, 2):
             try:
-                connection = self._usable_connection()
-                if remade:
-                    commands = {**self._unconfirmed, **commands}
-                if not self._skips_replies:
-                    send(connection, pack(list(commands.values())))
-                    for _ in commands:
-                        connection.read_response()
-                    return
-                send(connection, pack([p for c in commands.values() for p in (SKIP, c)]), MSG_MORE)
+                connection = self._connect(checked=checked)
+                if connection is None:
+                    break  # the flusher writes them blocking (see confirm_sent)
+                send(connection, pack(connection, list(commands.values())), MSG_MORE)
             except DOWN:
-                if self._connection is not None:
-                    self._connection.disconnect()
-                if attempt == 2:
-                    raise
+                self._forget_connection()
+                checked = False
                 continue
-            self._unconfirmed.update(commands)
-            return
+            self._sent.extend(commands.items())
+            break
+        self._unconfirmed.update(commands)  # unsent ones go with the next connection
 
-    def _give_up(self, keys: list[str]) -> None:
-        self._lost += len(keys)
-        shown = ", ".join(key[len(self._run_key_prefix) :] for key in keys[:3])
-        more = ", ..." if len(keys) > 3 else ""
-        logger.warning("%s%s: the run records are not written", shown, more, exc_info=True)
+    def _read_replies(self, connection: Any, timeout: float) -> None:
+        """Read the reply of every write sent, then the PING's; an error reply loses that
+        write's run record, a failure to read raises (the rest stay unconfirmed)."""
+        sent, unconfirmed = self._sent, self._unconfirmed
+        wait: float | None = timeout  # for the first reply only: the rest follow it
+        while sent:
+            key, command = sent[0]
+            try:
+                read_reply(connection, wait)
+            except redis.exceptions.ResponseError as exc:
+                self._lose(key, exc)
+            wait = None
+            sent.popleft()
+            if unconfirmed.get(key) is command:
+                del unconfirmed[key]
+        read_reply(connection, wait)
+
+    def _write_blocking(self, commands: dict[str, Command]) -> None:
+        """Write ``commands`` through the client's pool, waiting for each reply."""
+        pipe = self._client.pipeline(transaction=False)
+        for command in commands.values():
+            pipe.execute_command(*command)  # type: ignore[no-untyped-call]
+        replies = pipe.execute(raise_on_error=False)
+        for key, reply in zip(commands, replies, strict=True):
+            if isinstance(reply, Exception):
+                self._lose(key, reply)
+            self._unconfirmed.pop(key, None)
+
+    def _lose(self, key: str, exc: BaseException) -> None:
+        run_id = key[len(self._run_key_prefix) :]
+        logger.error("%s: the run record is not written to Redis: %s", run_id, refusal(exc))
+        self._lost_count += 1
+        if len(self._lost) < _MAX_LOST_NAMED:
+            self._lost[run_id] = None
 
     def _connected(self) -> bool:
         connection = self._connection
         if connection is None or connection._sock is None:
             return False
-        return not dropped(connection)  # a dropped one is remade by the flusher
+        # Unread replies make a live connection look dropped: reading them tells.
+        return bool(self._sent) or not dropped(connection)  # the flusher remakes a dropped one
 
-    def _usable_connection(self) -> Any:
-        """This process's connection for local records, (re)connected if need be: taken from
-        the client's pool once and kept, so the pool's ``disconnect()`` closes it too."""
+    def _connect(self, *, checked: bool = False) -> Any:
+        """The recorder's connection, up (``None`` if the engine pool has none to spare).
+        On a new one, the writes the old one left unanswered are sent first."""
         connection = self._connection
-        if connection is None:
-            connection = self._connection = self._client.connection_pool.get_connection()
-        if connection._sock is None:
-            connection.connect()
-        if self._skips_replies is None:
-            self._skips_replies = replies_can_be_skipped(connection)
-            if not self._skips_replies:
-                connection.connect()
+        if connection is not None and connection._sock is not None:
+            if checked or self._sent or not dropped(connection):  # see _connected
+                return connection
+            self._forget_connection()
+        if self._connection is None:
+            self._connection = self._pool.take()
+            if self._connection is None:
+                return None
+        connection = self._connection
+        connection.connect()
+        self._sent.clear()
+        if self._unconfirmed:
+            send(connection, pack(connection, list(self._unconfirmed.values())), MSG_MORE)
+            self._sent.extend(self._unconfirmed.items())
         return connection
 
-
-class _Flusher:
-    """One daemon thread per process that writes what recorders still hold, soon after."""
-
-    def __init__(self) -> None:
-        self._due: list[LocalRunRecorder] = []
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._started = False  #: reset in a forked child, which needs a thread of its own
-
-    def schedule(self, recorder: LocalRunRecorder) -> None:
-        """Visit ``recorder`` within WRITE_BEHIND_SECONDS (the thread starts on first use)."""
-        with self._lock:
-            if recorder.due:
-                return
-            recorder.due = True
-            if not self._started:
-                self._started = True
-                threading.Thread(
-                    target=self._run, name="taskengine-run-records", daemon=True
-                ).start()
-                _write_held_at_exit()
-            self._due.append(recorder)
-            self._wake.set()
-
-    def _run(self) -> None:
-        wake = self._wake
-        while True:
-            wake.wait()
-            time.sleep(WRITE_BEHIND_SECONDS)
-            with self._lock:
-                due, self._due = self._due, []
-                wake.clear()
-                for recorder in due:
-                    recorder.due = False
-            for recorder in due:
-                try:
-                    recorder.write_held()
-                    recorder.confirm_sent(CONFIRM_TIMEOUT_SECONDS)
-                except Exception:  # never let one store's trouble stop the others' records
-                    logger.exception("local run records: the flusher failed")
+    def _forget_connection(self) -> None:
+        """Close the connection (kept, to be reconnected): its unread replies are gone."""
+        if self._connection is not None:
+            self._connection.disconnect()
+        self._sent.clear()
 
 
-_flusher = _Flusher()
-_recorders: weakref.WeakKeyDictionary[RedisStore, LocalRunRecorder] = weakref.WeakKeyDictionary()
-_registry_lock = threading.Lock()
-
-
-def _all_recorders() -> list[LocalRunRecorder]:
+def _all_recorders() -> list[Recorder]:
     with _registry_lock:
         return list(_recorders.values())
+
+
+_flusher = Flusher(_all_recorders)
+_recorders: weakref.WeakKeyDictionary[RedisStore, LocalRunRecorder] = weakref.WeakKeyDictionary()
+_registry_lock = threading.Lock()
 
 
 def _start_afresh_in_child() -> None:
@@ -322,8 +349,8 @@ def _start_afresh_in_child() -> None:
     on it forever), and what the parent held is the parent's to write."""
     global _registry_lock
     _registry_lock = threading.Lock()
-    _flusher.__init__()  # type: ignore[misc]
-    for recorder in _all_recorders():
+    _flusher.start_afresh()
+    for recorder in list(_recorders.values()):
         recorder.start_afresh()
 
 
@@ -339,13 +366,15 @@ def recorder_for(store: RedisStore) -> LocalRunRecorder:
     return recorder
 
 
-def flush_run_records(app: Celery | None = None, timeout: float = FLUSH_TIMEOUT_SECONDS) -> bool:
-    """Send this process's held local run records and wait until Redis has them.
+def flush_run_records(
+    app: Celery | None = None, timeout: float = FLUSH_TIMEOUT_SECONDS
+) -> FlushResult:
+    """Send this process's held local run records and wait until Redis answered them.
 
-    Other processes see a local run's record within about 10 ms (see the module docstring);
-    call this before handing a run id to another process that must see it at once. With
-    ``app``, only that app's backend is waited for. Returns whether every record since the
-    last call reached Redis within ``timeout`` seconds (the ones that did not were logged).
+    Call this before handing a run id to another process that must see it at once (others see
+    it within about 10 ms anyway). With ``app``, only that app's backend is waited for. The
+    result is false when a record since the last call did not reach Redis within ``timeout``
+    seconds or was refused (OOM, NOPERM, READONLY); its ``lost_runs`` names those runs.
     """
     if app is not None:
         from celery_taskengine._store.redis_store import RedisStore
@@ -353,26 +382,10 @@ def flush_run_records(app: Celery | None = None, timeout: float = FLUSH_TIMEOUT_
 
         store = store_for_app(app)
         recorder = _recorders.get(store) if isinstance(store, RedisStore) else None
-        recorders = [recorder] if recorder is not None else []
+        recorders: list[Recorder] = [recorder] if recorder is not None else []
     else:
         recorders = _all_recorders()
     deadline = time.monotonic() + timeout
-    results = [recorder.flush(max(0.0, deadline - time.monotonic())) for recorder in recorders]
-    return all(results)
-
-
-_exit_hook: list[bool] = []
-
-
-def _write_held_at_exit() -> None:
-    """Register (once per process) the writing of held records at interpreter exit; the
-    kernel sends them as the process closes its connections."""
-    if not _exit_hook:
-        _exit_hook.append(True)
-        atexit.register(_write_all_held)
-
-
-def _write_all_held() -> None:
-    for recorder in _all_recorders():
-        with contextlib.suppress(Exception):  # exiting: there is nobody left to tell
-            recorder.write_held()
+    return FlushResult.combine(
+        recorder.flush(max(0.0, deadline - time.monotonic())) for recorder in recorders
+    )

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 import redis
 
 from celery_taskengine._store.claims import ClaimStore
+from celery_taskengine._store.connections import DEFAULT_MAX_CONNECTIONS, EnginePool
 from celery_taskengine._store.early_read import EarlyRead, EarlyReads
 from celery_taskengine._store.protocol import ItemBatch, LocalRecorder, ResultRecord
 from celery_taskengine._store.record_codec import (
@@ -86,7 +87,9 @@ def side_client(client: redis.Redis) -> redis.Redis:
     pool.
     """
     pool = client.connection_pool
-    own = redis.ConnectionPool(connection_class=pool.connection_class, **pool.connection_kwargs)
+    own = redis.BlockingConnectionPool(  # type: ignore[no-untyped-call]  # bounded: one renewer
+        connection_class=pool.connection_class, max_connections=2, **pool.connection_kwargs
+    )
     return redis.Redis(connection_pool=own)
 
 
@@ -98,6 +101,8 @@ class RedisStore(ClaimStore):
     records in seconds (``None``: forever); ``url`` names the server in error messages and must
     not contain a password; ``clock`` gives wall-clock seconds for record timestamps;
     ``patience`` is how long an operation waits out a Redis outage (default: not at all).
+    ``max_connections`` bounds the connections the engine keeps of its own (see
+    :mod:`~celery_taskengine._store.connections`).
     """
 
     shared: bool = True
@@ -114,6 +119,7 @@ class RedisStore(ClaimStore):
         url: str | None = None,
         clock: Callable[[], float] = time.time,
         patience: Patience | None = None,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
         if not namespace or ":" in namespace:
             raise ConfigurationError(
@@ -128,9 +134,11 @@ class RedisStore(ClaimStore):
         self._clock = clock
         self.patience = patience or Patience()
         self._release = client.register_script(_RELEASE_LUA)
-        self._index = RunIndex(self._prefix, self.run_expires)
+        self._index = self.run_index = RunIndex(self._prefix, self.run_expires)
         self._index_script = client.register_script(INDEX_LUA)
         self._renew: Any = None  # on connections of its own, made by the first renewal
+        #: Connections kept between uses (early reads, run records): never Celery's pool's.
+        self.connections = EnginePool(client, max_connections)
         self._early_reads = EarlyReads(self)
 
     @classmethod
@@ -140,8 +148,9 @@ class RedisStore(ClaimStore):
         ``backend``: another Celery Redis backend object to keep the records on (the app's
         ``taskengine_store`` setting), built by Celery from a URL as its own would be.
         Honours the backend's ``global_keyprefix``, the app's ``taskengine_namespace``,
-        ``result_accept_content`` (else ``accept_content``), ``result_expires`` and the
-        backend's ``retry_policy`` (how long operations wait out an outage).
+        ``result_accept_content`` (else ``accept_content``), ``result_expires``, the
+        backend's ``retry_policy`` (how long operations wait out an outage) and
+        ``taskengine_store_max_connections`` (connections the engine keeps, per process).
         """
         backend = app.backend if backend is None else backend
         options = app.conf.get("result_backend_transport_options") or {}
@@ -153,6 +162,7 @@ class RedisStore(ClaimStore):
             run_expires=run_expiry_seconds(app.conf.get("result_expires")),
             url=backend.as_uri(),
             patience=patience_from_policy(getattr(backend, "retry_policy", None)),
+            max_connections=_max_connections(app.conf.get("taskengine_store_max_connections")),
         )
 
     def key_for(self, kind: Kind, name: str) -> str:
@@ -308,9 +318,7 @@ class RedisStore(ClaimStore):
     def index_keys_and_args(self, run: TaskRun) -> tuple[list[str], list[Any]]:
         """KEYS and ARGV of :data:`~celery_taskengine._store.run_index.INDEX_LUA` for
         ``run`` as it is now (for writers of run records in scripts of their own)."""
-        state_type = run.state.type.value if run.state is not None else "PENDING"
-        keys = self._index.keys(run.task_name, state_type)
-        return keys, self._index.args(run.id, run.task_name, int(self._clock() * 1000))
+        return self._index.for_run(run, self._clock())
 
     def load_run(self, run_id: str) -> TaskRun | None:
         """The run record for ``run_id``; ``None`` when unknown, or malformed (with a warning)."""
@@ -428,6 +436,16 @@ def _global_prefix(prefix: Any) -> str:
         return ""
     text = str(prefix)
     return text if text[-1] in ":_-." else f"{text}_"
+
+
+def _max_connections(setting: Any) -> int:
+    if setting is None:
+        return DEFAULT_MAX_CONNECTIONS
+    if isinstance(setting, bool) or not isinstance(setting, int) or setting < 0:
+        raise ConfigurationError(
+            f"taskengine_store_max_connections must be an int >= 0, got {setting!r}"
+        )
+    return setting
 
 
 def run_expiry_seconds(expires: Any) -> float | None:

@@ -25,21 +25,37 @@ from typing import Any
 from celery_taskengine._store.run_filters import run_matches, short_task_name, squash
 from celery_taskengine.task_run import TaskRun
 
-__all__ = ["INDEX_LUA", "RunIndex", "list_indexed", "state_types_for"]
+__all__ = ["INDEX_LUA", "SAVE_AND_INDEX_LUA", "RunIndex", "list_indexed", "state_types_for"]
 
-#: Adds a run to the index. KEYS: all, task, state, tasks. ARGV: run id, score (ms), oldest
-#: score kept ('' for no trim), task name.
+#: Adds a run to the index, trims entries older than a run record's lifetime and keeps the
+#: index living as long as its newest run.
 INDEX_FN = """
-local function index_run(all, task, state, tasks, run_id, score, oldest, task_name)
+local function index_run(all, task, state, tasks, run_id, score, oldest, ttl, task_name)
   for _, key in ipairs({all, task, state}) do
     redis.call('zadd', key, score, run_id)
     if oldest ~= '' then redis.call('zremrangebyscore', key, '-inf', '(' .. oldest) end
+    if ttl ~= '' then redis.call('pexpire', key, ttl) end
   end
   redis.call('sadd', tasks, task_name)
+  if ttl ~= '' then redis.call('pexpire', tasks, ttl) end
 end
 """
+#: KEYS: all, task, state, tasks. ARGV: run id, score (ms), oldest score kept ('' for none),
+#: ttl ms ('' for none), task name.
 INDEX_LUA = INDEX_FN + (
-    "index_run(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], ARGV[4])\nreturn 1\n"
+    "index_run(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], ARGV[4], "
+    "ARGV[5])\nreturn 1\n"
+)
+#: A run record's write and its index's, in one command. KEYS: run, then INDEX_LUA's.
+#: ARGV: document, px ('0' for none), then INDEX_LUA's.
+SAVE_AND_INDEX_LUA = (
+    INDEX_FN
+    + """
+if ARGV[2] ~= '0' then redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
+else redis.call('set', KEYS[1], ARGV[1]) end
+index_run(KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7])
+return 1
+"""
 )
 
 #: State names the engine uses, by the type they belong to (squashed, as filters are).
@@ -77,10 +93,30 @@ class RunIndex:
         state = f"{p}index:state:{squash(state_type)}"
         return [f"{p}index:all", f"{p}index:task:{task_name}", state, f"{p}index:tasks"]
 
-    def args(self, run_id: str, task_name: str, now_ms: int) -> list[Any]:
-        """ARGV for :data:`INDEX_LUA`."""
-        oldest = "" if self.run_expires is None else str(now_ms - int(self.run_expires * 1000))
-        return [run_id, now_ms, oldest, task_name]
+    def args(self, run_id: str, task_name: str, score_ms: int, now_ms: int) -> list[Any]:
+        """ARGV for :data:`INDEX_LUA`: the run scored ``score_ms`` (its last change), entries
+        older than a run record's lifetime trimmed, the index living as long."""
+        if self.run_expires is None:
+            return [run_id, score_ms, "", "", task_name]
+        lifetime = int(self.run_expires * 1000)
+        return [run_id, score_ms, str(now_ms - lifetime), str(lifetime), task_name]
+
+    def for_run(self, run: TaskRun, now: float) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of :data:`INDEX_LUA` for ``run`` as it is now, scored by the time of
+        its last state (``now`` if it has none), in UNIX seconds."""
+        state = run.state
+        state_type = state.type.value if state is not None else "PENDING"
+        moment = run.state_history[-1].timestamp if run.state_history else None
+        score = moment.timestamp() if moment is not None else now
+        keys = self.keys(run.task_name, state_type)
+        return keys, self.args(run.id, run.task_name, int(score * 1000), int(now * 1000))
+
+    def save_command(
+        self, run_key: str, document: str, px: str, run: TaskRun, now: float
+    ) -> tuple[Any, ...]:
+        """One command writing a run's record (``px``: ms, ``'0'`` for none) and indexing it."""
+        keys, args = self.for_run(run, now)
+        return ("EVAL", SAVE_AND_INDEX_LUA, 1 + len(keys), run_key, *keys, document, px, *args)
 
     def source_keys(self, client: Any, task: str | None, state: str | None) -> list[str]:
         """The sorted sets that together hold every run matching the filters."""

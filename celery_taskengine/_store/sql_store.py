@@ -314,12 +314,13 @@ class SqlStore:
     def _run_values(self, run: TaskRun) -> dict[str, Any]:
         now = self._clock()
         state = run.state
+        moment = run.state_history[-1].timestamp if run.state_history else None
         return {
             "task_name": run.task_name,
             "task_short": short_task_name(run.task_name),
             "state_type": squash(state.type.value if state is not None else "PENDING"),
             "state_name": squash(state.name if state is not None else "Pending"),
-            "updated_at": now,
+            "updated_at": moment.timestamp() if moment is not None else now,
             "expires_at": None if self.run_expires is None else now + self.run_expires,
             "document": encode_run(run),
         }

@@ -1,13 +1,15 @@
-"""Raw Redis protocol on redis-py's connections: packing commands and sending them as they are.
+"""Redis commands on redis-py's connections, sent without waiting and answered later.
 
-The engine's run records and early cache reads bypass redis-py's command layer on their hot
-paths (its packer and pool cost several times more, in pure Python): they pack RESP here, send
-it on a connection's socket, and read answers with the connection's own parser.
+The engine's run records and early cache reads bypass redis-py's client layer on their hot
+paths (its pool checkout and per-command bookkeeping cost more than the rest of a cache hit):
+they pack commands with the connection's own packer, send them on its socket (with
+``MSG_MORE`` where the kernel may hold them for more) and read the replies later with the
+connection's own parser, so every error is still seen.
 """
 
 from __future__ import annotations
 
-import logging
+import inspect
 import select
 import socket
 import ssl
@@ -20,48 +22,49 @@ __all__ = [
     "DOWN",
     "MSG_MORE",
     "PING_PACKED",
-    "SKIP",
     "Command",
+    "checkout",
     "dropped",
     "pack",
-    "replies_can_be_skipped",
+    "read_reply",
+    "refusal",
     "send",
 ]
 
-logger = logging.getLogger(__name__)
-
 Command = Sequence[Any]
-#: Put before a command so Redis sends no answer to it (Redis >= 3.2).
-SKIP = ("CLIENT", "REPLY", "SKIP")
 #: Let the kernel hold what is sent until more follows (or 200 ms pass), Linux only.
 MSG_MORE: int = getattr(socket, "MSG_MORE", 0)
 #: What a send or read raises when Redis is down or hung up.
 DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 PING_PACKED = b"*1\r\n$4\r\nPING\r\n"
-_SKIP_PACKED = b"*3\r\n$6\r\nCLIENT\r\n$5\r\nREPLY\r\n$4\r\nSKIP\r\n"
-_PROBE = b"celery-taskengine-probe"
 _poll = getattr(select, "poll", None)
 
 
-def pack(commands: Sequence[Command]) -> bytes:
-    """RESP for ``commands``."""
-    parts: list[bytes] = []
-    for command in commands:
-        if command is SKIP:
-            parts.append(_SKIP_PACKED)
-            continue
-        parts.append(b"*%d\r\n" % len(command))
-        for arg in command:
-            if isinstance(arg, str):
-                data = arg.encode()
-            elif isinstance(arg, bytes):
-                data = arg
-            else:
-                data = (
-                    str(arg).encode() if not isinstance(arg, bytearray | memoryview) else bytes(arg)
-                )
-            parts += (b"$%d\r\n" % len(data), data, b"\r\n")
-    return b"".join(parts)
+def pack(connection: Any, commands: Sequence[Command]) -> bytes:
+    """RESP for ``commands``, as ``connection``'s own packer makes it (its encoding settings)."""
+    return b"".join(connection.pack_commands(commands))
+
+
+def checkout(pool: Any) -> Any:
+    """A connection from redis-py ``pool``: 5.x requires a command name, which 6.x and later
+    deprecate (and ignore), so it is given only to the versions that need it."""
+    pool_class = type(pool)
+    needs = _needs_command_name.get(pool_class)
+    if needs is None:
+        needs = _needs_command_name[pool_class] = _asks_command_name(pool_class)
+    return pool.get_connection("PING") if needs else pool.get_connection()
+
+
+_needs_command_name: dict[type, bool] = {}
+
+
+def _asks_command_name(pool_class: type) -> bool:
+    try:
+        parameters = inspect.signature(pool_class.get_connection).parameters  # type: ignore[attr-defined]
+    except (TypeError, ValueError):
+        return True
+    command_name = parameters.get("command_name")
+    return command_name is not None and command_name.default is inspect.Parameter.empty
 
 
 def send(connection: Any, data: bytes, flags: int = 0) -> None:
@@ -75,6 +78,21 @@ def send(connection: Any, data: bytes, flags: int = 0) -> None:
             raise
     else:  # not connected yet, or TLS (which refuses send flags): this sends at once
         connection.send_packed_command([data], check_health=False)
+
+
+def read_reply(connection: Any, timeout: float | None = None) -> Any:
+    """The next reply on ``connection`` (an error reply raised as redis-py raises it), waiting
+    at most ``timeout`` seconds for it to start arriving (``None``: the socket timeout).
+    redis-py 5.0 has no ``timeout`` on ``read_response``, so the wait is a ``can_read``."""
+    if timeout is not None and not connection.can_read(timeout=timeout):
+        raise redis.exceptions.TimeoutError(f"no reply from Redis within {timeout:g} s")
+    return connection.read_response()
+
+
+def refusal(exc: BaseException) -> str:
+    """An error reply as a log line shows it: redis-py strips the code (``OOM``, ``NOPERM``,
+    ``READONLY``) from the message and keeps it in the class name."""
+    return f"{type(exc).__name__}: {exc}"
 
 
 def dropped(connection: Any) -> bool:
@@ -92,19 +110,3 @@ def dropped(connection: Any) -> bool:
         return bool(poller.poll(0))
     except (OSError, ValueError):
         return True
-
-
-def replies_can_be_skipped(connection: Any) -> bool:
-    """Whether the server honours ``CLIENT REPLY SKIP``: only the ECHO should answer."""
-    try:
-        connection.send_packed_command(
-            [pack([SKIP, ("PING",), ("ECHO", _PROBE)])], check_health=False
-        )
-        reply = connection.read_response()
-    except redis.exceptions.ResponseError:
-        reply = None
-    supported = reply in (_PROBE, _PROBE.decode())
-    if not supported:
-        connection.disconnect()  # its replies are out of step now
-        logger.warning("Redis ignores CLIENT REPLY SKIP; run records are written blocking")
-    return supported

@@ -21,8 +21,10 @@ of how often a function body ran, gates the test opens. Every key a test passes 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
+from collections.abc import AsyncIterator, Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -238,6 +240,35 @@ def _register_tasks(app: Celery) -> SimpleNamespace:
     def tiny(i: int, sleep: float = 0.0) -> int:
         time.sleep(sleep)
         return i * 2
+
+    # Acknowledged on receipt (Celery's default): no redelivery repairs what the run wrote.
+    @task(app=app, name="rel.ends_after", acks_late=False)
+    def ends_after(marker: str, sleep: float) -> str:
+        """Says it is about to end (sets ``marker``), then ends ``sleep`` s later."""
+        side(app).set(marker, os.getpid())
+        time.sleep(sleep)
+        return marker
+
+    @task(app=app, name="rel.ends_after_async", acks_late=False)
+    async def ends_after_async(marker: str, sleep: float) -> str:
+        """:func:`ends_after` as an ``async def`` task."""
+        side(app).set(marker, os.getpid())
+        await asyncio.sleep(sleep)
+        return marker
+
+    @task(app=app, name="rel.ends_after_generator", acks_late=False)
+    def ends_after_generator(marker: str, sleep: float) -> Iterator[str]:
+        """:func:`ends_after` as a generator task (yields ``marker`` once it is done)."""
+        side(app).set(marker, os.getpid())
+        time.sleep(sleep)
+        yield marker
+
+    @task(app=app, name="rel.ends_after_async_generator", acks_late=False)
+    async def ends_after_async_generator(marker: str, sleep: float) -> AsyncIterator[str]:
+        """:func:`ends_after` as an async generator task."""
+        side(app).set(marker, os.getpid())
+        await asyncio.sleep(sleep)
+        yield marker
 
     @task(
         app=app,
