@@ -7,6 +7,7 @@ import time
 from celery import Celery, current_app
 
 from celery_taskengine._store import local_records
+from celery_taskengine._store.local_flush import FlushResult
 from celery_taskengine._store.memory import default_memory_store
 from celery_taskengine._store.selection import store_for_app
 from celery_taskengine._store.write_behind import WriteBehindRecorder, flush_write_behind
@@ -30,14 +31,14 @@ def get_task_run(task_id: object, app: Celery | None = None) -> TaskRun | None:
     return store_for_app(target).load_run(run_id)
 
 
-def flush_run_records(app: Celery | None = None, timeout: float = 5.0) -> bool:
+def flush_run_records(app: Celery | None = None, timeout: float = 5.0) -> FlushResult:
     """Write this process's held local run records now and wait until the store has them.
 
     Other processes see a local run's record soon after it changes (within about 10 ms);
     call this before handing a run id to another process that must see it at once. With
-    ``app``, only that app's store is waited for. Returns whether every record since the
-    last call was written within ``timeout`` seconds; those that were not are logged with
-    their run ids.
+    ``app``, only that app's store is waited for. The result is false when a record since
+    the last call was not written within ``timeout`` seconds or was refused; its
+    ``lost_runs`` names those runs (each also logged with its run id).
     """
     deadline = time.monotonic() + timeout
     written = local_records.flush_run_records(app, timeout)
@@ -45,5 +46,5 @@ def flush_run_records(app: Celery | None = None, timeout: float = 5.0) -> bool:
     if app is not None:
         recorder = store_for_app(app).local_recorder()
         recorders = [recorder] if isinstance(recorder, WriteBehindRecorder) else []
-    behind_ok, _lost = flush_write_behind(recorders, max(0.0, deadline - time.monotonic()))
-    return bool(written) and behind_ok
+    _, behind_lost = flush_write_behind(recorders, max(0.0, deadline - time.monotonic()))
+    return FlushResult.combine([written, FlushResult(tuple(behind_lost), len(behind_lost))])

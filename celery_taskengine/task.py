@@ -137,7 +137,7 @@ class Task(CeleryTask):  # type: ignore[misc]
         self, status: str, retval: Any, task_id: str, args: Any, kwargs: Any, einfo: Any
     ) -> None:
         """After Celery stored the outcome: records a dropped connection lost go out again."""
-        from celery_taskengine.worker_record import resend_orphaned_records
+        from celery_taskengine._store.worker_records import resend_orphaned_records
 
         resend_orphaned_records()
 

@@ -26,20 +26,18 @@ from celery.app.task import get_actual_ignore_result
 from celery.exceptions import Ignore, Retry
 
 from celery_taskengine._store.claims import CLAIM_TTL_SECONDS, Claim
-from celery_taskengine._store.memory import MemoryStore
-from celery_taskengine._store.protocol import ResultStore
-from celery_taskengine._store.redis_store import RedisStore
+from celery_taskengine._store.protocol import ResultStore, WorkerRecorder
 from celery_taskengine._store.renewer import renewer
 from celery_taskengine._store.selection import store_for_app
 from celery_taskengine._store.task_meta import keeps_meta_on_redis, state_info, write_task_meta
+from celery_taskengine._store.worker_records import Delivery, retry_patience
 from celery_taskengine.cancellation import revocation_check
 from celery_taskengine.engine_backend import CLAIM
 from celery_taskengine.events import send_state_event, task_events_enabled
 from celery_taskengine.message_age import may_be_duplicate
 from celery_taskengine.parameters import bind_parameters
 from celery_taskengine.run_core import RunEnvironment
-from celery_taskengine.states import State, utcnow
-from celery_taskengine.store_recorder import StoreRecorder
+from celery_taskengine.states import State, StateType, utcnow
 from celery_taskengine.streaming import ItemChannel
 from celery_taskengine.task_engine import (
     new_task_run,
@@ -50,10 +48,10 @@ from celery_taskengine.task_engine import (
 )
 from celery_taskengine.task_run import TaskRun
 from celery_taskengine.worker_loop import run_on_worker_loop
-from celery_taskengine.worker_record import Delivery, DeliveryRecorder, retry_patience
 from celery_taskengine.worker_requeue import handed_back_if_unreachable
 
 if TYPE_CHECKING:
+    from celery_taskengine._store.redis_store import RedisStore
     from celery_taskengine.task import Task
 
 __all__ = ["after_celery_retry", "run_delivery"]
@@ -74,10 +72,11 @@ def run_delivery(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> A
     request = task.request
     parameters = bind_parameters(task.run, args, kwargs)
     claim = None
-    if isinstance(store, RedisStore):
+    if store.claims:
+        claiming: Any = store  # claims are operations of such stores (see claims.ClaimStore)
         with handed_back_if_unreachable(task, args, kwargs):
-            claim = _claim_message(task, request, store)
-            handled = _recorded_run(task, request, store) if claim is None else None
+            claim = _claim_message(task, request, claiming)
+            handled = _recorded_run(task, request, claiming) if claim is None else None
         if handled is not None:
             logger.info("%s: giving Celery the outcome another delivery recorded", request.id)
             return _outcome(task, _delivery(task, request, store, None), handled, [])
@@ -115,7 +114,7 @@ def _stored_run(
 def _run(task: Task, delivery: Delivery, store: ResultStore, run: TaskRun) -> list[Any]:
     """Let the engine run ``run``; the items it yielded."""
     channel = None
-    if task.fn_kind in ("generator", "async_generator") and isinstance(store, RedisStore):
+    if task.fn_kind in ("generator", "async_generator") and store.shared:
         channel = ItemChannel(task.app, store, delivery.task_id)
     try:
         return _execute(task, delivery, store, run, channel)
@@ -214,8 +213,7 @@ def _may_piggyback(task: Task, request: Any, store: ResultStore) -> bool:
         return False
     same_backend = _same_backend.get(task)
     if same_backend is None:
-        client = getattr(task.backend, "client", None)
-        same_backend = isinstance(store, RedisStore) and client is store.client
+        same_backend = store.rides_with(task.backend)
         _same_backend[task] = same_backend
     return same_backend
 
@@ -238,7 +236,8 @@ def _execute(
     """
     items: list[Any] = []
     publish = _publisher(channel, delivery.claim)
-    env = _environment(task, delivery, store, on_attempt=items.clear)
+    writer = store.worker_recorder(task.app, delivery)  # None: the run lives here (memory://)
+    env = _environment(task, delivery, store, _observer(task, delivery, writer, items.clear))
     context = {"environment": env}
     kind = task.fn_kind
     try:
@@ -254,41 +253,42 @@ def _execute(
             agenerator = run_generator_task_async(task, task_run=run, context=context)
             run_on_worker_loop(_drain_async(agenerator, run, publish, items))
     finally:
-        if isinstance(env.record, DeliveryRecorder | StoreRecorder):
-            env.record.flush()
+        if writer is not None:
+            writer.flush()
     return items
 
 
 def _environment(
-    task: Task, delivery: Delivery, store: ResultStore, *, on_attempt: Any
+    task: Task, delivery: Delivery, store: ResultStore, record: Callable[[TaskRun, State], None]
 ) -> RunEnvironment:
-    common: dict[str, Any] = {
-        "key_run_id": delivery.workflow_id,
-        "defer_retries": True,
-        "is_cancelled": revocation_check(delivery.task_id, store),
-        "across_processes": True,
-    }
-    if isinstance(store, RedisStore):
-        recorder = DeliveryRecorder(task.app, store, delivery, on_attempt=on_attempt)
-        fenced = store.fenced_by(delivery.claim)  # cache commits only while the claim holds
-        return RunEnvironment(store=fenced, record=recorder, **common)
-    if store.shared:  # a SQL store: its plain operations, each answered
-        saver = StoreRecorder(task.app, store, task, delivery, on_attempt=on_attempt)
-        return RunEnvironment(store=store, record=saver, **common)
-    # memory:// chosen on purpose: the run lives in this worker's memory, as a local run's.
+    """Where a delivery's run executes: the store (whose cache commits are fenced by the
+    delivery's claim, where it has one), ``record`` for every state, retries deferred to the
+    broker, revokes as cancellation."""
+    if store.claims:
+        claiming: Any = store
+        store = claiming.fenced_by(delivery.claim)  # cache commits only while the claim holds
     return RunEnvironment(
         store=store,
-        record=_announcer(task, delivery, on_attempt),
-        saves_on_create=isinstance(store, MemoryStore),
-        **common,
+        record=record,
+        key_run_id=delivery.workflow_id,
+        defer_retries=True,
+        is_cancelled=revocation_check(delivery.task_id, store),
+        across_processes=True,
+        saves_on_create=not store.shared,  # memory:// keeps the live run object
     )
 
 
-def _announcer(task: Task, delivery: Delivery, on_attempt: Any) -> Any:
-    """The ``record`` of a run kept in memory: nothing to save, only events to send."""
+def _observer(
+    task: Task, delivery: Delivery, writer: WorkerRecorder | None, on_attempt: Callable[[], None]
+) -> Callable[[TaskRun, State], None]:
+    """The ``record`` of a delivery's run: the store's writer, then the worker's own
+    observers (a new attempt resets the generator's items; states Celery has no event for
+    are announced to monitors)."""
 
     def record(run: TaskRun, state: State) -> None:
-        if state.is_running():
+        if writer is not None:
+            writer(run, state)
+        if state.type is StateType.RUNNING:
             on_attempt()
         if delivery.send_events:
             send_state_event(task.app, delivery.hostname, delivery.task_id, run, state)

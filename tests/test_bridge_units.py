@@ -30,6 +30,7 @@ from celery_taskengine._store.redis_store import RedisStore
 from celery_taskengine._store.renewer import renewer
 from celery_taskengine._store.run_document import RunDocument
 from celery_taskengine._store.task_meta import celery_status, write_task_meta
+from celery_taskengine._store.worker_records import Delivery, DeliveryRecorder
 from celery_taskengine.engine_backend import CLAIM
 from celery_taskengine.errors import ConfigurationError, StoreUnavailableError, TaskRunTimeoutError
 from celery_taskengine.events import event_fields, event_type
@@ -52,7 +53,6 @@ from celery_taskengine.states import (
 )
 from celery_taskengine.task_run import TaskRun
 from celery_taskengine.worker_loop import run_on_worker_loop
-from celery_taskengine.worker_record import Delivery, DeliveryRecorder
 
 # -- events -----------------------------------------------------------------------------------
 

@@ -36,12 +36,10 @@ BRIDGE_MODULES: frozenset[str] = frozenset(
         "events",
         "message_age",
         "producer",
-        "store_recorder",
         "streaming",
         "task",
         "worker_checks",
         "worker_loop",
-        "worker_record",
         "worker_requeue",
         "worker_run",
     }

@@ -138,7 +138,7 @@ def test_a_cache_hit_writes_its_run_record_once(
             watching.set()
             for command in commands.listen():
                 words = command["command"].split()
-                if words[0] == "SET" and words[1].encode().startswith(run_prefix):
+                if words[0].upper() == "SET" and words[1].encode().startswith(run_prefix):
                     writes.append(words[1].encode())
                 if words[0] == "ECHO" and token in command["command"]:
                     return

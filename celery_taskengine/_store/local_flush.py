@@ -64,6 +64,7 @@ class FlushResult:
 
     @classmethod
     def combine(cls, results: Iterable[FlushResult]) -> FlushResult:
+        results = list(results)
         runs = [run for result in results for run in result.lost_runs]
         return cls(tuple(runs), max(len(runs), sum(result.lost for result in results)))
 

@@ -203,6 +203,15 @@ class MemoryStore:
         with self._lock:
             return list(itertools.islice(reversed(self._runs.values()), max(limit, 0)))
 
+    claims: bool = False
+
+    def worker_recorder(self, app: Any, delivery: Any) -> None:
+        """None: the worker's run lives here as the object itself."""
+        return None
+
+    def rides_with(self, backend: Any) -> bool:
+        return False
+
     def local_recorder(self) -> None:
         """None: the store keeps the live run object, saved once when it is created."""
         return None

@@ -20,7 +20,17 @@ if TYPE_CHECKING:
 #: How a store records a local run's states (``None``: the store keeps the live run object).
 LocalRecorder = Callable[["TaskRun", "State"], None]
 
-__all__ = ["ItemBatch", "LocalRecorder", "ResultRecord", "ResultStore"]
+
+class WorkerRecorder(Protocol):
+    """How a store records a worker delivery's run: every state, then :meth:`flush` once the
+    engine returned (the final state, confirmed before Celery stores the task's result)."""
+
+    def __call__(self, run: TaskRun, state: State) -> None: ...
+
+    def flush(self) -> None: ...
+
+
+__all__ = ["ItemBatch", "LocalRecorder", "ResultRecord", "ResultStore", "WorkerRecorder"]
 
 #: Stream entries as :meth:`ResultStore.read_items` gives them: ``(entry id, item or None)``,
 #: ``None`` marking the end of the stream.
@@ -55,6 +65,8 @@ class ResultStore(Protocol):
     supports_locking: bool
     #: A password-free name of where the store keeps its records, for messages.
     url: str
+    #: Whether deliveries claim their messages here (fencing tokens; see claims): Redis.
+    claims: bool
 
     def read(self, key: str) -> ResultRecord | None:
         """The committed record, or ``None`` when missing, expired, corrupt or foreign.
@@ -115,6 +127,13 @@ class ResultStore(Protocol):
     def local_recorder(self) -> LocalRecorder | None:
         """How local runs record their states here; ``None`` when saving the live run once,
         at creation, is enough (a store that keeps the object itself)."""
+
+    def worker_recorder(self, app: Any, delivery: Any) -> WorkerRecorder | None:
+        """How a worker delivery (``worker_records.Delivery``) of ``app`` records its run;
+        ``None`` when the store keeps the live run object (nothing to write)."""
+
+    def rides_with(self, backend: Any) -> bool:
+        """Whether run records may ride on ``backend``'s own connections (same server)."""
 
     def mark_revoked(self, run_id: str) -> None:
         """Leave a marker that ``run_id`` was revoked, for attempts in other processes."""

@@ -31,7 +31,12 @@ import redis
 from celery_taskengine._store.claims import ClaimStore
 from celery_taskengine._store.connections import DEFAULT_MAX_CONNECTIONS, EnginePool
 from celery_taskengine._store.early_read import EarlyRead, EarlyReads
-from celery_taskengine._store.protocol import ItemBatch, LocalRecorder, ResultRecord
+from celery_taskengine._store.protocol import (
+    ItemBatch,
+    LocalRecorder,
+    ResultRecord,
+    WorkerRecorder,
+)
 from celery_taskengine._store.record_codec import (
     accept_for_app,
     decode_record,
@@ -331,6 +336,18 @@ class RedisStore(ClaimStore):
     def iter_runs(self, limit: int) -> list[TaskRun]:
         """Up to ``limit`` runs, the most recently active first (read along the run index)."""
         return self.list_runs(limit)
+
+    claims: bool = True
+
+    def worker_recorder(self, app: Any, delivery: Any) -> WorkerRecorder:
+        """Worker runs' records go on the record channel (see worker_records)."""
+        from celery_taskengine._store.worker_records import DeliveryRecorder
+
+        return DeliveryRecorder(app, self, delivery)
+
+    def rides_with(self, backend: Any) -> bool:
+        """Whether ``backend`` talks to Redis through this store's own client."""
+        return getattr(backend, "client", None) is self.client
 
     def local_recorder(self) -> LocalRecorder:
         """Local runs' records are written behind the caller (see local_records)."""

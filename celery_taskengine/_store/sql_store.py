@@ -38,7 +38,12 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 
 from celery_taskengine._store import sql_schema as schema
-from celery_taskengine._store.protocol import ItemBatch, LocalRecorder, ResultRecord
+from celery_taskengine._store.protocol import (
+    ItemBatch,
+    LocalRecorder,
+    ResultRecord,
+    WorkerRecorder,
+)
 from celery_taskengine._store.record_codec import decode_record, encode_record, normalize_accept
 from celery_taskengine._store.redis_store import DEFAULT_NAMESPACE, DEFAULT_RUN_EXPIRES
 from celery_taskengine._store.run_document import encode_run
@@ -368,6 +373,17 @@ class SqlStore:
         rows.sort(key=lambda row: str(row["run_id"]))
         with self._connection(write=True) as conn:
             self._upsert_many(conn, schema.runs, ["run_id"], rows)
+
+    claims: bool = False
+
+    def worker_recorder(self, app: Any, delivery: Any) -> WorkerRecorder:
+        """Worker runs are recorded through the plain operations (see plain_records)."""
+        from celery_taskengine._store.plain_records import StoreRecorder
+
+        return StoreRecorder(app, self, delivery)
+
+    def rides_with(self, backend: Any) -> bool:
+        return False
 
     def local_recorder(self) -> LocalRecorder:
         """Local runs' records are written behind the caller, in batches (see write_behind)."""

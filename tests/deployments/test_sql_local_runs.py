@@ -132,6 +132,7 @@ def test_a_database_that_refuses_the_records_is_reported_with_the_run_ids(
         written = flush_run_records(app)
 
     assert state.is_completed()  # the run's own outcome is unchanged
-    assert written is False
+    assert not written
+    assert run_id in written.lost_runs
     assert any(run_id in record.getMessage() for record in caplog.records)
     assert get_task_run(run_id, app=app) is not None  # still in this process's memory

@@ -1,6 +1,6 @@
 """Recording a worker run's states on a shared store reached only through its operations (SQL).
 
-The Redis store has a channel of its own for worker records (see ``worker_record``); any other
+The Redis store has a channel of its own for worker records (see ``worker_records``); any other
 shared store is written with its plain operations, each answered, so a refused write raises
 in the delivery instead of passing unseen:
 
@@ -16,15 +16,11 @@ Celery's own ``store_result``, so any result backend shows them.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
-
-from celery.app.task import get_actual_ignore_result
 
 from celery_taskengine._store.protocol import ResultStore
 from celery_taskengine._store.task_meta import celery_status, state_info
-from celery_taskengine.events import send_state_event
-from celery_taskengine.states import State, StateType
+from celery_taskengine.states import State
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -43,17 +39,13 @@ class StoreRecorder:
         self,
         app: Celery,
         store: ResultStore,
-        task: Any,
         delivery: Any,
-        *,
-        on_attempt: Callable[[], None] | None = None,
     ) -> None:
         self.app = app
         self.store = store
         self.delivery = delivery
-        self.on_attempt = on_attempt
         #: Whether Celery keeps this task's results (``ignore_result`` tasks show nothing).
-        self._shows_meta = not get_actual_ignore_result(task, task.request)
+        self._shows_meta = not delivery.ignores_result
         self._final: TaskRun | None = None
 
     def __call__(self, run: TaskRun, state: State) -> None:
@@ -66,11 +58,6 @@ class StoreRecorder:
         status = celery_status(state)
         if status is not None and self._shows_meta:
             self._show_in_backend(run, state, status)
-        if state.type is StateType.RUNNING and self.on_attempt is not None:
-            self.on_attempt()
-        if self.delivery.send_events:
-            d = self.delivery
-            send_state_event(self.app, d.hostname, d.task_id, run, state)
 
     def flush(self) -> None:
         """Save the final state, once the engine has returned."""

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -43,7 +42,6 @@ from celery_taskengine._store.task_meta import (
     px,
     state_info,
 )
-from celery_taskengine.events import send_state_event
 from celery_taskengine.states import State, StateType
 from celery_taskengine.task_run import TaskRun
 
@@ -115,13 +113,10 @@ class DeliveryRecorder:
         app: Celery,
         store: RedisStore,
         delivery: Delivery,
-        *,
-        on_attempt: Callable[[], None] | None = None,
     ) -> None:
         self.app = app
         self.store = store
         self.delivery = delivery
-        self.on_attempt = on_attempt
         self._channel = _channel_for(store, app)
         #: This delivery's writes on an engine connection, unless they ride on Celery's.
         self._writer = None if delivery.piggyback else self._channel.writer(delivery.task_id)
@@ -164,11 +159,6 @@ class DeliveryRecorder:
                 self._final = commands
             else:
                 self._send(commands, hold=state.type is StateType.RUNNING)
-        if state.type is StateType.RUNNING and self.on_attempt is not None:
-            self.on_attempt()
-        if self.delivery.send_events:
-            d = self.delivery
-            send_state_event(self.app, d.hostname, d.task_id, run, state)
 
     def flush(self) -> None:
         """Write the final state, once the engine has returned (its transaction is over), and
