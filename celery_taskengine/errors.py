@@ -2,7 +2,8 @@
 
 TaskEngineError
 ├── ConfigurationError        a task, policy or app is set up in a way that cannot work
-│   └── ReservedArgumentError a task function uses a parameter name the engine owns
+│   ├── ReservedArgumentError a task function uses a parameter name the engine owns
+│   └── StorePermissionError  the store's user may not touch the engine's keys (ACL NOPERM)
 ├── SerializationError        a value cannot be encoded with the chosen serializer
 ├── TaskRunTimeoutError       an attempt exceeded ``timeout_seconds`` (also a TimeoutError)
 ├── StoreUnavailableError     the result backend cannot be reached
@@ -27,6 +28,10 @@ class ConfigurationError(TaskEngineError, ValueError):
 
 class ReservedArgumentError(ConfigurationError, TypeError):
     """A task function declares a parameter name the engine reserves for itself."""
+
+
+class StorePermissionError(ConfigurationError):
+    """The store's server refuses the engine's keys or commands to its user (an ACL)."""
 
 
 class SerializationError(TaskEngineError, TypeError):

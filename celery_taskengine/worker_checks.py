@@ -5,7 +5,8 @@ A store only one process sees (the memory store) would make each worker process 
 own, lock nothing across processes and lose run records between a retry's deliveries, all
 without an error. So a worker whose engine tasks would get such a store stops at
 ``worker_init`` with a :class:`~celery_taskengine.errors.ConfigurationError` that names the
-result backend and the setting to use, unless ``taskengine_store = "memory://"`` chose it.
+result backend and the setting to use, unless ``taskengine_store = "memory://"`` chose it;
+and one whose Redis user may not touch the engine's keys stops there too, naming them.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from celery.signals import worker_init
 from kombu.utils.url import maybe_sanitize_url
 
 from celery_taskengine._store.selection import configured_store_url, store_for_app
-from celery_taskengine.errors import ConfigurationError
+from celery_taskengine.errors import ConfigurationError, StoreUnavailableError
 
 __all__ = ["check_worker_store"]
 
@@ -32,7 +33,12 @@ def check_worker_store(app: Celery) -> None:
         return
     store = store_for_app(app)
     setting = configured_store_url(app)
-    if store.shared or (setting is not None and setting.startswith("memory://")):
+    if store.shared:
+        check = getattr(store, "check_access", None)
+        if check is not None:
+            check()  # StorePermissionError (a ConfigurationError) names what is missing
+        return
+    if setting is not None and setting.startswith("memory://"):
         return
     backend = app.conf.result_backend
     shown = backend
@@ -52,6 +58,8 @@ def _refuse_bad_store(sender: Any = None, **_: Any) -> None:
         return
     try:
         check_worker_store(app)
+    except StoreUnavailableError:
+        return  # down at start: deliveries wait it out, or go back to the broker
     except ConfigurationError as exc:
         logger.critical("celery-taskengine: %s", exc)
         # Celery logs and ignores an Exception raised by a signal handler; SystemExit stops

@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -48,6 +49,7 @@ from celery_taskengine._store.run_document import encode_run
 from celery_taskengine._store.run_index import INDEX_LUA, RunIndex, list_indexed
 from celery_taskengine.errors import (
     ConfigurationError,
+    StorePermissionError,
     StoreUnavailableError,
 )
 from celery_taskengine.task_run import TaskRun, run_from_document
@@ -79,6 +81,8 @@ return 0
 """
 
 _SCAN_BATCH = 500
+#: A cache read's failures that the store's own handling turns into its errors.
+_READ_AGAIN: tuple[type[Exception], ...] = (*OUTAGE_ERRORS, redis.exceptions.NoPermissionError)
 #: Stream entry fields: an item, or the end marker.
 _ITEM = b"i"
 _END = b"e"
@@ -184,7 +188,7 @@ class RedisStore(ClaimStore):
         redis_key = self.key_for("cache", key)
         try:  # tried once before any retry machinery: this is every cache hit's path
             raw = self.client.get(redis_key)
-        except OUTAGE_ERRORS:
+        except _READ_AGAIN:
             raw = self.call(lambda: self.client.get(redis_key), f"reading cache record {key!r}")
         return self.record_from(raw, key)
 
@@ -442,6 +446,27 @@ class RedisStore(ClaimStore):
             return (patience or self.patience).call(operation, what=what, run_id=run_id)
         except OUTAGE_ERRORS as exc:
             raise self._unavailable(exc) from exc
+        except redis.exceptions.NoPermissionError as exc:
+            raise StorePermissionError(
+                f"{run_id + ': ' if run_id else ''}the Redis user of {self.url} may not "
+                f"run what the engine needs for {what} on its keys ({self._prefix}*): {exc}. "
+                f"Grant it ~{self._prefix}* and the commands listed under 'ACL users' in the "
+                f"README's Deployments section"
+            ) from exc
+
+    def check_access(self) -> None:
+        """Make each kind of call the engine makes on its keys once (a string, a sorted set,
+        a script), so a missing permission is one clear error at a worker's start."""
+        probe = f"{self._prefix}probe:{uuid.uuid4().hex}"
+
+        def probe_calls() -> None:
+            pipe: Any = self.client.pipeline(transaction=False)
+            pipe.set(probe, 1, px=10_000)
+            pipe.zadd(probe + ":z", {"probe": 1})
+            pipe.eval("return redis.call('del', KEYS[1], KEYS[2])", 2, probe, probe + ":z")
+            pipe.execute()
+
+        self.call(probe_calls, "its permission check")
 
     def _unavailable(self, exc: Exception) -> StoreUnavailableError:
         return StoreUnavailableError(f"Redis result backend at {self.url} is unavailable: {exc}")

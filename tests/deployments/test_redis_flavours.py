@@ -15,6 +15,7 @@ from celery.result import AsyncResult
 
 from celery_taskengine import get_task_run
 from celery_taskengine._store.selection import store_for_app
+from celery_taskengine.errors import StorePermissionError
 from tests.deployments.servers import (
     make_certificates,
     redis_process,
@@ -111,3 +112,28 @@ def _wait(condition: Any, timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"gave up waiting for {what}")
         time.sleep(0.2)
+
+
+#: An ACL user for Celery's own keys only: no access to the engine's ``cte:*``.
+CELERY_ONLY_ACL = [
+    "on", ">celery-pw", "~celery-task-meta-*", "~celery-taskset-meta-*", "~chord-unlock-*",
+    "~_kombu*", "&*", "+@all",
+]  # fmt: skip
+
+
+def test_an_acl_user_without_the_engine_keys_gets_one_clear_error(
+    redis_url: str, tmp_path: Path
+) -> None:
+    from tests.deployments.workers import worker_output
+
+    with redis_process(tmp_path / "acl-celery") as server:
+        server.client().execute_command("ACL", "SETUSER", "celery", *CELERY_ONLY_ACL)
+        backend = f"redis://celery:celery-pw@127.0.0.1:{server.port}/0"
+        with deployment_worker(redis_url, backend, redis_url, wait=False) as (_, tasks, proc):
+            output = worker_output(proc, timeout=60)  # the worker refuses to start
+            with pytest.raises(StorePermissionError, match=r"cte:default:\*"):
+                tasks.cached.delay(1, "c")  # a producer-side cache read, refused
+
+    assert proc.returncode != 0
+    assert "StorePermissionError" in output or "may not run what the engine needs" in output
+    assert "cte:default:*" in output
