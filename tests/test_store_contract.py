@@ -192,13 +192,15 @@ def test_runs_are_listed_newest_first_up_to_the_limit(store: ResultStore) -> Non
 
 
 def test_runs_are_listed_by_task_and_state_names_or_types(store: ResultStore) -> None:
-    fetch, other = _run("shop.tasks.fetch"), _run("shop.tasks.other")
-    failed = _run("shop.tasks.fetch")
+    runs = []
+    for name in ("shop.tasks.fetch", "shop.tasks.other", "shop.tasks.fetch"):
+        runs.append(_run(name))  # each a little later than the one before
+        time.sleep(0.01)
+    fetch, other, failed = runs
     failed.state = TimedOut(message="too slow")
     failed.state_history.append(failed.state)
-    for run in (fetch, other, failed):
+    for run in runs:
         store.save_run(run)
-        time.sleep(0.01)
 
     def ids(**filters: Any) -> list[str]:
         return [run.id for run in store.list_runs(10, **filters)]

@@ -11,22 +11,18 @@ cannot be reached surfaces as :class:`StoreUnavailableError`.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
-import os
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from datetime import datetime, timedelta, timezone
-from typing import Any, TypeVar, cast
+from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import (
     Connection,
     Engine,
-    bindparam,
     create_engine,
     delete,
     event,
@@ -35,11 +31,9 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.dialects import mysql, postgresql, sqlite
 
 from celery_taskengine._store import sql_schema as schema
 from celery_taskengine._store.protocol import (
-    ItemBatch,
     LocalRecorder,
     ResultRecord,
     WorkerRecorder,
@@ -48,6 +42,21 @@ from celery_taskengine._store.record_codec import decode_record, encode_record, 
 from celery_taskengine._store.redis_store import DEFAULT_NAMESPACE, DEFAULT_RUN_EXPIRES
 from celery_taskengine._store.run_document import encode_run
 from celery_taskengine._store.run_filters import short_task_name, squash
+from celery_taskengine._store.sql_streams import SqlStreams
+from celery_taskengine._store.sql_support import (
+    LOAD_RUN,
+    READ_RECORD,
+    TryAgain,
+    already_exists,
+    check_ttl,
+    engines,
+    like_escape,
+    may_succeed_again,
+    reconnecting,
+    sqlite_wal,
+    upsert_many,
+    utc,
+)
 from celery_taskengine._store.write_behind import WriteBehindRecorder
 from celery_taskengine.errors import ConfigurationError, StoreUnavailableError
 from celery_taskengine.task_run import TaskRun, run_from_document
@@ -62,57 +71,7 @@ _SWEEP_EVERY = 512
 _ITEM_POLL_SECONDS = 0.05
 
 
-def _live_row(table: Any, key_column: Any, *columns: Any) -> Any:
-    """``SELECT columns`` of the unexpired row under bound ``namespace`` and ``key``, built
-    once (statements built per call cost more than the query's round trip)."""
-    c = table.c
-    return select(*columns).where(
-        c.namespace == bindparam("namespace"),
-        key_column == bindparam("key"),
-        or_(c.expires_at.is_(None), c.expires_at > bindparam("now")),
-    )
-
-
-_READ_RECORD = _live_row(schema.cache, schema.cache.c.key, schema.cache.c.value)
-_LOAD_RUN = _live_row(schema.runs, schema.runs.c.run_id, schema.runs.c.document)
-
-
-class _TryAgain(StoreUnavailableError):
-    """The operation may succeed if made again: the database closed a pooled connection (a
-    restart, an idle timeout), or chose this transaction as a deadlock's victim."""
-
-
-_Method = TypeVar("_Method", bound=Callable[..., Any])
-#: How often an operation is made in all when the database says to try again.
-_TRIES = 3
-
-
-def _reconnecting(method: _Method) -> _Method:
-    """Make ``method`` again (up to :data:`_TRIES` times in all) when the database says so."""
-
-    @functools.wraps(method)
-    def again_if_told(*args: Any, **kwargs: Any) -> Any:
-        for attempt in range(1, _TRIES + 1):
-            try:
-                return method(*args, **kwargs)
-            except _TryAgain as exc:
-                if attempt == _TRIES:
-                    raise
-                logger.info("%s: making it again: %s", method.__name__, exc)
-        raise AssertionError("unreachable")
-
-    return cast(_Method, again_if_told)
-
-
-def _may_succeed_again(exc: sa_exc.DBAPIError) -> bool:
-    """A dropped connection, a deadlock victim or a lock wait that timed out."""
-    if exc.connection_invalidated:
-        return True
-    text = str(exc.orig).lower()
-    return "deadlock" in text or "lock wait timeout" in text or "database is locked" in text
-
-
-class SqlStore:
+class SqlStore(SqlStreams):
     """A :class:`~celery_taskengine._store.protocol.ResultStore` on one SQL database.
 
     ``engine`` is a SQLAlchemy engine (made from a URL by :meth:`from_url`); ``clock`` gives
@@ -142,7 +101,7 @@ class SqlStore:
         #: Reads go here: connections that autocommit (SQLite's driver begins no
         #: transaction for a SELECT anyway).
         self._reader = reader or engine
-        _engines.add(self._reader)
+        engines.add(self._reader)
         self.namespace = namespace
         self.accept = normalize_accept(accept)
         self.run_expires = run_expires if run_expires and run_expires > 0 else None
@@ -152,7 +111,7 @@ class SqlStore:
         self._tables_ready = not create_tables
         self._tables_lock = threading.Lock()
         self._recorder: WriteBehindRecorder | None = None
-        _engines.add(engine)
+        engines.add(engine)
 
     @classmethod
     def from_url(
@@ -173,7 +132,7 @@ class SqlStore:
             engine = create_engine(url, **options)
             reader = None
             if engine.dialect.name == "sqlite":
-                event.listen(engine, "connect", _sqlite_wal)
+                event.listen(engine, "connect", sqlite_wal)
             else:  # connections that autocommit from the start: a read is one round trip
                 reader = create_engine(url, isolation_level="AUTOCOMMIT", **options)
         except (sa_exc.ArgumentError, ImportError) as exc:  # unknown dialect, missing driver
@@ -182,11 +141,11 @@ class SqlStore:
 
     # -- cached results ------------------------------------------------------------------
 
-    @_reconnecting
+    @reconnecting
     def read(self, key: str) -> ResultRecord | None:
         """The committed record, or ``None`` when missing, expired, corrupt or foreign."""
         with self._connection() as conn:
-            raw = conn.execute(_READ_RECORD, self._live_params(key)).scalar_one_or_none()
+            raw = conn.execute(READ_RECORD, self._live_params(key)).scalar_one_or_none()
         if raw is None:
             return None
         try:
@@ -201,7 +160,7 @@ class SqlStore:
     def exists(self, key: str) -> bool:
         return self.read(key) is not None
 
-    @_reconnecting
+    @reconnecting
     def write(
         self,
         key: str,
@@ -214,7 +173,7 @@ class SqlStore:
         """Store ``value`` under ``key`` for ``expires_in`` seconds (``None``: no expiry);
         encoded first, so a :class:`SerializationError` writes nothing."""
         now = self._clock()
-        created = _utc(now)
+        created = utc(now)
         expires_at = None if expires_in is None else created + timedelta(seconds=expires_in)
         raw = encode_record(
             key,
@@ -233,18 +192,18 @@ class SqlStore:
         with self._connection(write=True) as conn:
             self._upsert(conn, schema.cache, {"key": key}, values)
 
-    @_reconnecting
+    @reconnecting
     def delete(self, key: str) -> bool:
         c = schema.cache.c
         with self._connection(write=True) as conn:
             gone = conn.execute(delete(schema.cache).where(self._mine(c), c.key == key))
         return bool(gone.rowcount)
 
-    @_reconnecting
+    @reconnecting
     def iter_keys(self, prefix: str = "") -> list[str]:
         """The transaction keys of live records starting with ``prefix``, sorted."""
         c = schema.cache.c
-        pattern = _like_escape(prefix) + "%"
+        pattern = like_escape(prefix) + "%"
         query = select(c.key).where(
             self._mine(c), c.key.like(pattern, escape="\\"), self._unexpired(c)
         )
@@ -253,11 +212,11 @@ class SqlStore:
 
     # -- locks ---------------------------------------------------------------------------
 
-    @_reconnecting
+    @reconnecting
     def acquire_lock(self, key: str, holder: str, ttl: float) -> bool:
         """Delete a lapsed lock on ``key``, then ``INSERT`` ours: the primary key lets one
         holder in. Never blocks; not re-entrant."""
-        _check_ttl(ttl)
+        check_ttl(ttl)
         c = schema.locks.c
         now = self._clock()
         try:
@@ -277,9 +236,9 @@ class SqlStore:
             return self.lock_holder(key) == holder
         return True
 
-    @_reconnecting
+    @reconnecting
     def renew_lock(self, key: str, holder: str, ttl: float) -> bool:
-        _check_ttl(ttl)
+        check_ttl(ttl)
         c = schema.locks.c
         now = self._clock()
         with self._connection(write=True) as conn:
@@ -290,7 +249,7 @@ class SqlStore:
             )
         return bool(renewed.rowcount)
 
-    @_reconnecting
+    @reconnecting
     def release_lock(self, key: str, holder: str) -> None:
         c = schema.locks.c
         with self._connection(write=True) as conn:
@@ -298,7 +257,7 @@ class SqlStore:
                 delete(schema.locks).where(self._mine(c), c.key == key, c.holder == holder)
             )
 
-    @_reconnecting
+    @reconnecting
     def lock_holder(self, key: str) -> str | None:
         c = schema.locks.c
         with self._connection() as conn:
@@ -309,7 +268,7 @@ class SqlStore:
 
     # -- run records ---------------------------------------------------------------------
 
-    @_reconnecting
+    @reconnecting
     def save_run(self, run: TaskRun) -> None:
         """Write the run's document (one upsert), living ``run_expires`` seconds."""
         values = self._run_values(run)
@@ -330,17 +289,17 @@ class SqlStore:
             "document": encode_run(run),
         }
 
-    @_reconnecting
+    @reconnecting
     def load_run(self, run_id: str) -> TaskRun | None:
         with self._connection() as conn:
-            document = conn.execute(_LOAD_RUN, self._live_params(run_id)).scalar_one_or_none()
+            document = conn.execute(LOAD_RUN, self._live_params(run_id)).scalar_one_or_none()
         return None if document is None else self._decode_run(run_id, document)
 
     def iter_runs(self, limit: int) -> list[TaskRun]:
         """Up to ``limit`` runs, the most recently active first (an index scan of ``limit``)."""
         return self.list_runs(limit)
 
-    @_reconnecting
+    @reconnecting
     def list_runs(
         self, limit: int, *, task: str | None = None, state: str | None = None
     ) -> list[TaskRun]:
@@ -365,14 +324,14 @@ class SqlStore:
         decoded = (self._decode_run(run_id, document) for run_id, document in rows)
         return [run for run in decoded if run is not None]
 
-    @_reconnecting
+    @reconnecting
     def save_runs(self, runs: list[TaskRun]) -> None:
         """Write several runs' documents in one transaction."""
         # In key order, so two batches never wait for each other's rows (no deadlock).
         rows = [{"run_id": run.id, **self._run_values(run)} for run in runs]
         rows.sort(key=lambda row: str(row["run_id"]))
         with self._connection(write=True) as conn:
-            self._upsert_many(conn, schema.runs, ["run_id"], rows)
+            upsert_many(conn, schema.runs, self.namespace, ["run_id"], rows)
 
     claims: bool = False
 
@@ -391,51 +350,6 @@ class SqlStore:
             self._recorder = WriteBehindRecorder(self.save_runs, self.url)
         return self._recorder
 
-    # -- revokes and generator items -----------------------------------------------------
-
-    @_reconnecting
-    def mark_revoked(self, run_id: str) -> None:
-        expires = self._clock() + (self.run_expires or DEFAULT_RUN_EXPIRES)
-        with self._connection(write=True) as conn:
-            self._upsert(conn, schema.revoked, {"run_id": run_id}, {"expires_at": expires})
-
-    @_reconnecting
-    def is_revoked(self, run_id: str) -> bool:
-        c = schema.revoked.c
-        with self._connection() as conn:
-            found = conn.execute(
-                select(c.run_id).where(self._mine(c), c.run_id == run_id, self._unexpired(c))
-            ).first()
-        return found is not None
-
-    @_reconnecting
-    def append_item(self, run_id: str, item: bytes) -> None:
-        self._add_entry(run_id, item)
-
-    @_reconnecting
-    def end_items(self, run_id: str) -> None:
-        self._add_entry(run_id, None)
-
-    def read_items(self, run_id: str, after: str, *, count: int, block: float) -> ItemBatch:
-        """Entries after id ``after`` (``"<row id>-0"``), polled while ``block`` lasts."""
-        c = schema.items.c
-        start = int(after.split("-")[0])
-        query = (
-            select(c.id, c.item)
-            .where(self._mine(c), c.run_id == run_id, c.id > start)
-            .order_by(c.id)
-            .limit(count)
-        )
-        deadline = time.monotonic() + max(block, 0.0)
-        while True:
-            with self._connection() as conn:
-                rows = conn.execute(query).all()
-            if rows or time.monotonic() >= deadline:
-                return [
-                    (f"{row_id}-0", None if item is None else bytes(item)) for row_id, item in rows
-                ]
-            time.sleep(min(_ITEM_POLL_SECONDS, max(0.0, deadline - time.monotonic())))
-
     # -- tables --------------------------------------------------------------------------
 
     def create_tables(self) -> None:
@@ -443,7 +357,7 @@ class SqlStore:
         try:
             schema.METADATA.create_all(self.engine, checkfirst=True)
         except sa_exc.OperationalError as exc:
-            if not _already_exists(exc):  # another process created them meanwhile
+            if not already_exists(exc):  # another process created them meanwhile
                 raise self._unavailable(exc) from exc
         self._tables_ready = True
 
@@ -455,39 +369,11 @@ class SqlStore:
 
     # -- internals -----------------------------------------------------------------------
 
-    def _add_entry(self, run_id: str, item: bytes | None) -> None:
-        expires = None if self.run_expires is None else self._clock() + self.run_expires
-        row = {"namespace": self.namespace, "run_id": run_id, "item": item, "expires_at": expires}
-        with self._connection(write=True) as conn:
-            conn.execute(schema.items.insert().values(**row))
-
     def _upsert(
         self, conn: Connection, table: Any, key: dict[str, Any], values: dict[str, Any]
     ) -> None:
-        """One row's ``INSERT ... ON CONFLICT UPDATE`` (see _upsert_many)."""
-        self._upsert_many(conn, table, list(key), [{**key, **values}])
-
-    def _upsert_many(
-        self, conn: Connection, table: Any, key_names: list[str], rows: list[dict[str, Any]]
-    ) -> None:
-        """``INSERT ... ON CONFLICT UPDATE`` of ``rows`` in the database's own spelling: one
-        statement for the whole batch."""
-        rows = [{"namespace": self.namespace, **row} for row in rows]
-        updated = [name for name in rows[0] if name not in ("namespace", *key_names)]
-        name = conn.dialect.name
-        if name in ("mysql", "mariadb"):
-            my = mysql.insert(table).values(rows)
-            conn.execute(my.on_duplicate_key_update({col: my.inserted[col] for col in updated}))
-            return
-        if name not in ("postgresql", "sqlite"):
-            raise ConfigurationError(f"the SQL store does not support {name!r} databases")
-        insert = (postgresql if name == "postgresql" else sqlite).insert(table).values(rows)
-        conn.execute(
-            insert.on_conflict_do_update(
-                index_elements=["namespace", *key_names],
-                set_={col: insert.excluded[col] for col in updated},
-            )
-        )
+        """One row's ``INSERT ... ON CONFLICT UPDATE`` (see sql_support.upsert_many)."""
+        upsert_many(conn, table, self.namespace, list(key), [{**key, **values}])
 
     def _mine(self, c: Any) -> Any:
         return c.namespace == self.namespace
@@ -514,8 +400,8 @@ class SqlStore:
                 with self._reader.connect() as conn:
                     yield conn
         except sa_exc.DBAPIError as exc:
-            if _may_succeed_again(exc):
-                raise _TryAgain(f"SQL store at {self.url}: {exc.orig}") from exc
+            if may_succeed_again(exc):
+                raise TryAgain(f"SQL store at {self.url}: {exc.orig}") from exc
             if isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError):
                 raise self._unavailable(exc) from exc
             raise
@@ -544,46 +430,7 @@ class SqlStore:
             return None
 
     def _now(self) -> datetime:
-        return _utc(self._clock())
+        return utc(self._clock())
 
     def _unavailable(self, exc: Exception) -> StoreUnavailableError:
         return StoreUnavailableError(f"SQL store at {self.url} is unavailable: {exc}")
-
-
-#: Every SQL store's engine in this process (forgotten with its store).
-_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
-
-
-def _forget_parent_connections() -> None:
-    """In a forked child: new connections, leaving the parent's sockets to the parent."""
-    for engine in list(_engines):
-        engine.dispose(close=False)
-
-
-os.register_at_fork(after_in_child=_forget_parent_connections)
-
-
-def _sqlite_wal(dbapi_connection: Any, _record: Any) -> None:
-    """Readers never wait for a writer's commit (write-ahead log), and commits wait for no
-    disk flush but at checkpoints: safe against a crashed process, not a lost machine."""
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.close()
-
-
-def _utc(seconds: float) -> datetime:
-    return datetime.fromtimestamp(seconds, timezone.utc)
-
-
-def _check_ttl(ttl: float) -> None:
-    if not ttl > 0:
-        raise ValueError(f"lock ttl must be a positive number of seconds, got {ttl!r}")
-
-
-def _like_escape(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-
-
-def _already_exists(exc: Exception) -> bool:
-    return "already exists" in str(exc).lower()
