@@ -394,7 +394,7 @@ def test_run_records_never_expire_when_celery_results_do_not(
 
 
 def test_iter_runs_lists_the_most_recently_active_first(store: RedisStore) -> None:
-    base = datetime(2024, 1, 1, tzinfo=timezone.utc)
+    base = datetime.now(timezone.utc) - timedelta(hours=1)  # within a run record's life
     for run_id, minutes in [("old", 0), ("newest", 20), ("middle", 10)]:
         store.save_run(make_run(run_id, at=base + timedelta(minutes=minutes)))
 

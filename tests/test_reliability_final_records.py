@@ -132,21 +132,29 @@ def test_a_final_record_sent_to_a_hung_redis_that_restarts_agrees_with_celerys_r
 
 @pytest.mark.parametrize("pool", ["threads", "prefork", "solo"])
 def test_a_run_record_redis_refuses_is_logged_with_the_run_id(pool: str, tmp_path: Path) -> None:
-    # Given: a result backend user that may touch Celery's keys only (NOPERM on the engine's).
+    # Given: a result backend user that loses its access to the engine's keys once the worker
+    # runs (a worker refuses to start without it): NOPERM on the engine's, Celery's allowed.
     with redis_server(tmp_path) as server:
-        redis.Redis(port=server.port).acl_setuser(
-            "celery-only",
-            enabled=True,
-            passwords=["+secret"],
-            keys=["celery-task-meta-*"],
-            channels=["*"],
-            commands=["+@all"],
-        )
+        admin = redis.Redis(port=server.port)
+
+        def grant(keys: list[str]) -> None:
+            admin.acl_setuser(
+                "celery-only",
+                enabled=True,
+                passwords=["+secret"],
+                keys=keys,
+                reset_keys=True,
+                channels=["*"],
+                commands=["+@all"],
+            )
+
+        grant(["*"])
         backend = f"redis://celery-only:secret@127.0.0.1:{server.port}/1"
         app, tasks = make_app(f"{server.url}/1", backend, queue=f"noperm-{uuid.uuid4().hex[:8]}")
         try:
             worker = WorkerProcess(app, tmp_path, pool=pool, concurrency=1)
             with workers(worker):
+                grant(["celery-task-meta-*"])
                 # When: a run's records are written.
                 result = tasks.tiny.delay(1)
                 outcome = outcome_of(result, timeout=60)

@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from celery_taskengine._store.retrying import Patience
-from celery_taskengine.errors import StoreUnavailableError
+from celery_taskengine.errors import StorePermissionError, StoreUnavailableError
 
 if TYPE_CHECKING:
     from celery_taskengine._store.redis_store import RedisStore
@@ -210,8 +210,8 @@ class Claim:
         try:
             if self.is_sure() or self.renew():
                 return True
-        except StoreUnavailableError:
-            return True  # cannot ask now: the write itself is fenced, and retried
+        except (StoreUnavailableError, StorePermissionError):
+            return True  # cannot ask now: the write itself is fenced (and its refusal logged)
         self.lose("found before writing the outcome")
         return False
 
@@ -372,7 +372,14 @@ def store_result_fenced(backend: Any, claim: Claim, key: str, value: Any, px: in
         return False
     args = (claim.token, claim.done_value, value, str(px or 0))
     call = backend.client.eval
-    stored = bool(backend.ensure(call, (META_LUA, 2, claim.key, key, *args)))
+    try:
+        stored = bool(backend.ensure(call, (META_LUA, 2, claim.key, key, *args)))
+    except redis.exceptions.NoPermissionError as exc:
+        # The claim cannot be read (its user lost the engine's keys): Celery stores the
+        # outcome as for a plain task, so the caller still gets it; said with the run id.
+        logger.error("%s: Celery's result stored without its claim's fence: %s", claim.run_id, exc)
+        backend.set(key, value)  # Celery's own write (and publish), with its retries
+        return True
     if not stored:
         claim.lose("Celery's result was not stored")
     return stored

@@ -122,6 +122,8 @@ class LocalRunRecorder:
         self._lost_count = 0
         #: When Redis was first found unreachable in the current outage (monotonic seconds).
         self._down_since: float | None = None
+        #: The last reason Redis could not be reached (shown with unconfirmed records).
+        self._last_error: BaseException | None = None
 
     def __call__(self, run: TaskRun, state: State) -> None:
         kind = state.type
@@ -201,7 +203,10 @@ class LocalRunRecorder:
             start = len(self._run_key_prefix)
             waiting = () if confirmed else tuple(key[start:] for key in self._unconfirmed)
         if waiting:
-            logger.warning("%s: run records not confirmed by Redis yet", ", ".join(waiting))
+            cause = self._last_error  # why Redis has not answered, if it failed to
+            logger.warning(
+                "%s: run records not confirmed by Redis yet", ", ".join(waiting), exc_info=cause
+            )
             _flusher.retry_later(self)
         return FlushResult(lost + waiting, count + len(waiting))
 
@@ -226,6 +231,7 @@ class LocalRunRecorder:
         """Redis could not be reached: keep the unconfirmed writes (``False``) until it has
         been so for ``patience`` seconds, then give them up (``True``: nothing left)."""
         now = time.monotonic()
+        self._last_error = exc
         if self._down_since is None:
             self._down_since = now
         if now - self._down_since < patience:

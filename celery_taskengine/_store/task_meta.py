@@ -14,6 +14,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 import redis
+from celery.backends.rpc import RPCBackend
 
 from celery_taskengine._store.protocol import ResultStore
 from celery_taskengine.states import State, utcnow
@@ -122,7 +123,8 @@ def save_run_with_meta(
     backend = app.backend
     if not isinstance(store, RedisStore) or getattr(backend, "client", None) is not store.client:
         store.save_run(run)  # the run record, then Celery's result through Celery
-        backend.store_result(run.id, result, status)
+        if not isinstance(backend, RPCBackend):  # rpc:// answers only the caller, who has it
+            backend.store_result(run.id, result, status)
         return
     meta = backend.encode(_meta(run.id, status, result, date_done=utcnow().isoformat()))
     meta_key, meta_px = backend.get_key_for_task(run.id), _px_int(backend.expires)
