@@ -42,10 +42,6 @@ HUNG_SECONDS = 1.5
 #: A generator task's items are published (streaming.py) with plain client calls that do not
 #: wait out an outage: the delivery fails with a raw ConnectionError while the record, written
 #: on the confirmed channel, says Completed. Outage retries are another part of issue 11.
-STREAM_PUBLISH_UNRETRIED = pytest.mark.xfail(
-    reason="streaming.ItemChannel.publish does not retry while Redis restarts", strict=False
-)
-
 #: The task each kind of function runs as.
 ENDING_TASKS = {
     "sync": lambda tasks: tasks.ends_after,
@@ -88,8 +84,8 @@ def run_history(client: redis.Redis, task_id: str) -> list[str] | None:
         ("prefork", "sync"),
         ("prefork", "async"),
         ("solo", "sync"),
-        pytest.param("threads", "generator", marks=STREAM_PUBLISH_UNRETRIED),
-        pytest.param("prefork", "async_generator", marks=STREAM_PUBLISH_UNRETRIED),
+        ("threads", "generator"),  # items are written through the store, waiting out outages
+        ("prefork", "async_generator"),
     ],
 )
 def test_a_final_record_sent_to_a_hung_redis_that_restarts_agrees_with_celerys_result(
