@@ -58,6 +58,9 @@ return 1
 """
 )
 
+#: One index write in this many trims the entries of expired runs.
+TRIM_EVERY = 64
+
 #: State names the engine uses, by the type they belong to (squashed, as filters are).
 _TYPE_OF_NAME = {
     "pending": "pending",
@@ -86,6 +89,7 @@ class RunIndex:
     def __init__(self, prefix: str, run_expires: float | None) -> None:
         self.prefix = prefix
         self.run_expires = run_expires
+        self._writes = 0
 
     def keys(self, task_name: str, state_type: str) -> list[str]:
         """KEYS for :data:`INDEX_LUA`, for a run of ``task_name`` in ``state_type``."""
@@ -94,12 +98,15 @@ class RunIndex:
         return [f"{p}index:all", f"{p}index:task:{task_name}", state, f"{p}index:tasks"]
 
     def args(self, run_id: str, task_name: str, score_ms: int, now_ms: int) -> list[Any]:
-        """ARGV for :data:`INDEX_LUA`: the run scored ``score_ms`` (its last change), entries
-        older than a run record's lifetime trimmed, the index living as long."""
+        """ARGV for :data:`INDEX_LUA`: the run scored ``score_ms`` (its last change), the
+        index living as long as a run record; one write in :data:`TRIM_EVERY` also trims
+        entries older than that (a trim per write would cost every write three commands)."""
         if self.run_expires is None:
             return [run_id, score_ms, "", "", task_name]
         lifetime = int(self.run_expires * 1000)
-        return [run_id, score_ms, str(now_ms - lifetime), str(lifetime), task_name]
+        self._writes += 1
+        oldest = str(now_ms - lifetime) if self._writes % TRIM_EVERY == 1 else ""
+        return [run_id, score_ms, oldest, str(lifetime), task_name]
 
     def for_run(self, run: TaskRun, now: float) -> tuple[list[str], list[Any]]:
         """KEYS and ARGV of :data:`INDEX_LUA` for ``run`` as it is now, scored by the time of
