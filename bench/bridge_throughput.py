@@ -115,12 +115,18 @@ def main() -> None:
     parser.add_argument("--round-trips", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--pool", default="prefork")
+    parser.add_argument(
+        "--backend",
+        default=None,
+        help="a result backend URL for both kinds (e.g. db+postgresql+psycopg://...); "
+        "default: the private Redis",
+    )
     args = parser.parse_args()
     with private_redis() as url:
         env = {
             **os.environ,
             "BENCH_BROKER_URL": f"{url}/0",
-            "BENCH_BACKEND_URL": f"{url}/1",
+            "BENCH_BACKEND_URL": args.backend or f"{url}/1",
             "PYTHONPATH": str(ROOT),
         }
         os.environ.update(env)
