@@ -32,6 +32,7 @@ import redis
 
 from celery_taskengine._store.local_flush import Flusher, FlushResult, Recorder
 from celery_taskengine._store.memory import default_memory_store
+from celery_taskengine._store.protocol import SHARED_STATES
 from celery_taskengine._store.run_document import RunDocument
 from celery_taskengine._store.task_meta import px
 from celery_taskengine._store.wire import (
@@ -67,16 +68,6 @@ _MAX_OPEN_DOCUMENTS = 10_000
 OUTAGE_PATIENCE_SECONDS = 20.0
 #: Lost run ids kept for the next flush_run_records (beyond that they are only counted).
 _MAX_LOST_NAMED = 10_000
-
-_WORTH_SHARING = frozenset(
-    {
-        StateType.SCHEDULED,
-        StateType.COMPLETED,
-        StateType.FAILED,
-        StateType.CANCELLED,
-        StateType.CRASHED,
-    }
-)
 
 
 class LocalRunRecorder:
@@ -131,7 +122,7 @@ class LocalRunRecorder:
             self._memory.save_run(run)
             return
         first_running = kind is StateType.RUNNING and run.run_count == 1
-        if not first_running and kind not in _WORTH_SHARING:
+        if not first_running and kind not in SHARED_STATES:
             return
         if first_running and self._held:
             self.write_held(but=run.id, may_connect=False)

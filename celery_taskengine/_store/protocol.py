@@ -13,9 +13,23 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from celery_taskengine.states import StateType
+
 if TYPE_CHECKING:
     from celery_taskengine.states import State
     from celery_taskengine.task_run import TaskRun
+
+#: The states a local run's record is written at (with an attempt's first Running): the
+#: ones other processes care about.
+SHARED_STATES = frozenset(
+    {
+        StateType.SCHEDULED,
+        StateType.COMPLETED,
+        StateType.FAILED,
+        StateType.CANCELLED,
+        StateType.CRASHED,
+    }
+)
 
 #: How a store records a local run's states (``None``: the store keeps the live run object).
 LocalRecorder = Callable[["TaskRun", "State"], None]
@@ -30,7 +44,14 @@ class WorkerRecorder(Protocol):
     def flush(self) -> None: ...
 
 
-__all__ = ["ItemBatch", "LocalRecorder", "ResultRecord", "ResultStore", "WorkerRecorder"]
+__all__ = [
+    "SHARED_STATES",
+    "ItemBatch",
+    "LocalRecorder",
+    "ResultRecord",
+    "ResultStore",
+    "WorkerRecorder",
+]
 
 #: Stream entries as :meth:`ResultStore.read_items` gives them: ``(entry id, item or None)``,
 #: ``None`` marking the end of the stream.

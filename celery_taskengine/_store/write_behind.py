@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from celery_taskengine._store.memory import default_memory_store
+from celery_taskengine._store.protocol import SHARED_STATES
 from celery_taskengine.states import StateType
 
 if TYPE_CHECKING:
@@ -36,16 +37,6 @@ logger = logging.getLogger(__name__)
 
 #: A held record waits at most about this long before the writer thread saves it.
 WRITE_BEHIND_SECONDS = 0.01
-#: The states other processes care about (as on Redis).
-_WORTH_SHARING = frozenset(
-    {
-        StateType.SCHEDULED,
-        StateType.COMPLETED,
-        StateType.FAILED,
-        StateType.CANCELLED,
-        StateType.CRASHED,
-    }
-)
 
 
 class WriteBehindRecorder:
@@ -72,7 +63,7 @@ class WriteBehindRecorder:
             default_memory_store().save_run(run)
             return
         first_running = state.type is StateType.RUNNING and run.run_count == 1
-        if not first_running and state.type not in _WORTH_SHARING:
+        if not first_running and state.type not in SHARED_STATES:
             return
         with self._lock:
             self._held[run.id] = run
