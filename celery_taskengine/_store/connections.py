@@ -43,6 +43,7 @@ class EnginePool:
         #: False once a connection could not be built from the kwargs (Sentinel pools).
         self._buildable = True
         weakref.finalize(self, _close_all, self._free)
+        _pools.add(self)
 
     def take(self) -> Any:
         """An idle connection, or a new one while fewer than the bound exist; ``None`` if the
@@ -87,3 +88,17 @@ def _close_all(connections: list[Any]) -> None:
             connection.disconnect()
         except Exception:  # closing: nothing left to tell
             logger.debug("closing an engine connection failed", exc_info=True)
+
+
+#: Every pool of this process, so a forked child can start them afresh.
+_pools: weakref.WeakSet[EnginePool] = weakref.WeakSet()
+
+
+def _start_afresh_in_child() -> None:
+    """A thread of the parent may have held a pool's lock at the fork: in the child it would
+    stay held for ever. The parent's connections stay the parent's (see take)."""
+    for pool in list(_pools):
+        pool._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_start_afresh_in_child)
