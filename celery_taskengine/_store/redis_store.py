@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -33,7 +32,6 @@ from celery_taskengine._store.claims import ClaimStore
 from celery_taskengine._store.connections import DEFAULT_MAX_CONNECTIONS, EnginePool
 from celery_taskengine._store.early_read import EarlyRead, EarlyReads
 from celery_taskengine._store.protocol import (
-    ItemBatch,
     LocalRecorder,
     ResultRecord,
     WorkerRecorder,
@@ -44,6 +42,7 @@ from celery_taskengine._store.record_codec import (
     encode_record,
     normalize_accept,
 )
+from celery_taskengine._store.redis_streams import RedisStreams
 from celery_taskengine._store.retrying import OUTAGE_ERRORS, Patience, patience_from_policy
 from celery_taskengine._store.run_document import encode_run
 from celery_taskengine._store.run_index import INDEX_LUA, RunIndex, list_indexed
@@ -83,9 +82,6 @@ return 0
 _SCAN_BATCH = 500
 #: A cache read's failures that the store's own handling turns into its errors.
 _READ_AGAIN: tuple[type[Exception], ...] = (*OUTAGE_ERRORS, redis.exceptions.NoPermissionError)
-#: Stream entry fields: an item, or the end marker.
-_ITEM = b"i"
-_END = b"e"
 
 
 def side_client(client: redis.Redis) -> redis.Redis:
@@ -102,7 +98,7 @@ def side_client(client: redis.Redis) -> redis.Redis:
     return redis.Redis(connection_pool=own)
 
 
-class RedisStore(ClaimStore):
+class RedisStore(ClaimStore, RedisStreams):
     """A :class:`~celery_taskengine._store.protocol.ResultStore` on one Redis database.
 
     Use :meth:`for_app` to get one on a Celery app's result backend. ``accept`` lists the
@@ -359,38 +355,6 @@ class RedisStore(ClaimStore):
 
         return recorder_for(self)
 
-    # -- revokes and generator items -----------------------------------------------------
-
-    def mark_revoked(self, run_id: str) -> None:
-        """``SET revoked:<run id>``, living as long as run records."""
-        expires = max(1, int(self.run_expires or DEFAULT_RUN_EXPIRES))
-        key = self.key_for("revoked", run_id)
-        self.call(lambda: self.client.set(key, 1, ex=expires), "a revoke marker", run_id)
-
-    def is_revoked(self, run_id: str) -> bool:
-        key = self.key_for("revoked", run_id)
-        return bool(self.call(lambda: self.client.exists(key), "a revoke marker", run_id))
-
-    def append_item(self, run_id: str, item: bytes) -> None:
-        """``XADD`` to the run's stream (and renew its expiry), one round trip."""
-        self._add_entry(run_id, {_ITEM: item})
-
-    def end_items(self, run_id: str) -> None:
-        self._add_entry(run_id, {_END: b"1"})
-
-    def read_items(self, run_id: str, after: str, *, count: int, block: float) -> ItemBatch:
-        """``XREAD`` (blocking when ``block`` > 0: redis-py reads ``block=0`` as forever)."""
-        client: Any = self.client  # redis-py's stream types are too narrow to help
-        wait = max(1, int(block * 1000)) if block > 0 else None
-        streams = {self.key_for("items", run_id): after}
-        batch = self.call(lambda: client.xread(streams, count=count, block=wait), "items", run_id)
-        if not batch:
-            return []
-        return [
-            (_text(entry_id), None if _END in fields else fields[_ITEM])
-            for entry_id, fields in batch[0][1]
-        ]
-
     def list_runs(
         self, limit: int, *, task: str | None = None, state: str | None = None
     ) -> list[TaskRun]:
@@ -407,18 +371,6 @@ class RedisStore(ClaimStore):
         return self.call(listing, "listing runs")
 
     # -- internals -----------------------------------------------------------------------
-
-    def _add_entry(self, run_id: str, fields: dict[bytes, bytes]) -> None:
-        key = self.key_for("items", run_id)
-
-        def add() -> None:
-            pipe: Any = self.client.pipeline(transaction=False)
-            pipe.xadd(key, fields)
-            if self.run_expires is not None:
-                pipe.pexpire(key, _milliseconds(self.run_expires))
-            pipe.execute()
-
-        self.call(add, "a generator item", run_id)
 
     def _decode_run(self, run_id: str, raw: bytes | str) -> TaskRun | None:
         try:
@@ -453,20 +405,6 @@ class RedisStore(ClaimStore):
                 f"Grant it ~{self._prefix}* and the commands listed under 'ACL users' in the "
                 f"README's Deployments section"
             ) from exc
-
-    def check_access(self) -> None:
-        """Make each kind of call the engine makes on its keys once (a string, a sorted set,
-        a script), so a missing permission is one clear error at a worker's start."""
-        probe = f"{self._prefix}probe:{uuid.uuid4().hex}"
-
-        def probe_calls() -> None:
-            pipe: Any = self.client.pipeline(transaction=False)
-            pipe.set(probe, 1, px=10_000)
-            pipe.zadd(probe + ":z", {"probe": 1})
-            pipe.eval("return redis.call('del', KEYS[1], KEYS[2])", 2, probe, probe + ":z")
-            pipe.execute()
-
-        self.call(probe_calls, "its permission check")
 
     def _unavailable(self, exc: Exception) -> StoreUnavailableError:
         return StoreUnavailableError(f"Redis result backend at {self.url} is unavailable: {exc}")
