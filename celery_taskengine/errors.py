@@ -7,6 +7,7 @@ TaskEngineError
 ├── SerializationError        a value cannot be encoded with the chosen serializer
 ├── TaskRunTimeoutError       an attempt exceeded ``timeout_seconds`` (also a TimeoutError)
 ├── StoreUnavailableError     the result backend cannot be reached
+├── RetryRequested            ``self.retry()`` inside an engine task: the engine retries
 └── RunResultError            ``State.result()`` has no value to give
     ├── FailedRun             a failed state that holds no exception
     ├── CrashedRun            a crashed state that holds no exception
@@ -54,6 +55,21 @@ class TaskRunTimeoutError(TaskEngineError, TimeoutError):
 
     def __reduce__(self) -> tuple[type[TaskRunTimeoutError], tuple[float]]:
         return (type(self), (self.timeout_seconds,))
+
+
+class RetryRequested(TaskEngineError):
+    """Raised by ``self.retry()`` in an engine task's body: the engine schedules the retry.
+
+    Celery's ``retry`` publishes a new message behind the engine's back; inside an engine run
+    it raises this instead, and the run enters AwaitingRetry (counted against ``retries``).
+    ``delay`` is in seconds; ``None`` means the task's own retry delays.
+    """
+
+    def __init__(self, exc: BaseException | str | None = None, delay: float | None = None) -> None:
+        self.exc = exc
+        self.delay = delay
+        when = "with the task's retry delay" if delay is None else f"in {delay:g}s"
+        super().__init__(f"Retry {when}: {exc!r}" if exc is not None else f"Retry {when}")
 
 
 class RunResultError(TaskEngineError):

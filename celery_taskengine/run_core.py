@@ -20,10 +20,10 @@ from typing import Any, Protocol
 from celery_taskengine import cache_policies as cp
 from celery_taskengine._store.protocol import ResultRecord, ResultStore
 from celery_taskengine.drivers import GeneratorClosed
-from celery_taskengine.errors import ConfigurationError, TaskRunTimeoutError
+from celery_taskengine.errors import ConfigurationError, RetryRequested, TaskRunTimeoutError
 from celery_taskengine.options import TaskOptions
 from celery_taskengine.parameters import call_arguments
-from celery_taskengine.retry_policy import delay_for_retry, jittered
+from celery_taskengine.retry_policy import delay_for_retry, full_jitter, jittered
 from celery_taskengine.run_scope import run_scope
 from celery_taskengine.states import (
     TRANSITIONS as _TRANSITIONS,
@@ -446,6 +446,8 @@ class RunCore:
     def handle_exception(self, exc: Exception) -> Steps[None]:
         if (yield from self.handle_retry(exc)):
             return
+        if isinstance(exc, RetryRequested) and isinstance(exc.exc, Exception):
+            exc = exc.exc  # a retry asked for past the limit fails as Celery's does: with exc
         message = f"Task run encountered an exception {type(exc).__name__}: {exc}"
         if (
             step := self.enter_state(self._new(StateType.FAILED, "Failed", message, data=exc))
@@ -478,8 +480,7 @@ class RunCore:
             return False
         options = self.options
         retries_done = self.run.run_count - 1
-        delay = delay_for_retry(options.retry_delays, retries_done)
-        delay = jittered(delay, options.retry_jitter_factor, self.env.rng)
+        delay = self._retry_delay(exc_or_state, retries_done)
         logger.info(
             "%s: attempt %d failed (%s); retry %d/%d in %.3gs",
             self.run.id,
@@ -501,12 +502,23 @@ class RunCore:
             yield from self.enter_running(retrying=True)
         return True
 
+    def _retry_delay(self, exc_or_state: BaseException | State, retries_done: int) -> float:
+        """Seconds before the next attempt: the one ``self.retry()`` asked for, else the
+        task's delay for this retry with its jitter."""
+        if isinstance(exc_or_state, RetryRequested) and exc_or_state.delay is not None:
+            return max(0.0, exc_or_state.delay)
+        options = self.options
+        delay = delay_for_retry(options.retry_delays, retries_done)
+        if options.retry_full_jitter:
+            return full_jitter(delay, self.env.rng)
+        return jittered(delay, options.retry_jitter_factor, self.env.rng)
+
     def can_retry(self, exc_or_state: BaseException | State) -> Steps[bool]:
         if self.run.run_count > self.options.retries:
             return False
         condition = self.options.retry_condition_fn
-        if condition is None:
-            return True
+        if condition is None or isinstance(exc_or_state, RetryRequested):
+            return True  # self.retry() is the task's own decision: no condition applies
         if isinstance(exc_or_state, State):
             seen = exc_or_state
         else:
