@@ -6,12 +6,10 @@ import inspect
 import types
 from collections.abc import Callable
 from contextvars import ContextVar
+from datetime import datetime
 from typing import Any, ClassVar, Literal, TypeVar, overload
 
-from datetime import datetime
-
 from celery import Celery
-from celery.app.task import Context
 from celery.app.task import Task as CeleryTask
 from celery.result import AsyncResult
 from celery.utils.functional import head_from_fun
@@ -270,7 +268,9 @@ def task(
         if app is None:
             return _shared(fn, engine_options, celery_given, name=name, bind=bind)
         name = name or app.gen_task_name(fn.__name__, getattr(fn, "__module__", None) or "__main__")
-        return build_task(app, fn, engine_options, celery_given, name=name, register=True, bind=bind)
+        return build_task(
+            app, fn, engine_options, celery_given, name=name, register=True, bind=bind
+        )
 
     if __fn is not None:
         return decorate(__fn)

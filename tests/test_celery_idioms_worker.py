@@ -9,6 +9,7 @@ and the engine adds its state history.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import subprocess
@@ -85,10 +86,12 @@ def _register(app: Celery) -> SimpleNamespace:
     return SimpleNamespace(
         plain_fetch=plain(fetch),
         engine_fetch=engine(fetch),
-        plain_jittered=app.task(bind=True, name="idioms.plain_jittered", shared=False,
-                                **jitter)(fetch),  # fmt: skip
-        engine_jittered=app.task(base=Task, bind=True, name="idioms.engine_jittered",
-                                 shared=False, **jitter)(fetch),  # fmt: skip
+        plain_jittered=app.task(bind=True, name="idioms.plain_jittered", shared=False, **jitter)(
+            fetch
+        ),
+        engine_jittered=app.task(
+            base=Task, bind=True, name="idioms.engine_jittered", shared=False, **jitter
+        )(fetch),
         request_probe=task(app=app, bind=True, max_retries=1, name="idioms.request_probe")(
             request_probe
         ),
@@ -132,9 +135,11 @@ def test_a_celery_task_moved_to_the_engine_by_its_decorator_behaves_as_under_cel
 
     plain_attempts, engine_attempts = attempts(worker, plain_key), attempts(worker, engine_key)
     assert [r for _, r in plain_attempts] == [r for _, r in engine_attempts] == [0, 1, 2, 3]
-    plain_gaps = [b[0] - a[0] for a, b in zip(plain_attempts, plain_attempts[1:], strict=False)]
-    engine_gaps = [b[0] - a[0] for a, b in zip(engine_attempts, engine_attempts[1:], strict=False)]
-    for expected, plain_gap, engine_gap in zip(EXPECTED_DELAYS, plain_gaps, engine_gaps, strict=True):
+    plain_gaps = [b[0] - a[0] for a, b in itertools.pairwise(plain_attempts)]
+    engine_gaps = [b[0] - a[0] for a, b in itertools.pairwise(engine_attempts)]
+    for expected, plain_gap, engine_gap in zip(
+        EXPECTED_DELAYS, plain_gaps, engine_gaps, strict=True
+    ):
         assert expected - 0.05 <= plain_gap < expected + 1.0
         assert expected - 0.05 <= engine_gap < expected + 1.0
         assert abs(plain_gap - engine_gap) < 0.6
@@ -159,7 +164,7 @@ def test_retry_jitter_spreads_delays_as_celery_does(worker: Worker) -> None:
     for key in (plain_key, engine_key):
         seen = attempts(worker, key)
         assert [r for _, r in seen] == [0, 1, 2, 3]
-        gaps = [b[0] - a[0] for a, b in zip(seen, seen[1:], strict=False)]
+        gaps = [b[0] - a[0] for a, b in itertools.pairwise(seen)]
         # Full jitter: backoff delays anywhere in [0, delay]; the explicit countdown exact.
         assert -0.05 <= gaps[0] < 1.0 + 1.0
         assert 1.5 - 0.05 <= gaps[1] < 1.5 + 1.0
@@ -234,7 +239,9 @@ def test_a_librarys_tasks_defined_before_any_app_run_on_the_app_created_later(
     assert done.returncode == 0, done.stderr[-2000:]
     seen = json.loads(done.stdout.strip().splitlines()[-1])
     assert seen["local_before_app"] == 5
-    assert seen["sent_before_app"].startswith("refused: task 'idioms.library.add' has no Celery app")
+    assert seen["sent_before_app"].startswith(
+        "refused: task 'idioms.library.add' has no Celery app"
+    )
     assert seen["bound_to_project"] is True
     assert (seen["add"], seen["mul"], seen["whoami_is_its_id"]) == (5, 12, True)
     assert "unregistered task" not in log.read_text()
