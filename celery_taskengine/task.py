@@ -13,19 +13,29 @@ from celery.app.task import Task as CeleryTask
 from celery.result import AsyncResult
 from celery.utils.functional import head_from_fun
 
-from celery_taskengine import cancellation, events, worker_checks  # noqa: F401  (signals)
+from celery_taskengine import cancellation, events, worker_checks, worker_signals  # noqa: F401
 from celery_taskengine import producer as producer_side
 from celery_taskengine.engine_backend import for_engine_tasks
 from celery_taskengine.options import TaskOptions, build_options, split_celery_options
 from celery_taskengine.parameters import bind_parameters
+from celery_taskengine.pydantic_args import arguments_for_sending
 from celery_taskengine.task_engine import run_task, run_task_async, run_task_sync
 
-__all__ = ["Task", "fn_kind", "task"]
+__all__ = ["Task", "fn_kind", "mark_delivery", "task"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-#: Set by ``Task.before_start`` in a worker and consumed by the ``__call__`` that follows.
+#: Set at Celery's ``task_prerun`` in a worker and consumed by the ``__call__`` that follows.
 _delivery: ContextVar[Task | None] = ContextVar("taskengine_delivery", default=None)
+
+
+def mark_delivery(task: Task) -> None:
+    """Celery is about to call ``task`` for a message: that call is bridged to the engine
+    (see :mod:`~celery_taskengine.worker_signals`); a plain ``t(...)`` made inside another
+    task's body still runs locally."""
+    _delivery.set(task)
+
+
 FnKind = Literal["function", "coroutine", "generator", "async_generator"]
 
 
@@ -55,6 +65,8 @@ class Task(CeleryTask):  # type: ignore[misc]
     fn_kind: ClassVar[FnKind] = "function"
     celery_options: ClassVar[dict[str, Any]] = {}
     _source_text: str | None = None
+    #: The worker's request class: shows AWAITING-RETRY to monitors for the whole wait.
+    Request = "celery_taskengine.worker_request:EngineRequest"
 
     @property
     def fn(self) -> Callable[..., Any]:
@@ -80,7 +92,7 @@ class Task(CeleryTask):  # type: ignore[misc]
         self, *args: Any, return_state: bool = False, wait_for: Any = None, **kwargs: Any
     ) -> Any:
         if _delivery.get() is self:
-            # Celery's worker is calling us for a message (see before_start): bridge it.
+            # Celery's worker is calling us for a message (see mark_delivery): bridge it.
             _delivery.set(None)
             from celery_taskengine.worker_run import run_delivery
 
@@ -104,13 +116,6 @@ class Task(CeleryTask):  # type: ignore[misc]
     def backend(self, value: Any) -> None:
         self._backend = value
 
-    def before_start(self, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Celery calls this in the worker right before the body: mark the next call a delivery.
-
-        A plain ``t(...)`` made inside another task's body then still runs locally.
-        """
-        _delivery.set(self)
-
     def apply_async(
         self,
         args: Any = None,
@@ -131,21 +136,10 @@ class Task(CeleryTask):  # type: ignore[misc]
         options.update(
             task_id=task_id, producer=producer, link=link, link_error=link_error, shadow=shadow
         )
+        if self.engine_options.pydantic is not None:  # validated here: bad ones raise now
+            dump = options.get("serializer", self.serializer) != "pickle"
+            args, kwargs = arguments_for_sending(self, args, kwargs, dump=dump)
         return producer_side.apply_async(self, super().apply_async, args, kwargs, options)
-
-    def after_return(
-        self, status: str, retval: Any, task_id: str, args: Any, kwargs: Any, einfo: Any
-    ) -> None:
-        """After Celery stored the outcome: records a dropped connection lost go out again."""
-        from celery_taskengine._store.worker_records import resend_orphaned_records
-
-        resend_orphaned_records()
-
-    def on_retry(self, exc: Any, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
-        """Celery stored RETRY for a retry the engine asked for: show AWAITING_RETRY instead."""
-        from celery_taskengine.worker_run import after_celery_retry
-
-        after_celery_retry(self, task_id)
 
     def with_options(self, **options: Any) -> Task:
         """A copy with some options changed; the original is unchanged.
@@ -164,6 +158,7 @@ class Task(CeleryTask):  # type: ignore[misc]
             merged_celery,
             name=engine_given["name"] if renamed else self.name,
             register=renamed,
+            base=type(self).__bases__[0],
         )
 
     def __repr__(self) -> str:
@@ -176,19 +171,30 @@ def task(__fn: F) -> Task: ...
 
 @overload
 def task(
-    __fn: None = None, *, app: Celery | None = None, **options: Any
+    __fn: None = None,
+    *,
+    app: Celery | None = None,
+    base: type[Task] | None = None,
+    **options: Any,
 ) -> Callable[[F], Task]: ...
 
 
 def task(
-    __fn: Callable[..., Any] | None = None, *, app: Celery | None = None, **options: Any
+    __fn: Callable[..., Any] | None = None,
+    *,
+    app: Celery | None = None,
+    base: type[Task] | None = None,
+    **options: Any,
 ) -> Task | Callable[[Callable[..., Any]], Task]:
     """Make ``fn`` an engine task and a Celery task of ``app`` (default: the current app).
 
     Options are validated now: a bad value raises ``TypeError``/``ValueError`` naming it.
     Engine options are those of Prefect's ``@task``; any other Celery task option (``queue``,
-    ``acks_late``, ``rate_limit``, ...) passes through to Celery.
+    ``acks_late``, ``rate_limit``, ...) passes through to Celery. ``base``: a subclass of
+    :class:`Task` whose methods (``on_success``, ``on_failure``, ...) Celery calls as usual.
     """
+    if base is not None and not (isinstance(base, type) and issubclass(base, Task)):
+        raise TypeError(f"task option 'base' must subclass celery_taskengine.Task, got {base!r}")
     engine_given, celery_given = split_celery_options(options)
 
     def decorate(fn: Callable[..., Any]) -> Task:
@@ -199,7 +205,9 @@ def task(
         name = engine_given.get("name") or target.gen_task_name(
             fn.__name__, getattr(fn, "__module__", None) or "__main__"
         )
-        return build_task(target, fn, engine_options, celery_given, name=name, register=True)
+        return build_task(
+            target, fn, engine_options, celery_given, name=name, register=True, base=base or Task
+        )
 
     if __fn is not None:
         return decorate(__fn)
@@ -228,6 +236,7 @@ def build_task(
     *,
     name: str,
     register: bool,
+    base: type[Task] | None = None,
 ) -> Task:
     """Build the Celery task class for ``fn`` and, if asked, register it with ``app``.
 
@@ -252,7 +261,7 @@ def build_task(
         "max_retries": options.retries,
         **celery_options,
     }
-    cls: Any = type(getattr(fn, "__name__", name), (Task,), attributes)
+    cls: Any = type(getattr(fn, "__name__", name), (base or Task,), attributes)
     instance: Task = cls()
     if register:
         app._tasks[name] = instance
