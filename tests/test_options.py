@@ -73,7 +73,10 @@ def app() -> Any:
         ({"foo": 1}, TypeError, "foo"),
         ({"bind": True}, TypeError, "bind"),
         ({"autoretry_for": (ValueError,)}, TypeError, "autoretry_for"),
-        ({"base": Task}, TypeError, "base"),
+        ({"base": celery.Task}, TypeError, "base"),  # an engine task's base is ours
+        ({"pydantic": "yes"}, TypeError, "pydantic"),
+        ({"pydantic_strict": True}, TypeError, "pydantic_strict"),  # without pydantic=True
+        ({"pydantic": True, "pydantic_context": 3}, TypeError, "pydantic_context"),
     ],
     ids=lambda value: next(iter(value)) if isinstance(value, dict) else "",
 )
