@@ -20,7 +20,7 @@ from typing import Any, Protocol
 from celery_taskengine import cache_policies as cp
 from celery_taskengine._store.protocol import ResultRecord, ResultStore
 from celery_taskengine.drivers import GeneratorClosed
-from celery_taskengine.errors import ConfigurationError, TaskRunTimeoutError
+from celery_taskengine.errors import ConfigurationError, InvalidArguments, TaskRunTimeoutError
 from celery_taskengine.options import TaskOptions
 from celery_taskengine.parameters import call_arguments
 from celery_taskengine.pydantic_args import dump_result, validate_parameters
@@ -111,7 +111,8 @@ class RunCore:
             try:
                 self.call_parameters = validate_parameters(task, run.parameters)
             except ValueError as exc:  # pydantic's ValidationError
-                self.invalid_inputs = exc
+                self.invalid_inputs = InvalidArguments(str(exc))
+                self.invalid_inputs.__cause__ = exc
 
     @property
     def state(self) -> State:
