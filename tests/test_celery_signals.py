@@ -110,11 +110,15 @@ def test_a_retry_that_leaves_the_worker_fires_task_retry_once_as_celery_does(
     settled(app, engine.id, count=2)
     settled(app, plain.id, count=2)
     ours, theirs = records(app, engine.id), records(app, plain.id)
-    assert [e["signal"] for e in ours] == [e["signal"] for e in theirs] == [
-        *("task_prerun", "before_start", "on_retry", "task_retry", "task_postrun"),
-        *("task_prerun", "before_start", "on_success", "task_success", "after_return"),
-        "task_postrun",
-    ]
+    assert (
+        [e["signal"] for e in ours]
+        == [e["signal"] for e in theirs]
+        == [
+            *("task_prerun", "before_start", "on_retry", "task_retry", "task_postrun"),
+            *("task_prerun", "before_start", "on_success", "task_success", "after_return"),
+            "task_postrun",
+        ]
+    )
     # the same arguments (each task has its own counter), except where the engine's Retry
     # differs by nature: its countdown is what was left of the delay, not a round figure
     assert without(ours, "when", "retval", "args") == without(theirs, "when", "retval", "args")

@@ -96,7 +96,9 @@ def _retry(sender: Any, request: Any, reason: Any, einfo: Any, **_: Any) -> None
 
 
 @task_revoked.connect
-def _revoked(sender: Any, request: Any, terminated: Any, signum: Any, expired: Any, **_: Any) -> None:
+def _revoked(
+    sender: Any, request: Any, terminated: Any, signum: Any, expired: Any, **_: Any
+) -> None:
     if _ours(sender):
         record("task_revoked", request.id, terminated=terminated, expired=expired, signum=signum)
 
@@ -124,7 +126,13 @@ class Recording:
         record("on_failure", task_id, exc=repr(exc), args=list(args), einfo=repr(einfo.exception))
 
     def on_retry(self, exc: Any, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
-        record("on_retry", task_id, exc=repr(exc), args=list(args), einfo=type(einfo.exception).__name__)
+        record(
+            "on_retry",
+            task_id,
+            exc=repr(exc),
+            args=list(args),
+            einfo=type(einfo.exception).__name__,
+        )
 
     def after_return(
         self, status: str, retval: Any, task_id: str, args: Any, kwargs: Any, einfo: Any
