@@ -13,8 +13,10 @@ STARTED rank below it and only merge, until ``task-retrying`` (or a final state)
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from billiard.einfo import ExceptionWithTraceback
 from celery.worker.request import Request
 
 __all__ = ["EngineRequest"]
@@ -25,6 +27,22 @@ class EngineRequest(Request):  # type: ignore[misc]
 
     def on_retry(self, exc_info: Any) -> None:
         super().on_retry(exc_info)
-        # Only the state: the run's own event carried its fields (run_count, retries, the exact
-        # eta), which a monitor keeps, as events merge their fields into the task.
-        self.send_event("task-awaiting-retry", engine_state="AwaitingRetry")
+        # The attempt number comes from the message, as the run's does.
+        attempt = int(self.request_dict.get("retries") or 0) + 1
+        fields: dict[str, Any] = {"run_count": attempt, "retries": attempt - 1}
+        retry = exc_info.exception
+        if isinstance(retry, ExceptionWithTraceback):  # as the pool hands it back
+            retry = retry.exc
+        eta = _eta(getattr(retry, "when", None))
+        if eta is not None:
+            fields["eta"] = eta
+        self.send_event("task-awaiting-retry", engine_state="AwaitingRetry", **fields)
+
+
+def _eta(when: Any) -> str | None:
+    """The retry's time (ISO 8601) from Celery's ``Retry.when``: a countdown or a datetime."""
+    if isinstance(when, datetime):
+        return when.isoformat()
+    if isinstance(when, (int, float)):
+        return (datetime.now(timezone.utc) + timedelta(seconds=when)).isoformat()
+    return None
