@@ -5,6 +5,7 @@ TaskEngineError
 │   ├── ReservedArgumentError a task function uses a parameter name the engine owns
 │   └── StorePermissionError  the store's user may not touch the engine's keys (ACL NOPERM)
 ├── SerializationError        a value cannot be encoded with the chosen serializer
+├── InvalidArguments          arguments do not fit their pydantic models (also a ValueError)
 ├── TaskRunTimeoutError       an attempt exceeded ``timeout_seconds`` (also a TimeoutError)
 ├── StoreUnavailableError     the result backend cannot be reached
 ├── RetryRequested            ``self.retry()`` inside an engine task: the engine retries
@@ -37,6 +38,14 @@ class StorePermissionError(ConfigurationError):
 
 class SerializationError(TaskEngineError, TypeError):
     """A value cannot be encoded with the serializer the task or app uses."""
+
+
+class InvalidArguments(TaskEngineError, ValueError):
+    """A ``pydantic=True`` run's arguments do not fit their models; the message is pydantic's.
+
+    pydantic's own ``ValidationError`` (kept as ``__cause__`` where it was raised) cannot be
+    rebuilt from a result backend, so a worker's caller would lose its message.
+    """
 
 
 class StoreUnavailableError(TaskEngineError, ConnectionError):

@@ -21,6 +21,7 @@ from kombu.serialization import registry as serializer_registry
 from celery_taskengine import cache_policies as cp
 from celery_taskengine.celery_retries import CELERY_RETRY_OPTIONS, translate, without_overridden
 from celery_taskengine.errors import ReservedArgumentError
+from celery_taskengine.pydantic_args import PYDANTIC_OPTIONS, PydanticSpec, pydantic_spec
 from celery_taskengine.retry_policy import MAX_RETRY_DELAYS
 
 __all__ = ["RESERVED_PARAMETERS", "TaskOptions", "build_options", "split_celery_options"]
@@ -53,6 +54,7 @@ ENGINE_OPTIONS = frozenset(
         "task_run_name",
         "log_prints",
         *HOOK_OPTIONS,
+        *PYDANTIC_OPTIONS,
     }
 )
 
@@ -97,6 +99,7 @@ class TaskOptions:
     on_failure: HookList = ()
     on_commit: HookList = ()
     on_rollback: HookList = ()
+    pydantic: PydanticSpec | None = None
     given: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -180,6 +183,7 @@ def build_options(fn: Callable[..., Any], given: Mapping[str, Any]) -> TaskOptio
         task_run_name=_task_run_name(given.get("task_run_name")),
         log_prints=_flag("log_prints", given.get("log_prints")),
         **{hook: _hooks(hook, given.get(hook)) for hook in HOOK_OPTIONS},
+        pydantic=pydantic_spec(given),
         given=dict(original),
     )
 

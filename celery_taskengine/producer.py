@@ -37,6 +37,7 @@ from celery_taskengine._store.task_meta import save_run_with_meta
 from celery_taskengine.drivers import drive_sync
 from celery_taskengine.errors import SerializationError
 from celery_taskengine.parameters import bind_parameters
+from celery_taskengine.pydantic_args import validate_parameters
 from celery_taskengine.run_core import RunCore, RunEnvironment
 from celery_taskengine.states import State, StateType
 from celery_taskengine.task_run import TaskRun
@@ -191,7 +192,10 @@ def _answer_from_cache(
     except TypeError:
         return None  # Celery's own argument check reports it
     store = _cache_store(task)
-    key = _cache_key(task, parameters, task_id)
+    inputs = parameters
+    if task.engine_options.pydantic is not None:  # keys hash the models, as workers' do
+        inputs = validate_parameters(task, parameters)
+    key = _cache_key(task, inputs, task_id)
     if store is None or key is None:
         return None
     record = store.read(key)

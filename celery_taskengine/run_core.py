@@ -20,9 +20,15 @@ from typing import Any, Protocol
 from celery_taskengine import cache_policies as cp
 from celery_taskengine._store.protocol import ResultRecord, ResultStore
 from celery_taskengine.drivers import GeneratorClosed
-from celery_taskengine.errors import ConfigurationError, RetryRequested, TaskRunTimeoutError
+from celery_taskengine.errors import (
+    ConfigurationError,
+    InvalidArguments,
+    RetryRequested,
+    TaskRunTimeoutError,
+)
 from celery_taskengine.options import TaskOptions
 from celery_taskengine.parameters import call_arguments
+from celery_taskengine.pydantic_args import dump_result, validate_parameters
 from celery_taskengine.retry_policy import delay_for_retry, full_jitter, jittered
 from celery_taskengine.run_scope import run_scope
 from celery_taskengine.states import (
@@ -103,6 +109,15 @@ class RunCore:
         #: The first attempt's cache read, sent before Running (see _early_reader): its key and
         #: the pending answer; ``(None, None)`` when the key came out None.
         self._early_read: tuple[str, Any] | tuple[None, None] | None = None
+        #: Why the arguments do not fit their models (``pydantic=True``): the run fails at
+        #: its first attempt, never retried, since no attempt could pass.
+        self.invalid_inputs: ValueError | None = None
+        if self.options.pydantic is not None:
+            try:
+                self.call_parameters = validate_parameters(task, run.parameters)
+            except ValueError as exc:  # pydantic's ValidationError
+                self.invalid_inputs = InvalidArguments(str(exc))
+                self.invalid_inputs.__cause__ = exc
 
     @property
     def state(self) -> State:
@@ -219,6 +234,9 @@ class RunCore:
             ) is not None:
                 yield step
             return
+        if self.invalid_inputs is not None:
+            yield from self._fail(self.invalid_inputs)
+            return
         hit, txn = yield from self._look_up()
         try:
             if hit is not None:
@@ -284,7 +302,7 @@ class RunCore:
         """
         options = self.options
         policy = options.cache_policy
-        if policy is None or self.is_generator:
+        if policy is None or self.is_generator or self.invalid_inputs is not None:
             return None
         start_read: Callable[[str], Any] | None = getattr(self._key_store(), "start_read", None)
         if (
@@ -383,7 +401,8 @@ class RunCore:
             self.task.fn, args, kwargs, self.options.timeout_seconds, self._scope, self.is_async
         )
         if not self.is_generator:
-            return (yield call)
+            value = yield call
+            return value if self.options.pydantic is None else dump_result(self.task, value)
         call.timeout = None  # creating a generator runs none of its body
         call.is_async = False  # and an async generator object is iterated, never awaited
         iterator = yield call
@@ -448,6 +467,9 @@ class RunCore:
             return
         if isinstance(exc, RetryRequested) and isinstance(exc.exc, Exception):
             exc = exc.exc  # a retry asked for past the limit fails as Celery's does: with exc
+        yield from self._fail(exc)
+
+    def _fail(self, exc: Exception) -> Steps[None]:
         message = f"Task run encountered an exception {type(exc).__name__}: {exc}"
         if (
             step := self.enter_state(self._new(StateType.FAILED, "Failed", message, data=exc))
@@ -493,8 +515,15 @@ class RunCore:
         if delay > 0:
             now = self.env.clock()
             awaiting = self._new(StateType.SCHEDULED, "AwaitingRetry", now=now)
+            # Its data is why (an exception, or none): Celery's retry carries it to on_retry.
+            reason = exc_or_state.data if isinstance(exc_or_state, State) else exc_or_state
             awaiting = State(
-                awaiting.type, awaiting.name, None, now, scheduled_time=delay_to(now, delay)
+                awaiting.type,
+                awaiting.name,
+                None,
+                now,
+                scheduled_time=delay_to(now, delay),
+                data=reason if isinstance(reason, BaseException) else None,
             )
             if (step := self.enter_state(awaiting)) is not None:
                 yield step

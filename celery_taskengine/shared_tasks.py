@@ -42,8 +42,10 @@ class _Definition:
         celery_options: dict[str, Any],
         name: str | None,
         bind: bool,
+        base: type[Task] | None = None,
     ) -> None:
         self.fn = fn
+        self.base = base
         self.options = options
         self.celery_options = celery_options
         self.name = name
@@ -62,7 +64,7 @@ class _Definition:
         )
         built = build_task(
             app, self.fn, self.options, self.celery_options, name=name, register=True,
-            bind=self.bind,
+            bind=self.bind, base=self.base,
         )  # fmt: skip
         self.tasks[app] = built
         return built
@@ -79,10 +81,11 @@ def shared_task(
     *,
     name: str | None,
     bind: bool,
+    base: type[Task] | None = None,
 ) -> Task:
     """Register ``fn`` with every app, now (finalized apps) and later (apps yet to finalize);
     a proxy to the current app's task."""
-    definition = _Definition(fn, options, celery_options, name, bind)
+    definition = _Definition(fn, options, celery_options, name, bind, base)
     key = name or f"{getattr(fn, '__module__', '__main__')}.{fn.__qualname__}"
     with _lock:
         _definitions[key] = definition

@@ -14,7 +14,7 @@ from celery.app.task import Task as CeleryTask
 from celery.result import AsyncResult
 from celery.utils.functional import head_from_fun
 
-from celery_taskengine import cancellation, events, worker_checks  # noqa: F401  (signals)
+from celery_taskengine import cancellation, events, worker_checks, worker_signals  # noqa: F401
 from celery_taskengine import producer as producer_side
 from celery_taskengine.celery_request import engine_request, request_retry
 from celery_taskengine.engine_backend import for_engine_tasks
@@ -25,17 +25,27 @@ from celery_taskengine.options import (
     split_celery_options,
 )
 from celery_taskengine.parameters import bind_parameters
+from celery_taskengine.pydantic_args import arguments_for_sending
 from celery_taskengine.run_scope import current_task_run
 from celery_taskengine.shared_tasks import refuse_unconfigured_default
 from celery_taskengine.shared_tasks import shared_task as _shared
 from celery_taskengine.task_engine import run_task, run_task_async, run_task_sync
 
-__all__ = ["Task", "fn_kind", "shared_task", "task"]
+__all__ = ["Task", "fn_kind", "mark_delivery", "shared_task", "task"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-#: Set by ``Task.before_start`` in a worker and consumed by the ``__call__`` that follows.
+#: Set at Celery's ``task_prerun`` in a worker and consumed by the ``__call__`` that follows.
 _delivery: ContextVar[Task | None] = ContextVar("taskengine_delivery", default=None)
+
+
+def mark_delivery(task: Task) -> None:
+    """Celery is about to call ``task`` for a message: that call is bridged to the engine
+    (see :mod:`~celery_taskengine.worker_signals`); a plain ``t(...)`` made inside another
+    task's body still runs locally."""
+    _delivery.set(task)
+
+
 FnKind = Literal["function", "coroutine", "generator", "async_generator"]
 
 
@@ -71,6 +81,8 @@ class Task(CeleryTask):  # type: ignore[misc]
     #: Set, so Celery's autoretry never wraps an engine task: its options are engine retries.
     _orig_run: ClassVar[Any] = None
     _source_text: str | None = None
+    #: The worker's request class: shows AWAITING-RETRY to monitors for the whole wait.
+    Request = "celery_taskengine.worker_request:EngineRequest"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """``@app.task(base=Task)`` and ``@shared_task(base=Task)``: Celery builds the class
@@ -105,7 +117,7 @@ class Task(CeleryTask):  # type: ignore[misc]
         self, *args: Any, return_state: bool = False, wait_for: Any = None, **kwargs: Any
     ) -> Any:
         if _delivery.get() is self:
-            # Celery's worker is calling us for a message (see before_start): bridge it.
+            # Celery's worker is calling us for a message (see mark_delivery): bridge it.
             _delivery.set(None)
             from celery_taskengine.worker_run import run_delivery
 
@@ -165,13 +177,6 @@ class Task(CeleryTask):  # type: ignore[misc]
     def backend(self, value: Any) -> None:
         self._backend = value
 
-    def before_start(self, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Celery calls this in the worker right before the body: mark the next call a delivery.
-
-        A plain ``t(...)`` made inside another task's body then still runs locally.
-        """
-        _delivery.set(self)
-
     def apply_async(
         self,
         args: Any = None,
@@ -193,21 +198,10 @@ class Task(CeleryTask):  # type: ignore[misc]
         options.update(
             task_id=task_id, producer=producer, link=link, link_error=link_error, shadow=shadow
         )
+        if self.engine_options.pydantic is not None:  # validated here: bad ones raise now
+            dump = options.get("serializer", self.serializer) != "pickle"
+            args, kwargs = arguments_for_sending(self, args, kwargs, dump=dump)
         return producer_side.apply_async(self, super().apply_async, args, kwargs, options)
-
-    def after_return(
-        self, status: str, retval: Any, task_id: str, args: Any, kwargs: Any, einfo: Any
-    ) -> None:
-        """After Celery stored the outcome: records a dropped connection lost go out again."""
-        from celery_taskengine._store.worker_records import resend_orphaned_records
-
-        resend_orphaned_records()
-
-    def on_retry(self, exc: Any, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
-        """Celery stored RETRY for a retry the engine asked for: show AWAITING_RETRY instead."""
-        from celery_taskengine.worker_run import after_celery_retry
-
-        after_celery_retry(self, task_id)
 
     def with_options(self, **options: Any) -> Task:
         """A copy with some options changed; the original is unchanged.
@@ -227,6 +221,7 @@ class Task(CeleryTask):  # type: ignore[misc]
             name=engine_given["name"] if renamed else self.name,
             register=renamed,
             bind=self.bound,
+            base=type(self).__bases__[0],
         )
 
     def __repr__(self) -> str:
@@ -239,12 +234,20 @@ def task(__fn: F) -> Task: ...
 
 @overload
 def task(
-    __fn: None = None, *, app: Celery | None = None, **options: Any
+    __fn: None = None,
+    *,
+    app: Celery | None = None,
+    base: type[Task] | None = None,
+    **options: Any,
 ) -> Callable[[F], Task]: ...
 
 
 def task(
-    __fn: Callable[..., Any] | None = None, *, app: Celery | None = None, **options: Any
+    __fn: Callable[..., Any] | None = None,
+    *,
+    app: Celery | None = None,
+    base: type[Task] | None = None,
+    **options: Any,
 ) -> Task | Callable[[Callable[..., Any]], Task]:
     """Make ``fn`` an engine task and a Celery task of ``app``.
 
@@ -253,11 +256,15 @@ def task(
     value raises ``TypeError``/``ValueError`` naming it. Engine options are those of Prefect's
     ``@task``; Celery's retry options are translated into them (see celery_retries); any other
     Celery task option (``queue``, ``acks_late``, ``rate_limit``, ...) passes through to Celery.
-    ``bind=True`` passes the task as the function's first argument, as in Celery.
+    ``bind=True`` passes the task as the function's first argument, as in Celery. ``base``: a
+    subclass of :class:`Task` whose methods (``on_success``, ``on_failure``, ...) Celery calls
+    as usual.
     """
     bind = options.pop("bind", False)
     if not isinstance(bind, bool):
         raise TypeError(f"task option 'bind' must be True or False, got {bind!r}")
+    if base is not None and not (isinstance(base, type) and issubclass(base, Task)):
+        raise TypeError(f"task option 'base' must subclass celery_taskengine.Task, got {base!r}")
     engine_given, celery_given = split_celery_options(options)
 
     def decorate(fn: Callable[..., Any]) -> Task:
@@ -266,10 +273,10 @@ def task(
         engine_options = build_options(fn, engine_given)
         name = engine_given.get("name")
         if app is None:
-            return _shared(fn, engine_options, celery_given, name=name, bind=bind)
+            return _shared(fn, engine_options, celery_given, name=name, bind=bind, base=base)
         name = name or app.gen_task_name(fn.__name__, getattr(fn, "__module__", None) or "__main__")
         return build_task(
-            app, fn, engine_options, celery_given, name=name, register=True, bind=bind
+            app, fn, engine_options, celery_given, name=name, register=True, bind=bind, base=base
         )
 
     if __fn is not None:
@@ -304,6 +311,7 @@ def build_task(
     name: str,
     register: bool,
     bind: bool = False,
+    base: type[Task] | None = None,
 ) -> Task:
     """Build the Celery task class for ``fn`` and, if asked, register it with ``app``.
 
@@ -330,7 +338,7 @@ def build_task(
         "max_retries": options.retries,
         **celery_options,
     }
-    cls: Any = type(getattr(fn, "__name__", name), (Task,), attributes)
+    cls: Any = type(getattr(fn, "__name__", name), (base or Task,), attributes)
     instance: Task = cls()
     if register:
         app._tasks[name] = instance

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from celery import states as celery_states
 from celery.app.task import get_actual_ignore_result
 from celery.exceptions import Ignore, Retry
+from celery.signals import task_revoked
 
 from celery_taskengine._store.claims import CLAIM_TTL_SECONDS, Claim
 from celery_taskengine._store.protocol import ResultStore, WorkerRecorder
@@ -369,7 +370,9 @@ def _retry_later(task: Task, delivery: Delivery, run: TaskRun, state: State) -> 
     countdown = max(0.0, (scheduled - utcnow()).total_seconds()) if scheduled else 0.0
     _awaiting_info[delivery.task_id] = state_info(run, state)
     try:
-        task.retry(countdown=countdown)  # publishes, then raises celery.exceptions.Retry
+        # publishes, then raises celery.exceptions.Retry (whose exc on_retry and task_retry see)
+        reason = state.data if isinstance(state.data, Exception) else None
+        task.retry(exc=reason, countdown=countdown)
     except Retry:
         raise
     except BaseException:
@@ -383,3 +386,4 @@ def _report_cancelled(task: Task, delivery: Delivery, state: State) -> None:
     task.backend.mark_as_revoked(delivery.task_id, "revoked", request=task.request)
     if delivery.send_events:
         task.send_event("task-revoked", terminated=False, signum=None, expired=False)
+    task_revoked.send(task, request=task.request, terminated=False, signum=None, expired=False)

@@ -75,7 +75,10 @@ def app() -> Any:
         ({"autoretry_for": ValueError}, TypeError, "autoretry_for"),
         ({"max_retries": None}, TypeError, "max_retries"),
         ({"retries": 4, "max_retries": 1}, TypeError, "max_retries.*retries"),
-        ({"base": Task}, TypeError, "base"),
+        ({"base": celery.Task}, TypeError, "base"),  # an engine task's base is ours
+        ({"pydantic": "yes"}, TypeError, "pydantic"),
+        ({"pydantic_strict": True}, TypeError, "pydantic_strict"),  # without pydantic=True
+        ({"pydantic": True, "pydantic_context": 3}, TypeError, "pydantic_context"),
     ],
     ids=lambda value: next(iter(value)) if isinstance(value, dict) else "",
 )
