@@ -23,7 +23,6 @@ import redis
 from tests.reliability.harness import (
     RedisServer,
     WorkerProcess,
-    outcome_of,
     redis_server,
     reliability_app,
     wait_for,

@@ -90,6 +90,8 @@ class RedisStreams:
             pipe.execute()
 
         # An outage, a failover or a full server is waited out; a missing grant is not.
-        waited_out = tuple(e for e in self.patience.errors if e is not redis.exceptions.NoPermissionError)
+        waited_out = tuple(
+            e for e in self.patience.errors if e is not redis.exceptions.NoPermissionError
+        )
         patience = Patience(self.patience.seconds, self.patience.longest_wait, waited_out)
         self.call(probe_calls, "its permission check", patience=patience)
