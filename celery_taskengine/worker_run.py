@@ -49,7 +49,7 @@ from celery_taskengine.task_engine import (
 )
 from celery_taskengine.task_run import TaskRun
 from celery_taskengine.worker_loop import run_on_worker_loop
-from celery_taskengine.worker_requeue import handed_back_if_unreachable
+from celery_taskengine.worker_requeue import handed_back_if_unreachable, rejected_if_unrecorded
 
 if TYPE_CHECKING:
     from celery_taskengine._store.redis_store import RedisStore
@@ -85,7 +85,8 @@ def run_delivery(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> A
         delivery = _delivery(task, request, store, claim)
         with handed_back_if_unreachable(task, args, kwargs):
             run = _stored_run(task, delivery, store, parameters)
-        items = _run(task, delivery, store, run)
+        with rejected_if_unrecorded(task):
+            items = _run(task, delivery, store, run)
     finally:
         if claim is not None:
             renewer().release(claim)

@@ -36,6 +36,7 @@ nothing shared to fence.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -49,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from celery_taskengine._store.retrying import Patience
+from celery_taskengine._store.retrying import Patience, patience_from_policy
 from celery_taskengine.errors import StorePermissionError, StoreUnavailableError
 
 if TYPE_CHECKING:
@@ -74,6 +75,8 @@ CLAIM_TTL_SECONDS = 15.0
 #: renewing on time is not taken over.
 LAPSE_MARGIN_SECONDS = 0.25
 _DONE = b"done"
+#: The refusals Celery's result store waits out here (Celery's ensure() waits out outages).
+_PASSING = (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError)
 
 # Every fenced write starts so: the claim must be the writer's, or free (taken now: a lapsed
 # claim nobody else took, or a first delivery whose claim rides with this write).
@@ -372,8 +375,17 @@ def store_result_fenced(backend: Any, claim: Claim, key: str, value: Any, px: in
         return False
     args = (claim.token, claim.done_value, value, str(px or 0))
     call = backend.client.eval
+    # Celery's ensure() waits out an outage; a full or demoted server is waited out here, as
+    # long again (a plain task's result would be lost to it).
+    policy = patience_from_policy(getattr(backend, "retry_policy", None))
+    patience = dataclasses.replace(policy, errors=_PASSING)
+    store = functools.partial(backend.ensure, call, (META_LUA, 2, claim.key, key, *args))
     try:
-        stored = bool(backend.ensure(call, (META_LUA, 2, claim.key, key, *args)))
+        stored = bool(patience.call(store, what="storing Celery's result", run_id=claim.run_id))
+    except _PASSING as exc:
+        logger.error("%s: Celery's result is not stored: %s: %s", claim.run_id,
+                     type(exc).__name__, exc)  # fmt: skip
+        raise
     except redis.exceptions.NoPermissionError as exc:
         # The claim cannot be read (its user lost the engine's keys): Celery stores the
         # outcome as for a plain task, so the caller still gets it; said with the run id.

@@ -43,7 +43,12 @@ from celery_taskengine._store.record_codec import (
     normalize_accept,
 )
 from celery_taskengine._store.redis_streams import RedisStreams
-from celery_taskengine._store.retrying import OUTAGE_ERRORS, Patience, patience_from_policy
+from celery_taskengine._store.retrying import (
+    OUTAGE_ERRORS,
+    REFUSAL_ERRORS,
+    Patience,
+    patience_from_policy,
+)
 from celery_taskengine._store.run_document import encode_run
 from celery_taskengine._store.run_index import INDEX_LUA, RunIndex, list_indexed
 from celery_taskengine.errors import (
@@ -392,7 +397,8 @@ class RedisStore(ClaimStore, RedisStreams):
         self, operation: Callable[[], T], what: str, run_id: str = "", patience: Any = None
     ) -> T:
         """``operation()`` (Redis calls on this store's server), waiting out an outage for
-        :attr:`patience`; :class:`StoreUnavailableError` once it is spent. Also for the
+        :attr:`patience` (and the refusals of a failover or a full server: see retrying);
+        :class:`StoreUnavailableError` once it is spent. Also for the
         store's collaborators (claims, channels) that make Redis calls of their own."""
         try:
             return (patience or self.patience).call(operation, what=what, run_id=run_id)
@@ -404,6 +410,11 @@ class RedisStore(ClaimStore, RedisStreams):
                 f"run what the engine needs for {what} on its keys ({self._prefix}*): {exc}. "
                 f"Grant it ~{self._prefix}* and the commands listed under 'ACL users' in the "
                 f"README's Deployments section"
+            ) from exc
+        except REFUSAL_ERRORS as exc:  # OOM or READONLY for longer than the policy waits
+            raise StoreUnavailableError(
+                f"{run_id + ': ' if run_id else ''}Redis result backend at {self.url} refused "
+                f"{what}: {type(exc).__name__}: {exc}"
             ) from exc
 
     def _unavailable(self, exc: Exception) -> StoreUnavailableError:
