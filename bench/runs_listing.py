@@ -279,16 +279,22 @@ def cli_times(seeder: Any, workdir: Path) -> dict[str, float]:
     env = {**os.environ, "PYTHONPATH": f"{workdir}{os.pathsep}{ROOT}"}
     command = [sys.executable, "-m", "celery_taskengine"]
 
-    def run(*args: str) -> None:
-        subprocess.run([*command, *args], env=env, stdout=subprocess.DEVNULL)
-
-    return {
-        "in-process": in_process,
-        "ls": timed_ms(lambda: run(*argv), repeats=5),
+    commands = {
+        "ls": argv,
         # The same start-up, app and store, then one run read: what `ls` costs beyond it.
-        "show": timed_ms(lambda: run(*argv[:2], "runs", "show", "no-such-run"), repeats=5),
-        "help": timed_ms(lambda: run("--help"), repeats=5),
+        "show": [*argv[:2], "runs", "show", "no-such-run"],
+        "help": ["--help"],  # the interpreter and imports alone
     }
+    samples: dict[str, list[float]] = {name: [] for name in commands}
+    for _ in range(7):  # round-robin, so a busy machine slows each alike
+        for name, args in commands.items():
+            begin = time.perf_counter()
+            subprocess.run(
+                [*command, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+            samples[name].append((time.perf_counter() - begin) * 1000)
+    times = {name: statistics.median(values) for name, values in samples.items()}
+    return {"in-process": in_process, **times}
 
 
 def main() -> None:
