@@ -40,9 +40,13 @@ $(FLOOR_STAMP): pyproject.toml
 
 test: test-suite test-redis-floor
 
+# The suite's tests mostly wait on workers and servers: three pytest processes share the two
+# cores (one file per process at a time: a file's fixtures and servers stay together).
+PYTEST_WORKERS ?= 3
+
 test-suite: $(STAMP) lint
 	./scripts/ensure-services
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # The store tests on redis-py $(REDIS_FLOOR), RESP2 and RESP3; the newest redis-py is .venv's.
 test-redis-floor: $(FLOOR_STAMP)
