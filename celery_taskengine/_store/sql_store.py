@@ -28,7 +28,6 @@ from sqlalchemy import (
     event,
     or_,
     select,
-    update,
 )
 from sqlalchemy import exc as sa_exc
 
@@ -42,13 +41,14 @@ from celery_taskengine._store.record_codec import decode_record, encode_record, 
 from celery_taskengine._store.redis_store import DEFAULT_NAMESPACE, DEFAULT_RUN_EXPIRES
 from celery_taskengine._store.run_document import encode_run
 from celery_taskengine._store.run_filters import short_task_name, squash
+from celery_taskengine._store.sql_claims import SqlClaims
+from celery_taskengine._store.sql_locks import SqlLocks
 from celery_taskengine._store.sql_streams import SqlStreams
 from celery_taskengine._store.sql_support import (
     LOAD_RUN,
     READ_RECORD,
     TryAgain,
     already_exists,
-    check_ttl,
     engines,
     like_escape,
     may_succeed_again,
@@ -71,7 +71,7 @@ _SWEEP_EVERY = 512
 _ITEM_POLL_SECONDS = 0.05
 
 
-class SqlStore(SqlStreams):
+class SqlStore(SqlClaims, SqlLocks, SqlStreams):
     """A :class:`~celery_taskengine._store.protocol.ResultStore` on one SQL database.
 
     ``engine`` is a SQLAlchemy engine (made from a URL by :meth:`from_url`); ``clock`` gives
@@ -101,6 +101,8 @@ class SqlStore(SqlStreams):
         #: Reads go here: connections that autocommit (SQLite's driver begins no
         #: transaction for a SELECT anyway).
         self._reader = reader or engine
+        #: Whether reads' connections autocommit (a single statement needs no transaction).
+        self._autocommits = self._reader is not engine
         engines.add(self._reader)
         self.namespace = namespace
         self.accept = normalize_accept(accept)
@@ -184,13 +186,18 @@ class SqlStore(SqlStreams):
             expires_at=expires_at,
             task_name=task_name,
         )
-        if expires_in is not None and expires_in <= 0:
-            self.delete(key)
-            return
         deadline = None if expires_in is None else now + expires_in
         values = {"value": raw.encode() if isinstance(raw, str) else raw, "expires_at": deadline}
+        if self._fence is not None and self._fence.lost:
+            return  # another delivery has the run: this attempt commits nothing
         with self._connection(write=True) as conn:
-            self._upsert(conn, schema.cache, {"key": key}, values)
+            if not self._fenced(conn):  # a delivery's commit: only while it holds its claim
+                return
+            if expires_in is not None and expires_in <= 0:  # already expired: deleted
+                c = schema.cache.c
+                conn.execute(delete(schema.cache).where(self._mine(c), c.key == key))
+            else:
+                self._upsert(conn, schema.cache, {"key": key}, values)
 
     @reconnecting
     def delete(self, key: str) -> bool:
@@ -209,62 +216,6 @@ class SqlStore(SqlStreams):
         )
         with self._connection() as conn:
             return sorted(conn.execute(query).scalars())
-
-    # -- locks ---------------------------------------------------------------------------
-
-    @reconnecting
-    def acquire_lock(self, key: str, holder: str, ttl: float) -> bool:
-        """Delete a lapsed lock on ``key``, then ``INSERT`` ours: the primary key lets one
-        holder in. Never blocks; not re-entrant."""
-        check_ttl(ttl)
-        c = schema.locks.c
-        now = self._clock()
-        try:
-            with self._connection(write=True) as conn:
-                conn.execute(
-                    delete(schema.locks).where(self._mine(c), c.key == key, c.expires_at <= now)
-                )
-            with self._connection(write=True) as conn:
-                conn.execute(
-                    schema.locks.insert().values(
-                        namespace=self.namespace, key=key, holder=holder, expires_at=now + ttl
-                    )
-                )
-        except sa_exc.IntegrityError:
-            # Someone holds it, or our own INSERT went through before a dropped connection
-            # made us try again.
-            return self.lock_holder(key) == holder
-        return True
-
-    @reconnecting
-    def renew_lock(self, key: str, holder: str, ttl: float) -> bool:
-        check_ttl(ttl)
-        c = schema.locks.c
-        now = self._clock()
-        with self._connection(write=True) as conn:
-            renewed = conn.execute(
-                update(schema.locks)
-                .where(self._mine(c), c.key == key, c.holder == holder, c.expires_at > now)
-                .values(expires_at=now + ttl)
-            )
-        return bool(renewed.rowcount)
-
-    @reconnecting
-    def release_lock(self, key: str, holder: str) -> None:
-        c = schema.locks.c
-        with self._connection(write=True) as conn:
-            conn.execute(
-                delete(schema.locks).where(self._mine(c), c.key == key, c.holder == holder)
-            )
-
-    @reconnecting
-    def lock_holder(self, key: str) -> str | None:
-        c = schema.locks.c
-        with self._connection() as conn:
-            holder = conn.execute(
-                select(c.holder).where(self._mine(c), c.key == key, c.expires_at > self._clock())
-            ).scalar_one_or_none()
-        return None if holder is None else str(holder)
 
     # -- run records ---------------------------------------------------------------------
 
@@ -332,8 +283,6 @@ class SqlStore(SqlStreams):
         rows.sort(key=lambda row: str(row["run_id"]))
         with self._connection(write=True) as conn:
             upsert_many(conn, schema.runs, self.namespace, ["run_id"], rows)
-
-    claims: bool = False
 
     def worker_recorder(self, app: Any, delivery: Any) -> WorkerRecorder:
         """Worker runs are recorded through the plain operations (see plain_records)."""
@@ -414,7 +363,8 @@ class SqlStore(SqlStreams):
         """Delete lapsed rows (reads ignore them already)."""
         now = self._clock()
         with self.engine.begin() as conn:
-            for table in (schema.cache, schema.runs, schema.items, schema.revoked, schema.locks):
+            tables = (schema.cache, schema.runs, schema.items, schema.revoked, schema.locks)
+            for table in (*tables, schema.claims):
                 c = table.c
                 conn.execute(
                     delete(table).where(
