@@ -146,8 +146,7 @@ class SqlStore(SqlClaims, SqlLocks, SqlStreams):
     @reconnecting
     def read(self, key: str) -> ResultRecord | None:
         """The committed record, or ``None`` when missing, expired, corrupt or foreign."""
-        with self._connection() as conn:
-            raw = conn.execute(READ_RECORD, self._live_params(key)).scalar_one_or_none()
+        raw = self._fetch_one(READ_RECORD, self._live_params(key))
         if raw is None:
             return None
         try:
@@ -242,8 +241,7 @@ class SqlStore(SqlClaims, SqlLocks, SqlStreams):
 
     @reconnecting
     def load_run(self, run_id: str) -> TaskRun | None:
-        with self._connection() as conn:
-            document = conn.execute(LOAD_RUN, self._live_params(run_id)).scalar_one_or_none()
+        document = self._fetch_one(LOAD_RUN, self._live_params(run_id))
         return None if document is None else self._decode_run(run_id, document)
 
     def iter_runs(self, limit: int) -> list[TaskRun]:
@@ -338,9 +336,7 @@ class SqlStore(SqlClaims, SqlLocks, SqlStreams):
         """A transaction for writes, an autocommitted connection for reads (no BEGIN and
         ROLLBACK round trips); the database's connection failures as StoreUnavailableError."""
         if not self._tables_ready:
-            with self._tables_lock:
-                if not self._tables_ready:
-                    self.create_tables()
+            self._make_tables()
         try:
             if write:
                 with self.engine.begin() as conn:
@@ -349,15 +345,41 @@ class SqlStore(SqlClaims, SqlLocks, SqlStreams):
                 with self._reader.connect() as conn:
                     yield conn
         except sa_exc.DBAPIError as exc:
-            if may_succeed_again(exc):
-                raise TryAgain(f"SQL store at {self.url}: {exc.orig}") from exc
-            if isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError):
-                raise self._unavailable(exc) from exc
-            raise
+            translated = self._translated(exc)
+            if translated is exc:
+                raise
+            raise translated from exc
         if write:
             self._writes += 1
             if self._writes % _SWEEP_EVERY == 0:
                 self._sweep()
+
+    def _fetch_one(self, statement: Any, params: dict[str, Any]) -> Any:
+        """The one value ``statement`` selects, on an autocommitted connection: a cache hit's
+        read, with no more around it than its round trip."""
+        if not self._tables_ready:
+            self._make_tables()
+        try:
+            with self._reader.connect() as conn:
+                return conn.execute(statement, params).scalar_one_or_none()
+        except sa_exc.DBAPIError as exc:
+            translated = self._translated(exc)
+            if translated is exc:
+                raise
+            raise translated from exc
+
+    def _make_tables(self) -> None:
+        with self._tables_lock:
+            if not self._tables_ready:
+                self.create_tables()
+
+    def _translated(self, exc: sa_exc.DBAPIError) -> Exception:
+        """The database's failure as the store says it (see _connection)."""
+        if may_succeed_again(exc):
+            return TryAgain(f"SQL store at {self.url}: {exc.orig}")
+        if isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError):
+            return self._unavailable(exc)
+        return exc
 
     def _sweep(self) -> None:
         """Delete lapsed rows (reads ignore them already)."""
