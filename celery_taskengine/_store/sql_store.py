@@ -3,10 +3,9 @@
 For deployments whose result backend is a database (``db+postgresql://...``) or that name one
 in ``taskengine_store``. Cached records keep the envelope every store uses (see
 :mod:`~celery_taskengine._store.record_codec`); run records keep the same JSON document as on
-Redis. Locks are rows taken by a plain ``INSERT`` (the primary key refuses a second holder),
-after deleting a lapsed one, so they work the same on every database, and a holder that died
-loses its lock at ``expires_at``. Each operation is one short transaction; a database that
-cannot be reached surfaces as :class:`StoreUnavailableError`.
+Redis. Locks, delivery claims and streams are parts of their own (sql_locks, sql_claims,
+sql_streams). Each operation is one short transaction; a database that cannot be reached
+surfaces as :class:`StoreUnavailableError`.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import (
@@ -67,8 +66,6 @@ logger = logging.getLogger(__name__)
 
 #: Lapsed rows are deleted after this many writes, so unread keys don't pile up.
 _SWEEP_EVERY = 512
-#: How often a blocking :meth:`SqlStore.read_items` asks again.
-_ITEM_POLL_SECONDS = 0.05
 
 
 class SqlStore(SqlClaims, SqlLocks, SqlStreams):
@@ -154,7 +151,7 @@ class SqlStore(SqlClaims, SqlLocks, SqlStreams):
         except ValueError as exc:
             logger.warning("Ignoring unreadable cache record under key %r: %s", key, exc)
             return None
-        if record.expires_at is not None and record.expires_at <= self._now():
+        if record.expires_at is not None and record.expires_at <= utc(self._clock()):
             return None
         return record
 
@@ -385,24 +382,16 @@ class SqlStore(SqlClaims, SqlLocks, SqlStreams):
         """Delete lapsed rows (reads ignore them already)."""
         now = self._clock()
         with self.engine.begin() as conn:
-            tables = (schema.cache, schema.runs, schema.items, schema.revoked, schema.locks)
-            for table in (*tables, schema.claims):
+            for table in schema.METADATA.sorted_tables:  # every table has expires_at
                 c = table.c
-                conn.execute(
-                    delete(table).where(
-                        self._mine(c), c.expires_at.is_not(None), c.expires_at < now
-                    )
-                )
+                conn.execute(delete(table).where(self._mine(c), c.expires_at < now))
 
     def _decode_run(self, run_id: str, document: str) -> TaskRun | None:
         try:
             return run_from_document(json.loads(document))
         except (ValueError, RecursionError, KeyError, TypeError) as exc:
             logger.warning("Ignoring malformed run record %r: %s", run_id, exc)
-            return None
-
-    def _now(self) -> datetime:
-        return utc(self._clock())
+        return None
 
     def _unavailable(self, exc: Exception) -> StoreUnavailableError:
         return StoreUnavailableError(f"SQL store at {self.url} is unavailable: {exc}")
