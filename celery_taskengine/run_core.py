@@ -75,6 +75,9 @@ class RunEnvironment:
     #: Runs of this task execute in several processes (a worker pool), so its locks must be
     #: seen by all of them: an in-process store cannot serve SERIALIZABLE there.
     across_processes: bool = False
+    #: In a worker: the state an exception raised by the function ends the attempt in, never
+    #: retried (Celery's ``Reject``/``Ignore``, see control_flow); ``None``: a failure.
+    ends_attempt: Callable[[Exception], State | None] | None = None
 
 
 class RunCore:
@@ -444,6 +447,11 @@ class RunCore:
             yield step
 
     def handle_exception(self, exc: Exception) -> Steps[None]:
+        control = self.env.ends_attempt(exc) if self.env.ends_attempt is not None else None
+        if control is not None:
+            if (step := self.enter_state(control)) is not None:
+                yield step
+            return
         if (yield from self.handle_retry(exc)):
             return
         message = f"Task run encountered an exception {type(exc).__name__}: {exc}"
@@ -492,8 +500,9 @@ class RunCore:
         if delay > 0:
             now = self.env.clock()
             awaiting = self._new(StateType.SCHEDULED, "AwaitingRetry", now=now)
-            awaiting = State(
-                awaiting.type, awaiting.name, None, now, scheduled_time=delay_to(now, delay)
+            cause = exc_or_state if isinstance(exc_or_state, BaseException) else None
+            awaiting = State(  # data: the exception retried (a worker shows it, as Celery does)
+                awaiting.type, awaiting.name, None, now, delay_to(now, delay), data=cause
             )
             if (step := self.enter_state(awaiting)) is not None:
                 yield step
