@@ -21,6 +21,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from tests.celery_suite import sdist
+from tests.conftest import _die_with_parent
 
 __all__ = ["SLICE", "SuiteRun", "rabbitmq_vhost", "run_suite"]
 
@@ -113,7 +114,9 @@ def run_suite(
         "-p", "tests.celery_suite.plugin", "-p", "no:cacheprovider", "-q", "-rfEs",
         "--timeout=300", *(targets if full else SLICE),
     ]  # fmt: skip
-    completed = subprocess.run(command, cwd=work, env=env, timeout=RUN_TIMEOUT, check=False)
+    completed = subprocess.run(
+        command, cwd=work, env=env, timeout=RUN_TIMEOUT, check=False, preexec_fn=_die_with_parent
+    )
     document = json.loads(report.read_text())
     return SuiteRun(
         tasks=document["tasks"],

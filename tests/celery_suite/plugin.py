@@ -97,10 +97,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    if report.when == "call" or report.outcome != "passed":
-        if _outcomes.get(report.nodeid) not in ("failed", "error"):
-            failed = "failed" if report.when == "call" else "error"
-            _outcomes[report.nodeid] = report.outcome if report.outcome != "failed" else failed
+    """The test's outcome: its call's, unless setup or teardown did not pass (an error)."""
+    settled = _outcomes.get(report.nodeid) in ("failed", "error")
+    if (report.when == "call" or report.outcome != "passed") and not settled:
+        failed = "failed" if report.when == "call" else "error"
+        _outcomes[report.nodeid] = report.outcome if report.outcome != "failed" else failed
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
