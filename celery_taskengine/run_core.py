@@ -81,6 +81,9 @@ class RunEnvironment:
     #: Runs of this task execute in several processes (a worker pool), so its locks must be
     #: seen by all of them: an in-process store cannot serve SERIALIZABLE there.
     across_processes: bool = False
+    #: In a worker: the state an exception raised by the function ends the attempt in, never
+    #: retried (Celery's ``Reject``/``Ignore``, see control_flow); ``None``: a failure.
+    ends_attempt: Callable[[Exception], State | None] | None = None
 
 
 class RunCore:
@@ -463,6 +466,11 @@ class RunCore:
             yield step
 
     def handle_exception(self, exc: Exception) -> Steps[None]:
+        control = self.env.ends_attempt(exc) if self.env.ends_attempt is not None else None
+        if control is not None:
+            if (step := self.enter_state(control)) is not None:
+                yield step
+            return
         if (yield from self.handle_retry(exc)):
             return
         if isinstance(exc, RetryRequested) and isinstance(exc.exc, Exception):
