@@ -92,9 +92,17 @@ def _rabbitmqctl(*args: str) -> None:
 
 
 def run_suite(
-    tasks: str, broker_name: str, broker: str, redis_server: str, *, full: bool, report: Path
+    tasks: str,
+    broker_name: str,
+    broker: str,
+    redis_server: str,
+    *,
+    full: bool,
+    report: Path,
+    select: str | None = None,
 ) -> SuiteRun:
-    """Run Celery's suite (whole or the slice) with ``tasks`` (``engine`` or ``plain``)."""
+    """Run Celery's suite (whole or the slice) with ``tasks`` (``engine`` or ``plain``);
+    ``select``, a pytest ``-k`` expression, picks tests of both modules instead."""
     work = sdist.prepare()
     where = urlsplit(redis_server)
     env = {
@@ -112,7 +120,7 @@ def run_suite(
     command = [
         sys.executable, "-m", "pytest", "-p", "celery.contrib.pytest",
         "-p", "tests.celery_suite.plugin", "-p", "no:cacheprovider", "-q", "-rfEs",
-        "--timeout=300", *(targets if full else SLICE),
+        "--timeout=300", *(["-k", select, *targets] if select else targets if full else SLICE),
     ]  # fmt: skip
     completed = subprocess.run(
         command, cwd=work, env=env, timeout=RUN_TIMEOUT, check=False, preexec_fn=_die_with_parent
