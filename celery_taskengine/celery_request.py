@@ -66,7 +66,8 @@ def request_retry(
     """``self.retry()`` for a run of ``task``: raise (or return) the engine's retry request.
 
     As in Celery, past the retry limit ``exc`` is raised (else ``MaxRetriesExceededError``);
-    ``max_retries`` may lower the task's ``retries`` for this call, never raise it. A retry
+    ``max_retries`` may lower the task's limit for this call, never raise it: the limit is
+    ``retries``, or Celery's default 3 for a task whose options name no count. A retry
     with other arguments or options is a ``TypeError``: a run keeps its parameters.
     """
     if unsupported:
@@ -76,7 +77,7 @@ def request_retry(
             "its arguments and options across retries (give exc=, countdown=, eta=, "
             "max_retries= or throw=)"
         )
-    limit = task.engine_options.retries
+    limit = task.engine_options.retry_limit
     if max_retries is not None:
         limit = min(limit, max_retries)
     if run.run_count > limit:
@@ -87,7 +88,7 @@ def request_retry(
             task_args=(),
             task_kwargs=dict(run.parameters),
         )
-    request = RetryRequested(exc, _delay(task, eta, countdown))
+    request = RetryRequested(exc, _delay(task, eta, countdown), limit)
     if throw:
         raise request
     return request

@@ -21,7 +21,13 @@ from typing import Any
 from celery_taskengine.retry_policy import MAX_RETRY_DELAYS
 from celery_taskengine.states import State
 
-__all__ = ["CELERY_RETRY_OPTIONS", "AutoRetryCondition", "CeleryRetries", "translate"]
+__all__ = [
+    "CELERY_RETRY_OPTIONS",
+    "AutoRetryCondition",
+    "CeleryRetries",
+    "self_retry_limit",
+    "translate",
+]
 
 #: Celery task options about retries, and the engine option each one stands for.
 COUNTERPARTS: dict[str, tuple[str, ...]] = {
@@ -95,6 +101,21 @@ def translate(given: Mapping[str, Any]) -> CeleryRetries:
     if condition is not None:
         _agree(engine, "retry_condition_fn", condition, _condition_from(celery))
     return CeleryRetries(engine, full_jitter=full)
+
+
+def self_retry_limit(given: Mapping[str, Any], retries: int) -> int:
+    """How many retries ``self.retry()`` may ask for: ``retries`` when the options say how
+    many (``retries``, ``max_retries``, ``retry_kwargs``, ``autoretry_for``), else Celery's
+    default ``max_retries``, as a Celery task calling ``self.retry()`` gets. Exceptions the
+    body raises are still retried only ``retries`` times."""
+    retry_kwargs = given.get("retry_kwargs")
+    counted = (
+        given.get("retries") is not None
+        or "max_retries" in given
+        or (isinstance(retry_kwargs, Mapping) and "max_retries" in retry_kwargs)
+        or bool(given.get("autoretry_for"))
+    )
+    return retries if counted else CELERY_MAX_RETRIES
 
 
 def without_overridden(given: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:

@@ -71,12 +71,19 @@ class RetryRequested(TaskEngineError):
 
     Celery's ``retry`` publishes a new message behind the engine's back; inside an engine run
     it raises this instead, and the run enters AwaitingRetry (counted against ``retries``).
-    ``delay`` is in seconds; ``None`` means the task's own retry delays.
+    ``delay`` is in seconds; ``None`` means the task's own retry delays. ``limit`` is how many
+    retries this request may reach (``self.retry()``'s, which may differ from ``retries``).
     """
 
-    def __init__(self, exc: BaseException | str | None = None, delay: float | None = None) -> None:
+    def __init__(
+        self,
+        exc: BaseException | str | None = None,
+        delay: float | None = None,
+        limit: int | None = None,
+    ) -> None:
         self.exc = exc
         self.delay = delay
+        self.limit = limit
         when = "with the task's retry delay" if delay is None else f"in {delay:g}s"
         super().__init__(f"Retry {when}: {exc!r}" if exc is not None else f"Retry {when}")
 

@@ -19,7 +19,12 @@ from celery.app.task import Task as CeleryTask
 from kombu.serialization import registry as serializer_registry
 
 from celery_taskengine import cache_policies as cp
-from celery_taskengine.celery_retries import CELERY_RETRY_OPTIONS, translate, without_overridden
+from celery_taskengine.celery_retries import (
+    CELERY_RETRY_OPTIONS,
+    self_retry_limit,
+    translate,
+    without_overridden,
+)
 from celery_taskengine.errors import ReservedArgumentError
 from celery_taskengine.pydantic_args import PYDANTIC_OPTIONS, PydanticSpec, pydantic_spec
 from celery_taskengine.retry_policy import MAX_RETRY_DELAYS
@@ -101,6 +106,11 @@ class TaskOptions:
     on_rollback: HookList = ()
     pydantic: PydanticSpec | None = None
     given: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def retry_limit(self) -> int:
+        """How many retries ``self.retry()`` may ask for (see celery_retries)."""
+        return self_retry_limit(self.given, self.retries)
 
     @property
     def uses_transaction(self) -> bool:

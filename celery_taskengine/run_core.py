@@ -551,7 +551,10 @@ class RunCore:
         return jittered(delay, options.retry_jitter_factor, self.env.rng)
 
     def can_retry(self, exc_or_state: BaseException | State) -> Steps[bool]:
-        if self.run.run_count > self.options.retries:
+        limit = self.options.retries
+        if isinstance(exc_or_state, RetryRequested) and exc_or_state.limit is not None:
+            limit = exc_or_state.limit  # self.retry()'s own limit (Celery's max_retries)
+        if self.run.run_count > limit:
             return False
         condition = self.options.retry_condition_fn
         if condition is None or isinstance(exc_or_state, RetryRequested):

@@ -335,7 +335,7 @@ def build_task(
         "celery_options": dict(celery_options),
         # Celery never retries an engine task more often than the engine would (the engine
         # asks for each retry; this bounds a message whose run record went missing).
-        "max_retries": options.retries,
+        "max_retries": options.retry_limit,
         **celery_options,
     }
     cls: Any = type(getattr(fn, "__name__", name), (base or Task,), attributes)
@@ -374,4 +374,4 @@ def _from_celery_decorator(cls: Any) -> None:
     cls.fn_kind = fn_kind(fn)
     cls.bound = bind
     cls.celery_options = celery_given
-    cls.max_retries = options.retries
+    cls.max_retries = options.retry_limit

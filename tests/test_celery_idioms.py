@@ -111,6 +111,39 @@ def test_self_retry_past_the_limit_raises_exc_or_max_retries_exceeded(app: Celer
         always(False)
 
 
+def test_self_retry_without_a_count_gets_celerys_three_retries_and_errors_none(
+    app: Celery,
+) -> None:
+    attempts: list[int] = []
+
+    @task(app=app, bind=True)
+    def asks(self: Any) -> None:
+        attempts.append(self.request.retries)
+        raise self.retry(exc=KeyError("gone"), countdown=0)
+
+    @task(app=app, bind=True)
+    def raises(self: Any) -> None:
+        attempts.append(self.request.retries)
+        raise KeyError("gone")
+
+    with pytest.raises(KeyError, match="gone"):
+        asks()
+    assert attempts == [0, 1, 2, 3]  # Celery's default max_retries for self.retry()
+    attempts.clear()
+    with pytest.raises(KeyError, match="gone"):
+        raises()
+    assert attempts == [0]  # an exception the body raises is retried only `retries` times
+
+
+def test_self_retry_with_a_count_of_zero_given_retries_never(app: Celery) -> None:
+    @task(app=app, bind=True, retries=0)
+    def asks(self: Any) -> None:
+        raise self.retry(countdown=0)
+
+    with pytest.raises(MaxRetriesExceededError):
+        asks()
+
+
 def test_self_retry_with_new_arguments_is_refused_naming_them(app: Celery) -> None:
     @task(app=app, bind=True, max_retries=1)
     def moving(self: Any, x: int) -> None:

@@ -4,7 +4,8 @@ Loaded with ``-p tests.celery_suite.plugin`` before Celery's conftest imports it
 With ``CTE_CELERY_SUITE_TASKS=engine``, ``celery.shared_task`` is replaced by a decorator that
 makes each task an engine task (``celery_taskengine.task`` with the same options) on every app,
 as ``shared_task`` does, wherever the engine accepts the task's options; a task whose options
-the engine refuses stays a plain Celery task, and the report says which and why. With
+the engine refuses, or whose body uses an idiom it refuses (``left_out.KEPT_PLAIN``), stays a
+plain Celery task, and the report says which and why. With
 ``plain`` Celery's tasks are left as they are (the baseline).
 
 Tests listed in :mod:`tests.celery_suite.left_out` are skipped with their reason. The outcome
@@ -48,6 +49,9 @@ def engine_shared_task(*args: Any, **options: Any) -> Any:
 
 def _shared(fun: Callable[..., Any], options: dict[str, Any]) -> Any:
     name = options.get("name") or f"{fun.__module__}.{fun.__name__}"
+    if name in left_out.KEPT_PLAIN:
+        _plain_tasks[name] = left_out.KEPT_PLAIN[name]
+        return _celery_shared_task(**options)(fun)
     try:
         celery_taskengine.task(app=_probe_app, **options)(fun)
     except (TypeError, ValueError) as refused:
