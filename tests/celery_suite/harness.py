@@ -57,6 +57,8 @@ class SuiteRun:
     engine_tasks: list[str]
     plain_tasks: dict[str, str]
     outcomes: dict[str, str]
+    #: Tests Celery marks ``flaky`` that passed only when run again, and how many reruns.
+    reruns: dict[str, int]
     returncode: int
 
     def count(self, outcome: str) -> int:
@@ -70,7 +72,7 @@ class SuiteRun:
         return (
             f"Celery {sdist.celery_version()} suite, {self.tasks} tasks, {self.broker} broker: "
             f"{self.count('passed')} passed, {len(self.not_passed())} failed, "
-            f"{self.count('skipped')} skipped or left out "
+            f"{self.count('skipped')} skipped or left out, {len(self.reruns)} passed on a rerun "
             f"({len(self.engine_tasks)} engine tasks, {len(self.plain_tasks)} kept plain)"
         )
 
@@ -111,6 +113,8 @@ def run_suite(
         "TEST_BACKEND": f"{redis_server}/0",
         "REDIS_HOST": where.hostname or "127.0.0.1",
         "REDIS_PORT": str(where.port or 6379),
+        # As Celery's own CI runs these tests (its tox.ini): the trace's INFO lines are logged.
+        "WORKER_LOGLEVEL": "INFO",
         "CTE_CELERY_SUITE_TASKS": tasks,
         "CTE_CELERY_SUITE_BROKER": broker_name,
         "CTE_CELERY_SUITE_REPORT": str(report),
@@ -132,5 +136,6 @@ def run_suite(
         engine_tasks=document["engine_tasks"],
         plain_tasks=document["plain_tasks"],
         outcomes=document["outcomes"],
+        reruns=document.get("reruns", {}),
         returncode=completed.returncode,
     )

@@ -35,6 +35,7 @@ REPORT = os.environ.get("CTE_CELERY_SUITE_REPORT")
 _engine_tasks: list[str] = []
 _plain_tasks: dict[str, str] = {}
 _outcomes: dict[str, str] = {}
+_reruns: dict[str, int] = {}
 _celery_shared_task = celery.shared_task
 #: Validates a task's options without registering it anywhere Celery's tests look.
 _probe_app = Celery("cte-suite-probe", set_as_current=False)
@@ -101,7 +102,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    """The test's outcome: its call's, unless setup or teardown did not pass (an error)."""
+    """The test's outcome: its call's, unless setup or teardown did not pass (an error).
+
+    A test Celery marks ``flaky`` is run again after a failure (pytest-rerunfailures, as in
+    Celery's own runs): each rerun is counted, and the last run's outcome is the test's.
+    """
+    if report.outcome == "rerun":
+        _reruns[report.nodeid] = _reruns.get(report.nodeid, 0) + 1
+        return
     settled = _outcomes.get(report.nodeid) in ("failed", "error")
     if (report.when == "call" or report.outcome != "passed") and not settled:
         failed = "failed" if report.when == "call" else "error"
@@ -117,6 +125,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         "engine_tasks": sorted(_engine_tasks),
         "plain_tasks": dict(sorted(_plain_tasks.items())),
         "outcomes": dict(sorted(_outcomes.items())),
+        "reruns": {k: v for k, v in sorted(_reruns.items()) if _outcomes.get(k) == "passed"},
     }
     with open(REPORT, "w") as out:
         json.dump(document, out, indent=1)
