@@ -73,6 +73,12 @@ def request_probe(self: Any, key: str) -> str:
     return str(request.id)
 
 
+def always_retry(self: Any, key: str) -> None:
+    """A task as written for Celery naming no retry count: ``self.retry()`` until refused."""
+    side(self.app).rpush(key, self.request.retries)
+    raise self.retry(exc=KeyError("still missing"), countdown=0.1)
+
+
 @shared_task(base=Task, name="idioms.worker.shared_mul")
 def shared_mul(x: int, y: int) -> int:
     return x * y
@@ -95,6 +101,12 @@ def _register(app: Celery) -> SimpleNamespace:
         request_probe=task(app=app, bind=True, max_retries=1, name="idioms.request_probe")(
             request_probe
         ),
+        plain_always_retry=app.task(bind=True, name="idioms.plain_always_retry", shared=False)(
+            always_retry
+        ),
+        engine_always_retry=app.task(
+            base=Task, bind=True, name="idioms.engine_always_retry", shared=False
+        )(always_retry),
     )
 
 
@@ -188,6 +200,21 @@ def test_self_request_in_a_worker_is_the_deliverys_and_self_retry_is_an_engine_r
     run = get_task_run(result.id, worker.app)
     assert run is not None
     assert run.history_names() == ["Pending", "Running", "AwaitingRetry", "Retrying", "Completed"]
+
+
+def test_self_retry_without_a_retry_count_makes_celerys_three_retries_in_a_worker(
+    worker: Worker,
+) -> None:
+    for name in ("plain_always_retry", "engine_always_retry"):
+        key = worker.key(name)
+        result = getattr(worker.tasks, name).apply_async((key,), queue=worker.queue)
+
+        with pytest.raises(KeyError, match="still missing"):
+            result.get(timeout=30)
+        assert [int(n) for n in side(worker.app).lrange(key, 0, -1)] == [0, 1, 2, 3], name
+    run = get_task_run(result.id, worker.app)
+    assert run is not None
+    assert run.history_names()[-3:] == ["AwaitingRetry", "Retrying", "Failed"]
 
 
 def test_celerys_shared_task_with_the_engine_base_runs_in_a_worker(worker: Worker) -> None:
