@@ -16,18 +16,10 @@ from contextvars import Token
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from celery_taskengine import steps
 from celery_taskengine.cache_policies import CommitMode, IsolationLevel
 from celery_taskengine.errors import ConfigurationError, SerializationError
-from celery_taskengine.steps import (
-    ReadCache,
-    ReleaseLock,
-    RunHook,
-    Sleep,
-    Steps,
-    TakeLock,
-    WriteCache,
-    hook_name,
-)
+from celery_taskengine.steps import Steps, hook_name
 from celery_taskengine.transaction_scope import (
     CURRENT,
     TransactionState,
@@ -66,6 +58,15 @@ class Transaction:
     values between the work and its hooks.
     """
 
+    store: ResultStore | None
+    state = TransactionState.PENDING
+    record: ResultRecord | None = None
+    _staged: tuple[Any] | None = None
+    _holder = ""
+    #: The SERIALIZABLE lock held, as the driver handed it back (it keeps the lease alive).
+    _lease: Any = None
+    _token: Token[Transaction | None] | None = None
+
     def __init__(
         self,
         key: str | None = None,
@@ -83,15 +84,11 @@ class Transaction:
         lock_manager: ResultStore | None = None,
     ) -> None:
         self.key = key
-        self.parent: Transaction | None = CURRENT.get()
-        inherited = self.parent
-        self.commit_mode: CommitMode | None = commit_mode or (
-            inherited.commit_mode if inherited else None
-        )
+        self.parent: Transaction | None = (inherited := CURRENT.get())
+        # A child inherits its parent's commit mode, isolation and store unless given its own.
+        self.commit_mode: CommitMode | None = commit_mode or getattr(inherited, "commit_mode", None)
         self.isolation_level: IsolationLevel = effective_isolation(isolation_level, inherited)
-        self.store: ResultStore | None = (
-            store if store is not None else (inherited.store if inherited else None)
-        )
+        self.store = store if store is not None else getattr(inherited, "store", None)
         #: Where SERIALIZABLE locks are taken when not on ``store`` (a policy's lock_manager).
         self.lock_manager = lock_manager
         self.overwrite = overwrite
@@ -101,19 +98,11 @@ class Transaction:
         self.task_name = task_name
         # Looked up per transaction, not bound at import, so the module setting can be tuned.
         self.lock_ttl = lock_ttl if lock_ttl is not None else LOCK_TTL_SECONDS
-        self.state = TransactionState.PENDING
         self.children: list[Transaction] = []
         self.on_commit_hooks: list[Callable[..., Any]] = []
         self.on_rollback_hooks: list[Callable[..., Any]] = []
-        self.record: ResultRecord | None = None
-        self._staged: tuple[Any] | None = None
         self._values: dict[str, Any] = {}
-        self._holder = ""
-        #: The SERIALIZABLE lock held, as the driver handed it back (it keeps the lease alive).
-        self._lease: Any = None
-        self._token: Token[Transaction | None] | None = None
 
-    # -- the user-facing surface ------------------------------------------------------------
     def is_committed(self) -> bool:
         return self.state is TransactionState.COMMITTED
 
@@ -200,7 +189,7 @@ class Transaction:
                 locks = self.lock_manager if self.lock_manager is not None else store
                 yield from self._lock_steps(locks, key)
             if read and not self.overwrite:
-                record = yield ReadCache(store, key)
+                record = yield steps.ReadCache(store, key)
                 if record is not None:
                     self.record = record
                     self.state = TransactionState.COMMITTED
@@ -267,7 +256,7 @@ class Transaction:
     def _run_hook(self, hook: Callable[..., Any], kind: str) -> Steps[bool]:
         """Run one commit or rollback hook; ``False`` (logged) if it raised."""
         try:
-            yield RunHook(hook, (self,), f"on_{kind}")
+            yield steps.RunHook(hook, (self,), f"on_{kind}")
         except Exception:
             logger.exception(
                 "%s: an error was encountered while running %s hook %r",
@@ -283,7 +272,7 @@ class Transaction:
             return True
         if self.expires_in is not None and self.expires_in <= 0:
             return True  # a non-positive expiration means the result is never reused
-        write = WriteCache(
+        write = steps.WriteCache(
             self.store, self.key, self._staged[0], self.serializer, self.expires_in, self.task_name
         )
         try:
@@ -308,9 +297,9 @@ class Transaction:
                 f"{type(store).__name__} cannot. Use a Redis result backend."
             )
         self._holder = self._holder or uuid.uuid4().hex
-        take = TakeLock(store, key, self._holder, self.lock_ttl)
+        take = steps.TakeLock(store, key, self._holder, self.lock_ttl)
         while (lease := (yield take)) is None:
-            yield Sleep(LOCK_POLL_SECONDS, reason="lock")
+            yield steps.Sleep(LOCK_POLL_SECONDS, reason="lock")
         self._lease = lease
 
     def abandon(self) -> None:
@@ -331,7 +320,7 @@ class Transaction:
     def _release_lock(self) -> Steps[None]:
         lease, self._lease = self._lease, None
         if lease is not None:
-            yield ReleaseLock(lease)
+            yield steps.ReleaseLock(lease)
 
     # -- the sync shell ----------------------------------------------------------------------
     def __enter__(self) -> Transaction:
@@ -397,14 +386,14 @@ def transaction(
     )
 
 
-def _blocking(steps: Steps[T]) -> T:
-    """Drive ``steps`` blocking; the driver is imported here so this module stays pure."""
+def _blocking(routine: Steps[T]) -> T:
+    """Drive ``routine`` blocking; the driver is imported here so this module stays pure."""
     from celery_taskengine.drivers import drive_sync
 
-    return drive_sync(steps)
+    return drive_sync(routine)
 
 
-async def _awaited(steps: Steps[T]) -> T:
+async def _awaited(routine: Steps[T]) -> T:
     from celery_taskengine.drivers import drive_async
 
-    return await drive_async(steps)
+    return await drive_async(routine)
