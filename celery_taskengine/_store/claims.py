@@ -30,8 +30,9 @@ of a message can exist before the broker's visibility timeout has passed since i
 (see :mod:`~celery_taskengine.message_age`), and should one exist anyway (a task id sent
 twice), the fenced writes refuse to write.
 
-Only the Redis store has claims: a memory store's runs live in one process's memory, with
-nothing shared to fence.
+The Redis store keeps claims as keys written by scripts; the SQL store keeps them as rows
+(see :mod:`~celery_taskengine._store.sql_claims`), with the same semantics. A memory store's
+runs live in one process's memory, with nothing shared to fence.
 """
 
 from __future__ import annotations
@@ -46,20 +47,19 @@ import uuid
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import redis
 
 from celery_taskengine._store.retrying import Patience, patience_from_policy
 from celery_taskengine.errors import StorePermissionError, StoreUnavailableError
 
-if TYPE_CHECKING:
-    from celery_taskengine._store.redis_store import RedisStore
-
 __all__ = [
     "CLAIM_TTL_SECONDS",
     "Claim",
+    "ClaimKeeper",
     "ClaimStore",
+    "announce_wait",
     "claim_or_wait",
     "is_done",
     "new_token",
@@ -129,6 +129,12 @@ return 0
 """
 
 
+class ClaimKeeper(Protocol):
+    """Where a claim lives: what its lease needs of the store."""
+
+    def renew_claim(self, claim: Claim) -> bool: ...
+
+
 def new_token() -> str:
     """A delivery's token: random (unique across hosts and containers), with the pid for logs."""
     return f"{uuid.uuid4().hex}-{os.getpid()}"
@@ -145,11 +151,11 @@ def is_done(holder: bytes | str | None) -> bool:
 class Claim:
     """A delivery's claim on its message, and what this process knows of it.
 
-    A lease for the process's renewer. ``lost`` is set once any answer from Redis shows
+    A lease for the process's renewer. ``lost`` is set once any answer from the store shows
     another delivery holds it; from then on the attempt writes nothing.
     """
 
-    store: RedisStore = field(repr=False)
+    store: ClaimKeeper = field(repr=False)
     key: str
     run_id: str
     ttl: float
@@ -266,7 +272,7 @@ def claim_or_wait(client: redis.Redis, claim: Claim, poll: float) -> bool:
             return True
         if not announced:
             announced = True
-            _announce(claim, holder)
+            announce_wait(claim, holder)
         if pttl < 0:  # a claim that cannot lapse: replaced once a lifetime has passed
             stuck_since = stuck_since or time.monotonic()
             if time.monotonic() - stuck_since > claim.ttl + LAPSE_MARGIN_SECONDS:
@@ -283,7 +289,7 @@ def _text(value: bytes | str) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else value
 
 
-def _announce(claim: Claim, holder: bytes | str) -> None:
+def announce_wait(claim: Claim, holder: bytes | str) -> None:
     logger.warning(
         "%s is being run by another delivery (%s): the broker handed the message out again "
         "(visibility timeout shorter than the run, its countdown or its wait in a prefetch "
