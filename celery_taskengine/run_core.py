@@ -136,7 +136,8 @@ class RunCore(Outcomes, CacheSteps):
             return False
         if ahead:
             yield from self._read_ahead()
-        self.run.name = yield from self._render_run_name()
+        if self.options.task_run_name is not None:
+            self.run.name = yield from self._render_run_name()
         yield from self.begin_run()
         return True
 
