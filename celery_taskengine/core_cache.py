@@ -65,8 +65,10 @@ class CacheSteps(StateEntry):
         if ahead is not None:  # the key was computed before Running (see _may_read_ahead)
             key = ahead[0]
             plain = key is not None
+        elif self.is_generator or not self.options.persist_result:
+            key, plain = None, False  # no key: no step needed to find that out
         else:
-            key = None if self.is_generator else (yield from self.compute_transaction_key())
+            key = yield from self.compute_transaction_key()
             plain = key is not None and self._reads_plainly()
         if plain:
             assert key is not None
@@ -91,7 +93,9 @@ class CacheSteps(StateEntry):
         """
         options = self.options
         policy = options.cache_policy
-        if policy is None or self.is_generator or self.invalid_inputs is not None:
+        if not options.persist_result or policy is None or self.is_generator:
+            return False  # no key at all (the default policy without persistence), or no read
+        if self.invalid_inputs is not None:
             return False
         return not (
             options.on_running

@@ -138,7 +138,7 @@ class RunCore(Outcomes, CacheSteps):
             yield from self._read_ahead()
         if self.options.task_run_name is not None:
             self.run.name = yield from self._render_run_name()
-        yield from self.begin_run()
+        yield from self.enter_running(retrying=False)  # begin_run, one generator less
         return True
 
     def begin_run(self) -> Steps[None]:

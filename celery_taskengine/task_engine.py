@@ -306,14 +306,13 @@ def run_task(
     )
 
 
-def runner_for(kind: str) -> Callable[..., Any]:
-    """The runner for a function of ``kind`` (``Task.fn_kind``): one dispatch for every caller."""
-    return _RUNNERS.get(kind, run_task_sync)
-
-
 _RUNNERS: dict[str, Callable[..., Any]] = {
     "function": run_task_sync,
     "coroutine": run_task_async,
     "generator": run_generator_task_sync,
     "async_generator": run_generator_task_async,
 }
+#: The runner for a function of ``kind`` (``Task.fn_kind``): the one sync/async/generator
+#: dispatch, for ``Task.__call__``, :func:`run_task` and the worker alike. A dict lookup, since
+#: it is on every call's path.
+runner_for: Callable[[str], Callable[..., Any]] = _RUNNERS.__getitem__
