@@ -59,3 +59,6 @@ class RunEnvironment:
     #: Runs of this task execute in several processes (a worker pool), so its locks must be
     #: seen by all of them: an in-process store cannot serve SERIALIZABLE there.
     across_processes: bool = False
+    #: In a worker: the state an exception raised by the function ends the attempt in, never
+    #: retried (Celery's ``Reject``/``Ignore``, see control_flow); ``None``: a failure.
+    ends_attempt: Callable[[Exception], State | None] | None = None

@@ -52,6 +52,10 @@ class Outcomes(StateEntry):
         yield self.enter_state(returned)
 
     def handle_exception(self, exc: Exception) -> Steps[None]:
+        control = self.env.ends_attempt(exc) if self.env.ends_attempt is not None else None
+        if control is not None:
+            yield self.enter_state(control)
+            return
         if (yield from self.handle_retry(exc)):
             return
         if isinstance(exc, RetryRequested) and isinstance(exc.exc, Exception):

@@ -35,6 +35,7 @@ KNOWN_REDIS_IMPORTERS: frozenset[str] = frozenset()
 BRIDGE_MODULES: frozenset[str] = frozenset(
     {
         "cancellation",
+        "control_flow",
         "cli",
         "cli_store",
         "demo",

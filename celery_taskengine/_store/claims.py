@@ -121,6 +121,11 @@ if holder == ARGV[3] then return 1 end
 if not holder then redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end
 return 0
 """
+#: Frees a claim its holder hands back unsettled. KEYS: claim. ARGV: token.
+FREE_LUA = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
 # Replaces a holder whose claim cannot lapse (no expiry: written by something else than us).
 _REPLACE_LUA = """
 if redis.call('get', KEYS[1]) == ARGV[1] then
@@ -339,6 +344,17 @@ class ClaimStore:
         store: Any = self
         renewal = functools.partial(renew, keys=[claim.key], args=args)
         return bool(store.call(renewal, "renewing its claim", claim.run_id, patience=Patience()))
+
+    def free_claim(self, claim: Claim) -> None:
+        """Give up ``claim`` unsettled (if it is still ours): the message goes back to the
+        broker with no outcome (Celery's ``Reject(requeue=True)``, ``Ignore``), and its next
+        delivery takes the claim at once instead of waiting for it to lapse."""
+        store: Any = self
+        free = functools.partial(self.client.eval, FREE_LUA, 1, claim.key, claim.token)
+        try:
+            store.call(free, "freeing its claim", claim.run_id)
+        except StoreUnavailableError:
+            logger.warning("%s: could not free its claim; it lapses by itself", claim.run_id)
 
     def write_fenced(self, claim: Claim, command: tuple[Any, ...]) -> bool:
         """Run a fenced write built by ``claim`` (one round trip) and learn from its answer
