@@ -17,8 +17,6 @@ Redis round trip, tried again through an outage as long as Celery's backend retr
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
 import math
 import time
@@ -32,9 +30,7 @@ from celery_taskengine._store.claims import ClaimStore
 from celery_taskengine._store.connections import DEFAULT_MAX_CONNECTIONS, EnginePool
 from celery_taskengine._store.early_read import EarlyRead, EarlyReads
 from celery_taskengine._store.protocol import (
-    LocalRecorder,
     ResultRecord,
-    WorkerRecorder,
 )
 from celery_taskengine._store.record_codec import (
     accept_for_app,
@@ -42,16 +38,15 @@ from celery_taskengine._store.record_codec import (
     encode_record,
     normalize_accept,
 )
+from celery_taskengine._store.redis_runs import RedisRuns
 from celery_taskengine._store.redis_streams import RedisStreams
 from celery_taskengine._store.retrying import OUTAGE_ERRORS, Patience, patience_from_policy
-from celery_taskengine._store.run_document import encode_run
-from celery_taskengine._store.run_index import INDEX_LUA, RunIndex, list_indexed
+from celery_taskengine._store.run_index import INDEX_LUA, RunIndex
 from celery_taskengine.errors import (
     ConfigurationError,
     StorePermissionError,
     StoreUnavailableError,
 )
-from celery_taskengine.task_run import TaskRun, run_from_document
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -98,7 +93,7 @@ def side_client(client: redis.Redis) -> redis.Redis:
     return redis.Redis(connection_pool=own)
 
 
-class RedisStore(ClaimStore, RedisStreams):
+class RedisStore(ClaimStore, RedisRuns, RedisStreams):
     """A :class:`~celery_taskengine._store.protocol.ResultStore` on one Redis database.
 
     Use :meth:`for_app` to get one on a Celery app's result backend. ``accept`` lists the
@@ -112,6 +107,7 @@ class RedisStore(ClaimStore, RedisStreams):
 
     shared: bool = True
     supports_locking: bool = True
+    claims: bool = True
 
     def __init__(
         self,
@@ -302,82 +298,7 @@ class RedisStore(ClaimStore, RedisStreams):
         holder = self.call(lambda: self.client.get(redis_key), f"reading lock {key!r}")
         return _text(holder) if holder is not None else None
 
-    # -- run records ---------------------------------------------------------------------
-
-    def save_run(self, run: TaskRun) -> None:
-        """Write the run's JSON document, living ``run_expires`` seconds, and index it (one
-        round trip)."""
-        document = encode_run(run)
-        px = _milliseconds(self.run_expires) if self.run_expires is not None else None
-        redis_key = self.key_for("run", run.id)
-        keys, args = self.index_keys_and_args(run)
-
-        def save() -> None:
-            pipe = self.client.pipeline(transaction=False)
-            pipe.set(redis_key, document, px=px)
-            self._index_script(keys=keys, args=args, client=pipe)
-            pipe.execute()
-
-        self.call(save, "saving its run", run.id)
-
-    def index_keys_and_args(self, run: TaskRun) -> tuple[list[str], list[Any]]:
-        """KEYS and ARGV of :data:`~celery_taskengine._store.run_index.INDEX_LUA` for
-        ``run`` as it is now (for writers of run records in scripts of their own)."""
-        return self._index.for_run(run, self._clock())
-
-    def load_run(self, run_id: str) -> TaskRun | None:
-        """The run record for ``run_id``; ``None`` when unknown, or malformed (with a warning)."""
-        redis_key = self.key_for("run", run_id)
-        raw = self.call(lambda: self.client.get(redis_key), "loading its run", run_id)
-        if raw is None:
-            return None
-        return self._decode_run(run_id, raw)
-
-    def iter_runs(self, limit: int) -> list[TaskRun]:
-        """Up to ``limit`` runs, the most recently active first (read along the run index)."""
-        return self.list_runs(limit)
-
-    claims: bool = True
-
-    def worker_recorder(self, app: Any, delivery: Any) -> WorkerRecorder:
-        """Worker runs' records go on the record channel (see worker_records)."""
-        from celery_taskengine._store.worker_records import DeliveryRecorder
-
-        return DeliveryRecorder(app, self, delivery)
-
-    def rides_with(self, backend: Any) -> bool:
-        """Whether ``backend`` talks to Redis through this store's own client."""
-        return getattr(backend, "client", None) is self.client
-
-    def local_recorder(self) -> LocalRecorder:
-        """Local runs' records are written behind the caller (see local_records)."""
-        from celery_taskengine._store.local_records import recorder_for
-
-        return recorder_for(self)
-
-    def list_runs(
-        self, limit: int, *, task: str | None = None, state: str | None = None
-    ) -> list[TaskRun]:
-        """Up to ``limit`` matching runs, newest first, read along the run index (see
-        run_index): the cost follows ``limit``, not the number of runs."""
-        if limit <= 0:
-            return []
-
-        def listing() -> list[TaskRun]:
-            run_key = functools.partial(self.key_for, "run")
-            args = (self._index, run_key, self._decode_run, limit, task, state)
-            return list_indexed(self.client, *args)
-
-        return self.call(listing, "listing runs")
-
     # -- internals -----------------------------------------------------------------------
-
-    def _decode_run(self, run_id: str, raw: bytes | str) -> TaskRun | None:
-        try:
-            return run_from_document(json.loads(raw))
-        except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError too
-            logger.warning("Ignoring malformed run record %r: %s", run_id, exc)
-            return None
 
     def _scan(self, kind: Kind, prefix: str) -> list[bytes | str]:
         pattern = _glob_escape(self.key_for(kind, prefix)) + "*"
