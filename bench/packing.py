@@ -2,9 +2,10 @@
 
 In one run, prints the median cost (µs per call, over rounds of many calls) of turning into RESP:
 a cache hit's ``GET``; a worker run's record write and its index update (the script call and
-arguments the worker sends at Running and at its end); and one batch of 100 local run records
-(:mod:`celery_taskengine._store.record_batch`). Both packers get the same commands, and the
-script checks they write the same bytes. No Redis is needed: packing is local work.
+arguments the worker sends at Running and at its end); and one script call's worth of local
+run records, 64 (:mod:`celery_taskengine._store.record_batch`). Both packers get the same
+commands, and the script checks they write the same bytes. No Redis is needed: packing is
+local work.
 
     python bench/packing.py [--calls 2000] [--repeats 9]
 """
@@ -20,7 +21,7 @@ from typing import Any
 
 import redis
 
-from celery_taskengine._store.record_batch import batches
+from celery_taskengine._store.record_batch import Batch
 from celery_taskengine._store.run_document import RunDocument
 from celery_taskengine._store.run_index import INDEX_LUA, RunIndex
 from celery_taskengine._store.wire import pack, redis_pack
@@ -62,19 +63,17 @@ def main() -> None:
     args = parser.parse_args()
     connection = redis.Connection()  # packs without connecting
     index = RunIndex(PREFIX, 86_400.0)
-    runs = [a_hit("bench.square") for _ in range(100)]
+    runs = [a_hit("bench.square") for _ in range(64)]
     records = [(f"{PREFIX}run:{run.id}", RunDocument(run).encode(run), run) for run in runs]
     cases: dict[str, Commands] = {
         "cache hit GET": [("GET", f"{PREFIX}cache:0123456789abcdef")],
         "worker record + index": worker_commands(index, runs[0]),
-        "batch of 100 local records": [
-            batch.command for batch in batches(index, records, "86400000", time.time(), 0)
-        ],
+        "batch of 64 local records": [Batch(0, index, records, "86400000").command],
     }
     print(f"{'commands':<28} {'redis-py µs':>12} {'engine µs':>10} {'ratio':>7}")
     for name, commands in cases.items():
         assert pack(connection, commands) == redis_pack(connection, commands)
-        calls = max(1, args.calls // (100 if name.startswith("batch") else 1))
+        calls = max(1, args.calls // (64 if name.startswith("batch") else 1))
         samples: dict[str, list[float]] = {"redis-py": [], "engine": []}
         for _ in range(args.repeats):  # alternating, so a busy machine slows both alike
             samples["redis-py"].append(per_call_us(redis_pack, connection, commands, calls))

@@ -33,7 +33,7 @@ import redis
 from celery_taskengine._store.local_flush import Flusher, FlushResult, Recorder
 from celery_taskengine._store.memory import default_memory_store
 from celery_taskengine._store.protocol import SHARED_STATES
-from celery_taskengine._store.record_batch import Batch, batches
+from celery_taskengine._store.record_batch import MAX_RUNS_PER_BATCH, Batch
 from celery_taskengine._store.run_document import RunDocument
 from celery_taskengine._store.task_meta import px
 from celery_taskengine._store.wire import (
@@ -139,27 +139,37 @@ class LocalRunRecorder:
         self.due = False
 
     def write_held(self) -> None:
-        """Send the held records now, in as few script calls as can carry them, without
-        waiting for Redis (:meth:`confirm_sent` reads the replies).
+        """Send the held records now, a batch (one script call) at a time, without waiting
+        for Redis (:meth:`confirm_sent` reads the replies).
 
         Encoding and sending happen under one lock, so a run's later state is always sent
-        after its earlier one.
+        after its earlier one. Between batches the GIL is let go: a run's thread back from
+        Redis takes it then, not when this thread has written everything.
         """
         with self._lock:
-            records: list[tuple[str, str, TaskRun]] = []
-            for run_id in list(self._held):
-                run = self._held.pop(run_id, None)
-                if run is None:
-                    continue
-                key = self._run_key_prefix + run_id
-                try:
-                    records.append((key, self._document(run), run))
-                except Exception as exc:  # a result that cannot be shown loses its record only
-                    self._lose(key, exc)
-            if records:
-                made = batches(self._index, records, self._px, time.time(), self._batches_made)
-                self._batches_made += len(made)
-                self._send(made)
+            held = list(self._held)
+            for start in range(0, len(held), MAX_RUNS_PER_BATCH):
+                if start:
+                    time.sleep(0)
+                records = self._encode(held[start : start + MAX_RUNS_PER_BATCH])
+                if records:
+                    batch = Batch(self._batches_made, self._index, records, self._px)
+                    self._batches_made += 1
+                    self._send([batch])
+
+    def _encode(self, run_ids: list[str]) -> list[tuple[str, str, TaskRun]]:
+        """The records of the held runs ``run_ids`` (no longer held), as (key, document, run)."""
+        records: list[tuple[str, str, TaskRun]] = []
+        for run_id in run_ids:
+            run = self._held.pop(run_id, None)
+            if run is None:
+                continue
+            key = self._run_key_prefix + run_id
+            try:
+                records.append((key, self._document(run), run))
+            except Exception as exc:  # a result that cannot be shown loses its record only
+                self._lose(key, exc)
+        return records
 
     def confirm_sent(self, timeout: float, *, patience: float = OUTAGE_PATIENCE_SECONDS) -> bool:
         """Read the replies to what was sent (pushed with a PING), waiting up to ``timeout``

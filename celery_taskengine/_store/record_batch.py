@@ -1,22 +1,23 @@
 """Many runs' records and their run-index entries, written by one script call.
 
 Local runs' records are written behind the caller (:mod:`~._store.local_records`), so they
-can wait for company: every record held when the flusher comes goes out in one command.
-Redis then runs one script, not one per run, and the index's sorted sets get one ``ZADD``
-each for the whole batch, one ``PEXPIRE`` and at most one trim, where a script per run made
-each of those once per run. The batch's reply is one, so a refusal (OOM, NOPERM, READONLY)
-is seen for every run in it.
+can wait for company: the records held when the flusher comes go out a batch of up to
+:data:`MAX_RUNS_PER_BATCH` at a time. Redis then runs one script per batch, not one per run,
+and the index's sorted sets get one ``ZADD`` each for the whole batch, one ``PEXPIRE`` and at
+most one trim, where a script per run made each of those once per run. A batch has one
+reply, so a refusal (OOM, NOPERM, READONLY) is seen for every run in it.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
 from celery_taskengine._store.run_index import RunIndex
 from celery_taskengine.task_run import TaskRun
 
-__all__ = ["BATCH_SAVE_LUA", "MAX_RUNS_PER_BATCH", "Batch", "batches"]
+__all__ = ["BATCH_SAVE_LUA", "MAX_RUNS_PER_BATCH", "Batch"]
 
 #: KEYS: the run records (n of them), the index's sorted sets, then the set of task names.
 #: ARGV: px ('0' for none), oldest score kept ('' for no trim), the index's ttl ms ('' for
@@ -41,12 +42,14 @@ if ttl ~= '' then redis.call('pexpire', KEYS[#KEYS], ttl) end
 return n
 """
 
-#: Runs per script call: Lua's ``unpack`` takes a few thousand values at most.
-MAX_RUNS_PER_BATCH = 256
+#: Runs per script call: a flusher lets go of the GIL between batches, and a batch's cost
+#: stays well within what Lua's ``unpack`` takes (a few thousand values).
+MAX_RUNS_PER_BATCH = 64
 
 
 class Batch:
-    """One script call's records: the record keys it writes and the command.
+    """One script call writing ``records`` (record key, JSON document, run) and their index
+    entries; ``px``: the records' lifetime in ms (``'0'``: none).
 
     Compared by identity: a record key maps to the last batch that carries it until Redis
     answered that batch; ``seq`` orders batches that must be sent again.
@@ -54,25 +57,11 @@ class Batch:
 
     __slots__ = ("command", "keys", "seq")
 
-    def __init__(self, seq: int, keys: tuple[str, ...], command: tuple[Any, ...]) -> None:
-        self.seq, self.keys, self.command = seq, keys, command
-
-
-def batches(
-    index: RunIndex,
-    records: Sequence[tuple[str, str, TaskRun]],
-    px: str,
-    now: float,
-    first_seq: int,
-) -> list[Batch]:
-    """``records`` (record key, JSON document, run) as script calls of at most
-    :data:`MAX_RUNS_PER_BATCH` runs each, numbered from ``first_seq``; ``px``: the
-    records' lifetime in ms (``'0'``: none); ``now``: UNIX seconds."""
-    step = MAX_RUNS_PER_BATCH
-    return [
-        Batch(first_seq + n, *_command(index, records[start : start + step], px, now))
-        for n, start in enumerate(range(0, len(records), step))
-    ]
+    def __init__(
+        self, seq: int, index: RunIndex, records: Sequence[tuple[str, str, TaskRun]], px: str
+    ) -> None:
+        self.seq = seq
+        self.keys, self.command = _command(index, records, px, time.time())
 
 
 def _command(
