@@ -15,7 +15,7 @@ FLOOR_STAMP := $(FLOOR_VENV)/.installed-redis-$(REDIS_FLOOR)
 STORE_TESTS := tests/test_redis_store.py tests/test_local_recording.py tests/test_early_read.py \
 	tests/test_memory_store.py tests/test_store_contract.py tests/test_layers.py tests/test_wire.py
 
-.PHONY: demo test test-suite test-redis-floor fault-matrix lint bench clean
+.PHONY: demo test test-suite test-redis-floor fault-matrix celery-suite lint bench bench-deployments clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,9 +40,13 @@ $(FLOOR_STAMP): pyproject.toml
 
 test: test-suite test-redis-floor
 
+# The suite's tests mostly wait on workers and servers: three pytest processes share the two
+# cores (one file per process at a time: a file's fixtures and servers stay together).
+PYTEST_WORKERS ?= 3
+
 test-suite: $(STAMP) lint
 	./scripts/ensure-services
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # The store tests on redis-py $(REDIS_FLOOR), RESP2 and RESP3; the newest redis-py is .venv's.
 test-redis-floor: $(FLOOR_STAMP)
@@ -55,9 +59,31 @@ fault-matrix: $(STAMP)
 	./scripts/ensure-services
 	FAULT_MATRIX=full $(PY) -m pytest -q tests/reliability/test_fault_matrix.py $(PYTEST_ARGS)
 
+# Celery's own integration tests (t/integration/test_tasks.py, test_canvas.py of the installed
+# Celery, from its sdist) with engine tasks and with plain tasks, on Redis and RabbitMQ + Redis;
+# CI runs a slice (tests/celery_suite/).
+celery-suite: $(STAMP)
+	./scripts/ensure-services
+	CELERY_SUITE=full $(PY) -m pytest -q -s tests/celery_suite/test_celery_suite.py $(PYTEST_ARGS)
+
 bench: $(STAMP)
 	./scripts/ensure-services
 	$(PY) bench/engine_overhead.py
+
+# Per store, in one run: a cache hit against a bare read, worker throughput against plain
+# Celery on the same result backend, and `runs ls` at 10^4, 10^5 and 10^6 runs (README).
+BENCH_BACKENDS := db+postgresql+psycopg://postgres@127.0.0.1/test \
+	db+mysql+pymysql://root@127.0.0.1:3306/test
+bench-deployments: $(STAMP)
+	./scripts/ensure-services
+	$(PY) bench/cache_costs.py
+	$(PY) bench/sql_store_costs.py --only sqlite,postgresql,mariadb
+	$(PY) bench/bridge_throughput.py --tasks 2000 --round-trips 100
+	set -e; for backend in $(BENCH_BACKENDS) "db+sqlite:///$$(mktemp -d)/results.db"; do \
+		echo "== $$backend"; \
+		$(PY) bench/bridge_throughput.py --backend "$$backend" --tasks 1000 --round-trips 50; \
+	done
+	$(PY) bench/runs_listing.py --sizes 10000,100000,1000000 --only redis,postgresql,sqlite
 
 clean:
 	rm -rf $(VENV) $(FLOOR_VENV) .pytest_cache .mypy_cache .ruff_cache

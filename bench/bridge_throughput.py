@@ -1,9 +1,11 @@
 """Plain Celery tasks against engine tasks, on the same Redis and the same worker, in one run.
 
 Starts a private redis-server and a real ``celery worker`` (prefork, 2 processes), then
-measures for each kind: throughput of N no-op tasks (send all, then ``.get()`` each) and the
+measures for each kind: throughput of N no-op tasks (send all, then wait for all) and the
 median round trip of M sequential ``.delay().get()``; and the round trip of a producer-side
 cache hit. Prints a table with ratios to plain Celery. No assertions: it is a measurement.
+``--backend`` puts both kinds' results on another backend (a database: the engine's store is
+then the SQL store on it; the private Redis stays the broker).
 
     python bench/bridge_throughput.py [--tasks 2000] [--round-trips 200] [--repeats 3]
 """
@@ -94,17 +96,42 @@ def worker(env: dict[str, str], pool: str) -> Iterator[None]:
 
 def throughput(send: Callable[[int], Any], count: int) -> float:
     start = time.perf_counter()
-    results = [send(i) for i in range(count)]
-    for result in results:
-        result.get(timeout=120)
+    wait_all([send(i) for i in range(count)])
     return count / (time.perf_counter() - start)
+
+
+def wait_all(results: list[Any], timeout: float = 300.0) -> None:
+    """Wait until every result is ready. On a database backend, one query counts the ready
+    rows (Celery's ``.get()`` there opens a connection per result outside a worker, which
+    would time the producer, not the worker); elsewhere, ``.get()`` each."""
+    backend = results[0].backend
+    if not hasattr(backend, "ResultSession"):
+        for result in results:
+            result.get(timeout=timeout)
+        return
+    from celery import states
+    from celery.backends.database.models import Task
+
+    ids = [result.id for result in results]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        session = backend.ResultSession()
+        try:
+            ready = Task.status.in_(list(states.READY_STATES))
+            done = session.query(Task).filter(Task.task_id.in_(ids), ready).count()
+        finally:
+            session.close()
+        if done == len(ids):
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"{len(ids)} tasks not all ready in {timeout} s")
 
 
 def round_trip_ms(send: Callable[[int], Any], count: int) -> float:
     samples = []
     for i in range(count):
         start = time.perf_counter()
-        send(i).get(timeout=60)
+        send(i).get(timeout=60, interval=0.005)  # a database backend is polled
         samples.append((time.perf_counter() - start) * 1000)
     return statistics.median(samples)
 
@@ -136,8 +163,8 @@ def main() -> None:
         with worker(env, args.pool):
             bridge_app.app.control.ping(timeout=10)
             for _ in range(50):  # warm-up both paths
-                bridge_app.plain_noop.delay(0).get(timeout=60)
-                bridge_app.engine_noop.delay(0).get(timeout=60)
+                bridge_app.plain_noop.delay(0).get(timeout=60, interval=0.005)
+                bridge_app.engine_noop.delay(0).get(timeout=60, interval=0.005)
             report(bridge_app, args)
             commands_per_task(bridge_app, url)
 
@@ -159,8 +186,7 @@ def commands_per_task(app_module: Any, url: str, count: int = 200) -> None:
     }
     for label, send in kinds.items():
         before = calls()
-        for result in [send(i) for i in range(count)]:
-            result.get(timeout=60)
+        wait_all([send(i) for i in range(count)])
         per_task = (calls() - before - 1) / count  # the INFO call itself counts once
         print(f"Redis commands per task, {label}: {per_task:.1f}")
     client.close()
@@ -169,7 +195,7 @@ def commands_per_task(app_module: Any, url: str, count: int = 200) -> None:
 def report(app_module: Any, args: argparse.Namespace) -> None:
     plain, engine = app_module.plain_noop.delay, app_module.engine_noop.delay
     rows: dict[str, list[float]] = {k: [] for k in ("pt", "et", "pr", "er", "cr", "tr", "rr")}
-    app_module.engine_cached.delay(7).get(timeout=60)  # commit the record once
+    app_module.engine_cached.delay(7).get(timeout=60, interval=0.005)  # commit the record once
     for repeat in range(args.repeats):
         # Alternate which kind goes first, and compare each pair measured back to back: a
         # shared machine drifts, and whichever runs first would otherwise be favoured.

@@ -13,10 +13,11 @@ from celery_taskengine.errors import (
     UnfinishedRun,
 )
 from celery_taskengine.retry_policy import exponential_backoff
+from celery_taskengine.run_scope import current_task_run
 from celery_taskengine.runs import flush_run_records, get_task_run
 from celery_taskengine.states import State, StateType
 from celery_taskengine.streaming import stream
-from celery_taskengine.task import Task, task
+from celery_taskengine.task import Task, shared_task, task
 from celery_taskengine.task_run import TaskRun
 from celery_taskengine.transactions import transaction
 
@@ -33,9 +34,11 @@ __all__ = [
     "TaskRun",
     "TaskRunTimeoutError",
     "UnfinishedRun",
+    "current_task_run",
     "exponential_backoff",
     "flush_run_records",
     "get_task_run",
+    "shared_task",
     "stream",
     "task",
     "transaction",

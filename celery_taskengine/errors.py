@@ -5,8 +5,10 @@ TaskEngineError
 │   ├── ReservedArgumentError a task function uses a parameter name the engine owns
 │   └── StorePermissionError  the store's user may not touch the engine's keys (ACL NOPERM)
 ├── SerializationError        a value cannot be encoded with the chosen serializer
+├── InvalidArguments          arguments do not fit their pydantic models (also a ValueError)
 ├── TaskRunTimeoutError       an attempt exceeded ``timeout_seconds`` (also a TimeoutError)
 ├── StoreUnavailableError     the result backend cannot be reached
+├── RetryRequested            ``self.retry()`` inside an engine task: the engine retries
 └── RunResultError            ``State.result()`` has no value to give
     ├── FailedRun             a failed state that holds no exception
     ├── CrashedRun            a crashed state that holds no exception
@@ -38,6 +40,14 @@ class SerializationError(TaskEngineError, TypeError):
     """A value cannot be encoded with the serializer the task or app uses."""
 
 
+class InvalidArguments(TaskEngineError, ValueError):
+    """A ``pydantic=True`` run's arguments do not fit their models; the message is pydantic's.
+
+    pydantic's own ``ValidationError`` (kept as ``__cause__`` where it was raised) cannot be
+    rebuilt from a result backend, so a worker's caller would lose its message.
+    """
+
+
 class StoreUnavailableError(TaskEngineError, ConnectionError):
     """The result backend holding run records and cached results cannot be reached."""
 
@@ -54,6 +64,21 @@ class TaskRunTimeoutError(TaskEngineError, TimeoutError):
 
     def __reduce__(self) -> tuple[type[TaskRunTimeoutError], tuple[float]]:
         return (type(self), (self.timeout_seconds,))
+
+
+class RetryRequested(TaskEngineError):
+    """Raised by ``self.retry()`` in an engine task's body: the engine schedules the retry.
+
+    Celery's ``retry`` publishes a new message behind the engine's back; inside an engine run
+    it raises this instead, and the run enters AwaitingRetry (counted against ``retries``).
+    ``delay`` is in seconds; ``None`` means the task's own retry delays.
+    """
+
+    def __init__(self, exc: BaseException | str | None = None, delay: float | None = None) -> None:
+        self.exc = exc
+        self.delay = delay
+        when = "with the task's retry delay" if delay is None else f"in {delay:g}s"
+        super().__init__(f"Retry {when}: {exc!r}" if exc is not None else f"Retry {when}")
 
 
 class RunResultError(TaskEngineError):

@@ -19,7 +19,9 @@ from celery.app.task import Task as CeleryTask
 from kombu.serialization import registry as serializer_registry
 
 from celery_taskengine import cache_policies as cp
+from celery_taskengine.celery_retries import CELERY_RETRY_OPTIONS, translate, without_overridden
 from celery_taskengine.errors import ReservedArgumentError
+from celery_taskengine.pydantic_args import PYDANTIC_OPTIONS, PydanticSpec, pydantic_spec
 from celery_taskengine.retry_policy import MAX_RETRY_DELAYS
 
 __all__ = ["RESERVED_PARAMETERS", "TaskOptions", "build_options", "split_celery_options"]
@@ -52,6 +54,7 @@ ENGINE_OPTIONS = frozenset(
         "task_run_name",
         "log_prints",
         *HOOK_OPTIONS,
+        *PYDANTIC_OPTIONS,
     }
 )
 
@@ -59,13 +62,8 @@ ENGINE_OPTIONS = frozenset(
 _CELERY_DECORATOR_ONLY = frozenset({"queue", "exchange", "routing_key", "shared", "lazy"})
 #: Celery options that would fight the engine; the message says what to use instead.
 _CONFLICTING = {
-    "bind": "the engine calls your function with its own arguments; use get_task_run() inside",
+    "bind": "give bind= to the decorator (@task(bind=True)); a copy cannot change it",
     "base": "engine tasks are built on celery_taskengine.Task",
-    "autoretry_for": "use retries= and retry_condition_fn=",
-    "retry_backoff": "use retry_delay_seconds=exponential_backoff(...)",
-    "retry_jitter": "use retry_jitter_factor=",
-    "retry_kwargs": "use retries= and retry_delay_seconds=",
-    "dont_autoretry_for": "use retry_condition_fn=",
 }
 
 HookList = tuple[Callable[..., Any], ...]
@@ -84,6 +82,8 @@ class TaskOptions:
     retries: int = 0
     retry_delays: tuple[float, ...] = ()
     retry_jitter_factor: float | None = None
+    #: Celery's ``retry_jitter``: each delay drawn evenly from ``[0, delay]`` (whole seconds).
+    retry_full_jitter: bool = False
     retry_condition_fn: Callable[..., Any] | None = None
     timeout_seconds: float | None = None
     cache_policy: cp.CachePolicy | None = None
@@ -99,6 +99,7 @@ class TaskOptions:
     on_failure: HookList = ()
     on_commit: HookList = ()
     on_rollback: HookList = ()
+    pydantic: PydanticSpec | None = None
     given: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -114,7 +115,7 @@ class TaskOptions:
 
     def with_changes(self, fn: Callable[..., Any], **changes: Any) -> TaskOptions:
         """A copy rebuilt from the originally given options updated with ``changes``."""
-        merged = {**self.given, **changes}
+        merged = {**without_overridden(self.given, changes), **changes}
         merged.setdefault("name", self.name)
         return build_options(fn, merged)
 
@@ -124,8 +125,8 @@ def split_celery_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], di
     engine: dict[str, Any] = {}
     celery: dict[str, Any] = {}
     for key, value in options.items():
-        if key in ENGINE_OPTIONS:
-            engine[key] = value
+        if key in ENGINE_OPTIONS or key in CELERY_RETRY_OPTIONS:
+            engine[key] = value  # Celery's retry options are translated by build_options
         elif key in _CONFLICTING:
             raise TypeError(f"task option {key!r} is not supported: {_CONFLICTING[key]}")
         elif key in _CELERY_DECORATOR_ONLY or (
@@ -153,8 +154,13 @@ def _did_you_mean(key: str) -> str:
 
 
 def build_options(fn: Callable[..., Any], given: Mapping[str, Any]) -> TaskOptions:
-    """Validate the engine options given for ``fn`` into a :class:`TaskOptions`."""
+    """Validate the engine options given for ``fn`` into a :class:`TaskOptions`.
+
+    Celery's retry options among them are translated first (see celery_retries).
+    """
     _check_reserved_parameters(fn)
+    original, celery_retries = given, translate(given)
+    given = celery_retries.options
     retries = _retries(given.get("retries"))
     policy, persist = _resolve_caching(given)
     return TaskOptions(
@@ -165,6 +171,7 @@ def build_options(fn: Callable[..., Any], given: Mapping[str, Any]) -> TaskOptio
         retries=retries,
         retry_delays=_retry_delays(given.get("retry_delay_seconds"), retries),
         retry_jitter_factor=_jitter(given.get("retry_jitter_factor")),
+        retry_full_jitter=celery_retries.full_jitter,
         retry_condition_fn=_optional_callable("retry_condition_fn", given),
         timeout_seconds=_seconds("timeout_seconds", given.get("timeout_seconds"), falsy_none=True),
         cache_policy=policy,
@@ -176,7 +183,8 @@ def build_options(fn: Callable[..., Any], given: Mapping[str, Any]) -> TaskOptio
         task_run_name=_task_run_name(given.get("task_run_name")),
         log_prints=_flag("log_prints", given.get("log_prints")),
         **{hook: _hooks(hook, given.get(hook)) for hook in HOOK_OPTIONS},
-        given=dict(given),
+        pydantic=pydantic_spec(given),
+        given=dict(original),
     )
 
 

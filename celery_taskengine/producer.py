@@ -37,6 +37,7 @@ from celery_taskengine._store.task_meta import save_run_with_meta
 from celery_taskengine.drivers import drive_sync
 from celery_taskengine.errors import SerializationError
 from celery_taskengine.parameters import bind_parameters
+from celery_taskengine.pydantic_args import validate_parameters
 from celery_taskengine.run_core import RunCore, RunEnvironment
 from celery_taskengine.states import State, StateType
 from celery_taskengine.task_run import TaskRun
@@ -191,7 +192,10 @@ def _answer_from_cache(
     except TypeError:
         return None  # Celery's own argument check reports it
     store = _cache_store(task)
-    key = _cache_key(task, parameters, task_id)
+    inputs = parameters
+    if task.engine_options.pydantic is not None:  # keys hash the models, as workers' do
+        inputs = validate_parameters(task, parameters)
+    key = _cache_key(task, inputs, task_id)
     if store is None or key is None:
         return None
     record = store.read(key)
@@ -236,13 +240,13 @@ def _cache_key(task: Task, parameters: dict[str, Any], task_id: str) -> str | No
 
 def _cached_run(task: Task, parameters: dict[str, Any], task_id: str, value: Any) -> TaskRun:
     """The run record of a send-time cache hit: Pending, Cached; ``on_completion`` hooks run."""
-    from celery_taskengine.task_engine import new_task_run
+    from celery_taskengine.task_run import new_task_run
 
     run = new_task_run(task, parameters, task_id)
     core = RunCore(task, run, RunEnvironment(store=store_for_app(task.app), record=None))
-    drive_sync(core.initialize_run())
+    drive_sync(core.initialize_run(), core.env)
     cached = State(StateType.COMPLETED, "Cached", data=value)
-    drive_sync(core.set_state(cached))
+    drive_sync(core.set_state(cached), core.env)
     if task.engine_options.on_completion:
-        drive_sync(core.call_hooks(cached))
+        drive_sync(core.call_hooks(cached), core.env)
     return run

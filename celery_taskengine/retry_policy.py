@@ -9,7 +9,13 @@ import math
 import random
 from collections.abc import Callable, Sequence
 
-__all__ = ["MAX_RETRY_DELAYS", "delay_for_retry", "exponential_backoff", "jittered"]
+__all__ = [
+    "MAX_RETRY_DELAYS",
+    "delay_for_retry",
+    "exponential_backoff",
+    "full_jitter",
+    "jittered",
+]
 
 #: More delays than this is almost certainly a mistake (Prefect has the same cap).
 MAX_RETRY_DELAYS = 50
@@ -52,3 +58,14 @@ def jittered(delay: float, jitter_factor: float | None, rng: random.Random) -> f
     cdf_high = 1 - math.exp(-upper)
     u = rng.uniform(cdf_low, cdf_high)
     return -math.log(max(1 - u, 1e-10)) * delay
+
+
+def full_jitter(delay: float, rng: random.Random) -> float:
+    """A whole number of seconds drawn evenly from ``[0, delay]``: Celery's ``retry_jitter``.
+
+    The same draw as Celery's ``get_exponential_backoff_interval(full_jitter=True)``, so a
+    task moved from Celery keeps its spread of retry times.
+    """
+    if delay <= 0:
+        return 0.0
+    return float(rng.randrange(int(delay) + 1))

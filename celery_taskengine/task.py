@@ -6,26 +6,46 @@ import inspect
 import types
 from collections.abc import Callable
 from contextvars import ContextVar
+from datetime import datetime
 from typing import Any, ClassVar, Literal, TypeVar, overload
 
-from celery import Celery, current_app
+from celery import Celery
 from celery.app.task import Task as CeleryTask
 from celery.result import AsyncResult
 from celery.utils.functional import head_from_fun
 
-from celery_taskengine import cancellation, events, worker_checks  # noqa: F401  (signals)
+from celery_taskengine import cancellation, events, worker_checks, worker_signals  # noqa: F401
 from celery_taskengine import producer as producer_side
+from celery_taskengine.celery_request import engine_request, request_retry
 from celery_taskengine.engine_backend import for_engine_tasks
-from celery_taskengine.options import TaskOptions, build_options, split_celery_options
+from celery_taskengine.options import (
+    HOOK_OPTIONS,
+    TaskOptions,
+    build_options,
+    split_celery_options,
+)
 from celery_taskengine.parameters import bind_parameters
-from celery_taskengine.task_engine import run_task, run_task_async, run_task_sync
+from celery_taskengine.pydantic_args import arguments_for_sending
+from celery_taskengine.run_scope import current_task_run
+from celery_taskengine.shared_tasks import refuse_unconfigured_default
+from celery_taskengine.shared_tasks import shared_task as _shared
+from celery_taskengine.task_engine import runner_for
 
-__all__ = ["Task", "fn_kind", "task"]
+__all__ = ["Task", "fn_kind", "mark_delivery", "shared_task", "task"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-#: Set by ``Task.before_start`` in a worker and consumed by the ``__call__`` that follows.
+#: Set at Celery's ``task_prerun`` in a worker and consumed by the ``__call__`` that follows.
 _delivery: ContextVar[Task | None] = ContextVar("taskengine_delivery", default=None)
+
+
+def mark_delivery(task: Task) -> None:
+    """Celery is about to call ``task`` for a message: that call is bridged to the engine
+    (see :mod:`~celery_taskengine.worker_signals`); a plain ``t(...)`` made inside another
+    task's body still runs locally."""
+    _delivery.set(task)
+
+
 FnKind = Literal["function", "coroutine", "generator", "async_generator"]
 
 
@@ -54,7 +74,24 @@ class Task(CeleryTask):  # type: ignore[misc]
     max_retries: ClassVar[int | None] = None
     fn_kind: ClassVar[FnKind] = "function"
     celery_options: ClassVar[dict[str, Any]] = {}
+    #: The decorated function as given (``run`` is it bound to the task with ``bind=True``).
+    engine_fn: ClassVar[Callable[..., Any]]
+    #: Whether the function takes the task as its first argument (``bind=True``).
+    bound: ClassVar[bool] = False
+    #: Set, so Celery's autoretry never wraps an engine task: its options are engine retries.
+    _orig_run: ClassVar[Any] = None
     _source_text: str | None = None
+    #: The worker's request class: shows AWAITING-RETRY to monitors for the whole wait.
+    Request = "celery_taskengine.worker_request:EngineRequest"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """``@app.task(base=Task)`` and ``@shared_task(base=Task)``: Celery builds the class
+        with every option as an attribute; they are validated here, at decoration, as
+        ``@task`` validates them."""
+        super().__init_subclass__(**kwargs)
+        namespace = cls.__dict__
+        if namespace.get("_decorated") and "engine_options" not in namespace:
+            _from_celery_decorator(cls)
 
     @property
     def fn(self) -> Callable[..., Any]:
@@ -80,19 +117,50 @@ class Task(CeleryTask):  # type: ignore[misc]
         self, *args: Any, return_state: bool = False, wait_for: Any = None, **kwargs: Any
     ) -> Any:
         if _delivery.get() is self:
-            # Celery's worker is calling us for a message (see before_start): bridge it.
+            # Celery's worker is calling us for a message (see mark_delivery): bridge it.
             _delivery.set(None)
             from celery_taskengine.worker_run import run_delivery
 
             return run_delivery(self, args, kwargs)
         parameters = bind_parameters(self.run, args, kwargs)
         return_type: Literal["state", "result"] = "state" if return_state else "result"
-        kind = self.fn_kind  # dispatched here rather than by run_task: this is the hot path
-        if kind == "function":
-            return run_task_sync(self, None, None, parameters, wait_for, return_type)
-        if kind == "coroutine":
-            return run_task_async(self, None, None, parameters, wait_for, return_type)
-        return run_task(self, parameters=parameters, wait_for=wait_for, return_type=return_type)
+        return runner_for(self.fn_kind)(self, None, None, parameters, wait_for, return_type)
+
+    @property
+    def request(self) -> Any:
+        """Celery's request; while this task's function runs, the run's (see celery_request)."""
+        run = current_task_run()
+        stacked = self.request_stack.top
+        if run is None or run.task_name != self.name:
+            return stacked if stacked is not None else self._get_request()
+        return engine_request(self, run, stacked)
+
+    def retry(
+        self,
+        args: Any = None,
+        kwargs: Any = None,
+        exc: BaseException | None = None,
+        throw: bool = True,
+        eta: datetime | None = None,
+        countdown: float | None = None,
+        max_retries: int | None = None,
+        **options: Any,
+    ) -> Any:
+        """Celery's ``retry``; inside this task's run, an engine retry (``RetryRequested``)."""
+        run = current_task_run()
+        if run is None or run.task_name != self.name:
+            return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
+        unsupported = {"args": args, "kwargs": kwargs, **options}
+        return request_retry(
+            self,
+            run,
+            exc=exc,
+            throw=throw,
+            eta=eta,
+            countdown=countdown,
+            max_retries=max_retries,
+            unsupported={k: v for k, v in unsupported.items() if v is not None},
+        )
 
     @property
     def backend(self) -> Any:
@@ -103,13 +171,6 @@ class Task(CeleryTask):  # type: ignore[misc]
     @backend.setter
     def backend(self, value: Any) -> None:
         self._backend = value
-
-    def before_start(self, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Celery calls this in the worker right before the body: mark the next call a delivery.
-
-        A plain ``t(...)`` made inside another task's body then still runs locally.
-        """
-        _delivery.set(self)
 
     def apply_async(
         self,
@@ -128,24 +189,14 @@ class Task(CeleryTask):  # type: ignore[misc]
         argument; a result already cached under a key that needs no run id is returned at
         once as a ready :class:`~celery_taskengine.producer.CachedResult`, publishing nothing.
         """
+        refuse_unconfigured_default(self)
         options.update(
             task_id=task_id, producer=producer, link=link, link_error=link_error, shadow=shadow
         )
+        if self.engine_options.pydantic is not None:  # validated here: bad ones raise now
+            dump = options.get("serializer", self.serializer) != "pickle"
+            args, kwargs = arguments_for_sending(self, args, kwargs, dump=dump)
         return producer_side.apply_async(self, super().apply_async, args, kwargs, options)
-
-    def after_return(
-        self, status: str, retval: Any, task_id: str, args: Any, kwargs: Any, einfo: Any
-    ) -> None:
-        """After Celery stored the outcome: records a dropped connection lost go out again."""
-        from celery_taskengine._store.worker_records import resend_orphaned_records
-
-        resend_orphaned_records()
-
-    def on_retry(self, exc: Any, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
-        """Celery stored RETRY for a retry the engine asked for: show AWAITING_RETRY instead."""
-        from celery_taskengine.worker_run import after_celery_retry
-
-        after_celery_retry(self, task_id)
 
     def with_options(self, **options: Any) -> Task:
         """A copy with some options changed; the original is unchanged.
@@ -159,11 +210,13 @@ class Task(CeleryTask):  # type: ignore[misc]
         renamed = "name" in engine_given and engine_given["name"] != self.name
         return build_task(
             self.app,
-            self.run,
+            self.engine_fn,
             new_options,
             merged_celery,
             name=engine_given["name"] if renamed else self.name,
             register=renamed,
+            bind=self.bound,
+            base=type(self).__bases__[0],
         )
 
     def __repr__(self) -> str:
@@ -176,37 +229,61 @@ def task(__fn: F) -> Task: ...
 
 @overload
 def task(
-    __fn: None = None, *, app: Celery | None = None, **options: Any
+    __fn: None = None,
+    *,
+    app: Celery | None = None,
+    base: type[Task] | None = None,
+    **options: Any,
 ) -> Callable[[F], Task]: ...
 
 
 def task(
-    __fn: Callable[..., Any] | None = None, *, app: Celery | None = None, **options: Any
+    __fn: Callable[..., Any] | None = None,
+    *,
+    app: Celery | None = None,
+    base: type[Task] | None = None,
+    **options: Any,
 ) -> Task | Callable[[Callable[..., Any]], Task]:
-    """Make ``fn`` an engine task and a Celery task of ``app`` (default: the current app).
+    """Make ``fn`` an engine task and a Celery task of ``app``.
 
-    Options are validated now: a bad value raises ``TypeError``/``ValueError`` naming it.
-    Engine options are those of Prefect's ``@task``; any other Celery task option (``queue``,
-    ``acks_late``, ``rate_limit``, ...) passes through to Celery.
+    Without ``app``, as Celery's ``@shared_task``: every app registers it, and the name is a
+    proxy to the current app's task (see shared_tasks). Options are validated now: a bad
+    value raises ``TypeError``/``ValueError`` naming it. Engine options are those of Prefect's
+    ``@task``; Celery's retry options are translated into them (see celery_retries); any other
+    Celery task option (``queue``, ``acks_late``, ``rate_limit``, ...) passes through to Celery.
+    ``bind=True`` passes the task as the function's first argument, as in Celery. ``base``: a
+    subclass of :class:`Task` whose methods (``on_success``, ``on_failure``, ...) Celery calls
+    as usual.
     """
+    bind = options.pop("bind", False)
+    if not isinstance(bind, bool):
+        raise TypeError(f"task option 'bind' must be True or False, got {bind!r}")
+    if base is not None and not (isinstance(base, type) and issubclass(base, Task)):
+        raise TypeError(f"task option 'base' must subclass celery_taskengine.Task, got {base!r}")
     engine_given, celery_given = split_celery_options(options)
 
     def decorate(fn: Callable[..., Any]) -> Task:
         if not callable(fn):
             raise TypeError(f"@task decorates a function, got {type(fn).__name__}")
         engine_options = build_options(fn, engine_given)
-        target = app if app is not None else current_app._get_current_object()
-        name = engine_given.get("name") or target.gen_task_name(
-            fn.__name__, getattr(fn, "__module__", None) or "__main__"
+        name = engine_given.get("name")
+        if app is None:
+            return _shared(fn, engine_options, celery_given, name=name, bind=bind, base=base)
+        name = name or app.gen_task_name(fn.__name__, getattr(fn, "__module__", None) or "__main__")
+        return build_task(
+            app, fn, engine_options, celery_given, name=name, register=True, bind=bind, base=base
         )
-        return build_task(target, fn, engine_options, celery_given, name=name, register=True)
 
     if __fn is not None:
         return decorate(__fn)
     return decorate
 
 
-def _header(fn: Callable[..., Any]) -> Callable[..., Any]:
+#: Celery's name for the same decorator: ``@task`` without ``app=`` already behaves like it.
+shared_task = task
+
+
+def _header(fn: Callable[..., Any], bind: bool = False) -> Callable[..., Any]:
     """Celery's argument checker for ``fn``. Celery builds it by ``exec`` of a ``def`` with the
     function's name, which a lambda's ``<lambda>`` is not: its code gets a usable name."""
     name = getattr(fn, "__name__", "")
@@ -216,7 +293,7 @@ def _header(fn: Callable[..., Any]) -> Callable[..., Any]:
         )
         renamed.__kwdefaults__ = fn.__kwdefaults__
         fn = renamed
-    header: Callable[..., Any] = head_from_fun(fn, bound=False)
+    header: Callable[..., Any] = head_from_fun(fn, bound=bind)
     return header
 
 
@@ -228,6 +305,8 @@ def build_task(
     *,
     name: str,
     register: bool,
+    bind: bool = False,
+    base: type[Task] | None = None,
 ) -> Task:
     """Build the Celery task class for ``fn`` and, if asked, register it with ``app``.
 
@@ -237,13 +316,15 @@ def build_task(
     attributes: dict[str, Any] = {
         "app": app,
         "name": name,
-        "run": staticmethod(fn),
+        "run": fn if bind else staticmethod(fn),
+        "engine_fn": staticmethod(fn),
+        "bound": bind,
         "_decorated": True,
         "__doc__": fn.__doc__,
         "__module__": getattr(fn, "__module__", __name__),
         "__qualname__": getattr(fn, "__qualname__", name),
         "__wrapped__": fn,
-        "__header__": staticmethod(_header(fn)),
+        "__header__": staticmethod(_header(fn, bind)),
         "engine_options": options,
         "fn_kind": fn_kind(fn),
         "celery_options": dict(celery_options),
@@ -252,9 +333,40 @@ def build_task(
         "max_retries": options.retries,
         **celery_options,
     }
-    cls: Any = type(getattr(fn, "__name__", name), (Task,), attributes)
+    cls: Any = type(getattr(fn, "__name__", name), (base or Task,), attributes)
     instance: Task = cls()
     if register:
         app._tasks[name] = instance
     cls.bind(app)
     return instance
+
+
+#: What Celery's decorator puts in a task class besides the options.
+_CELERY_MADE = frozenset(
+    {"app", "name", "run", "_decorated", "_dump_pydantic_arguments", "_decorated_fun"}
+)
+
+
+def _from_celery_decorator(cls: Any) -> None:
+    """Give a class Celery's decorator built on :class:`Task` its engine options."""
+    namespace = cls.__dict__
+    run = namespace["run"]
+    bind = not isinstance(run, staticmethod)
+    fn = run.__func__ if isinstance(run, staticmethod) else run
+    given = {
+        key: value
+        for key, value in namespace.items()
+        if key not in _CELERY_MADE and not key.startswith("__")
+    }
+    engine_given, celery_given = split_celery_options(given)
+    engine_given["name"] = namespace["name"]
+    options = build_options(fn, engine_given)
+    for hook in HOOK_OPTIONS:
+        if hook in namespace:
+            delattr(cls, hook)  # on_failure=[...] are engine hooks, not Celery's method
+    cls.engine_options = options
+    cls.engine_fn = staticmethod(fn)
+    cls.fn_kind = fn_kind(fn)
+    cls.bound = bind
+    cls.celery_options = celery_given
+    cls.max_retries = options.retries

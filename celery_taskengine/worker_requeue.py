@@ -15,6 +15,13 @@ acknowledged the message when it received it, and ``Request.reject`` does nothin
 acknowledged message, so the run would be lost. Only if the broker cannot take the copy either
 is a late-acknowledged message rejected with requeue (the broker still holds it); an
 early-acknowledged one has nowhere to go, and the store's error ends the delivery.
+
+After the attempt ran, its outcome must reach the store before Celery stores its result. If the
+store stays unreachable or keeps refusing the write (OOM, READONLY, NOPERM) past the same
+policy, the delivery is not acknowledged with an outcome nobody can read back: a
+late-acknowledged message is rejected with requeue (:func:`rejected_if_unrecorded`), logged with
+the run id, and its redelivery continues the run; an early-acknowledged one ends with the
+store's error, which Celery stores as the run's failure if it can.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from celery_taskengine.errors import StoreUnavailableError
 if TYPE_CHECKING:
     from celery_taskengine.task import Task
 
-__all__ = ["REQUEUE_COUNTDOWN_SECONDS", "handed_back_if_unreachable"]
+__all__ = ["REQUEUE_COUNTDOWN_SECONDS", "handed_back_if_unreachable", "rejected_if_unrecorded"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +57,26 @@ def handed_back_if_unreachable(
         yield
     except StoreUnavailableError as exc:
         _hand_back(task, args, kwargs, exc)
+
+
+@contextmanager
+def rejected_if_unrecorded(task: Task) -> Iterator[None]:
+    """Around a delivery's attempt and the writes of its outcome: a
+    :class:`StoreUnavailableError` that escapes them rejects a late-acknowledged message with
+    requeue (see the module docstring)."""
+    try:
+        yield
+    except StoreUnavailableError as exc:
+        request = task.request
+        if request.is_eager or not task.acks_late:
+            raise
+        logger.error(
+            "%s: the run's outcome could not be written within the backend's retry policy "
+            "(%s); its message goes back to the broker, to continue the run",
+            request.id,
+            exc,
+        )
+        raise Reject(exc, requeue=True) from exc
 
 
 def _hand_back(

@@ -1,7 +1,9 @@
-"""Claims and their renewer against a real Redis: tokens, bounded waits, lost claims.
+"""Claims and their renewer against real stores: tokens, bounded waits, lost claims.
 
-The worker-level behaviour (a message completed elsewhere, a paused holder) is in
-``test_reliability_claims``; these are the parts, one at a time.
+The waits, renewals and fenced writes run over Redis and the SQL store on SQLite, PostgreSQL
+and MariaDB (the same semantics on each). The worker-level behaviour (a message completed
+elsewhere, a paused holder) is in ``test_reliability_claims``; these are the parts, one at a
+time.
 """
 
 from __future__ import annotations
@@ -12,20 +14,104 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from celery import Celery
 
 from celery_taskengine import task
-from celery_taskengine._store.claims import Claim, claim_or_wait
+from celery_taskengine._store.claims import Claim
 from celery_taskengine._store.redis_store import RedisStore
 from celery_taskengine._store.renewer import renewer
-from celery_taskengine.states import Pending, Running
+from celery_taskengine.states import Completed, Pending, Running
 from celery_taskengine.task_engine import new_task_run
+from celery_taskengine.task_run import TaskRun
+from tests.test_store_contract import MARIADB_URL, POSTGRES_URL, _sql_store
 from tests.workers import embedded_worker
 
 pytestmark = pytest.mark.timeout(60)
+
+
+class Claims:
+    """A store with claims, and what the tests do to its claims behind its back."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.sql = not isinstance(store, RedisStore)
+
+    def claim(self, ttl: float = 5.0, run_id: str = "run-1") -> Claim:
+        claim: Claim = self.store.new_claim(run_id, 0, ttl)
+        return claim
+
+    def take(self, claim: Claim, poll: float) -> bool:
+        return bool(self.store.take_claim(claim, poll=poll))
+
+    def set_holder(self, claim: Claim, holder: str, ttl: float | None) -> None:
+        """Write ``holder`` into ``claim``'s place, living ``ttl`` s (``None``: for ever)."""
+        if not self.sql:
+            self.store.client.set(claim.key, holder, px=None if ttl is None else int(ttl * 1000))
+            return
+        from sqlalchemy import delete
+
+        from celery_taskengine._store import sql_schema
+
+        c = sql_schema.claims.c
+        expires = None if ttl is None else time.time() + ttl
+        row = {"namespace": self.store.namespace, "key": claim.key}
+        with self.store.engine.begin() as conn:
+            conn.execute(delete(sql_schema.claims).where(*(c[k] == v for k, v in row.items())))
+            conn.execute(
+                sql_schema.claims.insert(), {**row, "holder": holder, "expires_at": expires}
+            )
+
+    def holder(self, claim: Claim) -> str | None:
+        if not self.sql:
+            value = self.store.client.get(claim.key)
+            return None if value is None else value.decode()
+        holder: str | None = self.store.claim_holder(claim.run_id, 0)
+        return holder
+
+    def settle(self, claim: Claim, document: str) -> bool:
+        """Write a run record under ``claim`` and its done marker; whether it was written."""
+        if not self.sql:
+            command = claim.record_command("run", document, "0", settle=True)
+            return bool(self.store.client.execute_command(*command))
+        return bool(self.store.save_run_fenced(_run("run", document), claim, settle=True))
+
+    def run_record(self) -> str | None:
+        if not self.sql:
+            value = self.store.client.get("run")
+            return None if value is None else value.decode()
+        run = self.store.load_run("run")
+        return None if run is None else str(run.name)
+
+
+def _run(run_id: str, name: str) -> TaskRun:
+    history = [Pending(), Running(), Completed(data=1)]
+    return TaskRun(
+        id=run_id,
+        name=name,
+        task_name="t",
+        run_count=1,
+        state=history[-1],
+        state_history=history,
+    )
+
+
+@pytest.fixture(params=["redis", "sqlite", "postgresql", "mariadb"])
+def claims(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Claims]:
+    namespace = f"t{uuid.uuid4().hex[:12]}"
+    if request.param == "redis":
+        client = request.getfixturevalue("redis_client")
+        yield Claims(RedisStore(client, namespace=namespace))
+        return
+    urls = {"sqlite": f"sqlite:///{tmp_path / 'claims.db'}", "postgresql": POSTGRES_URL}
+    store = _sql_store(urls.get(request.param, MARIADB_URL), namespace)
+    try:
+        yield Claims(store)
+    finally:
+        store.close()
 
 
 def _claim(client: Any, ttl: float = 5.0, run_id: str = "run-1") -> Claim:
@@ -69,52 +155,48 @@ def test_tokens_differ_between_claims_of_one_process(redis_client: Any) -> None:
 # -- waiting for a holder ------------------------------------------------------------------------
 
 
-def test_a_duplicate_waits_only_until_a_dead_holders_claim_lapses(redis_client: Any) -> None:
+def test_a_duplicate_waits_only_until_a_dead_holders_claim_lapses(claims: Claims) -> None:
     # Given: a holder that took its claim for half a second and died (never renewed).
-    dead = _claim(redis_client, ttl=0.5)
-    assert claim_or_wait(redis_client, dead, poll=0.01)
+    dead = claims.claim(ttl=0.5)
+    assert claims.take(dead, poll=0.01)
     # When: a duplicate with a long lifetime and a long poll comes.
-    duplicate = _claim(redis_client, ttl=30.0)
+    duplicate = claims.claim(ttl=30.0)
     started = time.monotonic()
-    assert claim_or_wait(redis_client, duplicate, poll=10.0)
+    assert claims.take(duplicate, poll=10.0)
 
     # Then: it took the run over when the dead holder's claim lapsed, not a poll later.
     assert time.monotonic() - started < 5.0
-    assert redis_client.get(duplicate.key) == duplicate.token.encode()
+    assert claims.holder(duplicate) == duplicate.token
 
 
-def test_a_duplicate_takes_over_a_claim_that_can_never_lapse(redis_client: Any) -> None:
+def test_a_duplicate_takes_over_a_claim_that_can_never_lapse(claims: Claims) -> None:
     # Given: a claim written without a lifetime (by hand, or an older version of the engine).
-    duplicate = _claim(redis_client, ttl=0.5)
-    redis_client.set(duplicate.key, "host/1/0")
+    duplicate = claims.claim(ttl=0.5)
+    claims.set_holder(duplicate, "host/1/0", ttl=None)
 
     result: list[bool] = []
-    waiter = threading.Thread(
-        target=lambda: result.append(claim_or_wait(redis_client, duplicate, poll=0.05))
-    )
+    waiter = threading.Thread(target=lambda: result.append(claims.take(duplicate, poll=0.05)))
     waiter.start()
     waiter.join(timeout=10)
 
     assert result == [True], "the duplicate waited for ever"
-    assert redis_client.get(duplicate.key) == duplicate.token.encode()
+    assert claims.holder(duplicate) == duplicate.token
 
 
-def test_a_duplicate_waits_as_long_as_the_holder_renews(redis_client: Any) -> None:
-    holder = _claim(redis_client, ttl=0.3)
-    assert claim_or_wait(redis_client, holder, poll=0.01)
+def test_a_duplicate_waits_as_long_as_the_holder_renews(claims: Claims) -> None:
+    holder = claims.claim(ttl=0.3)
+    assert claims.take(holder, poll=0.01)
     renewer().hold(holder)
     result: list[bool] = []
-    duplicate = _claim(redis_client, ttl=0.3)
+    duplicate = claims.claim(ttl=0.3)
     waiter = threading.Thread(
-        target=lambda: result.append(claim_or_wait(redis_client, duplicate, poll=0.05)),
-        daemon=True,
+        target=lambda: result.append(claims.take(duplicate, poll=0.05)), daemon=True
     )
     try:
         waiter.start()
         time.sleep(1.5)  # five lifetimes of the holder's claim
         assert result == [], "the duplicate took a live holder's run over"
-        settle = holder.record_command("run-key", "{}", "0", settle=True)
-        assert redis_client.execute_command(*settle) == 1
+        assert claims.settle(holder, "holder")
     finally:
         renewer().release(holder)
     waiter.join(timeout=5)
@@ -125,12 +207,12 @@ def test_a_duplicate_waits_as_long_as_the_holder_renews(redis_client: Any) -> No
 # -- the renewer ---------------------------------------------------------------------------------
 
 
-def test_the_renewer_survives_an_error_that_is_not_a_redis_error(
-    redis_client: Any, caplog: pytest.LogCaptureFixture
+def test_the_renewer_survives_an_error_that_is_not_a_store_error(
+    claims: Claims, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # Given: a held claim whose first renewal raises something else than a RedisError.
-    claim = _claim(redis_client, ttl=0.6, run_id="run-renewed")
-    assert claim_or_wait(redis_client, claim, poll=0.01)
+    # Given: a held claim whose first renewal raises something else than a store's error.
+    claim = claims.claim(ttl=0.6, run_id="run-renewed")
+    assert claims.take(claim, poll=0.01)
     calls: list[int] = []
     real_renew = claim.store.renew_claim
 
@@ -147,7 +229,7 @@ def test_the_renewer_survives_an_error_that_is_not_a_redis_error(
             # When: several lifetimes pass.
             time.sleep(2.0)
             # Then: the claim is still held and renewed, and the error was logged by run id.
-            assert redis_client.get(claim.key) == claim.token.encode()
+            assert claims.holder(claim) == claim.token
             assert len(calls) >= 3 and not claim.lost
         finally:
             renewer().release(claim)
@@ -157,14 +239,14 @@ def test_the_renewer_survives_an_error_that_is_not_a_redis_error(
 
 
 def test_a_renewal_that_finds_the_claim_taken_makes_the_attempt_stop_writing(
-    redis_client: Any, caplog: pytest.LogCaptureFixture
+    claims: Claims, caplog: pytest.LogCaptureFixture
 ) -> None:
-    claim = _claim(redis_client, ttl=0.3, run_id="run-taken")
-    assert claim_or_wait(redis_client, claim, poll=0.01)
+    claim = claims.claim(ttl=0.3, run_id="run-taken")
+    assert claims.take(claim, poll=0.01)
     with caplog.at_level(logging.WARNING):
         renewer().hold(claim)
         try:
-            redis_client.set(claim.key, "another-delivery", px=5000)  # taken over meanwhile
+            claims.set_holder(claim, "another-delivery", ttl=5.0)  # taken over meanwhile
             assert _wait(
                 lambda: any(
                     record.getMessage().startswith("run-taken: this delivery lost its claim")
@@ -180,10 +262,10 @@ def test_a_renewal_that_finds_the_claim_taken_makes_the_attempt_stop_writing(
 # -- fenced writes ---------------------------------------------------------------------------------
 
 
-def test_a_cache_commit_under_a_lost_claim_writes_nothing(redis_client: Any) -> None:
-    store = RedisStore(redis_client)
+def test_a_cache_commit_under_a_lost_claim_writes_nothing(claims: Claims) -> None:
+    store = claims.store
     claim = store.new_claim("run-cached", 0, 5.0)
-    redis_client.set(claim.key, "another-delivery", px=5000)
+    claims.set_holder(claim, "another-delivery", ttl=5.0)
 
     store.fenced_by(claim).write("k", 1, serializer="json", expires_in=60)
 
@@ -191,8 +273,8 @@ def test_a_cache_commit_under_a_lost_claim_writes_nothing(redis_client: Any) -> 
     assert claim.lost
 
 
-def test_a_cache_commit_under_a_held_claim_is_written(redis_client: Any) -> None:
-    store = RedisStore(redis_client)
+def test_a_cache_commit_under_a_held_claim_is_written(claims: Claims) -> None:
+    store = claims.store
     claim = store.new_claim("run-cached", 0, 5.0)
     assert store.take_claim(claim, poll=0.01)
 
@@ -202,15 +284,14 @@ def test_a_cache_commit_under_a_held_claim_is_written(redis_client: Any) -> None
     assert not claim.lost and claim.is_sure()
 
 
-def test_a_record_write_under_a_settled_claim_is_refused(redis_client: Any) -> None:
-    holder, stale = _claim(redis_client), _claim(redis_client)
-    assert claim_or_wait(redis_client, holder, poll=0.01)
-    settle = holder.record_command("run", "holder", "0", settle=True)
-    assert redis_client.execute_command(*settle) == 1
+def test_a_record_write_under_a_settled_claim_is_refused(claims: Claims) -> None:
+    holder, stale = claims.claim(), claims.claim()
+    assert claims.take(holder, poll=0.01)
+    assert claims.settle(holder, "holder")
 
-    late = stale.record_command("run", "stale", "0", settle=True)
-    assert redis_client.execute_command(*late) == 0
-    assert redis_client.get("run") == b"holder"
+    assert not claims.settle(stale, "stale")
+    assert claims.run_record() == "holder"
+    assert claims.holder(holder) == holder.done_value
 
 
 def test_a_first_delivery_claimed_with_a_round_trip_continues_a_run_a_dead_copy_left(

@@ -71,9 +71,14 @@ def app() -> Any:
         ({"result_serializer": 3}, TypeError, "result_serializer"),
         ({"result_serializer": "no-such-format"}, ValueError, "result_serializer"),
         ({"foo": 1}, TypeError, "foo"),
-        ({"bind": True}, TypeError, "bind"),
-        ({"autoretry_for": (ValueError,)}, TypeError, "autoretry_for"),
-        ({"base": Task}, TypeError, "base"),
+        ({"bind": "yes"}, TypeError, "bind"),
+        ({"autoretry_for": ValueError}, TypeError, "autoretry_for"),
+        ({"max_retries": None}, TypeError, "max_retries"),
+        ({"retries": 4, "max_retries": 1}, TypeError, "max_retries.*retries"),
+        ({"base": celery.Task}, TypeError, "base"),  # an engine task's base is ours
+        ({"pydantic": "yes"}, TypeError, "pydantic"),
+        ({"pydantic_strict": True}, TypeError, "pydantic_strict"),  # without pydantic=True
+        ({"pydantic": True, "pydantic_context": 3}, TypeError, "pydantic_context"),
     ],
     ids=lambda value: next(iter(value)) if isinstance(value, dict) else "",
 )
@@ -289,13 +294,14 @@ def test_an_explicit_name_is_the_celery_name(app: Celery) -> None:
     assert app.tasks["jobs.explicit"] is t
 
 
-def test_without_an_app_the_task_binds_to_the_current_app() -> None:
+def test_without_an_app_the_task_resolves_to_the_current_apps_task() -> None:
     @task
     def on_current_app() -> None:
         return None
 
     assert on_current_app.app is current_app._get_current_object()
-    assert current_app.tasks[on_current_app.name] is on_current_app
+    resolved = on_current_app._get_current_object()  # type: ignore[attr-defined]
+    assert current_app.tasks[on_current_app.name] is resolved
 
 
 def test_redecorating_a_name_replaces_the_registration(app: Celery) -> None:

@@ -16,7 +16,15 @@ from celery_taskengine.task_engine import AsyncTaskRunEngine, BaseTaskRunEngine,
 #: SPEC §1's import block, module by module. ``stream`` comes with the Celery bridge and is
 #: checked on its own below, so that this list holds while the bridge is being built.
 SPEC_IMPORTS: dict[str, list[str]] = {
-    "celery_taskengine": ["task", "Task", "get_task_run", "transaction", "exponential_backoff"],
+    "celery_taskengine": [
+        "task",
+        "Task",
+        "get_task_run",
+        "transaction",
+        "exponential_backoff",
+        "current_task_run",
+        "shared_task",
+    ],
     "celery_taskengine.task_engine": [
         "run_task",
         "run_task_sync",
@@ -174,6 +182,22 @@ def test_stream_is_exported_once_the_bridge_provides_it() -> None:
     assert "stream" in celery_taskengine.__all__
 
 
+def test_current_task_run_is_the_live_run_inside_a_run_and_none_outside() -> None:
+    seen: list[Any] = []
+
+    @task
+    def inside() -> None:
+        run = celery_taskengine.current_task_run()
+        seen.extend([run, run.state_name if run is not None else None])
+
+    state = inside(return_state=True)
+
+    assert celery_taskengine.current_task_run() is None
+    assert seen[0] is not None and seen[1] == "Running"
+    assert celery_taskengine.get_task_run(seen[0].id).state == state
+    assert celery_taskengine.shared_task is celery_taskengine.task
+
+
 @pytest.mark.parametrize(
     "module",
     [
@@ -188,6 +212,9 @@ def test_stream_is_exported_once_the_bridge_provides_it() -> None:
         "celery_taskengine.run_core",
         "celery_taskengine.drivers",
         "celery_taskengine.task",
+        "celery_taskengine.celery_retries",
+        "celery_taskengine.celery_request",
+        "celery_taskengine.shared_tasks",
     ],
 )
 def test_each_engine_module_exports_only_names_it_has(module: str) -> None:

@@ -25,12 +25,15 @@ import pytest
 from celery.result import AsyncResult
 
 from tests.reliability.harness import (
+    STORE_KINDS,
     WorkerProcess,
+    claim_holder,
     counter,
     deliveries,
     history_problems,
     load_run,
     reliability_app,
+    result_backend,
     wait_for,
     workers,
 )
@@ -45,9 +48,15 @@ REDELIVERY_TIMEOUT = 45.0
 PAUSE = CLAIM_TTL * 3
 
 
-@pytest.fixture
-def rel(redis_url: str) -> Iterator[tuple[Any, Any]]:
-    with reliability_app(redis_url, visibility_timeout=VISIBILITY_TIMEOUT) as app_and_tasks:
+@pytest.fixture(params=STORE_KINDS)
+def rel(
+    request: pytest.FixtureRequest, redis_url: str, tmp_path: Path
+) -> Iterator[tuple[Any, Any]]:
+    """The app, with results (and the engine's store) on Redis or on a database."""
+    backend = result_backend(request.param, redis_url, tmp_path)
+    with reliability_app(
+        redis_url, backend=backend, visibility_timeout=VISIBILITY_TIMEOUT
+    ) as app_and_tasks:
         yield app_and_tasks
 
 
@@ -158,7 +167,7 @@ def test_a_paused_holder_whose_claim_lapsed_does_not_write_over_the_new_holder(
     run = load_run(app, result.id)
     assert not history_problems(run, result.id)
     assert run.run_count == 2, f"the stale holder's record won: {run.history_names()}"
-    done = side(app).get(f"cte:default:claim:{result.id}:0")
-    assert done.startswith(b"done:") and done.endswith(f"-{value['pid']}".encode()), done
+    done = claim_holder(app, result.id)
+    assert done and done.startswith("done:") and done.endswith(f"-{value['pid']}"), done
     lost = [line for line in holder.log_text().splitlines() if "lost its claim" in line]
     assert any(result.id in line for line in lost), holder.tail()

@@ -23,12 +23,14 @@ import pytest
 from celery.result import AsyncResult
 
 from tests.reliability.harness import (
+    STORE_KINDS,
     WorkerProcess,
     counter,
     deliveries,
     history_problems,
     load_run,
     reliability_app,
+    result_backend,
     wait_for,
     workers,
 )
@@ -45,9 +47,15 @@ DUPLICATE_GRACE = 5.0
 REDELIVERY_TIMEOUT = 45.0
 
 
-@pytest.fixture
-def rel(redis_url: str) -> Iterator[tuple[Any, Any]]:
-    with reliability_app(redis_url, visibility_timeout=VISIBILITY_TIMEOUT) as app_and_tasks:
+@pytest.fixture(params=STORE_KINDS)
+def rel(
+    request: pytest.FixtureRequest, redis_url: str, tmp_path: Path
+) -> Iterator[tuple[Any, Any]]:
+    """The app, with results (and the engine's store) on Redis or on a database."""
+    backend = result_backend(request.param, redis_url, tmp_path)
+    with reliability_app(
+        redis_url, backend=backend, visibility_timeout=VISIBILITY_TIMEOUT
+    ) as app_and_tasks:
         yield app_and_tasks
 
 

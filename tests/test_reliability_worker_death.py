@@ -27,7 +27,15 @@ from typing import Any
 import pytest
 
 from tests.reliability.checks import check_committed_once
-from tests.reliability.harness import WorkerProcess, counter, reliability_app, wait_for, workers
+from tests.reliability.harness import (
+    STORE_KINDS,
+    WorkerProcess,
+    counter,
+    reliability_app,
+    result_backend,
+    wait_for,
+    workers,
+)
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -41,9 +49,13 @@ WORKER_KILL_ROUNDS = 8
 RESULT_TIMEOUT = 90.0
 
 
-@pytest.fixture
-def rel(redis_url: str) -> Iterator[tuple[Any, Any]]:
-    with reliability_app(redis_url, visibility_timeout=3) as app_and_tasks:
+@pytest.fixture(params=STORE_KINDS)
+def rel(
+    request: pytest.FixtureRequest, redis_url: str, tmp_path: Path
+) -> Iterator[tuple[Any, Any]]:
+    """The app, with results (and the engine's store) on Redis or on a database."""
+    backend = result_backend(request.param, redis_url, tmp_path)
+    with reliability_app(redis_url, backend=backend, visibility_timeout=3) as app_and_tasks:
         yield app_and_tasks
 
 

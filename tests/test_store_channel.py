@@ -151,10 +151,12 @@ def test_a_local_record_made_while_redis_restarts_is_written_once_it_is_back(
     assert history == ["Pending", "Running", "Completed"]
 
 
-def test_a_worker_runs_final_record_redis_refuses_fails_its_delivery_loudly(
+def test_a_worker_runs_final_record_redis_refuses_past_the_policy_fails_its_delivery_loudly(
     server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    app = app_on(f"{server.url}/0")
+    # A refusal is waited out as long as the backend's retry policy (here about 1 s) says.
+    policy = {"retry_policy": {"max_retries": 2, "interval_max": 0.5}}
+    app = app_on(f"{server.url}/0", result_backend_transport_options=policy)
     store = RedisStore.for_app(app)
     delivery = Delivery(
         "run-oom", "run-oom", "w@x", retries=0, redelivered=False, send_events=False

@@ -27,7 +27,7 @@ POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 MARIADB_URL = "mysql+pymysql://root@127.0.0.1:3306/test"
 STORES = ["memory", "redis", "sqlite", "postgresql", "mariadb"]
 #: Seconds a short-lived record, lock or marker lives in the expiry tests.
-SHORT = 0.3
+SHORT = 1.0
 
 
 def _sql_store(url: str, namespace: str) -> Any:

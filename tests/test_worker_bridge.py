@@ -173,8 +173,10 @@ def test_a_timeout_stops_a_sleeping_task_in_an_in_process_worker(
 
 
 @contextlib.contextmanager
-def worker_process(app: Celery, pool: str, concurrency: int = 2) -> Iterator[None]:
-    """A real ``celery worker`` subprocess on ``app``'s broker, backend and queue."""
+def worker_process(
+    app: Celery, pool: str, concurrency: int = 2, module: str = "tests.bridge.worker_app"
+) -> Iterator[None]:
+    """A real ``celery worker -A module`` subprocess on ``app``'s broker, backend and queue."""
     env = {
         **os.environ,
         "BRIDGE_BROKER_URL": app.conf.broker_url,
@@ -182,7 +184,7 @@ def worker_process(app: Celery, pool: str, concurrency: int = 2) -> Iterator[Non
         "PYTHONPATH": str(ROOT),
     }
     queue = app.conf.task_default_queue
-    command = [sys.executable, "-m", "celery", "-A", "tests.bridge.worker_app", "worker"]
+    command = [sys.executable, "-m", "celery", "-A", module, "worker"]
     command += [f"--pool={pool}", f"--concurrency={concurrency}", "-Q", queue, "-l", "warning"]
     command += ["--without-gossip", "--without-mingle", "--without-heartbeat", "-E"]
     proc = subprocess.Popen(command, env=env, cwd=ROOT)

@@ -30,35 +30,33 @@ of a message can exist before the broker's visibility timeout has passed since i
 (see :mod:`~celery_taskengine.message_age`), and should one exist anyway (a task id sent
 twice), the fenced writes refuse to write.
 
-Only the Redis store has claims: a memory store's runs live in one process's memory, with
-nothing shared to fence.
+The Redis store keeps claims as keys written by scripts; the SQL store keeps them as rows
+(see :mod:`~celery_taskengine._store.sql_claims`), with the same semantics. A memory store's
+runs live in one process's memory, with nothing shared to fence.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import redis
 
-from celery_taskengine._store.retrying import Patience
+from celery_taskengine._store.retrying import patience_from_policy
 from celery_taskengine.errors import StorePermissionError, StoreUnavailableError
-
-if TYPE_CHECKING:
-    from celery_taskengine._store.redis_store import RedisStore
 
 __all__ = [
     "CLAIM_TTL_SECONDS",
     "Claim",
-    "ClaimStore",
+    "ClaimKeeper",
+    "announce_wait",
     "claim_or_wait",
     "is_done",
     "new_token",
@@ -74,6 +72,8 @@ CLAIM_TTL_SECONDS = 15.0
 #: renewing on time is not taken over.
 LAPSE_MARGIN_SECONDS = 0.25
 _DONE = b"done"
+#: The refusals Celery's result store waits out here (Celery's ensure() waits out outages).
+_PASSING = (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError)
 
 # Every fenced write starts so: the claim must be the writer's, or free (taken now: a lapsed
 # claim nobody else took, or a first delivery whose claim rides with this write).
@@ -118,12 +118,23 @@ if holder == ARGV[3] then return 1 end
 if not holder then redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end
 return 0
 """
+#: Frees a claim its holder hands back unsettled. KEYS: claim. ARGV: token.
+FREE_LUA = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
 # Replaces a holder whose claim cannot lapse (no expiry: written by something else than us).
 _REPLACE_LUA = """
 if redis.call('get', KEYS[1]) == ARGV[1] then
   redis.call('set', KEYS[1], ARGV[2], 'PX', ARGV[3]) return 1 end
 return 0
 """
+
+
+class ClaimKeeper(Protocol):
+    """Where a claim lives: what its lease needs of the store."""
+
+    def renew_claim(self, claim: Claim) -> bool: ...
 
 
 def new_token() -> str:
@@ -142,11 +153,11 @@ def is_done(holder: bytes | str | None) -> bool:
 class Claim:
     """A delivery's claim on its message, and what this process knows of it.
 
-    A lease for the process's renewer. ``lost`` is set once any answer from Redis shows
+    A lease for the process's renewer. ``lost`` is set once any answer from the store shows
     another delivery holds it; from then on the attempt writes nothing.
     """
 
-    store: RedisStore = field(repr=False)
+    store: ClaimKeeper = field(repr=False)
     key: str
     run_id: str
     ttl: float
@@ -263,7 +274,7 @@ def claim_or_wait(client: redis.Redis, claim: Claim, poll: float) -> bool:
             return True
         if not announced:
             announced = True
-            _announce(claim, holder)
+            announce_wait(claim, holder)
         if pttl < 0:  # a claim that cannot lapse: replaced once a lifetime has passed
             stuck_since = stuck_since or time.monotonic()
             if time.monotonic() - stuck_since > claim.ttl + LAPSE_MARGIN_SECONDS:
@@ -280,7 +291,7 @@ def _text(value: bytes | str) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else value
 
 
-def _announce(claim: Claim, holder: bytes | str) -> None:
+def announce_wait(claim: Claim, holder: bytes | str) -> None:
     logger.warning(
         "%s is being run by another delivery (%s): the broker handed the message out again "
         "(visibility timeout shorter than the run, its countdown or its wait in a prefetch "
@@ -288,80 +299,6 @@ def _announce(claim: Claim, holder: bytes | str) -> None:
         claim.run_id,
         _text(holder),
     )
-
-
-class ClaimStore:
-    """The claim operations of :class:`~celery_taskengine._store.redis_store.RedisStore`."""
-
-    client: redis.Redis
-    _prefix: str
-    _available: Callable[[], AbstractContextManager[None]]
-    #: The claim a view made by :meth:`fenced_by` writes cache records under.
-    _fence: Claim | None = None
-    _claim_renew: Any = None
-
-    def new_claim(self, run_id: str, attempt: int, ttl: float) -> Claim:
-        """A new claim (not taken yet) on the message of ``run_id``'s attempt ``attempt``
-        (Celery's ``retries``), living ``ttl`` seconds unless renewed."""
-        store: Any = self
-        return Claim(store, f"{self._prefix}claim:{run_id}:{attempt}", run_id, ttl)
-
-    def take_claim(self, claim: Claim, *, poll: float, patience: float = 0.0) -> bool:
-        """Take ``claim`` with a round trip, waiting while a live holder has it (see
-        :func:`claim_or_wait`); ``False``: another delivery settled the message.
-
-        While Redis does not answer, tried again for up to ``patience`` seconds (as Celery
-        retries its own writes), then :class:`StoreUnavailableError`.
-        """
-        store: Any = self
-        wait = Patience(seconds=patience)
-        take = functools.partial(claim_or_wait, self.client, claim, poll)
-        return bool(store.call(take, "claiming its message", claim.run_id, patience=wait))
-
-    def renew_claim(self, claim: Claim) -> bool:
-        """Extend ``claim`` (or take it again if it lapsed and is free); ``False`` if another
-        delivery holds it. On connections of its own: called from the renewer's thread."""
-        renew = self._claim_renew
-        if renew is None:  # on connections of its own: made by the first renewal
-            from celery_taskengine._store.redis_store import side_client
-
-            renew = self._claim_renew = side_client(self.client).register_script(RENEW_LUA)
-        args = [claim.token, claim.ttl_ms, claim.done_value]
-        store: Any = self
-        renewal = functools.partial(renew, keys=[claim.key], args=args)
-        return bool(store.call(renewal, "renewing its claim", claim.run_id, patience=Patience()))
-
-    def write_fenced(self, claim: Claim, command: tuple[Any, ...]) -> bool:
-        """Run a fenced write built by ``claim`` (one round trip) and learn from its answer
-        whether the claim is still ours; ``False`` (and the claim lost) if not."""
-        sent_at = time.monotonic()
-        store: Any = self
-        write = functools.partial(self.client.execute_command, *command)
-        answer = store.call(write, "a fenced write", claim.run_id)
-        if answer:
-            claim.proven(sent_at)
-            return True
-        claim.lose("its write was refused")
-        return False
-
-    def fenced_by(self, claim: Claim | None) -> Any:
-        """This store as an attempt holding ``claim`` uses it: cache commits are written only
-        while the claim is the attempt's (the same store when there is no claim)."""
-        if claim is None:
-            return self
-        view = object.__new__(type(self))
-        view.__dict__.update(self.__dict__)
-        view._fence = claim
-        return view
-
-    def _write_fenced_record(self, redis_key: str, raw: bytes | str, px: str) -> None:
-        """A cache commit under :attr:`_fence` (``px``: ms, ``'0'`` none, ``'-'`` delete)."""
-        claim = self._fence
-        assert claim is not None
-        if claim.lost:
-            return
-        args = (claim.token, claim.ttl_ms, raw, px)
-        self.write_fenced(claim, ("EVAL", CACHE_LUA, 2, claim.key, redis_key, *args))
 
 
 def store_result_fenced(backend: Any, claim: Claim, key: str, value: Any, px: int | None) -> bool:
@@ -372,8 +309,17 @@ def store_result_fenced(backend: Any, claim: Claim, key: str, value: Any, px: in
         return False
     args = (claim.token, claim.done_value, value, str(px or 0))
     call = backend.client.eval
+    # Celery's ensure() waits out an outage; a full or demoted server is waited out here, as
+    # long again (a plain task's result would be lost to it).
+    policy = patience_from_policy(getattr(backend, "retry_policy", None))
+    patience = dataclasses.replace(policy, errors=_PASSING)
+    store = functools.partial(backend.ensure, call, (META_LUA, 2, claim.key, key, *args))
     try:
-        stored = bool(backend.ensure(call, (META_LUA, 2, claim.key, key, *args)))
+        stored = bool(patience.call(store, what="storing Celery's result", run_id=claim.run_id))
+    except _PASSING as exc:
+        logger.error("%s: Celery's result is not stored: %s: %s", claim.run_id,
+                     type(exc).__name__, exc)  # fmt: skip
+        raise
     except redis.exceptions.NoPermissionError as exc:
         # The claim cannot be read (its user lost the engine's keys): Celery stores the
         # outcome as for a plain task, so the caller still gets it; said with the run id.

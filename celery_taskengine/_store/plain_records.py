@@ -9,6 +9,10 @@ in the delivery instead of passing unseen:
 - the final state is saved when the engine returns (:meth:`StoreRecorder.flush`), after the
   run's transaction committed, and before Celery stores the task's result.
 
+A delivery holding a claim on its message (see claims) writes every record fenced by it, in
+one transaction with the claim: the first one takes it, AwaitingRetry and the final state
+settle it; once a write is refused, the attempt writes nothing more.
+
 The backend's task state shows the engine's states that Celery has no name for, written with
 Celery's own ``store_result``, so any result backend shows them.
 """
@@ -53,8 +57,8 @@ class StoreRecorder:
             return  # the first Running says as much
         if state.is_final() and not state.is_crashed():
             self._final = run  # written by flush(), once the transaction is over
-        else:
-            self.store.save_run(run)
+        elif not self._save(run, settle=state.is_scheduled()):
+            return
         status = celery_status(state)
         if status is not None and self._shows_meta:
             self._show_in_backend(run, state, status)
@@ -63,7 +67,16 @@ class StoreRecorder:
         """Save the final state, once the engine has returned."""
         final, self._final = self._final, None
         if final is not None:
-            self.store.save_run(final)
+            self._save(final, settle=True)
+
+    def _save(self, run: TaskRun, *, settle: bool) -> bool:
+        """Save ``run``; fenced by the delivery's claim if it has one (``False``: lost)."""
+        claim = self.delivery.claim
+        if claim is None:
+            self.store.save_run(run)
+            return True
+        fenced: Any = self.store  # a store with claims (see sql_claims)
+        return bool(fenced.save_run_fenced(run, claim, settle=settle))
 
     def _show_in_backend(self, run: TaskRun, state: State, status: str) -> None:
         try:

@@ -21,8 +21,9 @@ reaches Redis before Celery stores the task's result: when ``AsyncResult.get()``
 record is there.
 
 Writes queued for Celery's next command are kept until their replies are read. If the
-connection breaks first, they become *orphans*, sent again (in order, superseded by any newer
-write of the same record) before this channel's next write and when the delivery ends
+connection breaks first, or Redis refuses them for a while (OOM, READONLY, NOPERM: see
+retrying), they become *orphans*, sent again (in order, superseded by any newer write of the
+same record) before this channel's next write and when the delivery ends
 (:meth:`RecordChannel.resend_orphans`).
 """
 
@@ -38,6 +39,7 @@ import redis
 
 from celery_taskengine._store.connections import EnginePool
 from celery_taskengine._store.record_writer import RecordWriter, patiently
+from celery_taskengine._store.retrying import REFUSAL_ERRORS
 from celery_taskengine._store.wire import (
     DOWN,
     MSG_MORE,
@@ -118,15 +120,16 @@ class RecordChannel:
             pending, self._orphans = self._orphans, {}
         if not pending:
             return
-        writer = RecordWriter(self.client, self.pool, "orphaned run records", patience=patience)
+        runs = ", ".join(key.rpartition(":")[2] for key in pending)
+        writer = RecordWriter(self.client, self.pool, runs, patience=patience)
         writer.send([command for commands in pending.values() for command in commands])
         try:
             writer.confirm()
         except StoreUnavailableError as exc:
-            if isinstance(exc.__cause__, DOWN):
+            if isinstance(exc.__cause__, (*DOWN, *REFUSAL_ERRORS)):
                 with self._orphans_lock:
                     self._orphans = {**pending, **self._orphans}
-                logger.warning("%d run records not written yet: %s", len(pending), exc)
+                logger.warning("%s: run records not written yet: %s", runs, exc)
 
     def _supersede(self, key: str) -> None:
         """Forget record ``key``'s orphans: the write being sent holds the whole record."""
@@ -165,7 +168,7 @@ class RecordChannel:
     def _watch(self, connection: Any) -> _Queued:
         """Hook ``connection``: our replies are read before anyone's, a disconnect orphans
         the writes whose replies were not read."""
-        queued = _Queued()
+        queued = _Queued(self._orphan)
         read_response, can_read = connection.read_response, connection.can_read
         disconnect = connection.disconnect
 
@@ -181,10 +184,8 @@ class RecordChannel:
 
         def disconnect_and_orphan(*args: Any, **kwargs: Any) -> Any:
             if queued.replies:
-                RecordChannel.orphaned = True
-                with self._orphans_lock:
-                    for key, commands in queued.commands.items():
-                        self._orphans[key] = [*self._orphans.get(key, []), *commands]
+                for key, commands in queued.commands.items():
+                    self._orphan(key, commands)
             queued.commands.clear()
             queued.replies.clear()
             return disconnect(*args, **kwargs)
@@ -194,12 +195,20 @@ class RecordChannel:
         connection.disconnect = disconnect_and_orphan
         return queued
 
+    def _orphan(self, key: str, commands: list[Command]) -> None:
+        """Keep record ``key``'s ``commands`` to send again (see the module docstring)."""
+        RecordChannel.orphaned = True
+        with self._orphans_lock:
+            self._orphans[key] = [*self._orphans.get(key, []), *commands]
+
     def _pipeline(self, commands: Sequence[Command]) -> None:
         pipe = self.client.pipeline(transaction=False)
         for command in commands:
             pipe.execute_command(*command)  # type: ignore[no-untyped-call]
         try:
             pipe.execute()
+        except REFUSAL_ERRORS:
+            raise  # waited out (patiently)
         except redis.exceptions.ResponseError as exc:
             refused = refusal(exc)
             raise StoreUnavailableError(f"Redis refused a run record write: {refused}") from exc
@@ -207,24 +216,35 @@ class RecordChannel:
 
 class _Queued:
     """Writes queued on one of Celery's connections, by record key, and the record key of each
-    reply not read yet, in order."""
+    reply not read yet, in order; ``orphan`` keeps a record's writes to send again."""
 
-    __slots__ = ("commands", "replies")
+    __slots__ = ("commands", "orphan", "replies")
 
-    def __init__(self) -> None:
+    def __init__(self, orphan: Callable[[str, list[Command]], None]) -> None:
         self.commands: dict[str, list[Command]] = {}
         self.replies: list[str] = []
+        self.orphan = orphan
 
     def read_all(self, read_response: Callable[[], Any]) -> None:
-        """Read our replies (with the connection's own reader); a refusal is logged with the
-        run id. A broken connection raises, and its disconnect orphans what is left."""
+        """Read our replies (with the connection's own reader). A record refused for a while
+        (OOM, READONLY, NOPERM) is orphaned, to be sent again; another refusal is logged with
+        the run id. A broken connection raises, and its disconnect orphans what is left."""
+        passing: set[str] = set()
         while self.replies:
+            key = self.replies[0]
             try:
                 read_response()
+            except REFUSAL_ERRORS as exc:
+                if key not in passing:
+                    logger.warning("%s: the run record is refused for now (%s); it is sent "
+                                   "again", key.rpartition(":")[2], refusal(exc))  # fmt: skip
+                passing.add(key)
             except redis.exceptions.ResponseError as exc:
-                run_id = self.replies[0].rpartition(":")[2]
+                run_id = key.rpartition(":")[2]
                 logger.error("%s: the run record is not written: %s", run_id, refusal(exc))
             self.replies.pop(0)
+        for key in passing:  # all its writes, in order: each holds the whole record
+            self.orphan(key, self.commands.get(key, []))
         self.commands.clear()
 
 

@@ -7,9 +7,10 @@ error (OOM, NOPERM, READONLY) and every write a hung or restarted server never r
 ``MSG_MORE``, to travel with the next one) and reads all the replies in :meth:`confirm`, which
 the delivery calls before Celery stores the task's result. A write counts as made only when its
 reply arrived: until then it is kept, and sent again on a fresh connection while Redis is down
-or hung, for as long as Celery's backend would retry its own write (``patience``). What still
-fails is logged with the run id and raised as :class:`StoreUnavailableError`, so the delivery
-never reports success over a record that does not exist.
+or hung, or refuses it for a while (OOM, READONLY, NOPERM: see retrying), for as long as
+Celery's backend would retry its own write (``patience``). What still fails is logged with the
+run id and raised as :class:`StoreUnavailableError`, so the delivery never reports success over
+a record that does not exist.
 
 The connection comes from the store's engine pool (:mod:`~._store.connections`) and goes back at
 :meth:`confirm`; when the pool has none to spare, each write is made blocking through the
@@ -28,6 +29,7 @@ from typing import Any
 import redis
 
 from celery_taskengine._store.connections import EnginePool
+from celery_taskengine._store.retrying import REFUSAL_ERRORS
 from celery_taskengine._store.wire import (
     DOWN,
     MSG_MORE,
@@ -49,8 +51,9 @@ def patiently(
     action: Callable[[], None], patience: float, *, before_each: Callable[[], None]
 ) -> None:
     """Run ``action`` until Redis takes it, backing off, ``before_each`` try (which drops the
-    connection a failed try left); after ``patience`` seconds, and at least one try on a fresh
-    connection, :class:`StoreUnavailableError`."""
+    connection a failed try left); a refusal that passes (OOM, READONLY, NOPERM) is tried again
+    as an outage is. After ``patience`` seconds, and at least one try on a fresh connection,
+    :class:`StoreUnavailableError`."""
     deadline = time.monotonic() + patience
     delay = 0.05
     for tries in itertools.count(1):
@@ -58,6 +61,10 @@ def patiently(
         try:
             action()
             return
+        except REFUSAL_ERRORS as exc:
+            if tries > 1 and time.monotonic() + delay > deadline:
+                refused = refusal(exc)
+                raise StoreUnavailableError(f"Redis refused a run record write: {refused}") from exc
         except DOWN as exc:
             if tries > 1 and time.monotonic() + delay > deadline:
                 raise StoreUnavailableError(f"cannot write run records to Redis: {exc}") from exc
@@ -87,7 +94,7 @@ class RecordWriter:
         if self._connection is None:
             self._connection = self._take()
             if self._connection is None:  # the engine pool is exhausted: write blocking
-                with contextlib.suppress(*DOWN):  # kept pending: confirm() tries again
+                with contextlib.suppress(*DOWN, *REFUSAL_ERRORS):  # kept: confirm() tries again
                     self._write_blocking()
                 return
         try:
@@ -120,13 +127,26 @@ class RecordWriter:
             self._write_blocking()
             return
         self._send_unsent(0)
-        while self._on_connection:
-            try:
-                read_reply(self._connection)
-            except redis.exceptions.ResponseError as exc:
-                self._refused = self._refused or exc
-            self._pending.pop(0)
-            self._on_connection -= 1
+        again: list[Command] = []  # from the first passing refusal on: made again, in order
+        passing: Exception | None = None
+        try:
+            while self._on_connection:
+                try:
+                    read_reply(self._connection)
+                except REFUSAL_ERRORS as exc:
+                    passing = passing or exc
+                except redis.exceptions.ResponseError as exc:
+                    self._refused = self._refused or exc
+                command = self._pending.pop(0)
+                self._on_connection -= 1
+                if passing is not None:
+                    again.append(command)
+        finally:
+            self._pending[:0] = again
+        if passing is not None:
+            if isinstance(passing, redis.exceptions.ReadOnlyError):
+                self._drop()  # a demoted server: the next try connects anew
+            raise passing
 
     def _take(self) -> Any:
         """An engine connection, checked: one the server closed while idle is remade."""
@@ -151,7 +171,11 @@ class RecordWriter:
             replies = pipe.execute(raise_on_error=False)
         finally:
             pipe.reset()
-        self._pending.clear()
+        pending, self._pending = self._pending, []
+        passing = next((r for r in replies if isinstance(r, REFUSAL_ERRORS)), None)
+        if passing is not None:  # made again from there on, in order
+            self._pending = pending[replies.index(passing) :]
+            raise passing
         for reply in replies:
             if isinstance(reply, redis.exceptions.ResponseError):
                 self._refused = self._refused or reply

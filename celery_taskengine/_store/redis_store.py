@@ -18,7 +18,6 @@ Redis round trip, tried again through an outage as long as Celery's backend retr
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta, timezone
@@ -26,7 +25,6 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import redis
 
-from celery_taskengine._store.claims import ClaimStore
 from celery_taskengine._store.connections import DEFAULT_MAX_CONNECTIONS, EnginePool
 from celery_taskengine._store.early_read import EarlyRead, EarlyReads
 from celery_taskengine._store.protocol import (
@@ -38,9 +36,16 @@ from celery_taskengine._store.record_codec import (
     encode_record,
     normalize_accept,
 )
+from celery_taskengine._store.redis_claims import ClaimStore
+from celery_taskengine._store.redis_locks import RELEASE_LUA, RedisLocks, milliseconds
 from celery_taskengine._store.redis_runs import RedisRuns
 from celery_taskengine._store.redis_streams import RedisStreams
-from celery_taskengine._store.retrying import OUTAGE_ERRORS, Patience, patience_from_policy
+from celery_taskengine._store.retrying import (
+    OUTAGE_ERRORS,
+    REFUSAL_ERRORS,
+    Patience,
+    patience_from_policy,
+)
 from celery_taskengine._store.run_index import INDEX_LUA, RunIndex
 from celery_taskengine.errors import (
     ConfigurationError,
@@ -63,17 +68,6 @@ DEFAULT_RUN_EXPIRES = 86_400.0
 
 Kind = Literal["cache", "lock", "run", "items", "claim", "revoked"]
 
-# Both scripts act only if the lock still holds the caller's id, so a holder whose ttl ran out
-# can never release or extend the lock a newer holder has taken since.
-_RELEASE_LUA = """
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
-return 0
-"""
-_RENEW_LUA = """
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
-return 0
-"""
-
 _SCAN_BATCH = 500
 #: A cache read's failures that the store's own handling turns into its errors.
 _READ_AGAIN: tuple[type[Exception], ...] = (*OUTAGE_ERRORS, redis.exceptions.NoPermissionError)
@@ -93,7 +87,7 @@ def side_client(client: redis.Redis) -> redis.Redis:
     return redis.Redis(connection_pool=own)
 
 
-class RedisStore(ClaimStore, RedisRuns, RedisStreams):
+class RedisStore(ClaimStore, RedisLocks, RedisRuns, RedisStreams):
     """A :class:`~celery_taskengine._store.protocol.ResultStore` on one Redis database.
 
     Use :meth:`for_app` to get one on a Celery app's result backend. ``accept`` lists the
@@ -134,7 +128,7 @@ class RedisStore(ClaimStore, RedisRuns, RedisStreams):
         self._prefix = f"{key_prefix}cte:{namespace}:"
         self._clock = clock
         self.patience = patience or Patience()
-        self._release = client.register_script(_RELEASE_LUA)
+        self._release = client.register_script(RELEASE_LUA)
         self._index = self.run_index = RunIndex(self._prefix, self.run_expires)
         self._index_script = client.register_script(INDEX_LUA)
         self._renew: Any = None  # on connections of its own, made by the first renewal
@@ -244,7 +238,7 @@ class RedisStore(ClaimStore, RedisRuns, RedisStreams):
             elif expires_in <= 0:
                 self.client.delete(redis_key)
             else:
-                self.client.set(redis_key, raw, px=_milliseconds(expires_in))
+                self.client.set(redis_key, raw, px=milliseconds(expires_in))
 
         self.call(store, f"writing cache record {key!r}")
 
@@ -257,46 +251,6 @@ class RedisStore(ClaimStore, RedisRuns, RedisStreams):
         """The transaction keys of stored records starting with ``prefix``, sorted (SCAN)."""
         start = len(self.key_for("cache", ""))
         return sorted(_text(name)[start:] for name in self._scan("cache", prefix))
-
-    # -- locks ---------------------------------------------------------------------------
-
-    def acquire_lock(self, key: str, holder: str, ttl: float) -> bool:
-        """``SET lock holder NX PX ttl``: take the lock unless anyone holds it; never blocks.
-
-        Not re-entrant: a holder asking again is refused too. A holder that dies loses the
-        lock after ``ttl`` seconds.
-        """
-        redis_key, ms = self.key_for("lock", key), _milliseconds(_check_ttl(ttl))
-        taken = self.call(
-            lambda: self.client.set(redis_key, holder, nx=True, px=ms), f"taking lock {key!r}"
-        )
-        return bool(taken)
-
-    def renew_lock(self, key: str, holder: str, ttl: float) -> bool:
-        """Give ``holder``'s lock ``ttl`` more seconds from now; ``False`` if it lost it.
-        Waits out an outage at most ``ttl`` seconds: later, the lock has lapsed anyway."""
-        redis_key, ttl = self.key_for("lock", key), _check_ttl(ttl)
-        patience = Patience(min(self.patience.seconds, ttl), self.patience.longest_wait)
-        renew = lambda: self.renew_if_held(redis_key, holder, ttl)  # noqa: E731
-        return self.call(renew, f"renewing lock {key!r}", patience=patience)
-
-    def renew_if_held(self, redis_key: str, holder: str, ttl: float) -> bool:
-        """Extend ``redis_key`` to ``ttl`` seconds from now if it still holds ``holder`` (a
-        lock's or a delivery claim's owner). Called from renewer threads: see side_client."""
-        if self._renew is None:
-            self._renew = side_client(self.client).register_script(_RENEW_LUA)
-        return bool(self._renew(keys=[redis_key], args=[holder, _milliseconds(ttl)]))
-
-    def release_lock(self, key: str, holder: str) -> None:
-        """Release the lock if ``holder`` holds it; another holder's lock is left alone."""
-        redis_key = self.key_for("lock", key)
-        self.call(lambda: self._release(keys=[redis_key], args=[holder]), f"releasing {key!r}")
-
-    def lock_holder(self, key: str) -> str | None:
-        """Who holds the lock on ``key`` now, if anyone."""
-        redis_key = self.key_for("lock", key)
-        holder = self.call(lambda: self.client.get(redis_key), f"reading lock {key!r}")
-        return _text(holder) if holder is not None else None
 
     # -- internals -----------------------------------------------------------------------
 
@@ -313,7 +267,8 @@ class RedisStore(ClaimStore, RedisRuns, RedisStreams):
         self, operation: Callable[[], T], what: str, run_id: str = "", patience: Any = None
     ) -> T:
         """``operation()`` (Redis calls on this store's server), waiting out an outage for
-        :attr:`patience`; :class:`StoreUnavailableError` once it is spent. Also for the
+        :attr:`patience` (and the refusals of a failover or a full server: see retrying);
+        :class:`StoreUnavailableError` once it is spent. Also for the
         store's collaborators (claims, channels) that make Redis calls of their own."""
         try:
             return (patience or self.patience).call(operation, what=what, run_id=run_id)
@@ -325,6 +280,11 @@ class RedisStore(ClaimStore, RedisRuns, RedisStreams):
                 f"run what the engine needs for {what} on its keys ({self._prefix}*): {exc}. "
                 f"Grant it ~{self._prefix}* and the commands listed under 'ACL users' in the "
                 f"README's Deployments section"
+            ) from exc
+        except REFUSAL_ERRORS as exc:  # OOM or READONLY for longer than the policy waits
+            raise StoreUnavailableError(
+                f"{run_id + ': ' if run_id else ''}Redis result backend at {self.url} refused "
+                f"{what}: {type(exc).__name__}: {exc}"
             ) from exc
 
     def _unavailable(self, exc: Exception) -> StoreUnavailableError:
@@ -357,23 +317,11 @@ def run_expiry_seconds(expires: Any) -> float | None:
     return seconds if seconds > 0 else None
 
 
-def _milliseconds(seconds: float) -> int:
-    # Rounded up so Redis never drops a record before its envelope says it expires; at least 1
-    # because PX 0 is an error.
-    return max(1, math.ceil(seconds * 1000))
-
-
 def _px_or_delete(expires_in: float | None) -> str:
     """A fenced write's lifetime argument: ms, ``'0'`` for none, ``'-'`` to delete."""
     if expires_in is None:
         return "0"
-    return "-" if expires_in <= 0 else str(_milliseconds(expires_in))
-
-
-def _check_ttl(ttl: float) -> float:
-    if not ttl > 0:
-        raise ValueError(f"lock ttl must be a positive number of seconds, got {ttl!r}")
-    return ttl
+    return "-" if expires_in <= 0 else str(milliseconds(expires_in))
 
 
 def _text(value: bytes | str) -> str:

@@ -11,6 +11,7 @@ from typing import Any
 import redis
 
 from celery_taskengine._store.protocol import ItemBatch
+from celery_taskengine._store.retrying import Patience
 
 __all__ = ["RedisStreams"]
 
@@ -29,6 +30,7 @@ class RedisStreams:
     _prefix: str
     key_for: Callable[..., str]
     call: Callable[..., Any]
+    patience: Patience
 
     def mark_revoked(self, run_id: str) -> None:
         """``SET revoked:<run id>``, living as long as run records."""
@@ -87,4 +89,9 @@ class RedisStreams:
             pipe.eval("return redis.call('del', KEYS[1], KEYS[2])", 2, probe, probe + ":z")
             pipe.execute()
 
-        self.call(probe_calls, "its permission check")
+        # An outage, a failover or a full server is waited out; a missing grant is not.
+        waited_out = tuple(
+            e for e in self.patience.errors if e is not redis.exceptions.NoPermissionError
+        )
+        patience = Patience(self.patience.seconds, self.patience.longest_wait, waited_out)
+        self.call(probe_calls, "its permission check", patience=patience)

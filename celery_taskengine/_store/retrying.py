@@ -7,9 +7,12 @@ outage Celery rides out never turns an engine run into a failure that a plain ta
 have. The waits back off exponentially up to the policy's ``interval_max``, and each retry runs
 on a fresh connection: redis-py drops a connection that failed, so the pool connects anew.
 
-Only connection trouble is retried (``ConnectionError``, ``TimeoutError``, and so Redis'
-``LOADING`` reply after a restart); an answer from Redis (OOM, NOPERM, READONLY, a wrong type)
-is not an outage and is raised at once.
+Connection trouble is retried (``ConnectionError``, ``TimeoutError``, and so Redis' ``LOADING``
+reply after a restart), and so are the refusals a server gives while it is being worked on:
+OOM (full under ``noeviction`` until memory is freed), READONLY (demoted in a failover until
+promoted again or the client finds the new master) and NOPERM (an ACL being changed): a plain
+Celery task's outcome would be lost to them, an engine run's is kept until they pass, within the
+same policy. Any other answer (a wrong type, a script error) is raised at once.
 """
 
 from __future__ import annotations
@@ -22,7 +25,14 @@ from typing import Any, TypeVar
 
 import redis
 
-__all__ = ["OUTAGE_ERRORS", "Patience", "patience_from_policy"]
+__all__ = [
+    "OUTAGE_ERRORS",
+    "REFUSAL_ERRORS",
+    "WAITED_OUT",
+    "Patience",
+    "is_refusal",
+    "patience_from_policy",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +43,14 @@ OUTAGE_ERRORS: tuple[type[Exception], ...] = (
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
 )
+#: The refusals a server gives while a failover, a full memory or an ACL change lasts.
+REFUSAL_ERRORS: tuple[type[Exception], ...] = (
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.NoPermissionError,
+)
+#: Everything an operation waits out (see the module docstring).
+WAITED_OUT: tuple[type[Exception], ...] = (*OUTAGE_ERRORS, *REFUSAL_ERRORS)
 #: Seconds of the first wait; each next one doubles, up to the policy's ``interval_max``.
 FIRST_WAIT_SECONDS = 0.05
 #: What Celery's Redis backend uses when the app gives no ``retry_policy``.
@@ -44,31 +62,34 @@ class Patience:
     """How long to keep retrying an operation while Redis is unreachable.
 
     ``seconds``: the whole wait, from the first failure (0: fail at once); ``longest_wait``:
-    the cap on one wait between tries, in seconds.
+    the cap on one wait between tries, in seconds; ``errors``: what is waited out.
     """
 
     seconds: float = 0.0
     longest_wait: float = 1.0
+    errors: tuple[type[Exception], ...] = WAITED_OUT
 
     def call(self, operation: Callable[[], T], *, what: str, run_id: str = "") -> T:
-        """``operation()``, tried again while Redis is unreachable, for up to ``seconds``.
+        """``operation()``, tried again while Redis is unreachable or refuses it for a while
+        (:attr:`errors`), for up to ``seconds``.
 
-        Raises the last outage error once the patience is spent. The first failure is logged
+        Raises the last such error once the patience is spent. The first failure is logged
         once, with ``run_id`` (else the id of the run this thread is in) and ``what``; the
         end of the wait is logged too.
         """
         try:
             return operation()
-        except OUTAGE_ERRORS as exc:
+        except self.errors as exc:
             if self.seconds <= 0:
                 raise
             first = exc
         deadline = time.monotonic() + self.seconds
         run_id = run_id or _current_run_id()
         logger.warning(
-            "%s: Redis is unreachable (%s) for %s; retrying for up to %g s",
+            "%s: Redis %s (%s) for %s; retrying for up to %g s",
             run_id,
-            first,
+            "refuses" if is_refusal(first) else "is unreachable",
+            f"{type(first).__name__}: {first}",
             what,
             self.seconds,
         )
@@ -78,13 +99,18 @@ class Patience:
             tries += 1
             try:
                 result = operation()
-            except OUTAGE_ERRORS:
+            except self.errors:
                 if time.monotonic() >= deadline:
                     raise
                 wait = min(wait * 2, self.longest_wait)
                 continue
             logger.info("%s: Redis answered again for %s (try %d)", run_id, what, tries)
             return result
+
+
+def is_refusal(exc: BaseException) -> bool:
+    """Whether ``exc`` is a refusal that passes (OOM, READONLY, NOPERM), not an outage."""
+    return isinstance(exc, REFUSAL_ERRORS)
 
 
 def _current_run_id() -> str:

@@ -26,7 +26,17 @@ from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.schema import CreateIndex, CreateTable
 
-__all__ = ["DIALECTS", "METADATA", "cache", "ddl", "items", "locks", "revoked", "runs"]
+__all__ = [
+    "DIALECTS",
+    "METADATA",
+    "cache",
+    "claims",
+    "ddl",
+    "items",
+    "locks",
+    "revoked",
+    "runs",
+]
 
 METADATA = MetaData()
 #: Long enough for every transaction key the engine makes and for indexed keys on MySQL.
@@ -50,6 +60,18 @@ locks = Table(
     Column("key", String(_KEY), primary_key=True),
     Column("holder", String(255), nullable=False),
     Column("expires_at", Double, nullable=False),
+)
+
+#: Delivery claims (see sql_claims): ``key`` is ``<run id>:<Celery retries>``; ``holder`` a
+#: delivery's token, or ``done:<token>`` once it wrote its outcome (``expires_at`` ``NULL``:
+#: a done marker kept as long as run records that never expire).
+claims = Table(
+    "cte_claims",
+    METADATA,
+    Column("namespace", String(64), primary_key=True),
+    Column("key", String(_KEY), primary_key=True),
+    Column("holder", String(255), nullable=False),
+    Column("expires_at", Double, nullable=True),
 )
 
 runs = Table(

@@ -3,10 +3,9 @@
 For deployments whose result backend is a database (``db+postgresql://...``) or that name one
 in ``taskengine_store``. Cached records keep the envelope every store uses (see
 :mod:`~celery_taskengine._store.record_codec`); run records keep the same JSON document as on
-Redis. Locks are rows taken by a plain ``INSERT`` (the primary key refuses a second holder),
-after deleting a lapsed one, so they work the same on every database, and a holder that died
-loses its lock at ``expires_at``. Each operation is one short transaction; a database that
-cannot be reached surfaces as :class:`StoreUnavailableError`.
+Redis. Locks, delivery claims and streams are parts of their own (sql_locks, sql_claims,
+sql_streams). Each operation is one short transaction; a database that cannot be reached
+surfaces as :class:`StoreUnavailableError`.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import (
@@ -28,7 +27,6 @@ from sqlalchemy import (
     event,
     or_,
     select,
-    update,
 )
 from sqlalchemy import exc as sa_exc
 
@@ -42,13 +40,14 @@ from celery_taskengine._store.record_codec import decode_record, encode_record, 
 from celery_taskengine._store.redis_store import DEFAULT_NAMESPACE, DEFAULT_RUN_EXPIRES
 from celery_taskengine._store.run_document import encode_run
 from celery_taskengine._store.run_filters import short_task_name, squash
+from celery_taskengine._store.sql_claims import SqlClaims
+from celery_taskengine._store.sql_locks import SqlLocks
 from celery_taskengine._store.sql_streams import SqlStreams
 from celery_taskengine._store.sql_support import (
     LOAD_RUN,
     READ_RECORD,
     TryAgain,
     already_exists,
-    check_ttl,
     engines,
     like_escape,
     may_succeed_again,
@@ -67,11 +66,9 @@ logger = logging.getLogger(__name__)
 
 #: Lapsed rows are deleted after this many writes, so unread keys don't pile up.
 _SWEEP_EVERY = 512
-#: How often a blocking :meth:`SqlStore.read_items` asks again.
-_ITEM_POLL_SECONDS = 0.05
 
 
-class SqlStore(SqlStreams):
+class SqlStore(SqlClaims, SqlLocks, SqlStreams):
     """A :class:`~celery_taskengine._store.protocol.ResultStore` on one SQL database.
 
     ``engine`` is a SQLAlchemy engine (made from a URL by :meth:`from_url`); ``clock`` gives
@@ -101,6 +98,8 @@ class SqlStore(SqlStreams):
         #: Reads go here: connections that autocommit (SQLite's driver begins no
         #: transaction for a SELECT anyway).
         self._reader = reader or engine
+        #: Whether reads' connections autocommit (a single statement needs no transaction).
+        self._autocommits = self._reader is not engine
         engines.add(self._reader)
         self.namespace = namespace
         self.accept = normalize_accept(accept)
@@ -144,8 +143,7 @@ class SqlStore(SqlStreams):
     @reconnecting
     def read(self, key: str) -> ResultRecord | None:
         """The committed record, or ``None`` when missing, expired, corrupt or foreign."""
-        with self._connection() as conn:
-            raw = conn.execute(READ_RECORD, self._live_params(key)).scalar_one_or_none()
+        raw = self._fetch_one(READ_RECORD, self._live_params(key))
         if raw is None:
             return None
         try:
@@ -153,7 +151,7 @@ class SqlStore(SqlStreams):
         except ValueError as exc:
             logger.warning("Ignoring unreadable cache record under key %r: %s", key, exc)
             return None
-        if record.expires_at is not None and record.expires_at <= self._now():
+        if record.expires_at is not None and record.expires_at <= utc(self._clock()):
             return None
         return record
 
@@ -184,13 +182,18 @@ class SqlStore(SqlStreams):
             expires_at=expires_at,
             task_name=task_name,
         )
-        if expires_in is not None and expires_in <= 0:
-            self.delete(key)
-            return
         deadline = None if expires_in is None else now + expires_in
         values = {"value": raw.encode() if isinstance(raw, str) else raw, "expires_at": deadline}
+        if self._fence is not None and self._fence.lost:
+            return  # another delivery has the run: this attempt commits nothing
         with self._connection(write=True) as conn:
-            self._upsert(conn, schema.cache, {"key": key}, values)
+            if not self._fenced(conn):  # a delivery's commit: only while it holds its claim
+                return
+            if expires_in is not None and expires_in <= 0:  # already expired: deleted
+                c = schema.cache.c
+                conn.execute(delete(schema.cache).where(self._mine(c), c.key == key))
+            else:
+                self._upsert(conn, schema.cache, {"key": key}, values)
 
     @reconnecting
     def delete(self, key: str) -> bool:
@@ -209,62 +212,6 @@ class SqlStore(SqlStreams):
         )
         with self._connection() as conn:
             return sorted(conn.execute(query).scalars())
-
-    # -- locks ---------------------------------------------------------------------------
-
-    @reconnecting
-    def acquire_lock(self, key: str, holder: str, ttl: float) -> bool:
-        """Delete a lapsed lock on ``key``, then ``INSERT`` ours: the primary key lets one
-        holder in. Never blocks; not re-entrant."""
-        check_ttl(ttl)
-        c = schema.locks.c
-        now = self._clock()
-        try:
-            with self._connection(write=True) as conn:
-                conn.execute(
-                    delete(schema.locks).where(self._mine(c), c.key == key, c.expires_at <= now)
-                )
-            with self._connection(write=True) as conn:
-                conn.execute(
-                    schema.locks.insert().values(
-                        namespace=self.namespace, key=key, holder=holder, expires_at=now + ttl
-                    )
-                )
-        except sa_exc.IntegrityError:
-            # Someone holds it, or our own INSERT went through before a dropped connection
-            # made us try again.
-            return self.lock_holder(key) == holder
-        return True
-
-    @reconnecting
-    def renew_lock(self, key: str, holder: str, ttl: float) -> bool:
-        check_ttl(ttl)
-        c = schema.locks.c
-        now = self._clock()
-        with self._connection(write=True) as conn:
-            renewed = conn.execute(
-                update(schema.locks)
-                .where(self._mine(c), c.key == key, c.holder == holder, c.expires_at > now)
-                .values(expires_at=now + ttl)
-            )
-        return bool(renewed.rowcount)
-
-    @reconnecting
-    def release_lock(self, key: str, holder: str) -> None:
-        c = schema.locks.c
-        with self._connection(write=True) as conn:
-            conn.execute(
-                delete(schema.locks).where(self._mine(c), c.key == key, c.holder == holder)
-            )
-
-    @reconnecting
-    def lock_holder(self, key: str) -> str | None:
-        c = schema.locks.c
-        with self._connection() as conn:
-            holder = conn.execute(
-                select(c.holder).where(self._mine(c), c.key == key, c.expires_at > self._clock())
-            ).scalar_one_or_none()
-        return None if holder is None else str(holder)
 
     # -- run records ---------------------------------------------------------------------
 
@@ -291,8 +238,7 @@ class SqlStore(SqlStreams):
 
     @reconnecting
     def load_run(self, run_id: str) -> TaskRun | None:
-        with self._connection() as conn:
-            document = conn.execute(LOAD_RUN, self._live_params(run_id)).scalar_one_or_none()
+        document = self._fetch_one(LOAD_RUN, self._live_params(run_id))
         return None if document is None else self._decode_run(run_id, document)
 
     def iter_runs(self, limit: int) -> list[TaskRun]:
@@ -332,8 +278,6 @@ class SqlStore(SqlStreams):
         rows.sort(key=lambda row: str(row["run_id"]))
         with self._connection(write=True) as conn:
             upsert_many(conn, schema.runs, self.namespace, ["run_id"], rows)
-
-    claims: bool = False
 
     def worker_recorder(self, app: Any, delivery: Any) -> WorkerRecorder:
         """Worker runs are recorded through the plain operations (see plain_records)."""
@@ -389,9 +333,7 @@ class SqlStore(SqlStreams):
         """A transaction for writes, an autocommitted connection for reads (no BEGIN and
         ROLLBACK round trips); the database's connection failures as StoreUnavailableError."""
         if not self._tables_ready:
-            with self._tables_lock:
-                if not self._tables_ready:
-                    self.create_tables()
+            self._make_tables()
         try:
             if write:
                 with self.engine.begin() as conn:
@@ -400,37 +342,56 @@ class SqlStore(SqlStreams):
                 with self._reader.connect() as conn:
                     yield conn
         except sa_exc.DBAPIError as exc:
-            if may_succeed_again(exc):
-                raise TryAgain(f"SQL store at {self.url}: {exc.orig}") from exc
-            if isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError):
-                raise self._unavailable(exc) from exc
-            raise
+            translated = self._translated(exc)
+            if translated is exc:
+                raise
+            raise translated from exc
         if write:
             self._writes += 1
             if self._writes % _SWEEP_EVERY == 0:
                 self._sweep()
 
+    def _fetch_one(self, statement: Any, params: dict[str, Any]) -> Any:
+        """The one value ``statement`` selects, on an autocommitted connection: a cache hit's
+        read, with no more around it than its round trip."""
+        if not self._tables_ready:
+            self._make_tables()
+        try:
+            with self._reader.connect() as conn:
+                return conn.execute(statement, params).scalar_one_or_none()
+        except sa_exc.DBAPIError as exc:
+            translated = self._translated(exc)
+            if translated is exc:
+                raise
+            raise translated from exc
+
+    def _make_tables(self) -> None:
+        with self._tables_lock:
+            if not self._tables_ready:
+                self.create_tables()
+
+    def _translated(self, exc: sa_exc.DBAPIError) -> Exception:
+        """The database's failure as the store says it (see _connection)."""
+        if may_succeed_again(exc):
+            return TryAgain(f"SQL store at {self.url}: {exc.orig}")
+        if isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError):
+            return self._unavailable(exc)
+        return exc
+
     def _sweep(self) -> None:
         """Delete lapsed rows (reads ignore them already)."""
         now = self._clock()
         with self.engine.begin() as conn:
-            for table in (schema.cache, schema.runs, schema.items, schema.revoked, schema.locks):
+            for table in schema.METADATA.sorted_tables:  # every table has expires_at
                 c = table.c
-                conn.execute(
-                    delete(table).where(
-                        self._mine(c), c.expires_at.is_not(None), c.expires_at < now
-                    )
-                )
+                conn.execute(delete(table).where(self._mine(c), c.expires_at < now))
 
     def _decode_run(self, run_id: str, document: str) -> TaskRun | None:
         try:
             return run_from_document(json.loads(document))
         except (ValueError, RecursionError, KeyError, TypeError) as exc:
             logger.warning("Ignoring malformed run record %r: %s", run_id, exc)
-            return None
-
-    def _now(self) -> datetime:
-        return utc(self._clock())
+        return None
 
     def _unavailable(self, exc: Exception) -> StoreUnavailableError:
         return StoreUnavailableError(f"SQL store at {self.url} is unavailable: {exc}")

@@ -90,23 +90,33 @@ def may_succeed_again(exc: sa_exc.DBAPIError) -> bool:
 def upsert_many(
     conn: Connection, table: Any, namespace: str, key_names: list[str], rows: list[dict[str, Any]]
 ) -> None:
-    """``INSERT ... ON CONFLICT UPDATE`` of ``rows`` in the database's own spelling: one
-    statement for the whole batch."""
+    """``INSERT ... ON CONFLICT UPDATE`` of ``rows`` in the database's own spelling, one
+    statement for the whole batch, built once per table and columns: building and compiling a
+    statement for each batch costs far more than sending it."""
     rows = [{"namespace": namespace, **row} for row in rows]
-    updated = [name for name in rows[0] if name not in ("namespace", *key_names)]
+    updated = tuple(name for name in rows[0] if name not in ("namespace", *key_names))
     name = conn.dialect.name
+    shape = (table.name, name, tuple(key_names), updated)
+    statement = _upserts.get(shape)
+    if statement is None:
+        statement = _upserts[shape] = _upsert_statement(table, name, key_names, updated)
+    conn.execute(statement, rows)
+
+
+#: Upsert statements by (table, dialect, key columns, updated columns).
+_upserts: dict[tuple[str, str, tuple[str, ...], tuple[str, ...]], Any] = {}
+
+
+def _upsert_statement(table: Any, name: str, key_names: list[str], updated: tuple[str, ...]) -> Any:
     if name in ("mysql", "mariadb"):
-        my = mysql.insert(table).values(rows)
-        conn.execute(my.on_duplicate_key_update({col: my.inserted[col] for col in updated}))
-        return
+        my = mysql.insert(table)
+        return my.on_duplicate_key_update({col: my.inserted[col] for col in updated})
     if name not in ("postgresql", "sqlite"):
         raise ConfigurationError(f"the SQL store does not support {name!r} databases")
-    insert = (postgresql if name == "postgresql" else sqlite).insert(table).values(rows)
-    conn.execute(
-        insert.on_conflict_do_update(
-            index_elements=["namespace", *key_names],
-            set_={col: insert.excluded[col] for col in updated},
-        )
+    insert = (postgresql if name == "postgresql" else sqlite).insert(table)
+    return insert.on_conflict_do_update(
+        index_elements=["namespace", *key_names],
+        set_={col: insert.excluded[col] for col in updated},
     )
 
 

@@ -136,6 +136,21 @@ class SentinelSetup:
         )
         return int(reply[1])
 
+    def master_is_served(self) -> bool:
+        """Whether clients can find a healthy master through the sentinel (a failover is over:
+        the address alone changes before the new master is reported healthy)."""
+        import redis.sentinel
+
+        sentinel = redis.sentinel.Sentinel([("127.0.0.1", self.sentinel.port)])
+        try:
+            sentinel.discover_master("mymaster")
+        except redis.sentinel.MasterNotFoundError:
+            return False
+        finally:
+            for client in sentinel.sentinels:
+                client.close()
+        return True
+
 
 @contextlib.contextmanager
 def sentinel_setup(workdir: Path) -> Iterator[SentinelSetup]:

@@ -97,6 +97,7 @@ def test_a_sentinel_backend_serves_engine_tasks_and_loses_no_run_in_a_failover(
         old_master = sentinel.current_master_port()
         sentinel.master.proc.kill()  # the master dies with runs in flight
         _wait(lambda: sentinel.current_master_port() != old_master, 30, "a failover")
+        _wait(sentinel.master_is_served, 30, "the new master served by the sentinel")
 
         values = [r.get(timeout=90) for r in in_flight]
 

@@ -376,6 +376,48 @@ def counter(app: Celery, name: str) -> int:
     return int(value) if value is not None else 0
 
 
+#: The result backends the claim tests run over: Redis (the broker's server), and databases
+#: (the engine's store derived from them), the broker staying Redis.
+STORE_KINDS = ["redis", "postgresql", "mariadb", "sqlite"]
+_DATABASES = {
+    "postgresql": "db+postgresql+psycopg://postgres@127.0.0.1:5432/test",
+    "mariadb": "db+mysql+pymysql://root@127.0.0.1:3306/test",
+}
+
+
+def result_backend(kind: str, redis_url: str, workdir: Path) -> str:
+    """The result backend URL of a ``STORE_KINDS`` entry (a database must answer)."""
+    if kind == "redis":
+        return redis_url
+    if kind == "sqlite":
+        return f"db+sqlite:///{workdir / 'results.db'}"
+    url = _DATABASES[kind]
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url.removeprefix("db+"))
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception as exc:  # the server is not there: a gap in CI, a skip on a laptop
+        skip_or_fail(f"cannot reach {kind}: {type(exc).__name__}: {exc}")
+    finally:
+        engine.dispose()
+    return url
+
+
+def claim_holder(app: Celery, task_id: str, attempt: int = 0) -> str | None:
+    """Who holds the claim on ``task_id``'s message ``attempt`` in the app's store."""
+    from celery_taskengine._store.redis_store import RedisStore
+    from celery_taskengine._store.selection import store_for_app
+
+    store: Any = store_for_app(app)
+    if isinstance(store, RedisStore):
+        value = store.client.get(f"cte:default:claim:{task_id}:{attempt}")
+        return None if value is None else str(value.decode())
+    holder: str | None = store.claim_holder(task_id, attempt)
+    return holder
+
+
 @contextlib.contextmanager
 def reliability_app(
     url: str, *, prefix: str = "rel", **options: Any

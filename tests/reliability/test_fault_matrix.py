@@ -33,21 +33,8 @@ SLICE = [
 ]
 
 
-#: Faults under which runs are still lost, or their records disagree with Celery's result, in
-#: some cells (every problem is logged with its run id: the cells report unreported=0). Celery's
-#: own writes fail under them too. Open work, said in the README; the marks are not strict, so a
-#: cell that passes shows as XPASS.
-OPEN_FAULTS = {
-    "oom": "OOM under noeviction: runs whose Celery result cannot be stored are lost (logged)",
-    "replicaof": "a READONLY demotion: runs are lost or run twice (logged)",
-    "noperm": "NOPERM on the engine's keys: records disagree with Celery's result (logged)",
-}
-
-
 def _param(cell: Cell, *, slow: bool = False) -> object:
     marks = [pytest.mark.slow] if slow else []
-    if cell.fault in OPEN_FAULTS:
-        marks.append(pytest.mark.xfail(reason=OPEN_FAULTS[cell.fault], strict=False))
     return pytest.param(cell, id=cell.id, marks=marks)
 
 

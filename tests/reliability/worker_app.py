@@ -99,8 +99,10 @@ def make_app(
 
 
 def side(app: Celery) -> Any:
-    """The Redis client tasks and tests share side-channel keys on (the result backend's)."""
-    return app.backend.client
+    """The Redis client tasks and tests share side-channel keys on: the result backend's, or
+    the broker's when results go to a database."""
+    client = getattr(app.backend, "client", None)
+    return client if isinstance(client, redis.Redis) else broker_side(app)
 
 
 def broker_side(app: Celery) -> Any:
