@@ -13,7 +13,7 @@ FLOOR_VENV := .venv-redis-floor
 FLOOR_STAMP := $(FLOOR_VENV)/.installed-redis-$(REDIS_FLOOR)
 # The store layer's tests: the Redis ones run over RESP2 and RESP3 (tests/conftest.py).
 STORE_TESTS := tests/test_redis_store.py tests/test_local_recording.py tests/test_early_read.py \
-	tests/test_memory_store.py tests/test_store_contract.py tests/test_layers.py
+	tests/test_memory_store.py tests/test_store_contract.py tests/test_layers.py tests/test_wire.py
 
 .PHONY: demo test test-suite test-redis-floor fault-matrix celery-suite soak lint bench bench-deployments clean
 

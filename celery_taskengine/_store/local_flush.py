@@ -23,7 +23,7 @@ __all__ = ["WRITE_BEHIND_SECONDS", "FlushResult", "Flusher"]
 
 logger = logging.getLogger(__name__)
 
-#: A record waits at most this long for a later one to be written with (see LocalRunRecorder).
+#: A record is held about this long, so the records of runs made meanwhile go out with it.
 WRITE_BEHIND_SECONDS = 0.01
 #: How long the flusher waits for Redis to confirm what was sent.
 CONFIRM_TIMEOUT_SECONDS = 5.0
