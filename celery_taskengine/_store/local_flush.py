@@ -136,9 +136,12 @@ class Flusher:
         multiprocessing.util.Finalize(None, self.flush_all, exitpriority=_FINALIZER_PRIORITY)
 
     def flush_all(self) -> None:
+        # One budget for the whole exit, however many stores the process used: a process with
+        # many recorders on servers that are gone must still leave within it.
+        deadline = time.monotonic() + EXIT_TIMEOUT_SECONDS
         for recorder in self._recorders():
             try:
                 # Nobody retries after the exit: what is unconfirmed then is lost (and logged).
-                recorder.flush(EXIT_TIMEOUT_SECONDS, patience=0.0)
+                recorder.flush(max(0.0, deadline - time.monotonic()), patience=0.0)
             except Exception:  # exiting: there is nobody left to tell but the log
                 logger.exception("local run records: the flush at exit failed")
