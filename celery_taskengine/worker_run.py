@@ -45,14 +45,8 @@ from celery_taskengine.parameters import bind_parameters
 from celery_taskengine.run_core import RunEnvironment
 from celery_taskengine.states import State, StateType, utcnow
 from celery_taskengine.streaming import ItemChannel
-from celery_taskengine.task_engine import (
-    new_task_run,
-    run_generator_task_async,
-    run_generator_task_sync,
-    run_task_async,
-    run_task_sync,
-)
-from celery_taskengine.task_run import TaskRun
+from celery_taskengine.task_engine import runner_for
+from celery_taskengine.task_run import TaskRun, new_task_run
 from celery_taskengine.worker_loop import run_on_worker_loop
 from celery_taskengine.worker_requeue import handed_back_if_unreachable, rejected_if_unrecorded
 
@@ -80,7 +74,7 @@ def run_delivery(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> A
     parameters = bind_parameters(task.run, args, kwargs)
     claim = None
     if store.claims:
-        claiming: Any = store  # claims are operations of such stores (see claims.ClaimStore)
+        claiming: Any = store  # claims are operations of such stores (see redis_claims.ClaimStore)
         with handed_back_if_unreachable(task, args, kwargs):
             claim = _claim_message(task, request, claiming)
             handled = _recorded_run(task, request, claiming) if claim is None else None
@@ -254,17 +248,16 @@ def _execute(
     env = _environment(task, delivery, store, _observer(task, delivery, writer, items.clear))
     context = {"environment": env}
     kind = task.fn_kind
+    runner = runner_for(kind)
     try:
         if kind == "function":
-            run_task_sync(task, task_run=run, return_type="state", context=context)
+            runner(task, task_run=run, return_type="state", context=context)
         elif kind == "coroutine":
-            coroutine = run_task_async(task, task_run=run, return_type="state", context=context)
-            run_on_worker_loop(coroutine)
+            run_on_worker_loop(runner(task, task_run=run, return_type="state", context=context))
         elif kind == "generator":
-            generator = run_generator_task_sync(task, task_run=run, context=context)
-            _drain(generator, run, publish, items)
+            _drain(runner(task, task_run=run, context=context), run, publish, items)
         else:
-            agenerator = run_generator_task_async(task, task_run=run, context=context)
+            agenerator = runner(task, task_run=run, context=context)
             run_on_worker_loop(_drain_async(agenerator, run, publish, items))
     finally:
         if writer is not None:
