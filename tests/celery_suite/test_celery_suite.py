@@ -58,6 +58,8 @@ def test_celerys_integration_suite_passes(
             select=SELECT,
         )
     print(run.summary())
+    for nodeid, reruns in run.reruns.items():
+        print(f"  passed on rerun {reruns}: {nodeid}")
     if tasks == "engine" and SELECT is None:
         # The substitution happened: the tasks the contract is about are engine tasks.
         for name in ("add", "add_ignore_result", "add_not_typed", "fail", "reject_without_requeue"):
