@@ -68,14 +68,16 @@ def request_retry(
     As in Celery, past the retry limit ``exc`` is raised (else ``MaxRetriesExceededError``);
     ``max_retries`` may lower the task's limit for this call, never raise it: the limit is
     ``retries``, or Celery's default 3 for a task whose options name no count. A retry
-    with other arguments or options is a ``TypeError``: a run keeps its parameters.
+    with other arguments or options is a ``TypeError``: a run keeps its parameters; only
+    ``expires`` is taken, for the message that carries the retry (in a worker).
     """
+    message_options = {"expires": unsupported.pop("expires")} if "expires" in unsupported else {}
     if unsupported:
         names = ", ".join(f"{name}=" for name in sorted(unsupported))
         raise TypeError(
             f"self.retry({names}) is not supported on engine task {task.name!r}: a run keeps "
             "its arguments and options across retries (give exc=, countdown=, eta=, "
-            "max_retries= or throw=)"
+            "max_retries=, expires= or throw=)"
         )
     limit = task.engine_options.retry_limit
     if max_retries is not None:
@@ -88,7 +90,7 @@ def request_retry(
             task_args=(),
             task_kwargs=dict(run.parameters),
         )
-    request = RetryRequested(exc, _delay(task, eta, countdown), limit)
+    request = RetryRequested(exc, _delay(task, eta, countdown), limit, message_options)
     if throw:
         raise request
     return request

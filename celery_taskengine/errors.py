@@ -19,6 +19,8 @@ TaskEngineError
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class TaskEngineError(Exception):
     """Root of every error raised by celery-taskengine."""
@@ -72,7 +74,8 @@ class RetryRequested(TaskEngineError):
     Celery's ``retry`` publishes a new message behind the engine's back; inside an engine run
     it raises this instead, and the run enters AwaitingRetry (counted against ``retries``).
     ``delay`` is in seconds; ``None`` means the task's own retry delays. ``limit`` is how many
-    retries this request may reach (``self.retry()``'s, which may differ from ``retries``).
+    retries this request may reach (``self.retry()``'s, which may differ from ``retries``);
+    ``message_options`` go with the message that carries the retry (``expires``).
     """
 
     def __init__(
@@ -80,10 +83,12 @@ class RetryRequested(TaskEngineError):
         exc: BaseException | str | None = None,
         delay: float | None = None,
         limit: int | None = None,
+        message_options: dict[str, Any] | None = None,
     ) -> None:
         self.exc = exc
         self.delay = delay
         self.limit = limit
+        self.message_options = dict(message_options or {})
         when = "with the task's retry delay" if delay is None else f"in {delay:g}s"
         super().__init__(f"Retry {when}: {exc!r}" if exc is not None else f"Retry {when}")
 

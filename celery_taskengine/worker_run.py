@@ -377,9 +377,10 @@ def _retry_later(task: Task, delivery: Delivery, run: TaskRun, state: State) -> 
     countdown = max(0.0, (scheduled - utcnow()).total_seconds()) if scheduled else 0.0
     _awaiting_info[delivery.task_id] = awaiting_retry_meta(task.backend, run, state)
     cause = state.data if isinstance(state.data, Exception) else None
+    options = getattr(cause, "message_options", None) or {}  # self.retry(expires=...)
     try:
         # Publishes, then raises celery.exceptions.Retry (carrying the cause, as Celery's own).
-        task.retry(exc=cause, countdown=countdown)
+        task.retry(exc=cause, countdown=countdown, **options)
     except Retry:
         raise
     except BaseException:

@@ -79,6 +79,14 @@ def always_retry(self: Any, key: str) -> None:
     raise self.retry(exc=KeyError("still missing"), countdown=0.1)
 
 
+def expiring_retry(self: Any) -> str | None:
+    """Retries once with ``expires=``; returns the expiry the retried message carries."""
+    if self.request.retries == 0:
+        raise self.retry(countdown=0.1, expires=60)
+    expires = self.request.expires
+    return str(expires) if expires else None
+
+
 def settle(self: Any, key: str) -> str:
     """A Celery task that retries only by ``self.retry`` (``max_retries`` and no autoretry):
     one asked-for retry, then an error nobody asked to retry."""
@@ -116,6 +124,9 @@ def _register(app: Celery) -> SimpleNamespace:
         engine_always_retry=app.task(
             base=Task, bind=True, name="idioms.engine_always_retry", shared=False
         )(always_retry),
+        expiring_retry=task(app=app, bind=True, max_retries=1, name="idioms.expiring_retry")(
+            expiring_retry
+        ),
         plain_settle=app.task(bind=True, name="idioms.plain_settle", shared=False, max_retries=3)(
             settle
         ),
@@ -248,6 +259,13 @@ def test_self_retry_without_a_retry_count_makes_celerys_three_retries_in_a_worke
     run = get_task_run(result.id, worker.app)
     assert run is not None
     assert run.history_names()[-3:] == ["AwaitingRetry", "Retrying", "Failed"]
+
+
+def test_self_retry_with_expires_sends_the_retry_message_with_it(worker: Worker) -> None:
+    result = worker.tasks.expiring_retry.apply_async(queue=worker.queue)
+
+    # The retried delivery's request carries the expiry given to self.retry().
+    assert result.get(timeout=30) is not None
 
 
 def test_celerys_shared_task_with_the_engine_base_runs_in_a_worker(worker: Worker) -> None:
