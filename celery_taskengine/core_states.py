@@ -98,7 +98,9 @@ class StateEntry:
 
     def log_finished_message(self) -> None:
         if logger.isEnabledFor(logging.INFO):
-            logger.info("%s: finished in state %s", self.run.id, self.state)
+            # Text, not the State: a handler that pickles records (a QueueHandler, as Celery's
+            # test worker uses) would otherwise carry the run's result or exception with it.
+            logger.info("%s: finished in state %s", self.run.id, str(self.state))
 
     def _new(
         self,
