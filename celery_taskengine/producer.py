@@ -243,7 +243,7 @@ def _cached_run(task: Task, parameters: dict[str, Any], task_id: str, value: Any
     from celery_taskengine.task_run import new_task_run
 
     run = new_task_run(task, parameters, task_id)
-    core = RunCore(task, run, RunEnvironment(store=store_for_app(task.app), record=None))
+    core = RunCore(task, run, RunEnvironment(store=store_for_app(task.app)))
     drive_sync(core.initialize_run(), core.env)
     cached = State(StateType.COMPLETED, "Cached", data=value)
     drive_sync(core.set_state(cached), core.env)

@@ -46,10 +46,7 @@ class Outlet(Protocol):
     def store(self) -> Any: ...
 
     @property
-    def record(self) -> Callable[..., None] | None: ...
-
-    @property
-    def saves_on_create(self) -> bool: ...
+    def observers(self) -> Callable[..., None]: ...
 
 
 class Drive:
@@ -73,13 +70,7 @@ def _record(step: Record, drive: Drive) -> None:
     outlet = drive.outlet
     if outlet is None:
         raise TypeError("a Record step needs the run's environment: pass it to the driver")
-    record = outlet.record
-    if record is not None:
-        if step.first and outlet.saves_on_create:
-            outlet.store.save_run(step.run)
-        record(step.run, step.state)
-    elif step.first and outlet.saves_on_create:
-        outlet.store.save_run(step.run)
+    outlet.observers(step.run, step.state)
 
 
 def _read_cache(step: ReadCache, drive: Drive) -> Any:

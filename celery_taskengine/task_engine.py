@@ -21,6 +21,7 @@ from celery_taskengine._store.selection import store_for_app
 from celery_taskengine.drivers import Finished, drive_async, drive_sync, iterate_async, iterate_sync
 from celery_taskengine.engine_methods import add_methods
 from celery_taskengine.errors import TaskRunTimeoutError
+from celery_taskengine.observers import RunObservers, local_observer
 from celery_taskengine.run_core import EngineTask, RunCore, RunEnvironment
 from celery_taskengine.states import State, StateType
 from celery_taskengine.task_run import TaskRun, new_run_id, new_task_run
@@ -66,9 +67,7 @@ def local_environment(task: EngineTask, context: dict[str, Any] | None) -> RunEn
 
 def _fresh_local_environment(task: EngineTask) -> RunEnvironment:
     store: ResultStore = store_for_app(getattr(task, "app", None))
-    recorder = store.local_recorder()
-    # Without a recorder the store keeps the live TaskRun object: saving it once is enough.
-    return RunEnvironment(store=store, record=recorder, saves_on_create=recorder is None)
+    return RunEnvironment(store=store, observers=RunObservers([local_observer(store)]))
 
 
 class BaseTaskRunEngine:

@@ -35,12 +35,12 @@ def _on_prerun(sender: Any = None, **_: Any) -> None:
         mark_delivery(task)
 
 
-def _on_retry(sender: Any = None, request: Any = None, **_: Any) -> None:
+def _on_retry(sender: Any = None, request: Any = None, reason: Any = None, **_: Any) -> None:
     task = _engine_task(sender)
     if task is not None and request is not None:
-        from celery_taskengine.worker_run import after_celery_retry
+        from celery_taskengine.worker_retries import show_awaiting_retry
 
-        after_celery_retry(task, str(request.id))
+        show_awaiting_retry(task, str(request.id), reason)
 
 
 def _on_postrun(sender: Any = None, **_: Any) -> None:

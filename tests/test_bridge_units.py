@@ -30,10 +30,11 @@ from celery_taskengine._store.redis_store import RedisStore
 from celery_taskengine._store.renewer import renewer
 from celery_taskengine._store.run_document import RunDocument
 from celery_taskengine._store.task_meta import celery_status, write_task_meta
-from celery_taskengine._store.worker_records import Delivery, DeliveryRecorder
+from celery_taskengine._store.worker_records import Delivery, delivery_observers
 from celery_taskengine.engine_backend import CLAIM
 from celery_taskengine.errors import ConfigurationError, StoreUnavailableError, TaskRunTimeoutError
 from celery_taskengine.events import event_fields, event_type
+from celery_taskengine.observers import RunObservers
 from celery_taskengine.producer import _key_may_ignore_run_id
 from celery_taskengine.states import (
     AwaitingRetry,
@@ -453,7 +454,7 @@ def test_a_worker_run_s_final_state_is_written_only_once_its_engine_returned(
     delivery = Delivery(
         "run-1", "run-1", "worker@x", retries=0, redelivered=False, send_events=False
     )
-    recorder = DeliveryRecorder(redis_app, store, delivery)
+    recorder = RunObservers(delivery_observers(redis_app, store, delivery))
     run = TaskRun(id="run-1", name="t", task_name="t", parameters={})
     for state in (Pending(), Running(), Completed(data=1)):
         run.state = state
@@ -462,7 +463,7 @@ def test_a_worker_run_s_final_state_is_written_only_once_its_engine_returned(
     time.sleep(0.5)  # longer than the kernel holds a held write (200 ms)
 
     assert store.load_run("run-1").history_names() == ["Pending", "Running"]
-    recorder.flush()
+    recorder.end(run)
     deadline = time.monotonic() + 5
     while store.load_run("run-1").state.name != "Completed" and time.monotonic() < deadline:
         time.sleep(0.01)

@@ -48,6 +48,7 @@ BRIDGE_MODULES: frozenset[str] = frozenset(
         "worker_checks",
         "worker_loop",
         "worker_requeue",
+        "worker_retries",
         "worker_run",
     }
 )
@@ -62,6 +63,7 @@ CORE_MODULES: frozenset[str] = frozenset(
         "core_outcomes",
         "core_states",
         "errors",
+        "observers",
         "parameters",
         "pydantic_args",
         "retry_policy",

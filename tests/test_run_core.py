@@ -79,7 +79,6 @@ def make_core(
     clock = FixedClock()
     env = RunEnvironment(
         store=STORE,  # type: ignore[arg-type]
-        record=None,
         is_cancelled=is_cancelled,
         clock=clock.now,
         monotonic=clock.monotonic,

@@ -25,9 +25,10 @@ from celery import Celery
 
 from celery_taskengine import flush_run_records, task
 from celery_taskengine._store.redis_store import RedisStore
-from celery_taskengine._store.worker_records import Delivery, DeliveryRecorder
+from celery_taskengine._store.worker_records import Delivery, delivery_observers
 from celery_taskengine.cache_policies import INPUTS
 from celery_taskengine.errors import StoreUnavailableError
+from celery_taskengine.observers import RunObservers
 from celery_taskengine.states import Completed, Pending, Running
 from celery_taskengine.task_engine import run_task_sync
 from celery_taskengine.task_run import TaskRun
@@ -161,7 +162,7 @@ def test_a_worker_runs_final_record_redis_refuses_past_the_policy_fails_its_deli
     delivery = Delivery(
         "run-oom", "run-oom", "w@x", retries=0, redelivered=False, send_events=False
     )
-    recorder = DeliveryRecorder(app, store, delivery)
+    recorder = RunObservers(delivery_observers(app, store, delivery))
     run = TaskRun(id="run-oom", name="t", task_name="t", parameters={})
     try:
         for state in (Pending(), Running()):
@@ -177,7 +178,7 @@ def test_a_worker_runs_final_record_redis_refuses_past_the_policy_fails_its_deli
             caplog.at_level(logging.ERROR),
             pytest.raises(StoreUnavailableError, match="OutOfMemory"),
         ):
-            recorder.flush()  # before Celery would store SUCCESS
+            recorder.end(run)  # before Celery would store SUCCESS
     finally:
         app.close()
     assert any("run-oom" in record.getMessage() for record in caplog.records)

@@ -46,6 +46,7 @@ from celery_taskengine._store.wire import (
     refusal,
     send,
 )
+from celery_taskengine.observers import Batch, RunObserver
 from celery_taskengine.states import State, StateType
 from celery_taskengine.task_run import TaskRun
 
@@ -70,7 +71,7 @@ OUTAGE_PATIENCE_SECONDS = 20.0
 _MAX_LOST_NAMED = 10_000
 
 
-class LocalRunRecorder:
+class LocalRunRecorder(RunObserver):
     """The ``record`` callback of local runs on a Redis store.
 
     A record is not written when its state is entered but held (the run's latest state
@@ -115,6 +116,9 @@ class LocalRunRecorder:
         self._down_since: float | None = None
         #: The last reason Redis could not be reached (shown with unconfirmed records).
         self._last_error: BaseException | None = None
+
+    def on_state(self, run: TaskRun, state: State, batch: Batch) -> None:
+        self(run, state)
 
     def __call__(self, run: TaskRun, state: State) -> None:
         kind = state.type

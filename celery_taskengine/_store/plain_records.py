@@ -6,7 +6,7 @@ in the delivery instead of passing unseen:
 
 - Running is saved when an attempt starts, so a redelivery after a crash continues the run;
 - AwaitingRetry is saved before the retry's message is sent, so the retry finds it;
-- the final state is saved when the engine returns (:meth:`StoreRecorder.flush`), after the
+- the final state is saved when the engine returns (``on_end``), after the
   run's transaction committed, and before Celery stores the task's result.
 
 A delivery holding a claim on its message (see claims) writes every record fenced by it, in
@@ -19,51 +19,38 @@ Celery's own ``store_result``, so any result backend shows them.
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING, Any
 
 from celery_taskengine._store.protocol import ResultStore
-from celery_taskengine._store.task_meta import celery_status, state_info
-from celery_taskengine.states import State
+from celery_taskengine._store.task_meta_observer import TaskMetaShown
+from celery_taskengine.observers import Batch, RunObserver
 
 if TYPE_CHECKING:
     from celery import Celery
 
+    from celery_taskengine.states import State
     from celery_taskengine.task_run import TaskRun
 
-__all__ = ["StoreRecorder"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["PlainRunRecords", "plain_delivery_observers"]
 
 
-class StoreRecorder:
-    """The ``record`` callback of a worker run on a shared store without a Redis channel."""
+class PlainRunRecords(RunObserver):
+    """The run record of a worker run on a shared store without a Redis channel."""
 
-    def __init__(
-        self,
-        app: Celery,
-        store: ResultStore,
-        delivery: Any,
-    ) -> None:
-        self.app = app
+    def __init__(self, store: ResultStore, delivery: Any) -> None:
         self.store = store
         self.delivery = delivery
-        #: Whether Celery keeps this task's results (``ignore_result`` tasks show nothing).
-        self._shows_meta = not delivery.ignores_result
         self._final: TaskRun | None = None
 
-    def __call__(self, run: TaskRun, state: State) -> None:
+    def on_state(self, run: TaskRun, state: State, batch: Batch) -> None:
         if state.name == "Pending" and len(run.state_history) == 1:
             return  # the first Running says as much
         if state.is_final() and not state.is_crashed():
-            self._final = run  # written by flush(), once the transaction is over
+            self._final = run  # written by on_end, once the transaction is over
         elif not self._save(run, settle=state.is_scheduled()):
-            return
-        status = celery_status(state)
-        if status is not None and self._shows_meta:
-            self._show_in_backend(run, state, status)
+            batch.drop()  # the claim is lost: nothing more of this attempt is shown
 
-    def flush(self) -> None:
+    def on_end(self, run: TaskRun, batch: Batch) -> None:
         """Save the final state, once the engine has returned."""
         final, self._final = self._final, None
         if final is not None:
@@ -78,13 +65,7 @@ class StoreRecorder:
         fenced: Any = self.store  # a store with claims (see sql_claims)
         return bool(fenced.save_run_fenced(run, claim, settle=settle))
 
-    def _show_in_backend(self, run: TaskRun, state: State, status: str) -> None:
-        try:
-            self.app.backend.store_result(self.delivery.task_id, state_info(run, state), status)
-        except Exception:  # the run goes on: the backend's view is a courtesy
-            logger.warning(
-                "%s: could not show %s in the result backend",
-                self.delivery.task_id,
-                status,
-                exc_info=True,
-            )
+
+def plain_delivery_observers(app: Celery, store: ResultStore, delivery: Any) -> list[RunObserver]:
+    """How a worker delivery's run is recorded on such a store: the record, then the meta."""
+    return [PlainRunRecords(store, delivery), TaskMetaShown(app, delivery)]

@@ -31,11 +31,7 @@ import redis
 from celery_taskengine._store.claims import ClaimStore
 from celery_taskengine._store.connections import DEFAULT_MAX_CONNECTIONS, EnginePool
 from celery_taskengine._store.early_read import EarlyRead, EarlyReads
-from celery_taskengine._store.protocol import (
-    LocalRecorder,
-    ResultRecord,
-    WorkerRecorder,
-)
+from celery_taskengine._store.protocol import LocalRecorder, ResultRecord
 from celery_taskengine._store.record_codec import (
     accept_for_app,
     decode_record,
@@ -56,6 +52,7 @@ from celery_taskengine.errors import (
     StorePermissionError,
     StoreUnavailableError,
 )
+from celery_taskengine.observers import RunObserver
 from celery_taskengine.task_run import TaskRun, run_from_document
 
 if TYPE_CHECKING:
@@ -344,11 +341,11 @@ class RedisStore(ClaimStore, RedisStreams):
 
     claims: bool = True
 
-    def worker_recorder(self, app: Any, delivery: Any) -> WorkerRecorder:
+    def worker_observers(self, app: Any, delivery: Any) -> list[RunObserver]:
         """Worker runs' records go on the record channel (see worker_records)."""
-        from celery_taskengine._store.worker_records import DeliveryRecorder
+        from celery_taskengine._store.worker_records import delivery_observers
 
-        return DeliveryRecorder(app, self, delivery)
+        return delivery_observers(app, self, delivery)
 
     def rides_with(self, backend: Any) -> bool:
         """Whether ``backend`` talks to Redis through this store's own client."""

@@ -31,11 +31,7 @@ from sqlalchemy import (
 from sqlalchemy import exc as sa_exc
 
 from celery_taskengine._store import sql_schema as schema
-from celery_taskengine._store.protocol import (
-    LocalRecorder,
-    ResultRecord,
-    WorkerRecorder,
-)
+from celery_taskengine._store.protocol import LocalRecorder, ResultRecord
 from celery_taskengine._store.record_codec import decode_record, encode_record, normalize_accept
 from celery_taskengine._store.redis_store import DEFAULT_NAMESPACE, DEFAULT_RUN_EXPIRES
 from celery_taskengine._store.run_document import encode_run
@@ -58,6 +54,7 @@ from celery_taskengine._store.sql_support import (
 )
 from celery_taskengine._store.write_behind import WriteBehindRecorder
 from celery_taskengine.errors import ConfigurationError, StoreUnavailableError
+from celery_taskengine.observers import RunObserver
 from celery_taskengine.task_run import TaskRun, run_from_document
 
 __all__ = ["SqlStore"]
@@ -279,11 +276,11 @@ class SqlStore(SqlClaims, SqlLocks, SqlStreams):
         with self._connection(write=True) as conn:
             upsert_many(conn, schema.runs, self.namespace, ["run_id"], rows)
 
-    def worker_recorder(self, app: Any, delivery: Any) -> WorkerRecorder:
+    def worker_observers(self, app: Any, delivery: Any) -> list[RunObserver]:
         """Worker runs are recorded through the plain operations (see plain_records)."""
-        from celery_taskengine._store.plain_records import StoreRecorder
+        from celery_taskengine._store.plain_records import plain_delivery_observers
 
-        return StoreRecorder(app, self, delivery)
+        return plain_delivery_observers(app, self, delivery)
 
     def rides_with(self, backend: Any) -> bool:
         return False

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from celery_taskengine._store.memory import default_memory_store
 from celery_taskengine._store.protocol import SHARED_STATES
+from celery_taskengine.observers import Batch, RunObserver
 from celery_taskengine.states import StateType
 
 if TYPE_CHECKING:
@@ -39,7 +40,7 @@ logger = logging.getLogger(__name__)
 WRITE_BEHIND_SECONDS = 0.01
 
 
-class WriteBehindRecorder:
+class WriteBehindRecorder(RunObserver):
     """The ``record`` callback of local runs on a store that saves runs in batches.
 
     ``save_runs`` writes a batch in one go and raises if it could not; ``name`` says where,
@@ -57,6 +58,9 @@ class WriteBehindRecorder:
         self._lost: list[str] = []
         self._pid = 0
         _recorders.add(self)
+
+    def on_state(self, run: TaskRun, state: State, batch: Batch) -> None:
+        self(run, state)
 
     def __call__(self, run: TaskRun, state: State) -> None:
         if state.type is StateType.PENDING:  # this process finds the live run here
