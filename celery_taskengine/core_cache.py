@@ -1,9 +1,9 @@
 """The engine core's cache and transaction steps: the key, the read, the attempt's transaction.
 
-One place decides which store holds a task's records (the policy's ``key_storage``, else the
-run's store), how the key is computed (a ``ComputeKey`` step: the policy may call user code),
-and whether the first read may be sent ahead of the attempt (``ReadCache(ahead=True)``; the
-driver decides whether the store can).
+Which store holds a task's records and how its key is computed are decided in
+:mod:`~celery_taskengine.transaction_keys` (the producer asks the same module); here the key
+is computed as a ``ComputeKey`` step (the policy may call user code) and the first read may be
+sent ahead of the attempt (``ReadCache(ahead=True)``; the driver decides whether the store can).
 """
 
 from __future__ import annotations
@@ -15,6 +15,12 @@ from celery_taskengine.core_states import StateEntry
 from celery_taskengine.errors import ConfigurationError
 from celery_taskengine.states import State
 from celery_taskengine.steps import ComputeKey, ReadCache, Steps
+from celery_taskengine.transaction_keys import (
+    has_key,
+    key_store,
+    keys_from_inputs_only,
+    transaction_key,
+)
 from celery_taskengine.transactions import Transaction, effective_isolation
 
 if TYPE_CHECKING:
@@ -31,9 +37,7 @@ class CacheSteps(StateEntry):
 
     def compute_transaction_key(self) -> Steps[str | None]:
         options = self.options
-        if not options.persist_result:
-            return None  # nothing is written, so nothing can ever be read back
-        if options.cache_policy is None and options.result_storage_key is None:
+        if not has_key(options):
             return None
         context = cp.KeyContext(
             task_name=self.task.name,
@@ -44,9 +48,7 @@ class CacheSteps(StateEntry):
         # Upstream states are keyed by their values, as the function sees them: a State object
         # would hash its timestamp too, and an equal value from another run would never hit.
         key: str | None = yield ComputeKey(
-            cp.compute_transaction_key,
-            (options.cache_policy, context, self.call_parameters),
-            {"result_storage_key": options.result_storage_key},
+            transaction_key, (options, context, self.call_parameters)
         )
         return key
 
@@ -100,8 +102,7 @@ class CacheSteps(StateEntry):
         return not (
             options.on_running
             or self.env.is_cancelled is not None
-            or options.result_storage_key is not None
-            or not cp.keys_from_inputs_only(policy)
+            or not keys_from_inputs_only(options)
             or not self._reads_plainly()
         )
 
@@ -133,10 +134,7 @@ class CacheSteps(StateEntry):
 
     def _key_store(self) -> ResultStore:
         """Where this task's records live: the policy's key_storage, else the run's store."""
-        policy = self.options.cache_policy
-        if policy is not None and policy.key_storage is not None:
-            return policy.key_storage  # type: ignore[no-any-return]
-        return self.env.store
+        return key_store(self.options, self.env.store)
 
     def _transaction(self, key: str | None) -> Transaction:
         options = self.options

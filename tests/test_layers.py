@@ -72,6 +72,7 @@ CORE_MODULES: frozenset[str] = frozenset(
         "states",
         "steps",
         "task_run",
+        "transaction_keys",
         "transaction_scope",
         "transactions",
     }
