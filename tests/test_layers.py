@@ -64,6 +64,7 @@ CORE_MODULES: frozenset[str] = frozenset(
         "core_states",
         "errors",
         "observers",
+        "options",
         "parameters",
         "pydantic_args",
         "retry_policy",
