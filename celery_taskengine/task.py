@@ -119,7 +119,7 @@ class Task(CeleryTask):  # type: ignore[misc]
         if _delivery.get() is self:
             # Celery's worker is calling us for a message (see mark_delivery): bridge it.
             _delivery.set(None)
-            from celery_taskengine.worker_run import run_delivery
+            from celery_taskengine.worker_delivery import run_delivery
 
             return run_delivery(self, args, kwargs)
         parameters = bind_parameters(self.run, args, kwargs)

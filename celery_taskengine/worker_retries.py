@@ -10,7 +10,7 @@ on another worker, reads it). Here the run goes back to the broker:
 2. Celery stores RETRY and sends ``task_retry`` with that ``Retry`` as its ``reason``;
    :func:`show_awaiting_retry` (hung on the signal by ``worker_signals``) writes AWAITING_RETRY
    over it, carrying the exception and traceback Celery's RETRY would.
-3. The retry's delivery continues the recorded run (``worker_run``): AwaitingRetry goes on to
+3. The retry's delivery continues the recorded run (``worker_delivery``): AwaitingRetry goes to
    Retrying at once, its delay already spent on the broker.
 """
 

@@ -1,7 +1,7 @@
 """The bridge's pieces on their own: state events, backend task states, run documents, the
 Redis record channel, the per-process loop, and the producer's cache-key check.
 
-The bridge as a whole is tested with real workers in ``test_bridge_worker.py``,
+The bridge as a whole is tested with real workers in ``test_bridge_brokers.py``,
 ``test_bridge_threads.py`` and ``test_bridge_processes.py``.
 """
 

@@ -46,10 +46,10 @@ BRIDGE_MODULES: frozenset[str] = frozenset(
         "streaming",
         "task",
         "worker_checks",
+        "worker_delivery",
         "worker_loop",
         "worker_requeue",
         "worker_retries",
-        "worker_run",
     }
 )
 

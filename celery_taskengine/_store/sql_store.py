@@ -2,7 +2,7 @@
 
 For deployments whose result backend is a database (``db+postgresql://...``) or that name one
 in ``taskengine_store``. Cached records keep the envelope every store uses (see
-:mod:`~celery_taskengine._store.record_codec`); run records keep the same JSON document as on
+:mod:`~celery_taskengine._store.cache_codec`); run records keep the same JSON document as on
 Redis. Locks, delivery claims and streams are parts of their own (sql_locks, sql_claims,
 sql_streams). Each operation is one short transaction; a database that cannot be reached
 surfaces as :class:`StoreUnavailableError`.
@@ -31,8 +31,8 @@ from sqlalchemy import (
 from sqlalchemy import exc as sa_exc
 
 from celery_taskengine._store import sql_schema as schema
+from celery_taskengine._store.cache_codec import decode_record, encode_record, normalize_accept
 from celery_taskengine._store.protocol import LocalRecorder, ResultRecord
-from celery_taskengine._store.record_codec import decode_record, encode_record, normalize_accept
 from celery_taskengine._store.redis_store import DEFAULT_NAMESPACE, DEFAULT_RUN_EXPIRES
 from celery_taskengine._store.run_document import encode_run
 from celery_taskengine._store.run_filters import short_task_name, squash

@@ -83,7 +83,7 @@ class Delivery:
     """What the bridge needs of Celery's request, read once in the delivery's own thread."""
 
     task_id: str
-    workflow_id: str  #: RUN_ID keys use it (see worker_run._workflow_id)
+    workflow_id: str  #: RUN_ID keys use it (see worker_delivery._workflow_id)
     hostname: str | None
     retries: int
     redelivered: bool
