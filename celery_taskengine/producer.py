@@ -172,7 +172,7 @@ def _may_answer_from_cache(task: Task, options: dict[str, Any]) -> bool:
         return False
     if task.fn_kind in ("generator", "async_generator"):
         return False  # their items are the point: never read from the cache
-    return key_may_ignore_run_id(engine)
+    return key_may_ignore_run_id(engine.cache_policy, engine.result_storage_key)
 
 
 def _answer_from_cache(

@@ -87,9 +87,9 @@ def key_for_any_run_id(
     """The key of a run not started yet, if it is the same whatever its run id (no
     ``RUN_ID`` part); else ``None``. A ``cache_key_fn`` is opaque: it is computed with two
     run ids, quietly (the worker computes it again, and warns if it must)."""
-    if not key_may_ignore_run_id(options):
-        return None
     policy = options.cache_policy
+    if not key_may_ignore_run_id(policy, options.result_storage_key):
+        return None
 
     def key_for(some_run_id: str) -> str | None:
         context = cp.KeyContext(task_name=task_name, run_id=some_run_id, task_source=task_source)
@@ -105,12 +105,12 @@ def key_for_any_run_id(
     return None if probe and key_for(f"{run_id}-probe") != key else key
 
 
-def key_may_ignore_run_id(options: TaskOptions) -> bool:
-    """Whether the key may be the same for every run id: no ``RUN_ID`` part, and a storage
-    key template that names neither the run id nor the run."""
-    policy = options.cache_policy
+def key_may_ignore_run_id(policy: cp.CachePolicy | None, storage_key: str | None) -> bool:
+    """Whether a key from ``policy`` (or, without one, the ``storage_key`` template) may be
+    the same for every run id: no ``RUN_ID`` part, no template naming the run id or the run."""
     if policy is None:
-        template = options.result_storage_key
-        return template is not None and not any(name in template for name in ("run_id", "task_run"))
+        return storage_key is not None and not any(
+            name in storage_key for name in ("run_id", "task_run")
+        )
     members = policy.policies if isinstance(policy, cp.CompoundPolicy) else (policy,)
     return not any(isinstance(member, cp.RunId) for member in members)

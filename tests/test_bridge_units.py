@@ -35,7 +35,6 @@ from celery_taskengine.engine_backend import CLAIM
 from celery_taskengine.errors import ConfigurationError, StoreUnavailableError, TaskRunTimeoutError
 from celery_taskengine.events import event_fields, event_type
 from celery_taskengine.observers import RunObservers
-from celery_taskengine.producer import _key_may_ignore_run_id
 from celery_taskengine.states import (
     AwaitingRetry,
     Cached,
@@ -53,6 +52,7 @@ from celery_taskengine.states import (
     utcnow,
 )
 from celery_taskengine.task_run import TaskRun
+from celery_taskengine.transaction_keys import key_may_ignore_run_id as _key_may_ignore_run_id
 from celery_taskengine.worker_loop import run_on_worker_loop
 
 # -- events -----------------------------------------------------------------------------------
