@@ -7,8 +7,8 @@ the live run object is kept in this process's memory store, where same-process r
 once, and its document is written to Redis at the states other processes care about (the first
 Running, AwaitingRetry, and the final state) behind the caller: sent on a connection the
 recorder keeps (from the store's engine pool), held back by the kernel (``MSG_MORE``) until the
-flusher thread (:mod:`~._store.local_flush`) pushes them with a PING, within ``WRITE_BEHIND_SECONDS``, or
-:func:`flush_run_records` does.
+flusher thread (:mod:`~._store.local_flush`) pushes them with a PING, within
+``WRITE_BEHIND_SECONDS``, or :func:`flush_run_records` does.
 
 Every write's reply is read, by the flusher, not the caller: a write counts as made only when
 Redis answered it. An error reply (OOM, NOPERM, READONLY) loses that run's record, and so does
@@ -373,8 +373,8 @@ def flush_run_records(
     """Send this process's held local run records and wait until Redis answered them.
 
     Call this before handing a run id to another process that must see it at once (others see
-    it within the flusher's ``WRITE_BEHIND_SECONDS`` anyway). With ``app``, only that app's backend is waited for. The
-    result is false when a record since the last call did not reach Redis within ``timeout``
+    it within the flusher's ``WRITE_BEHIND_SECONDS`` anyway). With ``app``, only that app's
+    backend is waited for. The result is false when a record since the last call did not reach Redis within ``timeout``
     seconds or was refused (OOM, NOPERM, READONLY); its ``lost_runs`` names those runs.
     """
     if app is not None:
