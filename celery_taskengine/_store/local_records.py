@@ -372,10 +372,11 @@ def flush_run_records(
 ) -> FlushResult:
     """Send this process's held local run records and wait until Redis answered them.
 
-    Call this before handing a run id to another process that must see it at once (others see
-    it within the flusher's ``WRITE_BEHIND_SECONDS`` anyway). With ``app``, only that app's
-    backend is waited for. The result is false when a record since the last call did not reach Redis within ``timeout``
-    seconds or was refused (OOM, NOPERM, READONLY); its ``lost_runs`` names those runs.
+    Call this before handing a run id to another process that must see it at once (others see it
+    within the flusher's ``WRITE_BEHIND_SECONDS`` anyway). With ``app``, only that app's backend
+    is waited for. The result is false when a record since the last call did not reach Redis
+    within ``timeout`` seconds or was refused (OOM, NOPERM, READONLY); its ``lost_runs`` names
+    those runs.
     """
     if app is not None:
         from celery_taskengine._store.redis_store import RedisStore
