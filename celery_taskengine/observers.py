@@ -73,12 +73,19 @@ class RunObserver:
 
 
 class RunObservers:
-    """The observers of one environment, in order; called for every state a run enters."""
+    """The observers of one environment, in order; called for every state a run enters.
 
-    __slots__ = ("_held", "observers")
+    Only the hooks an observer overrides are called (looked up once, here): recording is on
+    every run's hot path.
+    """
+
+    __slots__ = ("_held", "_on_attempt", "_on_end", "_on_state", "observers")
 
     def __init__(self, observers: Sequence[RunObserver] = ()) -> None:
         self.observers = tuple(observers)
+        self._on_state = _overridden(self.observers, "on_state")
+        self._on_attempt = _overridden(self.observers, "on_attempt")
+        self._on_end = _overridden(self.observers, "on_end")
         #: The batch of a state to be written at :meth:`end` (one delivery's final state).
         self._held: Batch | None = None
 
@@ -88,11 +95,11 @@ class RunObservers:
     def __call__(self, run: TaskRun, state: State) -> None:
         """Tell every observer; then send the state's batch, or hold it for :meth:`end`."""
         batch = Batch()
-        for observer in self.observers:
-            observer.on_state(run, state, batch)
-        if state.type is StateType.RUNNING:
-            for observer in self.observers:
-                observer.on_attempt(run, state, batch)
+        for on_state in self._on_state:
+            on_state(run, state, batch)
+        if self._on_attempt and state.type is StateType.RUNNING:
+            for on_attempt in self._on_attempt:
+                on_attempt(run, state, batch)
         if batch.held:
             self._held = batch
         elif batch.send is not None:
@@ -102,10 +109,16 @@ class RunObservers:
         """The engine returned: observers finish (the held state is written now)."""
         batch, self._held = self._held or Batch(), None
         batch.send = None
-        for observer in self.observers:
-            observer.on_end(run, batch)
+        for on_end in self._on_end:
+            on_end(run, batch)
         if batch.send is not None:
             batch.send(batch)
+
+
+def _overridden(observers: tuple[RunObserver, ...], hook: str) -> tuple[Callable[..., None], ...]:
+    """The bound ``hook`` of each observer that overrides the base's no-op."""
+    base = getattr(RunObserver, hook)
+    return tuple(getattr(o, hook) for o in observers if getattr(type(o), hook) is not base)
 
 
 #: The environment of a run nobody observes (a run built to be saved by its caller).
