@@ -129,6 +129,8 @@ class StateEvents(RunObserver):
     Sent even for a state whose writes were dropped (a lost claim): events are what happened.
     """
 
+    writes_batch = False
+
     def __init__(self, app: Celery, hostname: str | None, task_id: str) -> None:
         self.app = app
         self.hostname = hostname

@@ -62,6 +62,10 @@ class Batch:
 class RunObserver:
     """One job done on a run's states; every hook does nothing unless overridden."""
 
+    #: Whether the hooks add to, drop or send a state's batch. A run observed only by
+    #: observers that do not (they write on their own, or only look) gets no batch at all.
+    writes_batch = True
+
     def on_state(self, run: TaskRun, state: State, batch: Batch) -> None:
         """``run`` entered ``state`` (already in its history); add writes to ``batch``."""
 
@@ -79,13 +83,14 @@ class RunObservers:
     every run's hot path.
     """
 
-    __slots__ = ("_held", "_on_attempt", "_on_end", "_on_state", "observers")
+    __slots__ = ("_held", "_on_attempt", "_on_end", "_on_state", "_writes", "observers")
 
     def __init__(self, observers: Sequence[RunObserver] = ()) -> None:
         self.observers = tuple(observers)
         self._on_state = _overridden(self.observers, "on_state")
         self._on_attempt = _overridden(self.observers, "on_attempt")
         self._on_end = _overridden(self.observers, "on_end")
+        self._writes = any(observer.writes_batch for observer in self.observers)
         #: The batch of a state to be written at :meth:`end` (one delivery's final state).
         self._held: Batch | None = None
 
@@ -94,13 +99,13 @@ class RunObservers:
 
     def __call__(self, run: TaskRun, state: State) -> None:
         """Tell every observer; then send the state's batch, or hold it for :meth:`end`."""
-        batch = Batch()
+        batch = Batch() if self._writes else _NO_BATCH
         for on_state in self._on_state:
             on_state(run, state, batch)
         if self._on_attempt and state.type is StateType.RUNNING:
             for on_attempt in self._on_attempt:
                 on_attempt(run, state, batch)
-        if batch.held:
+        if batch.held and self._writes:
             self._held = batch
         elif batch.send is not None:
             batch.send(batch)
@@ -121,6 +126,9 @@ def _overridden(observers: tuple[RunObserver, ...], hook: str) -> tuple[Callable
     return tuple(getattr(o, hook) for o in observers if getattr(type(o), hook) is not base)
 
 
+#: The one batch handed to observers that never write to it (see ``writes_batch``).
+_NO_BATCH = Batch()
+
 #: The environment of a run nobody observes (a run built to be saved by its caller).
 NO_OBSERVERS = RunObservers()
 
@@ -129,6 +137,7 @@ class SavedOnCreate(RunObserver):
     """Saves a run when it is created, on a store that then keeps the live run object."""
 
     __slots__ = ("store",)
+    writes_batch = False
 
     def __init__(self, store: ResultStore) -> None:
         self.store = store

@@ -276,6 +276,7 @@ class _ItemsOfLastAttempt(RunObserver):
     """A generator's items are those of its last attempt: a new attempt starts afresh."""
 
     __slots__ = ("items",)
+    writes_batch = False
 
     def __init__(self, items: list[Any]) -> None:
         self.items = items

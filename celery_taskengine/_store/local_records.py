@@ -88,6 +88,8 @@ class LocalRunRecorder(RunObserver):
     is found dropped.
     """
 
+    writes_batch = False  # its records go behind the caller, on their own
+
     def __init__(self, store: RedisStore) -> None:
         # Not the store itself: the registry below forgets a recorder with its store.
         self._client = store.client

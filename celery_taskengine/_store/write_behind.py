@@ -47,6 +47,8 @@ class WriteBehindRecorder(RunObserver):
     in log messages.
     """
 
+    writes_batch = False  # its records go behind the caller, on their own
+
     def __init__(self, save_runs: Callable[[list[TaskRun]], None], name: str) -> None:
         self._save_runs = save_runs
         self._name = name
