@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery.signals import worker_init
 
-from celery_taskengine.observers import Batch, RunObserver
+from celery_taskengine.observers import RunObserver, StateWrites
 from celery_taskengine.states import State, StateType
 
 if TYPE_CHECKING:
@@ -136,5 +136,5 @@ class StateEvents(RunObserver):
         self.hostname = hostname
         self.task_id = task_id
 
-    def on_state(self, run: TaskRun, state: State, batch: Batch) -> None:
+    def on_state(self, run: TaskRun, state: State, batch: StateWrites) -> None:
         send_state_event(self.app, self.hostname, self.task_id, run, state)

@@ -6,7 +6,7 @@ delivery's claim, show Celery's task meta, send events, reset a generator's item
 ignores the hooks it has no use for. A worker composes all of them; a local run only its
 store's recorder.
 
-The commands observers produce for one state are gathered in one :class:`Batch` and sent
+The commands observers produce for one state are gathered in one :class:`StateWrites` and sent
 together by whoever owns the connection (the Redis record writer), so adding an observer
 adds no round trip. Pure: no Celery, no Redis.
 """
@@ -25,15 +25,15 @@ if TYPE_CHECKING:
 
 __all__ = [
     "NO_OBSERVERS",
-    "Batch",
     "RunObserver",
     "RunObservers",
     "SavedOnCreate",
+    "StateWrites",
     "local_observer",
 ]
 
 
-class Batch:
+class StateWrites:
     """What the observers of one state write, sent together.
 
     ``commands`` are the store's own (Redis command tuples); ``send`` is set by the observer
@@ -48,7 +48,7 @@ class Batch:
         self.commands: list[tuple[Any, ...]] = []
         self.dropped = False
         self.held = False
-        self.send: Callable[[Batch], None] | None = None
+        self.send: Callable[[StateWrites], None] | None = None
 
     def add(self, command: tuple[Any, ...]) -> None:
         self.commands.append(command)
@@ -66,13 +66,13 @@ class RunObserver:
     #: observers that do not (they write on their own, or only look) gets no batch at all.
     writes_batch = True
 
-    def on_state(self, run: TaskRun, state: State, batch: Batch) -> None:
+    def on_state(self, run: TaskRun, state: State, batch: StateWrites) -> None:
         """``run`` entered ``state`` (already in its history); add writes to ``batch``."""
 
-    def on_attempt(self, run: TaskRun, state: State, batch: Batch) -> None:
+    def on_attempt(self, run: TaskRun, state: State, batch: StateWrites) -> None:
         """An attempt starts (``state`` is its Running), after every ``on_state``."""
 
-    def on_end(self, run: TaskRun, batch: Batch) -> None:
+    def on_end(self, run: TaskRun, batch: StateWrites) -> None:
         """The engine returned: its transaction is over. ``batch`` holds what was held."""
 
 
@@ -92,14 +92,14 @@ class RunObservers:
         self._on_end = _overridden(self.observers, "on_end")
         self._writes = any(observer.writes_batch for observer in self.observers)
         #: The batch of a state to be written at :meth:`end` (one delivery's final state).
-        self._held: Batch | None = None
+        self._held: StateWrites | None = None
 
     def __bool__(self) -> bool:
         return bool(self.observers)
 
     def __call__(self, run: TaskRun, state: State) -> None:
         """Tell every observer; then send the state's batch, or hold it for :meth:`end`."""
-        batch = Batch() if self._writes else _NO_BATCH
+        batch = StateWrites() if self._writes else _NO_WRITES
         for on_state in self._on_state:
             on_state(run, state, batch)
         if self._on_attempt and state.type is StateType.RUNNING:
@@ -112,7 +112,7 @@ class RunObservers:
 
     def end(self, run: TaskRun) -> None:
         """The engine returned: observers finish (the held state is written now)."""
-        batch, self._held = self._held or Batch(), None
+        batch, self._held = self._held or StateWrites(), None
         batch.send = None
         for on_end in self._on_end:
             on_end(run, batch)
@@ -127,7 +127,7 @@ def _overridden(observers: tuple[RunObserver, ...], hook: str) -> tuple[Callable
 
 
 #: The one batch handed to observers that never write to it (see ``writes_batch``).
-_NO_BATCH = Batch()
+_NO_WRITES = StateWrites()
 
 #: The environment of a run nobody observes (a run built to be saved by its caller).
 NO_OBSERVERS = RunObservers()
@@ -142,7 +142,7 @@ class SavedOnCreate(RunObserver):
     def __init__(self, store: ResultStore) -> None:
         self.store = store
 
-    def on_state(self, run: TaskRun, state: State, batch: Batch) -> None:
+    def on_state(self, run: TaskRun, state: State, batch: StateWrites) -> None:
         if len(run.state_history) == 1:
             self.store.save_run(run)
 

@@ -36,7 +36,7 @@ from celery_taskengine.control_flow import HANDED_BACK, celery_control_state
 from celery_taskengine.engine_backend import CLAIM
 from celery_taskengine.events import StateEvents, task_events_enabled
 from celery_taskengine.message_age import may_be_duplicate
-from celery_taskengine.observers import Batch, RunObserver, RunObservers
+from celery_taskengine.observers import RunObserver, RunObservers, StateWrites
 from celery_taskengine.parameters import bind_parameters
 from celery_taskengine.run_core import RunEnvironment
 from celery_taskengine.states import State
@@ -67,7 +67,7 @@ def run_delivery(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> A
     parameters = bind_parameters(task.run, args, kwargs)
     claim = None
     if store.claims:
-        claiming: Any = store  # claims are operations of such stores (see claims.ClaimStore)
+        claiming: Any = store  # claims are operations of such stores (see redis_claims.ClaimStore)
         with handed_back_if_unreachable(task, args, kwargs):
             claim = _claim_message(task, request, claiming)
             handled = _recorded_run(task, request, claiming) if claim is None else None
@@ -281,7 +281,7 @@ class _ItemsOfLastAttempt(RunObserver):
     def __init__(self, items: list[Any]) -> None:
         self.items = items
 
-    def on_attempt(self, run: TaskRun, state: State, batch: Batch) -> None:
+    def on_attempt(self, run: TaskRun, state: State, batch: StateWrites) -> None:
         self.items.clear()
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery_taskengine.observers import Batch, RunObserver, RunObservers, SavedOnCreate
+from celery_taskengine.observers import RunObserver, RunObservers, SavedOnCreate, StateWrites
 from celery_taskengine.states import Completed, Pending, Running, State
 from celery_taskengine.task_run import TaskRun
 
@@ -25,23 +25,23 @@ class Sender(RunObserver):
     def __init__(self, sent: list[list[tuple[Any, ...]]]) -> None:
         self.sent = sent
 
-    def on_state(self, run: TaskRun, state: State, batch: Batch) -> None:
+    def on_state(self, run: TaskRun, state: State, batch: StateWrites) -> None:
         batch.add(("SET", state.name))
         if state.is_final():
             batch.held = True
         else:
             batch.send = self.send
 
-    def on_end(self, run: TaskRun, batch: Batch) -> None:
+    def on_end(self, run: TaskRun, batch: StateWrites) -> None:
         batch.send = self.send
 
-    def send(self, batch: Batch) -> None:
+    def send(self, batch: StateWrites) -> None:
         if not batch.dropped:
             self.sent.append(list(batch.commands))
 
 
 class Meta(RunObserver):
-    def on_state(self, run: TaskRun, state: State, batch: Batch) -> None:
+    def on_state(self, run: TaskRun, state: State, batch: StateWrites) -> None:
         batch.add(("META", state.name))
 
 
@@ -49,18 +49,18 @@ class Attempts(RunObserver):
     def __init__(self) -> None:
         self.seen: list[str] = []
 
-    def on_attempt(self, run: TaskRun, state: State, batch: Batch) -> None:
+    def on_attempt(self, run: TaskRun, state: State, batch: StateWrites) -> None:
         self.seen.append(state.name)
 
 
 class Dropper(RunObserver):
-    def on_state(self, run: TaskRun, state: State, batch: Batch) -> None:
+    def on_state(self, run: TaskRun, state: State, batch: StateWrites) -> None:
         if state.name == "Running":
             batch.drop()
 
 
 def test_a_base_observer_does_nothing_for_any_hook() -> None:
-    observer, run, batch = RunObserver(), a_run(), Batch()
+    observer, run, batch = RunObserver(), a_run(), StateWrites()
     observer.on_state(run, Running(), batch)
     observer.on_attempt(run, Running(), batch)
     observer.on_end(run, batch)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery_taskengine._store.protocol import ResultStore
 from celery_taskengine._store.task_meta_observer import TaskMetaShown
-from celery_taskengine.observers import Batch, RunObserver
+from celery_taskengine.observers import RunObserver, StateWrites
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -42,7 +42,7 @@ class PlainRunRecords(RunObserver):
         self.delivery = delivery
         self._final: TaskRun | None = None
 
-    def on_state(self, run: TaskRun, state: State, batch: Batch) -> None:
+    def on_state(self, run: TaskRun, state: State, batch: StateWrites) -> None:
         if state.name == "Pending" and len(run.state_history) == 1:
             return  # the first Running says as much
         if state.is_final() and not state.is_crashed():
@@ -50,7 +50,7 @@ class PlainRunRecords(RunObserver):
         elif not self._save(run, settle=state.is_scheduled()):
             batch.drop()  # the claim is lost: nothing more of this attempt is shown
 
-    def on_end(self, run: TaskRun, batch: Batch) -> None:
+    def on_end(self, run: TaskRun, batch: StateWrites) -> None:
         """Save the final state, once the engine has returned."""
         final, self._final = self._final, None
         if final is not None:

@@ -21,7 +21,7 @@ from celery_taskengine._store.task_meta import (
     px,
     state_info,
 )
-from celery_taskengine.observers import Batch, RunObserver
+from celery_taskengine.observers import RunObserver, StateWrites
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -46,7 +46,7 @@ class TaskMetaShown(RunObserver):
         #: No backend meta can exist before a message's first delivery starts.
         self._is_new = not delivery.may_continue
 
-    def on_state(self, run: TaskRun, state: State, batch: Batch) -> None:
+    def on_state(self, run: TaskRun, state: State, batch: StateWrites) -> None:
         if not self._shows or batch.dropped or state.is_scheduled():
             return
         status = celery_status(state)

@@ -35,7 +35,7 @@ from celery_taskengine._store.run_document import RunDocument
 from celery_taskengine._store.run_index import INDEX_LUA
 from celery_taskengine._store.task_meta import px
 from celery_taskengine._store.task_meta_observer import TaskMetaShown
-from celery_taskengine.observers import Batch, RunObserver
+from celery_taskengine.observers import RunObserver, StateWrites
 from celery_taskengine.states import State, StateType
 from celery_taskengine.task_run import TaskRun
 
@@ -113,11 +113,11 @@ class ClaimKeeping(RunObserver):
     def __init__(self, claim: Claim) -> None:
         self.claim = claim
 
-    def on_state(self, run: TaskRun, state: State, batch: Batch) -> None:
+    def on_state(self, run: TaskRun, state: State, batch: StateWrites) -> None:
         if self.claim.lost or (state.is_scheduled() and not self.claim.confirm()):
             batch.drop()  # another delivery has the run (logged by the claim)
 
-    def on_end(self, run: TaskRun, batch: Batch) -> None:
+    def on_end(self, run: TaskRun, batch: StateWrites) -> None:
         if batch.commands and not self.claim.confirm():
             batch.drop()
 
@@ -136,7 +136,7 @@ class RunRecords(RunObserver):
         self._run_px = px(store.run_expires)
         self._document: RunDocument | None = None
 
-    def on_state(self, run: TaskRun, state: State, batch: Batch) -> None:
+    def on_state(self, run: TaskRun, state: State, batch: StateWrites) -> None:
         if batch.dropped or (state.name == "Pending" and len(run.state_history) == 1):
             return  # lost, or held back: written with Running
         if self._document is None:
@@ -153,10 +153,10 @@ class RunRecords(RunObserver):
         else:
             batch.send = self._send
 
-    def on_end(self, run: TaskRun, batch: Batch) -> None:
+    def on_end(self, run: TaskRun, batch: StateWrites) -> None:
         batch.send = self._flush
 
-    def _flush(self, batch: Batch) -> None:
+    def _flush(self, batch: StateWrites) -> None:
         """Write the final state (unless its claim was lost); see Redis take this delivery's
         writes before Celery stores the task's result.
 
@@ -171,7 +171,7 @@ class RunRecords(RunObserver):
             self._writer.send(batch.commands)
         self._writer.confirm()
 
-    def _send(self, batch: Batch, *, hold: bool = False) -> None:
+    def _send(self, batch: StateWrites, *, hold: bool = False) -> None:
         """Send without waiting."""
         if batch.dropped:
             return
@@ -180,10 +180,10 @@ class RunRecords(RunObserver):
         else:
             self._writer.send(batch.commands, hold=hold)
 
-    def _send_with_end(self, batch: Batch) -> None:
+    def _send_with_end(self, batch: StateWrites) -> None:
         self._send(batch, hold=True)
 
-    def _send_confirmed(self, batch: Batch) -> None:
+    def _send_confirmed(self, batch: StateWrites) -> None:
         """Send and see Redis take them (after this delivery's earlier writes)."""
         if batch.dropped:
             return

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from celery_taskengine._store.memory import default_memory_store
 from celery_taskengine._store.protocol import SHARED_STATES
-from celery_taskengine.observers import Batch, RunObserver
+from celery_taskengine.observers import RunObserver, StateWrites
 from celery_taskengine.states import StateType
 
 if TYPE_CHECKING:
@@ -61,7 +61,7 @@ class WriteBehindRecorder(RunObserver):
         self._pid = 0
         _recorders.add(self)
 
-    def on_state(self, run: TaskRun, state: State, batch: Batch) -> None:
+    def on_state(self, run: TaskRun, state: State, batch: StateWrites) -> None:
         self(run, state)
 
     def __call__(self, run: TaskRun, state: State) -> None:
