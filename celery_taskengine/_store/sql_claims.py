@@ -149,18 +149,30 @@ class SqlClaims:
         return holder == claim.done_value
 
     @reconnecting
-    def save_run_fenced(self, run: Any, claim: Claim, *, settle: bool) -> bool:
-        """Write ``run``'s record (and, with ``settle``, the done marker) in one transaction,
-        only while ``claim`` is the delivery's; ``False`` (and the claim lost) if not."""
+    def save_run_fenced(
+        self,
+        run: Any,
+        claim: Claim,
+        *,
+        settle: bool,
+        values: dict[str, Any] | None = None,
+        also: Callable[[Connection], None] | None = None,
+    ) -> bool:
+        """Write ``run``'s record (``values``: as encoded earlier) and, with ``settle``, the
+        done marker in one transaction, with ``also(conn)`` (Celery's task row), only while
+        ``claim`` is the delivery's; ``False`` (and the claim lost) if not."""
         if claim.lost:
             return False
         save: Any = self
-        values = save._run_values(run)
+        if values is None:
+            values = save._run_values(run)
         sent_at = time.monotonic()
         with self._connection(write=True) as conn:
             held = self._hold(conn, claim, settle=settle)
             if held:
                 save._upsert(conn, schema.runs, {"run_id": run.id}, values)
+                if also is not None:
+                    also(conn)
         return _answered(claim, held, sent_at)
 
     def fenced_by(self, claim: Claim | None) -> Any:

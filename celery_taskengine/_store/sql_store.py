@@ -280,10 +280,10 @@ class SqlStore(SqlClaims, SqlLocks, SqlStreams):
             upsert_many(conn, schema.runs, self.namespace, ["run_id"], rows)
 
     def worker_recorder(self, app: Any, delivery: Any) -> WorkerRecorder:
-        """Worker runs are recorded through the plain operations (see plain_records)."""
-        from celery_taskengine._store.plain_records import StoreRecorder
+        """Worker runs are recorded for about a plain task's commits (see sql_worker_records)."""
+        from celery_taskengine._store.sql_worker_records import SqlDeliveryRecorder
 
-        return StoreRecorder(app, self, delivery)
+        return SqlDeliveryRecorder(app, self, delivery)
 
     def rides_with(self, backend: Any) -> bool:
         return False
