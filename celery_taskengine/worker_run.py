@@ -190,6 +190,7 @@ def _delivery(task: Task, request: Any, store: ResultStore, claim: Claim | None)
         piggyback=_may_piggyback(task, request, store),
         claim=claim,
         ignores_result=bool(get_actual_ignore_result(task, request)),
+        acks_late=bool(task.acks_late),
         result_follows=_result_follows(task, request),
     )
 

@@ -222,8 +222,16 @@ class SqlClaims:
             now = params["b_now"]
             done_until = None if self.run_expires is None else now + self.run_expires
             params.update(b_holder=claim.done_value, b_until=done_until)
+        # A claim no write of ours has proven yet (a first delivery's, taken with its first
+        # write) has no row, most likely: inserting first saves a statement.
+        if claim.proven_at is None and self._insert_claim(conn, claim, params):
+            return True
         if conn.execute(_TAKE, params).rowcount:
             return True
+        return claim.proven_at is not None and self._insert_claim(conn, claim, params)
+
+    def _insert_claim(self, conn: Connection, claim: Claim, params: dict[str, Any]) -> bool:
+        """Insert ``claim``'s row unless there is one; whether it was inserted."""
         row = {
             "namespace": self.namespace,
             "key": claim.key,

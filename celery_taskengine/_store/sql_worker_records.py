@@ -3,9 +3,12 @@
 A plain Celery task costs its worker one committed transaction: its result. What a database
 worker waits for is commits, so an engine delivery waits for no more than that where it can:
 
-- an attempt's Running record, with the claim it takes and the backend's ``RUNNING``, is
-  written a moment later by the process's writer thread (see deferred_writes), not waited
-  for; an attempt shorter than that moment never writes it (its outcome's record says all);
+- an attempt's Running record, with the claim it takes and the backend's ``RUNNING`` (one
+  transaction when Celery's results are in the same database), is written a moment later by
+  the process's writer thread (see deferred_writes), not waited for; an attempt shorter than
+  that moment never writes it (its outcome's record says all). Not so for an ``acks_late``
+  task: a redelivery after a crash must find the record, so it is written before the body
+  runs (a message acknowledged early is never delivered again);
 - the outcome's record, the claim's done marker and, when Celery's database backend keeps its
   results in the same database, Celery's result commit in one transaction when Celery stores
   the result (see sql_celery_results and ``engine_backend``), fenced by the claim: a delivery
@@ -73,8 +76,11 @@ class SqlDeliveryRecorder:
         self._settle()  # a later state of the attempt supersedes a start not written yet
         values = self.store._run_values(run)  # the record as it is now, not when written
         info = state_info(run, state) if status is not None else None
+        if self.delivery.acks_late:  # a redelivery after a crash must find it: written now
+            self._write_state(run, values, status, info)
+            return
         self._deferred = deferred_writes().submit(
-            self.delivery.task_id, lambda: self._write_behind(run, values, status, info)
+            self.delivery.task_id, lambda: self._write_state(run, values, status, info)
         )
 
     def flush(self) -> None:
@@ -103,10 +109,11 @@ class SqlDeliveryRecorder:
             return True
         return self.store.save_run_fenced(run, claim, settle=settle)
 
-    def _write_behind(
+    def _write_state(
         self, run: TaskRun, values: dict[str, Any], status: str | None, info: Any
     ) -> None:
-        """The deferred write of an attempt's state (in the writer thread)."""
+        """The write of an attempt's state, with the backend's view of it (deferred: in the
+        writer thread)."""
         also = None
         if status is not None and self._with_rows:
             backend = self.app.backend
