@@ -17,7 +17,11 @@ worker waits for is commits, so an engine delivery waits for no more than that w
 - AwaitingRetry and a crash are written at once, waited for (a retry's delivery reads them).
 
 A delivery's writes commit in the order they were made: each one settles the deferred one
-before it (dropped if not started, else waited for). See plain_records for what is recorded.
+before it (dropped if not started, else waited for). Every record write is fenced by the
+delivery's claim on its message (see sql_claims): the first one takes it, AwaitingRetry and
+the outcome settle it, and once a write is refused the attempt writes nothing more. The
+backend's task state shows the engine's states Celery has no name for (``RUNNING``,
+``AWAITING_RETRY``), through Celery's ``store_result`` where it is another database.
 """
 
 from __future__ import annotations
