@@ -12,9 +12,11 @@ transaction that writes, so a delivery that lost its claim writes nothing; the r
 single statements (a short transaction on SQLite), so a paused process holds no claim's row
 lock between two round trips.
 
-Celery's stored result is not fenced by a SQL claim (it may live in another database, or in
-Redis): a delivery that lost its claim ends with ``Ignore`` before Celery stores anything, and
-the holder settles its claim with its final record before Celery stores the holder's result.
+Celery's stored result is fenced by a SQL claim when Celery's database backend keeps it in the
+same database: it commits with the final record and the done marker (see sql_worker_records).
+Elsewhere (another database, Redis) it is not: a delivery that lost its claim ends with
+``Ignore`` before Celery stores anything, and the holder settles its claim with its final
+record before Celery stores the holder's result.
 """
 
 from __future__ import annotations
@@ -86,7 +88,8 @@ class SqlClaim(Claim):
     """A claim kept in a SQL store's ``cte_claims`` table."""
 
     def fences_results_of(self, backend: Any) -> bool:
-        """Never: Celery's result is written by Celery (see the module docstring)."""
+        """Never by a script on a key-value backend: a SQL claim fences Celery's result only
+        in the store's own transaction (see the module docstring)."""
         return False
 
 
