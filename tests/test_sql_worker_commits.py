@@ -157,7 +157,9 @@ def test_a_delivery_that_lost_its_claim_stores_neither_its_outcome_nor_celerys_r
     @task(app=app, name=f"{app.main}.taken_over")
     def taken_over() -> str:
         run_id = str(taken_over.request.id)
-        # Another delivery takes the message over while this attempt runs.
+        time.sleep(0.3)  # the attempt's Running record (and its claim) are written meanwhile
+        # Another delivery takes the message over while this attempt runs; this one learns it
+        # only from its outcome's write, which Celery's result rides with.
         row = {
             "namespace": store.namespace,
             "key": f"{run_id}:0",
@@ -179,3 +181,25 @@ def test_a_delivery_that_lost_its_claim_stores_neither_its_outcome_nor_celerys_r
         assert result.state != "SUCCESS"  # Celery stored nothing for this delivery
         run = get_task_run(result.id, app=app)
         assert run is None or run.state is None or not run.state.is_final()
+
+
+def test_an_outcome_celery_stores_no_result_for_is_written_after_the_delivery(
+    app: Celery,
+) -> None:
+    from celery.exceptions import Ignore
+
+    @task(app=app, name=f"{app.main}.ignored")
+    def ignored() -> None:
+        raise Ignore()  # Celery stores nothing: the outcome cannot ride with its result
+
+    with embedded_worker(app):
+        result = ignored.delay()
+        deadline = time.monotonic() + 20
+        run = None
+        while time.monotonic() < deadline:
+            run = get_task_run(result.id, app=app)
+            if run is not None and run.state is not None and run.state.is_final():
+                break
+            time.sleep(0.05)
+    assert run is not None and run.state is not None
+    assert run.state.is_failed()
