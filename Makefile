@@ -13,9 +13,9 @@ FLOOR_VENV := .venv-redis-floor
 FLOOR_STAMP := $(FLOOR_VENV)/.installed-redis-$(REDIS_FLOOR)
 # The store layer's tests: the Redis ones run over RESP2 and RESP3 (tests/conftest.py).
 STORE_TESTS := tests/test_redis_store.py tests/test_local_recording.py tests/test_early_read.py \
-	tests/test_memory_store.py tests/test_store_contract.py tests/test_layers.py
+	tests/test_memory_store.py tests/test_store_contract.py tests/test_layers.py tests/test_wire.py
 
-.PHONY: demo test test-suite test-redis-floor fault-matrix lint bench bench-deployments clean
+.PHONY: demo test test-suite test-redis-floor fault-matrix celery-suite soak lint bench bench-deployments clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +58,18 @@ test-redis-floor: $(FLOOR_STAMP)
 fault-matrix: $(STAMP)
 	./scripts/ensure-services
 	FAULT_MATRIX=full $(PY) -m pytest -q tests/reliability/test_fault_matrix.py $(PYTEST_ARGS)
+
+# Celery's own integration tests (t/integration/test_tasks.py, test_canvas.py of the installed
+# Celery, from its sdist) with engine tasks and with plain tasks, on Redis and RabbitMQ + Redis;
+# CI runs a slice (tests/celery_suite/).
+celery-suite: $(STAMP)
+	./scripts/ensure-services
+	CELERY_SUITE=full $(PY) -m pytest -q -s tests/celery_suite/test_celery_suite.py $(PYTEST_ARGS)
+
+# The soak tests at full size (the normal run keeps them small: SOAK_RUNS=2000).
+soak: $(STAMP)
+	./scripts/ensure-services
+	SOAK_RUNS=20000 LEAK_SOAK_THREADS=10000 $(PY) -m pytest -q -m soak $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	./scripts/ensure-services

@@ -12,18 +12,13 @@ This module is pure: no Celery, no storage, no clock. The engine calls one funct
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import decimal
 import enum
-import hashlib
-import json
 import logging
-import pickle
-import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import PurePath
 from typing import Any, TypeVar
+
+from celery_taskengine.cache_hashing import hash_objects, inputs_digest
 
 __all__ = [
     "DEFAULT",
@@ -48,9 +43,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _P = TypeVar("_P", bound="CachePolicy")
-
-# Pinned so that a key computed by one Python version matches the one computed by another.
-_PICKLE_PROTOCOL = 4
 
 
 class IsolationLevel(str, enum.Enum):
@@ -91,88 +83,6 @@ class KeyContext:
     task_source: Callable[[], str]
     task_run: Any = None
     extra: Mapping[str, Any] = field(default_factory=dict)
-
-
-def _json_default(obj: Any) -> Any:
-    """Give JSON a stable, tagged form for common values it cannot encode by itself.
-
-    Sets are sorted by their encoded members, because pickling them would depend on the
-    process's hash seed and give a different key in every worker.
-    """
-    tag = f"{type(obj).__module__}.{type(obj).__qualname__}"
-    if isinstance(obj, (set, frozenset)):
-        return {"__type__": tag, "items": sorted(_canonical_json(item) for item in obj)}
-    if isinstance(obj, (bytes, bytearray)):
-        return {"__type__": tag, "hex": bytes(obj).hex()}
-    if isinstance(obj, (datetime.date, datetime.time)):
-        return {"__type__": tag, "iso": obj.isoformat()}
-    if isinstance(obj, (datetime.timedelta, decimal.Decimal, uuid.UUID, PurePath)):
-        return {"__type__": tag, "str": str(obj)}
-    if isinstance(obj, enum.Enum):
-        return {"__type__": tag, "name": obj.name}
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        values = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
-        return {"__type__": tag, "fields": values}
-    dump = getattr(obj, "model_dump", None)  # pydantic v2 models, without importing pydantic
-    if callable(dump):
-        return {"__type__": tag, "fields": dump(mode="json")}
-    raise TypeError(f"{type(obj).__qualname__} is not JSON serializable")
-
-
-# Built once: json.dumps with options builds a new encoder per call, a third of a key's cost.
-_CANONICAL_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=_json_default)
-
-
-def _canonical_json(obj: Any) -> str:
-    return _CANONICAL_ENCODER.encode(obj)
-
-
-def hash_objects(*objects: Any) -> str:
-    """A stable hex digest of ``objects``, the same in every process and on every machine.
-
-    The objects are encoded as canonical JSON (dict keys sorted, so insertion order does not
-    matter); values JSON cannot encode fall back to pickle. Raises ``ValueError`` when
-    neither works, with a message saying how to leave the value out of the key.
-    """
-    try:
-        payload = _canonical_json(objects).encode()
-    except (TypeError, ValueError):
-        try:
-            payload = pickle.dumps(objects, protocol=_PICKLE_PROTOCOL)
-        except Exception as exc:
-            raise ValueError(
-                f"cannot hash a value for the cache key ({type(exc).__name__}: {exc}). "
-                "Task inputs that are neither JSON- nor pickle-serializable (locks, open "
-                "files, clients, ...) cannot be part of a key. Exclude the argument with "
-                '`cache_policy=INPUTS - "name"`, compute the key yourself with '
-                "`cache_key_fn=...`, or turn caching off with `cache_policy=NO_CACHE`."
-            ) from exc
-    return hashlib.blake2b(payload, digest_size=16).hexdigest()
-
-
-#: Digests of inputs that are all short strings, ints, bools or None, by their names, types
-#: and values: a cached task is called with the same few such inputs again and again, and
-#: hashing them was most of a key's cost. Floats are left out: ``0.0 == -0.0``, but their JSON
-#: differs. Cleared when full.
-_DIGESTS: dict[tuple[tuple[str, type, Any], ...], str] = {}
-_DIGESTS_MAX = 1024
-_MEMO_TYPES = frozenset({str, int, bool, type(None)})
-_MEMO_MAX_CHARS = 256
-
-
-def _inputs_digest(inputs: dict[str, Any]) -> str:
-    """``hash_objects(inputs)``, remembered for inputs of plain scalars."""
-    memo = tuple([(name, type(value), value) for name, value in inputs.items()])
-    for _, kind, value in memo:
-        if kind not in _MEMO_TYPES or (kind is str and len(value) > _MEMO_MAX_CHARS):
-            return hash_objects(inputs)
-    digest = _DIGESTS.get(memo)
-    if digest is None:
-        digest = hash_objects(inputs)
-        if len(_DIGESTS) >= _DIGESTS_MAX:
-            _DIGESTS.clear()
-        _DIGESTS[memo] = digest
-    return digest
 
 
 _SETTINGS = (
@@ -256,7 +166,7 @@ class Inputs(CachePolicy):
 
     def compute_key(self, ctx: KeyContext, inputs: Mapping[str, Any]) -> str | None:
         kept = {name: value for name, value in inputs.items() if name not in self.exclude}
-        return _inputs_digest(kept) if kept else None
+        return inputs_digest(kept) if kept else None
 
     def __sub__(self, name: str) -> CachePolicy:
         if not isinstance(name, str):
@@ -389,14 +299,7 @@ def compute_transaction_key(
             key = policy.compute_key(ctx, inputs)
             return f"{ctx.task_name}/{key}" if key is not None else None
         if result_storage_key is not None:
-            variables = {
-                **ctx.extra,
-                "parameters": dict(inputs),
-                "task_name": ctx.task_name,
-                "run_id": ctx.run_id,
-                "task_run": ctx.task_run,
-            }
-            return result_storage_key.format(**variables) or None
+            return _storage_key(result_storage_key, ctx, inputs)
         return None
     except Exception as exc:
         # In a worker ctx.run_id is the workflow's root id; the task run's own id is more useful.
@@ -409,3 +312,14 @@ def compute_transaction_key(
             exc,
         )
         return None
+
+
+def _storage_key(template: str, ctx: KeyContext, inputs: Mapping[str, Any]) -> str | None:
+    variables = {
+        **ctx.extra,
+        "parameters": dict(inputs),
+        "task_name": ctx.task_name,
+        "run_id": ctx.run_id,
+        "task_run": ctx.task_run,
+    }
+    return template.format(**variables) or None

@@ -102,7 +102,7 @@ def record_cancelled(task: Any, request: Any, message: str) -> bool:
     A run that never started (revoked while queued) gets a record of its own: Pending,
     Cancelled. Transitions are the engine's: the core enters the states.
     """
-    from celery_taskengine.task_engine import new_task_run
+    from celery_taskengine.task_run import new_task_run
 
     task_id = str(request.id)
     store = store_for_app(task.app)
@@ -113,8 +113,8 @@ def record_cancelled(task: Any, request: Any, message: str) -> bool:
     if run.state is not None and not is_legal_transition(run.state, cancelled):
         return False
     core = RunCore(task, run, RunEnvironment(store=store, record=None))
-    drive_sync(core.initialize_run())
-    drive_sync(core.set_state(cancelled))
+    drive_sync(core.initialize_run(), core.env)
+    drive_sync(core.set_state(cancelled), core.env)
     store.save_run(run)
     logger.info("%s: cancelled: %s", task_id, message)
     return True

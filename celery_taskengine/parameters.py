@@ -50,7 +50,7 @@ def bind_parameters(
             else:
                 break
         else:
-            if len(kwargs) + len(args) - len(bound) <= 0 or all(k in bound for k in kwargs):
+            if all(k in bound for k in kwargs):  # else an unknown keyword: bind() names it
                 return bound
     try:
         arguments = signature.bind(*args, **kwargs)

@@ -240,13 +240,13 @@ def _cache_key(task: Task, parameters: dict[str, Any], task_id: str) -> str | No
 
 def _cached_run(task: Task, parameters: dict[str, Any], task_id: str, value: Any) -> TaskRun:
     """The run record of a send-time cache hit: Pending, Cached; ``on_completion`` hooks run."""
-    from celery_taskengine.task_engine import new_task_run
+    from celery_taskengine.task_run import new_task_run
 
     run = new_task_run(task, parameters, task_id)
     core = RunCore(task, run, RunEnvironment(store=store_for_app(task.app), record=None))
-    drive_sync(core.initialize_run())
+    drive_sync(core.initialize_run(), core.env)
     cached = State(StateType.COMPLETED, "Cached", data=value)
-    drive_sync(core.set_state(cached))
+    drive_sync(core.set_state(cached), core.env)
     if task.engine_options.on_completion:
-        drive_sync(core.call_hooks(cached))
+        drive_sync(core.call_hooks(cached), core.env)
     return run

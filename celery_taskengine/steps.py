@@ -3,26 +3,125 @@
 The core (:mod:`celery_taskengine.run_core`) and the transaction logic are generators that
 yield these steps and receive each step's outcome back (a value, or an exception thrown in).
 They never call user code, sleep or touch a store themselves, so one implementation serves
-the sync driver and the async driver, which differ only by ``await``.
+the sync driver and the async driver, which differ only by ``await``. Each step names what it
+does, so a test can read a run as a sequence of steps without executing any of them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-__all__ = ["Advance", "CallTask", "Emit", "Invoke", "Sleep", "Step", "Steps"]
+if TYPE_CHECKING:
+    from celery_taskengine.states import State
+    from celery_taskengine.task_run import TaskRun
+
+__all__ = [
+    "Advance",
+    "CallTask",
+    "CheckCancelled",
+    "CloseItems",
+    "ComputeKey",
+    "Emit",
+    "GeneratorClosed",
+    "ReadCache",
+    "Record",
+    "ReleaseLock",
+    "RunHook",
+    "Sleep",
+    "Step",
+    "Steps",
+    "TakeLock",
+    "WriteCache",
+    "hook_name",
+]
 
 T = TypeVar("T")
 
 
+class GeneratorClosed(Exception):
+    """Thrown into the core when the caller stops iterating a generator task early."""
+
+
 @dataclass(slots=True)
-class Invoke:
-    """Call ``fn(*args)``; if it returns an awaitable, await it (hooks may be async)."""
+class Record:
+    """The run entered ``state``: persist and publish it (the driver holds the observers).
+
+    ``first``: the run's first state; a store that keeps the live run object saves it now.
+    """
+
+    run: TaskRun
+    state: State
+    first: bool = False
+
+
+@dataclass(slots=True)
+class ReadCache:
+    """The committed record under ``key`` in ``store``, or ``None``.
+
+    ``ahead``: the key is known before the attempt; the driver may send the read now (a store
+    with ``start_read``) and answer the next ``ReadCache`` of this key from it. Outcome ``None``.
+    """
+
+    store: Any
+    key: str
+    ahead: bool = False
+
+
+@dataclass(slots=True)
+class WriteCache:
+    """Write a committed value under ``key`` (a transaction's commit)."""
+
+    store: Any
+    key: str
+    value: Any
+    serializer: str
+    expires_in: float | None
+    task_name: str | None
+
+
+@dataclass(slots=True)
+class TakeLock:
+    """Try once to take a SERIALIZABLE lock; the outcome is a lease (kept alive by the driver
+    until released) or ``None`` when another holder has it."""
+
+    store: Any
+    key: str
+    holder: str
+    ttl: float
+
+
+@dataclass(slots=True)
+class ReleaseLock:
+    """Give back a lease :class:`TakeLock` returned."""
+
+    lease: Any
+
+
+@dataclass(slots=True)
+class ComputeKey:
+    """Call user code that computes a value the run needs: its cache key, its run name."""
 
     fn: Callable[..., Any]
     args: tuple[Any, ...] = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class RunHook:
+    """Call a hook (state, commit/rollback hooks, a retry condition); awaited if async."""
+
+    hook: Callable[..., Any]
+    args: tuple[Any, ...]
+    kind: str
+
+
+@dataclass(slots=True)
+class CheckCancelled:
+    """Ask whether the run was cancelled (revoked); the outcome is a bool."""
+
+    check: Callable[[], bool]
 
 
 @dataclass(slots=True)
@@ -54,6 +153,14 @@ class Advance:
 
 
 @dataclass(slots=True)
+class CloseItems:
+    """Close a generator task's iterator its caller stopped reading."""
+
+    iterator: Any
+    is_async: bool = False
+
+
+@dataclass(slots=True)
 class Emit:
     """Hand one yielded item to whoever iterates the run (generator tasks only)."""
 
@@ -68,6 +175,26 @@ class Sleep:
     reason: str = field(default="")
 
 
-Step = Invoke | CallTask | Advance | Emit | Sleep
+Step = (
+    Record
+    | ReadCache
+    | WriteCache
+    | TakeLock
+    | ReleaseLock
+    | ComputeKey
+    | RunHook
+    | CheckCancelled
+    | CallTask
+    | Advance
+    | CloseItems
+    | Emit
+    | Sleep
+)
 #: A generator of steps returning ``T``: the shape of every core routine.
 Steps = Generator[Step, Any, T]
+
+
+def hook_name(hook: Callable[..., Any]) -> str:
+    """A hook's name for logs (``functools.partial`` shows the function it wraps)."""
+    inner = getattr(hook, "func", hook)
+    return str(getattr(inner, "__name__", type(inner).__name__))

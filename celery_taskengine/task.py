@@ -29,7 +29,7 @@ from celery_taskengine.pydantic_args import arguments_for_sending
 from celery_taskengine.run_scope import current_task_run
 from celery_taskengine.shared_tasks import refuse_unconfigured_default
 from celery_taskengine.shared_tasks import shared_task as _shared
-from celery_taskengine.task_engine import run_task, run_task_async, run_task_sync
+from celery_taskengine.task_engine import runner_for
 
 __all__ = ["Task", "fn_kind", "mark_delivery", "shared_task", "task"]
 
@@ -124,12 +124,7 @@ class Task(CeleryTask):  # type: ignore[misc]
             return run_delivery(self, args, kwargs)
         parameters = bind_parameters(self.run, args, kwargs)
         return_type: Literal["state", "result"] = "state" if return_state else "result"
-        kind = self.fn_kind  # dispatched here rather than by run_task: this is the hot path
-        if kind == "function":
-            return run_task_sync(self, None, None, parameters, wait_for, return_type)
-        if kind == "coroutine":
-            return run_task_async(self, None, None, parameters, wait_for, return_type)
-        return run_task(self, parameters=parameters, wait_for=wait_for, return_type=return_type)
+        return runner_for(self.fn_kind)(self, None, None, parameters, wait_for, return_type)
 
     @property
     def request(self) -> Any:

@@ -6,20 +6,24 @@ steps, blocking or with ``await``; the method names follow Prefect's task engine
 
 from __future__ import annotations
 
-import os
-import random
 import threading
-from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Generator, Iterator
-from contextlib import asynccontextmanager, contextmanager, suppress
+from collections.abc import (
+    AsyncGenerator,
+    Callable,
+    Coroutine,
+    Generator,
+)
+from contextlib import suppress
 from typing import Any, Literal
 
 from celery_taskengine._store.protocol import ResultStore
 from celery_taskengine._store.selection import store_for_app
 from celery_taskengine.drivers import Finished, drive_async, drive_sync, iterate_async, iterate_sync
+from celery_taskengine.engine_methods import add_methods
 from celery_taskengine.errors import TaskRunTimeoutError
 from celery_taskengine.run_core import EngineTask, RunCore, RunEnvironment
 from celery_taskengine.states import State, StateType
-from celery_taskengine.task_run import TaskRun
+from celery_taskengine.task_run import TaskRun, new_run_id, new_task_run
 from celery_taskengine.transactions import Transaction
 
 __all__ = [
@@ -27,42 +31,17 @@ __all__ = [
     "BaseTaskRunEngine",
     "SyncTaskRunEngine",
     "TaskRunTimeoutError",
+    "new_run_id",
+    "new_task_run",
     "run_generator_task_async",
     "run_generator_task_sync",
     "run_task",
     "run_task_async",
     "run_task_sync",
+    "runner_for",
 ]
 
 ReturnType = Literal["state", "result"]
-
-
-_id_source = random.Random()
-os.register_at_fork(after_in_child=_id_source.seed)
-
-
-def new_run_id() -> str:
-    """A random UUID4 string, like Celery's task ids.
-
-    Drawn from a per-process generator (reseeded after fork) rather than ``uuid.uuid4()``,
-    whose system call is a tenth of a local run's whole cost.
-    """
-    n = _id_source.getrandbits(128)
-    n = (n & ~(0xC000 << 48)) | (0x8000 << 48)  # RFC 4122 variant
-    n = (n & ~(0xF000 << 64)) | (4 << 76)  # version 4
-    h = f"{n:032x}"
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
-
-
-def new_task_run(task: EngineTask, parameters: dict[str, Any], task_run_id: Any = None) -> TaskRun:
-    """A fresh run record for ``task`` (no state yet; the engine enters Pending)."""
-    return TaskRun(
-        id=str(task_run_id) if task_run_id is not None else new_run_id(),
-        name=task.engine_options.name,
-        task_name=task.name,
-        parameters=parameters,
-        tags=task.engine_options.tags,
-    )
 
 
 def local_environment(task: EngineTask, context: dict[str, Any] | None) -> RunEnvironment:
@@ -142,7 +121,7 @@ class BaseTaskRunEngine:
         return bool(check()) if check is not None else False
 
     def compute_transaction_key(self) -> str | None:
-        return self.core.compute_transaction_key()
+        return drive_sync(self.core.compute_transaction_key(), self.core.env)
 
     def handle_rollback(self, txn: Transaction) -> None:
         """Roll ``txn`` back (blocking), running its rollback hooks."""
@@ -175,87 +154,13 @@ class SyncTaskRunEngine(BaseTaskRunEngine):
     def run(self) -> State:
         """The whole run, to a final state."""
         self._started = True
-        return drive_sync(self.core.run_to_end())
+        return drive_sync(self.core.run_to_end(), self.core.env)
 
     @property
     def client(self) -> ResultStore:
         if not self._started:
             raise RuntimeError("Engine has not started.")
         return self.core.env.store
-
-    @contextmanager
-    def initialize_run(
-        self, task_run_id: Any = None, dependencies: Any = None
-    ) -> Iterator[SyncTaskRunEngine]:
-        drive_sync(self.core.initialize_run())
-        yield self
-
-    @contextmanager
-    def start(self, task_run_id: Any = None, dependencies: Any = None) -> Iterator[None]:
-        self._started = True
-        drive_sync(self.core.start())
-        yield
-
-    @contextmanager
-    def setup_run_context(self, client: Any = None) -> Iterator[None]:
-        with self.core._scope():
-            yield
-
-    @contextmanager
-    def run_context(self) -> Iterator[None]:
-        with self.core._scope():
-            yield
-
-    @contextmanager
-    def asset_context(self) -> Iterator[None]:
-        yield
-
-    @contextmanager
-    def transaction_context(self) -> Iterator[Transaction]:
-        txn = self.core.transaction_context()
-        drive_sync(txn.begin_steps())
-        try:
-            yield txn
-        except BaseException as exc:
-            drive_sync(txn.exit_steps(exc))
-            raise
-        drive_sync(txn.exit_steps(None))
-
-    def begin_run(self) -> None:
-        drive_sync(self.core.begin_run())
-
-    def wait_until_ready(self) -> None:
-        drive_sync(self.core.wait_until_ready())
-
-    def call_task_fn(self, transaction: Transaction) -> Any:
-        result = drive_sync(self.core.call_task_fn())
-        drive_sync(self.core.handle_success(result, transaction))
-        return result
-
-    def handle_success(self, result: Any, transaction: Transaction) -> Any:
-        drive_sync(self.core.handle_success(result, transaction))
-        return result
-
-    def handle_retry(self, exc_or_state: BaseException | State) -> bool:
-        return drive_sync(self.core.handle_retry(exc_or_state))
-
-    def can_retry(self, exc_or_state: BaseException | State) -> bool:
-        return drive_sync(self.core.can_retry(exc_or_state))
-
-    def handle_exception(self, exc: Exception) -> None:
-        drive_sync(self.core.handle_exception(exc))
-
-    def handle_timeout(self, exc: TimeoutError) -> None:
-        drive_sync(self.core.handle_timeout(exc))
-
-    def handle_crash(self, exc: BaseException) -> None:
-        drive_sync(self.core.handle_crash(exc))
-
-    def call_hooks(self, state: State | None = None) -> None:
-        drive_sync(self.core.call_hooks(state or self.state))
-
-    def set_state(self, state: State, force: bool = False) -> State:
-        return drive_sync(self.core.set_state(state))
 
 
 class AsyncTaskRunEngine(BaseTaskRunEngine):
@@ -264,7 +169,7 @@ class AsyncTaskRunEngine(BaseTaskRunEngine):
     async def run(self) -> State:
         """The whole run, to a final state."""
         self._started = True
-        return await drive_async(self.core.run_to_end())
+        return await drive_async(self.core.run_to_end(), self.core.env)
 
     @property
     def client(self) -> ResultStore:
@@ -272,79 +177,8 @@ class AsyncTaskRunEngine(BaseTaskRunEngine):
             raise RuntimeError("Engine has not started.")
         return self.core.env.store
 
-    @asynccontextmanager
-    async def initialize_run(
-        self, task_run_id: Any = None, dependencies: Any = None
-    ) -> AsyncIterator[AsyncTaskRunEngine]:
-        await drive_async(self.core.initialize_run())
-        yield self
 
-    @asynccontextmanager
-    async def start(self, task_run_id: Any = None, dependencies: Any = None) -> AsyncIterator[None]:
-        self._started = True
-        await drive_async(self.core.start())
-        yield
-
-    @asynccontextmanager
-    async def setup_run_context(self, client: Any = None) -> AsyncIterator[None]:
-        with self.core._scope():
-            yield
-
-    @asynccontextmanager
-    async def run_context(self) -> AsyncIterator[None]:
-        with self.core._scope():
-            yield
-
-    @asynccontextmanager
-    async def asset_context(self) -> AsyncIterator[None]:
-        yield
-
-    @asynccontextmanager
-    async def transaction_context(self) -> AsyncIterator[Transaction]:
-        txn = self.core.transaction_context()
-        await drive_async(txn.begin_steps())
-        try:
-            yield txn
-        except BaseException as exc:
-            await drive_async(txn.exit_steps(exc))
-            raise
-        await drive_async(txn.exit_steps(None))
-
-    async def begin_run(self) -> None:
-        await drive_async(self.core.begin_run())
-
-    async def wait_until_ready(self) -> None:
-        await drive_async(self.core.wait_until_ready())
-
-    async def call_task_fn(self, transaction: Transaction) -> Any:
-        result = await drive_async(self.core.call_task_fn())
-        await drive_async(self.core.handle_success(result, transaction))
-        return result
-
-    async def handle_success(self, result: Any, transaction: Transaction) -> Any:
-        await drive_async(self.core.handle_success(result, transaction))
-        return result
-
-    async def handle_retry(self, exc_or_state: BaseException | State) -> bool:
-        return await drive_async(self.core.handle_retry(exc_or_state))
-
-    async def can_retry(self, exc_or_state: BaseException | State) -> bool:
-        return await drive_async(self.core.can_retry(exc_or_state))
-
-    async def handle_exception(self, exc: Exception) -> None:
-        await drive_async(self.core.handle_exception(exc))
-
-    async def handle_timeout(self, exc: TimeoutError) -> None:
-        await drive_async(self.core.handle_timeout(exc))
-
-    async def handle_crash(self, exc: BaseException) -> None:
-        await drive_async(self.core.handle_crash(exc))
-
-    async def call_hooks(self, state: State | None = None) -> None:
-        await drive_async(self.core.call_hooks(state or self.state))
-
-    async def set_state(self, state: State, force: bool = False) -> State:
-        return await drive_async(self.core.set_state(state))
+add_methods(SyncTaskRunEngine, AsyncTaskRunEngine)
 
 
 def run_task_sync(
@@ -402,7 +236,7 @@ def run_generator_task_sync(
         task, parameters, task_run, wait_for, context, task_run_id, is_generator=True
     )
     engine._started = True
-    items = iterate_sync(engine.core.run_to_end())
+    items = iterate_sync(engine.core.run_to_end(), engine.core.env)
     try:
         for item in items:
             if isinstance(item, Finished):
@@ -438,7 +272,7 @@ async def run_generator_task_async(
         is_generator=True,
     )
     engine._started = True
-    items = iterate_async(engine.core.run_to_end())
+    items = iterate_async(engine.core.run_to_end(), engine.core.env)
     try:
         async for item in items:
             if isinstance(item, Finished):
@@ -466,20 +300,19 @@ def run_task(
     Async generators and generators give iterators, ``async def`` a coroutine to await, and
     plain functions their value (or final State) right away.
     """
-    kwargs: dict[str, Any] = {
-        "task_run_id": task_run_id,
-        "task_run": task_run,
-        "parameters": parameters,
-        "wait_for": wait_for,
-        "return_type": return_type,
-        "dependencies": dependencies,
-        "context": context,
-    }
-    kind = task.fn_kind
-    if kind == "async_generator":
-        return run_generator_task_async(task, **kwargs)
-    if kind == "generator":
-        return run_generator_task_sync(task, **kwargs)
-    if kind == "coroutine":
-        return run_task_async(task, **kwargs)
-    return run_task_sync(task, **kwargs)
+    runner = runner_for(task.fn_kind)
+    return runner(
+        task, task_run_id, task_run, parameters, wait_for, return_type, dependencies, context
+    )
+
+
+_RUNNERS: dict[str, Callable[..., Any]] = {
+    "function": run_task_sync,
+    "coroutine": run_task_async,
+    "generator": run_generator_task_sync,
+    "async_generator": run_generator_task_async,
+}
+#: The runner for a function of ``kind`` (``Task.fn_kind``): the one sync/async/generator
+#: dispatch, for ``Task.__call__``, :func:`run_task` and the worker alike. A dict lookup, since
+#: it is on every call's path.
+runner_for: Callable[[str], Callable[..., Any]] = _RUNNERS.__getitem__

@@ -1,28 +1,34 @@
 """Transactions: a key, a staged value, commit/rollback hooks, nesting, and SERIALIZABLE locks.
 
 The logic is written once as step routines (see :mod:`celery_taskengine.steps`);
-:class:`Transaction` drives them blocking and :class:`AsyncTransaction` with ``await``.
+:class:`Transaction` drives them blocking and :class:`AsyncTransaction` with ``await``. The
+module belongs to the pure core: the drivers are imported only when a shell method runs.
 The engine uses the same routines for each task attempt, so a task's transaction and one a user
 opens with :func:`transaction` nest and behave the same.
 """
 
 from __future__ import annotations
 
-import enum
-import functools
 import logging
 import uuid
 from collections.abc import Callable, Sequence
-from contextvars import ContextVar, Token
+from contextvars import Token
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from celery_taskengine._store.protocol import ResultRecord, ResultStore
-from celery_taskengine._store.renewer import renewer
+from celery_taskengine import steps
 from celery_taskengine.cache_policies import CommitMode, IsolationLevel
-from celery_taskengine.drivers import drive_async, drive_sync
 from celery_taskengine.errors import ConfigurationError, SerializationError
-from celery_taskengine.steps import Invoke, Sleep, Steps
+from celery_taskengine.steps import Steps, hook_name
+from celery_taskengine.transaction_scope import (
+    CURRENT,
+    TransactionState,
+    effective_isolation,
+    get_transaction,
+)
+
+if TYPE_CHECKING:
+    from celery_taskengine._store.protocol import ResultRecord, ResultStore
 
 __all__ = [
     "AsyncTransaction",
@@ -36,38 +42,13 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: Seconds a SERIALIZABLE lock lives unless renewed; a holder that dies frees it after this.
 #: Read when each transaction is created, so a deployment (or a test) may change it.
 LOCK_TTL_SECONDS = 30.0
 #: Seconds between two tries to take a lock another holder has.
 LOCK_POLL_SECONDS = 0.02
-
-_current: ContextVar[Transaction | None] = ContextVar("taskengine_transaction", default=None)
-
-
-class TransactionState(enum.Enum):
-    PENDING = "PENDING"
-    ACTIVE = "ACTIVE"
-    STAGED = "STAGED"
-    COMMITTED = "COMMITTED"
-    ROLLED_BACK = "ROLLED_BACK"
-
-
-def get_transaction() -> Transaction | None:
-    """The innermost open transaction in this context, if any."""
-    return _current.get()
-
-
-def effective_isolation(
-    given: IsolationLevel | None, parent: Transaction | None = None
-) -> IsolationLevel:
-    """The isolation a transaction opened now gets: its own, else its parent's, else
-    READ_COMMITTED. With no ``parent`` given, the current transaction is the parent."""
-    if given is not None:
-        return given
-    parent = parent if parent is not None else _current.get()
-    return parent.isolation_level if parent is not None else IsolationLevel.READ_COMMITTED
 
 
 class Transaction:
@@ -76,6 +57,15 @@ class Transaction:
     Use ``with transaction(...)``; hooks receive the transaction, whose ``get``/``set`` carry
     values between the work and its hooks.
     """
+
+    store: ResultStore | None
+    state = TransactionState.PENDING
+    record: ResultRecord | None = None
+    _staged: tuple[Any] | None = None
+    _holder = ""
+    #: The SERIALIZABLE lock held, as the driver handed it back (it keeps the lease alive).
+    _lease: Any = None
+    _token: Token[Transaction | None] | None = None
 
     def __init__(
         self,
@@ -94,15 +84,11 @@ class Transaction:
         lock_manager: ResultStore | None = None,
     ) -> None:
         self.key = key
-        self.parent: Transaction | None = _current.get()
-        inherited = self.parent
-        self.commit_mode: CommitMode | None = commit_mode or (
-            inherited.commit_mode if inherited else None
-        )
+        self.parent: Transaction | None = (inherited := CURRENT.get())
+        # A child inherits its parent's commit mode, isolation and store unless given its own.
+        self.commit_mode: CommitMode | None = commit_mode or getattr(inherited, "commit_mode", None)
         self.isolation_level: IsolationLevel = effective_isolation(isolation_level, inherited)
-        self.store: ResultStore | None = (
-            store if store is not None else (inherited.store if inherited else None)
-        )
+        self.store = store if store is not None else getattr(inherited, "store", None)
         #: Where SERIALIZABLE locks are taken when not on ``store`` (a policy's lock_manager).
         self.lock_manager = lock_manager
         self.overwrite = overwrite
@@ -112,18 +98,11 @@ class Transaction:
         self.task_name = task_name
         # Looked up per transaction, not bound at import, so the module setting can be tuned.
         self.lock_ttl = lock_ttl if lock_ttl is not None else LOCK_TTL_SECONDS
-        self.state = TransactionState.PENDING
         self.children: list[Transaction] = []
         self.on_commit_hooks: list[Callable[..., Any]] = []
         self.on_rollback_hooks: list[Callable[..., Any]] = []
-        self.record: ResultRecord | None = None
-        self._staged: tuple[Any] | None = None
         self._values: dict[str, Any] = {}
-        self._holder = ""
-        self._renewer: _LockLease | None = None
-        self._token: Token[Transaction | None] | None = None
 
-    # -- the user-facing surface ------------------------------------------------------------
     def is_committed(self) -> bool:
         return self.state is TransactionState.COMMITTED
 
@@ -168,16 +147,16 @@ class Transaction:
 
     def commit(self) -> bool:
         """Commit now (blocking): children, commit hooks, then the write."""
-        return drive_sync(self.commit_steps())
+        return _blocking(self.commit_steps())
 
     def rollback(self) -> bool:
         """Roll back now (blocking): rollback hooks in reverse order, children, and parent."""
-        return drive_sync(self.rollback_steps())
+        return _blocking(self.rollback_steps())
 
     # -- the logic, as step routines ---------------------------------------------------------
     def enter(self) -> None:
         """The part of entering that needs no step: become the current transaction."""
-        self._token = _current.set(self)
+        self._token = CURRENT.set(self)
         self.state = TransactionState.ACTIVE
 
     def leave_quietly(self, error: BaseException | None) -> bool:
@@ -185,7 +164,7 @@ class Transaction:
 
         Most task runs have no key and no hooks: this keeps their transaction nearly free.
         """
-        if self.on_commit_hooks or self.on_rollback_hooks or self.children or self._renewer:
+        if self.on_commit_hooks or self.on_rollback_hooks or self.children or self._lease:
             return False
         if self.key is not None and self._staged is not None and error is None:
             return False
@@ -210,7 +189,7 @@ class Transaction:
                 locks = self.lock_manager if self.lock_manager is not None else store
                 yield from self._lock_steps(locks, key)
             if read and not self.overwrite:
-                record = yield Invoke(store.read, (key,))
+                record = yield steps.ReadCache(store, key)
                 if record is not None:
                     self.record = record
                     self.state = TransactionState.COMMITTED
@@ -236,7 +215,7 @@ class Transaction:
                 yield from self.commit_steps()
         finally:
             self._leave()
-        self._release_lock()
+        yield from self._release_lock()
 
     def commit_steps(self) -> Steps[bool]:
         if self.state in (TransactionState.COMMITTED, TransactionState.ROLLED_BACK):
@@ -246,21 +225,14 @@ class Transaction:
             if self.is_rolled_back():
                 return False  # that child's failed commit rolled this one back too
         for hook in self.on_commit_hooks:
-            try:
-                yield Invoke(hook, (self,))
-            except Exception:
-                logger.exception(
-                    "%s: an error was encountered while running commit hook %r",
-                    self.key,
-                    _hook_name(hook),
-                )
+            if not (yield from self._run_hook(hook, "commit")):
                 yield from self.rollback_steps()
                 return False
         if not (yield from self._write_steps()):
             yield from self.rollback_steps()
             return False
         self.state = TransactionState.COMMITTED
-        self._release_lock()
+        yield from self._release_lock()
         return True
 
     def rollback_steps(self) -> Steps[bool]:
@@ -274,18 +246,25 @@ class Transaction:
         if self.state in (TransactionState.COMMITTED, TransactionState.ROLLED_BACK):
             return False
         for hook in reversed(self.on_rollback_hooks):
-            try:
-                yield Invoke(hook, (self,))
-            except Exception:
-                logger.exception(
-                    "%s: an error was encountered while running rollback hook %r",
-                    self.key,
-                    _hook_name(hook),
-                )
+            yield from self._run_hook(hook, "rollback")
         self.state = TransactionState.ROLLED_BACK
         for child in reversed(self.children):
             yield from child._rollback_self()
-        self._release_lock()
+        yield from self._release_lock()
+        return True
+
+    def _run_hook(self, hook: Callable[..., Any], kind: str) -> Steps[bool]:
+        """Run one commit or rollback hook; ``False`` (logged) if it raised."""
+        try:
+            yield steps.RunHook(hook, (self,), f"on_{kind}")
+        except Exception:
+            logger.exception(
+                "%s: an error was encountered while running %s hook %r",
+                self.key,
+                kind,
+                hook_name(hook),
+            )
+            return False
         return True
 
     def _write_steps(self) -> Steps[bool]:
@@ -293,16 +272,11 @@ class Transaction:
             return True
         if self.expires_in is not None and self.expires_in <= 0:
             return True  # a non-positive expiration means the result is never reused
-        write = functools.partial(
-            self.store.write,
-            self.key,
-            self._staged[0],
-            serializer=self.serializer,
-            expires_in=self.expires_in,
-            task_name=self.task_name,
+        write = steps.WriteCache(
+            self.store, self.key, self._staged[0], self.serializer, self.expires_in, self.task_name
         )
         try:
-            yield Invoke(write)
+            yield write
         except SerializationError as exc:
             logger.warning(
                 "%s: the result could not be serialized, so the transaction is rolled back "
@@ -323,34 +297,40 @@ class Transaction:
                 f"{type(store).__name__} cannot. Use a Redis result backend."
             )
         self._holder = self._holder or uuid.uuid4().hex
-        while not (yield Invoke(store.acquire_lock, (key, self._holder, self.lock_ttl))):
-            yield Sleep(LOCK_POLL_SECONDS, reason="lock")
-        self._renewer = _LockLease(store, key, self._holder, self.lock_ttl)
+        take = steps.TakeLock(store, key, self._holder, self.lock_ttl)
+        while (lease := (yield take)) is None:
+            yield steps.Sleep(LOCK_POLL_SECONDS, reason="lock")
+        self._lease = lease
 
     def abandon(self) -> None:
-        """Leave without running anything (the run itself is being torn down)."""
+        """Leave without running anything (the run itself is being torn down).
+
+        No step can be taken any more, so a held lease is released here, directly.
+        """
         self._leave()
-        self._release_lock()
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            lease.release()
 
     def _leave(self) -> None:
         if self._token is not None:
-            _current.reset(self._token)
+            CURRENT.reset(self._token)
             self._token = None
 
-    def _release_lock(self) -> None:
-        renewer, self._renewer = self._renewer, None
-        if renewer is not None:
-            renewer.stop()
+    def _release_lock(self) -> Steps[None]:
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            yield steps.ReleaseLock(lease)
 
     # -- the sync shell ----------------------------------------------------------------------
     def __enter__(self) -> Transaction:
-        drive_sync(self.begin_steps())
+        _blocking(self.begin_steps())
         return self
 
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        drive_sync(self.exit_steps(exc))
+        _blocking(self.exit_steps(exc))
 
     def __repr__(self) -> str:
         return f"<Transaction key={self.key!r} state={self.state.value}>"
@@ -360,19 +340,19 @@ class AsyncTransaction(Transaction):
     """The same transaction for ``async with``; hooks are awaited on the running loop."""
 
     async def __aenter__(self) -> AsyncTransaction:
-        await drive_async(self.begin_steps())
+        await _awaited(self.begin_steps())
         return self
 
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        await drive_async(self.exit_steps(exc))
+        await _awaited(self.exit_steps(exc))
 
     async def acommit(self) -> bool:
-        return await drive_async(self.commit_steps())
+        return await _awaited(self.commit_steps())
 
     async def arollback(self) -> bool:
-        return await drive_async(self.rollback_steps())
+        return await _awaited(self.rollback_steps())
 
 
 def transaction(
@@ -406,34 +386,14 @@ def transaction(
     )
 
 
-class _LockLease:
-    """A SERIALIZABLE lock, kept alive by the process's renewer while its holder works."""
+def _blocking(routine: Steps[T]) -> T:
+    """Drive ``routine`` blocking; the driver is imported here so this module stays pure."""
+    from celery_taskengine.drivers import drive_sync
 
-    def __init__(self, store: ResultStore, key: str, holder: str, ttl: float) -> None:
-        self._store, self._key, self._holder, self._ttl = store, key, holder, ttl
-        renewer().hold(self)
-
-    @property
-    def name(self) -> str:
-        return self._key
-
-    def renew(self) -> bool:
-        return self._store.renew_lock(self._key, self._holder, self._ttl)
-
-    def renew_every(self) -> float:
-        return self._ttl / 3
-
-    def on_lost(self) -> None:
-        logger.warning("%s: lost the SERIALIZABLE lock before finishing", self._key)
-
-    def stop(self) -> None:
-        renewer().release(self)
-        try:
-            self._store.release_lock(self._key, self._holder)
-        except Exception:
-            logger.warning("%s: could not release the SERIALIZABLE lock; it will expire", self._key)
+    return drive_sync(routine)
 
 
-def _hook_name(hook: Callable[..., Any]) -> str:
-    inner = getattr(hook, "func", hook)
-    return str(getattr(inner, "__name__", type(inner).__name__))
+async def _awaited(routine: Steps[T]) -> T:
+    from celery_taskengine.drivers import drive_async
+
+    return await drive_async(routine)

@@ -30,9 +30,14 @@ from celery_taskengine._store.claims import CLAIM_TTL_SECONDS, Claim
 from celery_taskengine._store.protocol import ResultStore, WorkerRecorder
 from celery_taskengine._store.renewer import renewer
 from celery_taskengine._store.selection import store_for_app
-from celery_taskengine._store.task_meta import keeps_meta_on_redis, state_info, write_task_meta
+from celery_taskengine._store.task_meta import (
+    awaiting_retry_meta,
+    keeps_meta_on_redis,
+    write_task_meta,
+)
 from celery_taskengine._store.worker_records import Delivery, retry_patience
 from celery_taskengine.cancellation import revocation_check
+from celery_taskengine.control_flow import HANDED_BACK, celery_control_state
 from celery_taskengine.engine_backend import CLAIM
 from celery_taskengine.events import send_state_event, task_events_enabled
 from celery_taskengine.message_age import may_be_duplicate
@@ -40,14 +45,8 @@ from celery_taskengine.parameters import bind_parameters
 from celery_taskengine.run_core import RunEnvironment
 from celery_taskengine.states import State, StateType, utcnow
 from celery_taskengine.streaming import ItemChannel
-from celery_taskengine.task_engine import (
-    new_task_run,
-    run_generator_task_async,
-    run_generator_task_sync,
-    run_task_async,
-    run_task_sync,
-)
-from celery_taskengine.task_run import TaskRun
+from celery_taskengine.task_engine import runner_for
+from celery_taskengine.task_run import TaskRun, new_task_run
 from celery_taskengine.worker_loop import run_on_worker_loop
 from celery_taskengine.worker_requeue import handed_back_if_unreachable, rejected_if_unrecorded
 
@@ -59,8 +58,9 @@ __all__ = ["after_celery_retry", "run_delivery"]
 
 logger = logging.getLogger(__name__)
 
-#: AwaitingRetry meta to show once Celery has stored its own RETRY state (see on_retry).
-_awaiting_info: dict[str, dict[str, Any]] = {}
+#: AwaitingRetry meta (result, traceback) to show once Celery has stored its own RETRY state
+#: (see on_retry).
+_awaiting_info: dict[str, tuple[dict[str, Any], str | None]] = {}
 
 
 def run_delivery(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -74,7 +74,7 @@ def run_delivery(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> A
     parameters = bind_parameters(task.run, args, kwargs)
     claim = None
     if store.claims:
-        claiming: Any = store  # claims are operations of such stores (see claims.ClaimStore)
+        claiming: Any = store  # claims are operations of such stores (see redis_claims.ClaimStore)
         with handed_back_if_unreachable(task, args, kwargs):
             claim = _claim_message(task, request, claiming)
             handled = _recorded_run(task, request, claiming) if claim is None else None
@@ -92,6 +92,9 @@ def run_delivery(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> A
             renewer().release(claim)
     if claim is not None and claim.lost:
         raise Ignore()  # the delivery holding the claim gives Celery the outcome (logged)
+    if claim is not None and run.state is not None and run.state.name in HANDED_BACK:
+        freeing: Any = store
+        freeing.free_claim(claim)  # the message's next delivery continues the run
     return _outcome(task, delivery, run, items)
 
 
@@ -128,14 +131,17 @@ def _run(task: Task, delivery: Delivery, store: ResultStore, run: TaskRun) -> li
 
 def after_celery_retry(task: Task, task_id: str) -> None:
     """Show AWAITING_RETRY in the backend, over the RETRY Celery just stored for our retry."""
-    info = _awaiting_info.pop(task_id, None)
-    if info is None or get_actual_ignore_result(task, task.request):
+    meta = _awaiting_info.pop(task_id, None)
+    if meta is None or get_actual_ignore_result(task, task.request):
         return
+    info, traceback = meta
     try:
         if keeps_meta_on_redis(task.app.backend):
-            write_task_meta(task.app, task_id, "AWAITING_RETRY", info, expected="RETRY")
+            write_task_meta(
+                task.app, task_id, "AWAITING_RETRY", info, expected="RETRY", traceback=traceback
+            )
         else:  # a database or rpc:// backend: through Celery
-            task.app.backend.store_result(task_id, info, "AWAITING_RETRY")
+            task.app.backend.store_result(task_id, info, "AWAITING_RETRY", traceback=traceback)
     except Exception:
         logger.warning("%s: could not store the AWAITING_RETRY state", task_id, exc_info=True)
 
@@ -251,17 +257,16 @@ def _execute(
     env = _environment(task, delivery, store, _observer(task, delivery, writer, items.clear))
     context = {"environment": env}
     kind = task.fn_kind
+    runner = runner_for(kind)
     try:
         if kind == "function":
-            run_task_sync(task, task_run=run, return_type="state", context=context)
+            runner(task, task_run=run, return_type="state", context=context)
         elif kind == "coroutine":
-            coroutine = run_task_async(task, task_run=run, return_type="state", context=context)
-            run_on_worker_loop(coroutine)
+            run_on_worker_loop(runner(task, task_run=run, return_type="state", context=context))
         elif kind == "generator":
-            generator = run_generator_task_sync(task, task_run=run, context=context)
-            _drain(generator, run, publish, items)
+            _drain(runner(task, task_run=run, context=context), run, publish, items)
         else:
-            agenerator = run_generator_task_async(task, task_run=run, context=context)
+            agenerator = runner(task, task_run=run, context=context)
             run_on_worker_loop(_drain_async(agenerator, run, publish, items))
     finally:
         if writer is not None:
@@ -286,6 +291,7 @@ def _environment(
         is_cancelled=revocation_check(delivery.task_id, store),
         across_processes=True,
         saves_on_create=not store.shared,  # memory:// keeps the live run object
+        ends_attempt=celery_control_state,  # Reject, Ignore: Celery's, never retried
     )
 
 
@@ -378,11 +384,11 @@ def _retry_later(task: Task, delivery: Delivery, run: TaskRun, state: State) -> 
     """Send the run back to the broker until its scheduled time: the worker slot is freed."""
     scheduled = state.scheduled_time
     countdown = max(0.0, (scheduled - utcnow()).total_seconds()) if scheduled else 0.0
-    _awaiting_info[delivery.task_id] = state_info(run, state)
+    _awaiting_info[delivery.task_id] = awaiting_retry_meta(task.backend, run, state)
+    cause = state.data if isinstance(state.data, Exception) else None
     try:
-        # publishes, then raises celery.exceptions.Retry (whose exc on_retry and task_retry see)
-        reason = state.data if isinstance(state.data, Exception) else None
-        task.retry(exc=reason, countdown=countdown)
+        # Publishes, then raises celery.exceptions.Retry (carrying the cause, as Celery's own).
+        task.retry(exc=cause, countdown=countdown)
     except Retry:
         raise
     except BaseException:

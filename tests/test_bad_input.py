@@ -131,7 +131,7 @@ OPTION_MISTAKES = [
                  id="misspelt-engine-option"),
     pytest.param(OptionMistake({"acks_lat": True}, TypeError, ("acks_lat", "'acks_late'")),
                  id="misspelt-celery-option"),
-    pytest.param(OptionMistake({"bind": True}, TypeError, ("bind", "get_task_run")),
+    pytest.param(OptionMistake({"max_retries": None}, TypeError, ("max_retries", "for ever")),
                  id="celery-option-that-fights-the-engine"),
     pytest.param(OptionMistake({"retries": -1}, ValueError, ("retries", ">= 0")),
                  id="negative-retries"),

@@ -1,11 +1,15 @@
 """The package's layers, checked on its source: who may import what.
 
-Two rules, read from the import statements of every module (an AST walk, so an import inside
-a function or under ``TYPE_CHECKING`` counts as much as one at the top):
+Three rules, read from the import statements of every module (an AST walk; for the first two
+an import inside a function or under ``TYPE_CHECKING`` counts as much as one at the top):
 
 - only the store package, ``celery_taskengine/_store/``, talks to Redis: no other module
   imports ``redis`` (``import redis``, ``import redis.x``, ``from redis... import ...``);
-- the store sits below the Celery bridge: nothing in ``_store`` imports a bridge module.
+- the store sits below the Celery bridge: nothing in ``_store`` imports a bridge module;
+- the engine core is pure: importing one of :data:`CORE_MODULES` imports no ``celery``,
+  ``kombu``, ``redis`` or ``anyio``, directly or through the package modules it imports at
+  import time (a function-level import, such as a transaction's ``with`` shell reaching for
+  its driver, runs only when called; ``TYPE_CHECKING`` imports never run).
 
 Known current violations are listed in :data:`KNOWN_REDIS_IMPORTERS`, printed by the test, so
 that the rule is enforced for every other module today and the list can only shrink: a module
@@ -18,6 +22,8 @@ import ast
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parents[1] / "celery_taskengine"
 STORE = PACKAGE / "_store"
 
@@ -29,6 +35,7 @@ KNOWN_REDIS_IMPORTERS: frozenset[str] = frozenset()
 BRIDGE_MODULES: frozenset[str] = frozenset(
     {
         "cancellation",
+        "control_flow",
         "cli",
         "cli_store",
         "demo",
@@ -44,6 +51,31 @@ BRIDGE_MODULES: frozenset[str] = frozenset(
         "worker_run",
     }
 )
+
+
+#: The engine core: the run's decisions, its steps, states, records, keys and transactions.
+CORE_MODULES: frozenset[str] = frozenset(
+    {
+        "cache_policies",
+        "core_cache",
+        "core_env",
+        "core_outcomes",
+        "core_states",
+        "errors",
+        "parameters",
+        "pydantic_args",
+        "retry_policy",
+        "run_core",
+        "run_scope",
+        "states",
+        "steps",
+        "task_run",
+        "transaction_scope",
+        "transactions",
+    }
+)
+#: What the core must not import when it is imported.
+NOT_IN_CORE = ("celery", "kombu", "redis", "anyio")
 
 
 def modules(root: Path) -> Iterator[Path]:
@@ -112,3 +144,80 @@ def test_the_store_package_imports_nothing_from_the_celery_bridge() -> None:
         if name in bridge or any(name.startswith(f"{module}.") for module in bridge)
     ]
     assert not found, "the store imports the Celery bridge:\n" + "\n".join(found)
+
+
+def import_time_modules(path: Path) -> Iterator[tuple[int, str]]:
+    """``(line, dotted name)`` of what importing ``path`` imports: module-level statements,
+    outside functions and ``if TYPE_CHECKING:`` blocks."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    package = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts[:-1])
+    pending: list[ast.stmt] = list(tree.body)
+    while pending:
+        node = pending.pop()
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            pending.extend(node.orelse)
+        elif isinstance(node, ast.If | ast.Try | ast.With):
+            for block in ("body", "orelse", "finalbody", "handlers"):
+                pending.extend(getattr(node, block, []))
+        elif isinstance(node, ast.ExceptHandler):
+            pending.extend(node.body)
+        elif isinstance(node, ast.Import):
+            yield from ((node.lineno, alias.name) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parent, base] if base else parent)
+            yield node.lineno, base
+            yield from ((node.lineno, f"{base}.{alias.name}") for alias in node.names)
+
+
+def module_path(name: str) -> Path | None:
+    """The file of package module ``name`` (dotted), or ``None`` (a name inside a module)."""
+    relative = name.split(".")[1:]
+    if not relative:
+        return None  # the package's __init__: the public surface, not part of the core
+    as_module = PACKAGE.joinpath(*relative).with_suffix(".py")
+    if as_module.exists():
+        return as_module
+    as_package = PACKAGE.joinpath(*relative, "__init__.py")
+    return as_package if as_package.exists() else None
+
+
+def import_time_closure(module: str) -> dict[str, list[str]]:
+    """Every module importing ``celery_taskengine.<module>`` imports, with who imports it."""
+    seen: dict[str, list[str]] = {}
+    todo = [f"celery_taskengine.{module}"]
+    done: set[str] = set()
+    while todo:
+        current = todo.pop()
+        path = module_path(current)
+        if current in done or path is None:
+            continue
+        done.add(current)
+        for line, name in import_time_modules(path):
+            seen.setdefault(name, []).append(f"{path.relative_to(PACKAGE)} line {line}")
+            if name.startswith("celery_taskengine."):
+                todo.append(name)
+    return seen
+
+
+def test_the_import_time_walk_sees_the_drivers_anyio() -> None:
+    # Given the drivers await with anyio, a walk that misses it would prove nothing.
+    assert "anyio" in import_time_closure("drivers")
+
+
+def test_the_import_time_walk_skips_type_checking_and_function_imports() -> None:
+    seen = import_time_closure("transactions")
+    assert "celery_taskengine.drivers" not in seen  # imported inside the shell methods
+    assert "celery_taskengine._store.protocol" not in seen  # under TYPE_CHECKING
+
+
+@pytest.mark.parametrize("module", sorted(CORE_MODULES))
+def test_importing_a_core_module_imports_no_celery_kombu_redis_or_anyio(module: str) -> None:
+    found = {
+        name: where
+        for name, where in import_time_closure(module).items()
+        if name.split(".")[0] in NOT_IN_CORE
+    }
+    assert not found, f"celery_taskengine.{module} imports at import time: {found}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import traceback as tracebacks
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -18,13 +19,14 @@ from celery.backends.rpc import RPCBackend
 
 from celery_taskengine._store.protocol import ResultStore
 from celery_taskengine.states import State, utcnow
-from celery_taskengine.task_run import TaskRun
+from celery_taskengine.task_run import TaskRun, encode_exception
 
 if TYPE_CHECKING:
     from celery import Celery
 
 __all__ = [
     "SET_META_LUA",
+    "awaiting_retry_meta",
     "celery_status",
     "encode_meta",
     "keeps_meta_on_redis",
@@ -61,9 +63,10 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"))
 def celery_status(state: State) -> str | None:
     """The backend task state shown for ``state`` (``AwaitingRetry`` -> ``AWAITING_RETRY``).
 
-    ``None`` for Pending and for final states Celery records itself (SUCCESS, FAILURE, REVOKED).
+    ``None`` for Pending, for final states Celery records itself (SUCCESS, FAILURE, REVOKED)
+    and for Ignored (Celery's ``Ignore`` stores nothing: a state the task set stays).
     """
-    if state.name == "Pending" or (state.is_final() and not state.is_crashed()):
+    if state.name in _NOT_SHOWN or (state.is_final() and not state.is_crashed()):
         return None
     status = _STATUS_NAMES.get(state.name)
     if status is None:
@@ -74,6 +77,7 @@ def celery_status(state: State) -> str | None:
 
 
 _STATUS_NAMES: dict[str, str] = {}
+_NOT_SHOWN = frozenset({"Pending", "Ignored"})
 
 
 def keeps_meta_on_redis(backend: Any) -> bool:
@@ -82,11 +86,17 @@ def keeps_meta_on_redis(backend: Any) -> bool:
 
 
 def write_task_meta(
-    app: Celery, task_id: str, status: str, result: Any, *, expected: str = ""
+    app: Celery,
+    task_id: str,
+    status: str,
+    result: Any,
+    *,
+    expected: str = "",
+    traceback: str | None = None,
 ) -> bool:
     """Set the backend's meta of ``task_id`` (one round trip), never over a final one."""
     backend = app.backend
-    meta = backend.encode(_meta(task_id, status, result))
+    meta = backend.encode(_meta(task_id, status, result, traceback=traceback))
     keys = [backend.get_key_for_task(task_id)]
     return bool(backend.client.eval(SET_META_LUA, 1, *keys, meta, px(backend.expires), expected))
 
@@ -100,6 +110,27 @@ def state_info(run: TaskRun, state: State) -> dict[str, Any]:
         "message": state.message,
         "scheduled_time": scheduled,
     }
+
+
+def awaiting_retry_meta(
+    backend: Any, run: TaskRun, state: State
+) -> tuple[dict[str, Any], str | None]:
+    """The ``result`` and ``traceback`` of AWAITING_RETRY meta.
+
+    Besides the engine's fields it carries what Celery's RETRY meta does: the exception being
+    retried, in the backend's own exception fields (``exc_type``, ``exc_message``,
+    ``exc_module``: ``backend.exception_to_python`` rebuilds it), and its traceback.
+    """
+    info = state_info(run, state)
+    cause = state.data
+    if not isinstance(cause, BaseException):
+        return info, None
+    fields = backend.prepare_exception(cause)
+    info.update(fields if isinstance(fields, dict) else encode_exception(cause))
+    if cause.__traceback__ is None:
+        return info, None
+    lines = tracebacks.format_exception(type(cause), cause, cause.__traceback__)
+    return info, "".join(lines)
 
 
 def encode_meta(backend: Any, task_id: str, status: str, result: Any) -> bytes | str:
@@ -142,13 +173,18 @@ def save_run_with_meta(
 
 
 def _meta(
-    task_id: str, status: str, result: Any, *, date_done: str | None = None
+    task_id: str,
+    status: str,
+    result: Any,
+    *,
+    date_done: str | None = None,
+    traceback: str | None = None,
 ) -> dict[str, Any]:
     # The shape Celery's backends store (backends/base.py _get_result_meta).
     return {
         "status": status,
         "result": result,
-        "traceback": None,
+        "traceback": traceback,
         "children": [],
         "date_done": date_done,
         "task_id": task_id,

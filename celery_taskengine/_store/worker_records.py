@@ -156,10 +156,10 @@ class DeliveryRecorder:
                 self._send_confirmed([save, self._index_command(run)], piggyback)
         else:
             commands = [save, self._index_command(run)]
-            status = celery_status(state)
+            status = celery_status(state) if self._shows_meta else None
             if status is not None and self._meta_rides_along:
                 commands.append(self._meta_command(run, state, status))
-            elif status is not None and self._shows_meta:
+            elif status is not None:
                 self._show_through_celery(run, state, status)
             if settles:
                 self._final = commands
