@@ -199,7 +199,16 @@ def _delivery(task: Task, request: Any, store: ResultStore, claim: Claim | None)
         piggyback=_may_piggyback(task, request, store),
         claim=claim,
         ignores_result=bool(get_actual_ignore_result(task, request)),
+        acks_late=bool(task.acks_late),
+        result_follows=_result_follows(task, request),
     )
+
+
+def _result_follows(task: Task, request: Any) -> bool:
+    """Whether Celery stores the delivery's outcome as soon as it returns (see Delivery)."""
+    if request.is_eager or task.acks_late or get_actual_ignore_result(task, request):
+        return False
+    return task.fn_kind in ("function", "coroutine")
 
 
 def _workflow_id(request: Any) -> str:

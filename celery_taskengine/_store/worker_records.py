@@ -96,6 +96,12 @@ class Delivery:
     claim: Claim | None = None
     #: Celery keeps no result of this delivery (``ignore_result``): no engine state either.
     ignores_result: bool = False
+    #: The message stays with the broker until the delivery ends (``acks_late``): a
+    #: redelivery after a crash must find the attempt's Running record.
+    acks_late: bool = False
+    #: Celery stores the outcome right after the delivery returns (a function's or a
+    #: coroutine's, kept, not eager, acknowledged early): its record may commit with it.
+    result_follows: bool = False
 
     @property
     def may_continue(self) -> bool:
