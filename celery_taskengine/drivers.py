@@ -12,8 +12,14 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, Generator
 from typing import Any, TypeVar
 
-from celery_taskengine.step_handlers import ASYNC, SYNC, Drive, Outlet, run_awaitable_sync
-from celery_taskengine.steps import Emit, GeneratorClosed, Steps
+from celery_taskengine.step_handlers import (
+    ASYNC,
+    SYNC,
+    Drive,
+    Outlet,
+    run_awaitable_sync,
+)
+from celery_taskengine.steps import Emit, GeneratorClosed, Record, Steps
 
 __all__ = [
     "Finished",
@@ -45,6 +51,7 @@ def drive_sync(steps: Steps[T], outlet: Outlet | None = None) -> T:
     plain task run, where a generator layer less counts.
     """
     drive = Drive(outlet)
+    inline, recorder, handlers = drive.inline, drive.recorder, SYNC
     send: Any = None
     error: BaseException | None = None
     try:
@@ -55,7 +62,12 @@ def drive_sync(steps: Steps[T], outlet: Outlet | None = None) -> T:
                 return stop.value  # type: ignore[no-any-return]
             send, error = None, None
             try:
-                send = SYNC[type(step)](step, drive)
+                kind = type(step)
+                if kind is Record and inline and not step.first:
+                    if recorder is not None:
+                        recorder(step.run, step.state)
+                    continue
+                send = handlers[kind](step, drive)
             except BaseException as exc:  # every outcome goes back to the core
                 error = exc
     finally:
@@ -64,8 +76,12 @@ def drive_sync(steps: Steps[T], outlet: Outlet | None = None) -> T:
 
 
 async def drive_async(steps: Steps[T], outlet: Outlet | None = None) -> T:
-    """Run a core routine that emits nothing to its end with ``await``."""
+    """Run a core routine that emits nothing to its end with ``await``.
+
+    Steps that never wait are carried out inline, as the sync loop does: no coroutine each.
+    """
     drive = Drive(outlet)
+    inline, recorder, handlers, awaiting = drive.inline, drive.recorder, SYNC, ASYNC
     send: Any = None
     error: BaseException | None = None
     try:
@@ -76,11 +92,14 @@ async def drive_async(steps: Steps[T], outlet: Outlet | None = None) -> T:
                 return stop.value  # type: ignore[no-any-return]
             send, error = None, None
             try:
-                awaited = ASYNC.get(
-                    type(step)
-                )  # inline: no coroutine for the steps that never wait
+                kind = type(step)
+                if kind is Record and inline and not step.first:
+                    if recorder is not None:
+                        recorder(step.run, step.state)
+                    continue
+                awaited = awaiting.get(kind)
                 if awaited is None:
-                    send = SYNC[type(step)](step, drive)
+                    send = handlers[kind](step, drive)
                 else:
                     send = await awaited(step, drive)
             except BaseException as exc:  # every outcome goes back to the core
@@ -142,9 +161,7 @@ async def iterate_async(
                     raise
                 continue
             try:
-                awaited = ASYNC.get(
-                    type(step)
-                )  # inline: no coroutine for the steps that never wait
+                awaited = ASYNC.get(type(step))  # inline: no coroutine for steps that never wait
                 if awaited is None:
                     send = SYNC[type(step)](step, drive)
                 else:

@@ -86,9 +86,17 @@ class Transaction:
         self.key = key
         self.parent: Transaction | None = (inherited := CURRENT.get())
         # A child inherits its parent's commit mode, isolation and store unless given its own.
-        self.commit_mode: CommitMode | None = commit_mode or getattr(inherited, "commit_mode", None)
-        self.isolation_level: IsolationLevel = effective_isolation(isolation_level, inherited)
-        self.store = store if store is not None else getattr(inherited, "store", None)
+        # Every task attempt opens one, mostly with no parent: that case asks nothing of it.
+        if inherited is None:
+            self.commit_mode: CommitMode | None = commit_mode
+            self.isolation_level: IsolationLevel = (
+                IsolationLevel.READ_COMMITTED if isolation_level is None else isolation_level
+            )
+            self.store = store
+        else:
+            self.commit_mode = commit_mode or inherited.commit_mode
+            self.isolation_level = effective_isolation(isolation_level, inherited)
+            self.store = store if store is not None else inherited.store
         #: Where SERIALIZABLE locks are taken when not on ``store`` (a policy's lock_manager).
         self.lock_manager = lock_manager
         self.overwrite = overwrite
@@ -138,8 +146,10 @@ class Transaction:
         if self.state is TransactionState.COMMITTED:
             return
         self._staged = (value,)
-        self.on_commit_hooks.extend(on_commit)
-        self.on_rollback_hooks.extend(on_rollback)
+        if on_commit:
+            self.on_commit_hooks.extend(on_commit)
+        if on_rollback:
+            self.on_rollback_hooks.extend(on_rollback)
         self.state = TransactionState.STAGED
 
     def add_child(self, child: Transaction) -> None:
