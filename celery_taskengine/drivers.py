@@ -54,6 +54,7 @@ def drive_sync(steps: Steps[T], outlet: Outlet | None = None) -> T:
     inline, recorder, handlers = drive.inline, drive.recorder, SYNC
     send: Any = None
     error: BaseException | None = None
+    step: Any  # one of steps.Step; Any, since ``type(step) is Record`` narrows nothing
     try:
         while True:
             try:
@@ -84,6 +85,7 @@ async def drive_async(steps: Steps[T], outlet: Outlet | None = None) -> T:
     inline, recorder, handlers, awaiting = drive.inline, drive.recorder, SYNC, ASYNC
     send: Any = None
     error: BaseException | None = None
+    step: Any  # one of steps.Step; Any, since ``type(step) is Record`` narrows nothing
     try:
         while True:
             try:

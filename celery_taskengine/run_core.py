@@ -14,7 +14,7 @@ Importing it imports no Celery, kombu, Redis or anyio (``tests/test_layers.py`` 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery_taskengine.core_cache import CacheSteps, key_plan
 from celery_taskengine.core_env import EngineTask, RunEnvironment
@@ -34,6 +34,10 @@ from celery_taskengine.steps import (
     Steps,
 )
 from celery_taskengine.task_run import TaskRun
+
+if TYPE_CHECKING:
+    from celery_taskengine._store.protocol import ResultRecord
+    from celery_taskengine.transactions import Transaction
 
 __all__ = ["EngineTask", "RunCore", "RunEnvironment"]
 
@@ -169,8 +173,10 @@ class RunCore(Outcomes, CacheSteps):
         if self.invalid_inputs is not None:
             yield from self._fail(self.invalid_inputs)
             return
+        hit: ResultRecord | None = None
+        txn: Transaction | None
         if self.is_generator or self.keys.keyless:  # no key: no look-up routine either
-            hit, txn = None, self._transaction(None)
+            txn = self._transaction(None)
             txn.enter()
         else:
             hit, txn = yield from self._look_up()
