@@ -15,13 +15,14 @@ from celery_taskengine.core_states import StateEntry
 from celery_taskengine.errors import ConfigurationError
 from celery_taskengine.states import State
 from celery_taskengine.steps import ComputeKey, ReadCache, Steps
-from celery_taskengine.transactions import Transaction, effective_isolation
+from celery_taskengine.transaction_scope import CURRENT
+from celery_taskengine.transactions import Transaction
 
 if TYPE_CHECKING:
     from celery_taskengine._store.protocol import ResultRecord, ResultStore
     from celery_taskengine.options import TaskOptions
 
-__all__ = ["CacheSteps", "KeyPlan", "key_plan"]
+__all__ = ["CacheSteps", "KeyPlan", "key_plan", "reads_ahead"]
 
 
 class KeyPlan(NamedTuple):
@@ -65,6 +66,19 @@ def key_plan(options: TaskOptions) -> KeyPlan:
         _PLANS.clear()  # options made per call (with_options in a loop) must not pile up
     _PLANS[id(options)] = (options, plan)
     return plan
+
+
+#: Whether a store class can send a read ahead, by class: asked on every cached run.
+_READS_AHEAD: dict[type, bool] = {}
+
+
+def reads_ahead(store: Any) -> bool:
+    """Whether ``store`` can send a read ahead of its answer (a ``start_read`` method)."""
+    kind = type(store)
+    known = _READS_AHEAD.get(kind)
+    if known is None:
+        known = _READS_AHEAD[kind] = callable(getattr(kind, "start_read", None))
+    return known
 
 
 class CacheSteps(StateEntry):
@@ -149,9 +163,9 @@ class CacheSteps(StateEntry):
         """
         if not self.keys.ahead or self.is_generator or self.invalid_inputs is not None:
             return False
-        if self.env.is_cancelled is not None or not self._reads_plainly():
+        if self.env.is_cancelled is not None or not reads_ahead(self._key_store()):
             return False
-        return getattr(self._key_store(), "start_read", None) is not None
+        return self._reads_plainly()
 
     def _read_ahead(self) -> Steps[None]:
         key = self._key_in_place()  # read ahead only with a built-in policy (KeyPlan.ahead)
@@ -173,11 +187,14 @@ class CacheSteps(StateEntry):
 
     def _reads_plainly(self) -> bool:
         """Whether this attempt's transaction would only read its key: no lock, no refresh."""
-        policy = self.options.cache_policy
         if self.options.refresh_cache:
             return False
+        policy = self.options.cache_policy
         given = policy.isolation_level if policy is not None else None
-        return effective_isolation(given) is cp.IsolationLevel.READ_COMMITTED
+        if given is None:  # effective_isolation, written out: asked on every cached run
+            parent = CURRENT.get()
+            return parent is None or parent.isolation_level is cp.IsolationLevel.READ_COMMITTED
+        return given is cp.IsolationLevel.READ_COMMITTED
 
     def _key_store(self) -> ResultStore:
         """Where this task's records live: the policy's key_storage, else the run's store."""

@@ -19,7 +19,7 @@ from celery_taskengine.step_handlers import (
     Outlet,
     run_awaitable_sync,
 )
-from celery_taskengine.steps import Emit, GeneratorClosed, Record, Steps
+from celery_taskengine.steps import CallTask, Emit, GeneratorClosed, Record, Steps
 
 __all__ = [
     "Finished",
@@ -98,6 +98,10 @@ async def drive_async(steps: Steps[T], outlet: Outlet | None = None) -> T:
                 if kind is Record and inline and not step.first:
                     if recorder is not None:
                         recorder(step.run, step.state)
+                    continue
+                if kind is CallTask and step.is_async and step.timeout is None:
+                    with step.scope():  # an async def's attempt: no coroutine around it
+                        send = await step.fn(*step.args, **step.kwargs)
                     continue
                 awaited = awaiting.get(kind)
                 if awaited is None:

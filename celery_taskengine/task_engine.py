@@ -193,7 +193,8 @@ def run_task_sync(
 ) -> Any:
     """Run a sync task to a final state here; return its value (or final State)."""
     engine = SyncTaskRunEngine(task, parameters, task_run, wait_for, context, task_run_id)
-    engine.run()
+    engine._started = True
+    drive_sync(engine.core.run_to_end(), engine.core.env)  # engine.run(), one call less
     return engine._answer(return_type)
 
 
@@ -211,7 +212,8 @@ async def run_task_async(
     engine = AsyncTaskRunEngine(
         task, parameters, task_run, wait_for, context, task_run_id, is_async=True
     )
-    await engine.run()
+    engine._started = True
+    await drive_async(engine.core.run_to_end(), engine.core.env)  # engine.run(), one less
     return engine._answer(return_type)
 
 
