@@ -13,9 +13,9 @@ FLOOR_VENV := .venv-redis-floor
 FLOOR_STAMP := $(FLOOR_VENV)/.installed-redis-$(REDIS_FLOOR)
 # The store layer's tests: the Redis ones run over RESP2 and RESP3 (tests/conftest.py).
 STORE_TESTS := tests/test_redis_store.py tests/test_local_recording.py tests/test_early_read.py \
-	tests/test_memory_store.py tests/test_store_contract.py tests/test_layers.py
+	tests/test_memory_store.py tests/test_store_contract.py tests/test_layers.py tests/test_wire.py
 
-.PHONY: demo test test-suite test-redis-floor fault-matrix celery-suite lint bench bench-deployments clean
+.PHONY: demo test test-suite test-redis-floor fault-matrix celery-suite soak lint bench bench-deployments clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -65,6 +65,11 @@ fault-matrix: $(STAMP)
 celery-suite: $(STAMP)
 	./scripts/ensure-services
 	CELERY_SUITE=full $(PY) -m pytest -q -s tests/celery_suite/test_celery_suite.py $(PYTEST_ARGS)
+
+# The soak tests at full size (the normal run keeps them small: SOAK_RUNS=2000).
+soak: $(STAMP)
+	./scripts/ensure-services
+	SOAK_RUNS=20000 LEAK_SOAK_THREADS=10000 $(PY) -m pytest -q -m soak $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	./scripts/ensure-services

@@ -14,10 +14,10 @@ whose keys are deleted at the end), prints the median cost per call of:
   path from the run record the engine writes to the backend for every local run.
 
 Cases are measured round-robin (one batch of each, repeated), so a busy machine slows them all
-alike; the medians are printed. "Commands" is the Redis commands one call sends, counted with
-``INFO commandstats``: a hit's run record is a ``SET`` after ``CLIENT REPLY SKIP``, which waits
-for no answer, so a hit's three commands are one round trip. No assertions: this is a
-measurement.
+alike; the medians are printed. "Commands" is the Redis commands one call makes, counted with
+``INFO commandstats`` (which counts a script's own commands too): a hit is one ``GET``; its run
+record is written behind it by the flusher thread, in one script call with the other records
+held then, whose reply the flusher reads. No assertions: this is a measurement.
 
     python bench/cache_costs.py [--url redis://127.0.0.1:6379/14] [--calls 1000] [--repeats 9]
 """

@@ -21,7 +21,13 @@ from typing import Any
 from celery_taskengine.retry_policy import MAX_RETRY_DELAYS
 from celery_taskengine.states import State
 
-__all__ = ["CELERY_RETRY_OPTIONS", "AutoRetryCondition", "CeleryRetries", "translate"]
+__all__ = [
+    "CELERY_RETRY_OPTIONS",
+    "ONLY_SELF_RETRY",
+    "AutoRetryCondition",
+    "CeleryRetries",
+    "translate",
+]
 
 #: Celery task options about retries, and the engine option each one stands for.
 COUNTERPARTS: dict[str, tuple[str, ...]] = {
@@ -67,6 +73,11 @@ class AutoRetryCondition:
         return self.autoretry_for is None or isinstance(exc, self.autoretry_for)
 
 
+#: The retry condition of a task whose retries are Celery's ``max_retries`` alone: no exception
+#: is retried by itself; ``self.retry()`` always is (it bypasses the condition).
+ONLY_SELF_RETRY = AutoRetryCondition(autoretry_for=())
+
+
 def translate(given: Mapping[str, Any]) -> CeleryRetries:
     """Engine options equivalent to ``given``, with its Celery retry options replaced.
 
@@ -94,6 +105,10 @@ def translate(given: Mapping[str, Any]) -> CeleryRetries:
     condition = _condition(celery)
     if condition is not None:
         _agree(engine, "retry_condition_fn", condition, _condition_from(celery))
+    elif count_from and "retries" not in given and engine.get("retry_condition_fn") is None:
+        # Celery's count without autoretry_for: only ``self.retry()`` retries, as in Celery
+        # (the engine's own ``retries`` retries every exception).
+        engine["retry_condition_fn"] = ONLY_SELF_RETRY
     return CeleryRetries(engine, full_jitter=full)
 
 

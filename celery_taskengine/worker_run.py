@@ -74,7 +74,7 @@ def run_delivery(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> A
     parameters = bind_parameters(task.run, args, kwargs)
     claim = None
     if store.claims:
-        claiming: Any = store  # claims are operations of such stores (see claims.ClaimStore)
+        claiming: Any = store  # claims are operations of such stores (see redis_claims.ClaimStore)
         with handed_back_if_unreachable(task, args, kwargs):
             claim = _claim_message(task, request, claiming)
             handled = _recorded_run(task, request, claiming) if claim is None else None

@@ -172,6 +172,7 @@ def test_an_incremental_run_document_matches_the_run_records_own() -> None:
         run.state = state
         run.state_history.append(state)
         run.start_time = run.start_time or state.timestamp
+        run.end_time = state.timestamp if state.is_final() else None
 
         assert json.loads(document.encode(run)) == run.to_document()
 

@@ -73,6 +73,15 @@ def request_probe(self: Any, key: str) -> str:
     return str(request.id)
 
 
+def settle(self: Any, key: str) -> str:
+    """A Celery task that retries only by ``self.retry`` (``max_retries`` and no autoretry):
+    one asked-for retry, then an error nobody asked to retry."""
+    side(self.app).rpush(key, json.dumps([time.time(), self.request.retries]))
+    if self.request.retries == 0:
+        raise self.retry(countdown=0.2)
+    raise KeyError(f"unknown at attempt {self.request.retries + 1}")
+
+
 @shared_task(base=Task, name="idioms.worker.shared_mul")
 def shared_mul(x: int, y: int) -> int:
     return x * y
@@ -95,6 +104,12 @@ def _register(app: Celery) -> SimpleNamespace:
         request_probe=task(app=app, bind=True, max_retries=1, name="idioms.request_probe")(
             request_probe
         ),
+        plain_settle=app.task(bind=True, name="idioms.plain_settle", shared=False, max_retries=3)(
+            settle
+        ),
+        engine_settle=app.task(
+            base=Task, bind=True, name="idioms.engine_settle", shared=False, max_retries=3
+        )(settle),
     )
 
 
@@ -152,6 +167,24 @@ def test_a_celery_task_moved_to_the_engine_by_its_decorator_behaves_as_under_cel
         "AwaitingRetry", "Retrying", "AwaitingRetry", "Retrying", "AwaitingRetry", "Retrying",
         "Failed",
     ]  # fmt: skip
+
+
+def test_max_retries_without_autoretry_retries_only_what_self_retry_asks_for_as_celery(
+    worker: Worker,
+) -> None:
+    plain_key, engine_key = worker.key("plain-settle"), worker.key("engine-settle")
+
+    plain = worker.tasks.plain_settle.delay(plain_key)
+    engine = worker.tasks.engine_settle.delay(engine_key)
+    plain_error, engine_error = final_error(plain), final_error(engine)
+
+    # One retry asked for, then the KeyError fails the task at once, with retries left.
+    assert [r for _, r in attempts(worker, plain_key)] == [0, 1]
+    assert [r for _, r in attempts(worker, engine_key)] == [0, 1]
+    assert type(plain_error) is type(engine_error) is KeyError
+    run = get_task_run(engine.id, worker.app)
+    assert run is not None
+    assert run.history_names() == ["Pending", "Running", "AwaitingRetry", "Retrying", "Failed"]
 
 
 def test_retry_jitter_spreads_delays_as_celery_does(worker: Worker) -> None:

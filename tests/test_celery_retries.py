@@ -15,7 +15,7 @@ from celery import Celery
 from celery.utils.time import get_exponential_backoff_interval
 
 from celery_taskengine import task
-from celery_taskengine.celery_retries import AutoRetryCondition, translate
+from celery_taskengine.celery_retries import ONLY_SELF_RETRY, AutoRetryCondition, translate
 from celery_taskengine.options import build_options
 from celery_taskengine.retry_policy import full_jitter
 
@@ -78,11 +78,12 @@ def test_autoretry_for_alone_means_celerys_three_retries_every_180_seconds() -> 
     assert got.retry_condition_fn == AutoRetryCondition((ConnectionError,), ())
 
 
-def test_max_retries_alone_means_that_many_engine_retries() -> None:
+def test_max_retries_alone_means_that_many_retries_asked_for_by_self_retry() -> None:
     got = options(max_retries=3)
 
     assert got.retries == 3
-    assert got.retry_condition_fn is None
+    assert got.retry_condition_fn is ONLY_SELF_RETRY  # as in Celery: no exception by itself
+    assert options(retries=3).retry_condition_fn is None  # the engine's own: every exception
 
 
 def test_retry_kwargs_and_default_retry_delay_set_count_and_delay() -> None:

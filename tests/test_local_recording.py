@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -26,6 +27,7 @@ import redis
 from celery_taskengine import flush_run_records, task
 from celery_taskengine._store.local_flush import WRITE_BEHIND_SECONDS
 from celery_taskengine._store.local_records import LocalRunRecorder, recorder_for
+from celery_taskengine._store.record_batch import MAX_RUNS_PER_BATCH
 from celery_taskengine._store.redis_store import RedisStore
 from celery_taskengine._store.selection import store_for_app
 from celery_taskengine.cache_policies import INPUTS
@@ -321,11 +323,50 @@ def test_local_runs_do_not_wait_for_a_backend_that_hangs(redis_app_factory: Any)
     runner.join(PATIENCE_SECONDS)  # the server is gone: its connections fail, all unblock
 
 
-def finished_run(run_id: str) -> TaskRun:
-    run = TaskRun(id=run_id, name="records.manual", task_name="records.manual")
-    for state in (State(StateType.PENDING), State(StateType.RUNNING), State(StateType.COMPLETED)):
+def finished_run(
+    run_id: str, task_name: str = "records.manual", final: StateType = StateType.COMPLETED
+) -> TaskRun:
+    run = TaskRun(id=run_id, name=task_name, task_name=task_name)
+    for state in (State(StateType.PENDING), State(StateType.RUNNING), State(final)):
         run.state, run.state_history = state, [*run.state_history, state]
     return run
+
+
+def script_calls(client: redis.Redis) -> int:
+    stats = client.info("commandstats")
+    return sum(stats.get(f"cmdstat_{name}", {}).get("calls", 0) for name in ("eval", "evalsha"))
+
+
+def test_records_held_together_go_out_in_one_script_call_per_batch_and_are_indexed(
+    store: RedisStore, redis_client: redis.Redis
+) -> None:
+    # Given 300 records held at once (more than one batch takes), of two tasks and two states
+    recorder = LocalRunRecorder(store)  # out of the flusher's reach
+    task_a, task_b = (f"records.batched_{name}_{uuid.uuid4().hex[:8]}" for name in "ab")
+    done = [finished_run(f"done-{n}-{uuid.uuid4().hex}", task_a) for n in range(200)]
+    failed = [
+        finished_run(f"failed-{n}-{uuid.uuid4().hex}", task_b, StateType.FAILED) for n in range(100)
+    ]
+    for run in done + failed:
+        recorder._held[run.id] = run
+    calls_before = script_calls(redis_client)
+
+    # When they are written
+    assert recorder.flush(5)
+
+    # Then a script call per batch carried them all, and the index lists each where it belongs
+    assert script_calls(redis_client) - calls_before == math.ceil(300 / MAX_RUNS_PER_BATCH)
+    assert {run.id for run in store.list_runs(500, task=task_a)} == {run.id for run in done}
+    listed = store.list_runs(500, task=task_b, state="failed")
+    assert {run.id for run in listed} == {run.id for run in failed}
+    assert store.list_runs(500, task=task_a, state="failed") == []
+    for run in (done[0], failed[-1]):
+        assert run.state is not None
+        assert stored_history(redis_client, store, run.id) == ["Pending", "Running", run.state.name]
+    index_keys = [store.run_index.task_key(task_a), store.run_index.tasks_key]
+    assert all(
+        redis_client.pttl(key) > 0 for key in [*index_keys, store.key_for("run", done[0].id)]
+    )
 
 
 def test_writes_redis_had_not_confirmed_are_sent_again_after_it_drops_the_connection(

@@ -23,7 +23,7 @@ __all__ = ["WRITE_BEHIND_SECONDS", "FlushResult", "Flusher"]
 
 logger = logging.getLogger(__name__)
 
-#: A record waits at most this long for a later one to be written with (see LocalRunRecorder).
+#: A record is held about this long, so the records of runs made meanwhile go out with it.
 WRITE_BEHIND_SECONDS = 0.01
 #: How long the flusher waits for Redis to confirm what was sent.
 CONFIRM_TIMEOUT_SECONDS = 5.0
@@ -136,9 +136,12 @@ class Flusher:
         multiprocessing.util.Finalize(None, self.flush_all, exitpriority=_FINALIZER_PRIORITY)
 
     def flush_all(self) -> None:
+        # One budget for the whole exit, however many stores the process used: a process with
+        # many recorders on servers that are gone must still leave within it.
+        deadline = time.monotonic() + EXIT_TIMEOUT_SECONDS
         for recorder in self._recorders():
             try:
                 # Nobody retries after the exit: what is unconfirmed then is lost (and logged).
-                recorder.flush(EXIT_TIMEOUT_SECONDS, patience=0.0)
+                recorder.flush(max(0.0, deadline - time.monotonic()), patience=0.0)
             except Exception:  # exiting: there is nobody left to tell but the log
                 logger.exception("local run records: the flush at exit failed")

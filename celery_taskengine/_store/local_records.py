@@ -5,10 +5,10 @@ visible to ``get_task_run`` from other processes, but a round trip per state wou
 run far more than the run itself: a cache hit would cost three round trips instead of one. So
 the live run object is kept in this process's memory store, where same-process reads find it at
 once, and its document is written to Redis at the states other processes care about (the first
-Running, AwaitingRetry, and the final state) behind the caller: sent on a connection the
-recorder keeps (from the store's engine pool), held back by the kernel (``MSG_MORE``) until the
-flusher thread (:mod:`~._store.local_flush`) pushes them with a PING, within about 10 ms, or
-:func:`flush_run_records` does.
+Running, AwaitingRetry, and the final state) behind the caller: the flusher thread
+(:mod:`~._store.local_flush`) comes within about 10 ms, or :func:`flush_run_records` does, and
+sends every record held then in one script call (:mod:`~._store.record_batch`) on a connection
+the recorder keeps (from the store's engine pool).
 
 Every write's reply is read, by the flusher, not the caller: a write counts as made only when
 Redis answered it. An error reply (OOM, NOPERM, READONLY) loses that run's record, and so does
@@ -33,13 +33,13 @@ import redis
 from celery_taskengine._store.local_flush import Flusher, FlushResult, Recorder
 from celery_taskengine._store.memory import default_memory_store
 from celery_taskengine._store.protocol import SHARED_STATES
+from celery_taskengine._store.record_batch import MAX_RUNS_PER_BATCH, Batch
 from celery_taskengine._store.run_document import RunDocument
 from celery_taskengine._store.task_meta import px
 from celery_taskengine._store.wire import (
     DOWN,
     MSG_MORE,
     PING_PACKED,
-    Command,
     dropped,
     pack,
     read_reply,
@@ -74,17 +74,16 @@ class LocalRunRecorder:
     """The ``record`` callback of local runs on a Redis store.
 
     A record is not written when its state is entered but held (the run's latest state
-    replaces an older one), and written with the next run's Running record, which a cache
-    hit makes while its read is on the way to Redis and back, so the writing costs the caller
-    no time; or by the flusher thread after
-    :data:`~._store.local_flush.WRITE_BEHIND_SECONDS`, whichever comes first. A cache hit's
-    Running and Cached are one record, and a run's Running is written only if it is still
-    running when the flusher comes. A run's thread never waits for Redis:
-    if the connection is down or busy, it leaves the writing to the flusher.
+    replaces an older one), and written by the flusher thread after
+    :data:`~._store.local_flush.WRITE_BEHIND_SECONDS`, with every other record held then, in
+    one script call. A cache hit's Running and Cached are one record, and a run's Running is
+    written only if it is still running when the flusher comes. A run's thread only holds
+    records: encoding, sending and reading replies are the flusher's, so the run never waits
+    for Redis nor spends its time on the writing.
 
-    Writes are sent without waiting for their replies; the flusher reads them. Until its reply
-    arrived, each run's last write is kept, and sent again on a new connection if the old one
-    is found dropped.
+    Until its reply arrived, the batch that carries each run's last write is kept, and sent
+    again (with the batches before it, in order) on a new connection if the old one is found
+    dropped.
     """
 
     def __init__(self, store: RedisStore) -> None:
@@ -104,10 +103,11 @@ class LocalRunRecorder:
         self._lock = threading.Lock()  #: held while encoding, sending and reading replies
         #: Kept from the store's engine pool; None until first used and in a forked child.
         self._connection: Any = None
-        #: Writes sent on the connection whose replies are not read yet, in order (by key).
-        self._sent: collections.deque[tuple[str, Command]] = collections.deque()
-        #: Each record's last write until Redis answered it (by record key).
-        self._unconfirmed: dict[str, Command] = {}
+        #: Batches sent on the connection whose replies are not read yet, in order.
+        self._sent: collections.deque[Batch] = collections.deque()
+        #: The batch carrying each record's last write until Redis answered it (by record key).
+        self._unconfirmed: dict[str, Batch] = {}
+        self._batches_made = 0
         #: Runs whose records were given up on since the last flush, and how many.
         self._lost: dict[str, None] = {}
         self._lost_count = 0
@@ -124,8 +124,6 @@ class LocalRunRecorder:
         first_running = kind is StateType.RUNNING and run.run_count == 1
         if not first_running and kind not in SHARED_STATES:
             return
-        if first_running and self._held:
-            self.write_held(but=run.id, may_connect=False)
         self._held[run.id] = run
         if not self.due:
             _flusher.schedule(self)
@@ -140,32 +138,38 @@ class LocalRunRecorder:
         self._connection = None
         self.due = False
 
-    def write_held(self, but: str | None = None, *, may_connect: bool = True) -> None:
-        """Write the held records (except run ``but``'s) now, without waiting for Redis.
+    def write_held(self) -> None:
+        """Send the held records now, a batch (one script call) at a time, without waiting
+        for Redis (:meth:`confirm_sent` reads the replies).
 
         Encoding and sending happen under one lock, so a run's later state is always sent
-        after its earlier one. Without ``may_connect`` (a run's own thread) nothing is written
-        unless the connection is up and free: the flusher thread writes it instead.
+        after its earlier one. Between batches the GIL is let go: a run's thread back from
+        Redis takes it then, not when this thread has written everything.
         """
-        if not self._lock.acquire(blocking=may_connect):
-            return
-        try:
-            if not may_connect and not self._connected():
-                return
-            commands: dict[str, Command] = {}
-            for run_id in list(self._held):
-                run = self._held.pop(run_id, None) if run_id != but else None
-                if run is None:
-                    continue
-                key = self._run_key_prefix + run_id
-                try:
-                    commands[key] = self._save_command(key, run)
-                except Exception as exc:  # a result that cannot be shown loses its record only
-                    self._lose(key, exc)
-            if commands:
-                self._send(commands, checked=not may_connect)
-        finally:
-            self._lock.release()
+        with self._lock:
+            held = list(self._held)
+            for start in range(0, len(held), MAX_RUNS_PER_BATCH):
+                if start:
+                    time.sleep(0)
+                records = self._encode(held[start : start + MAX_RUNS_PER_BATCH])
+                if records:
+                    batch = Batch(self._batches_made, self._index, records, self._px)
+                    self._batches_made += 1
+                    self._send([batch])
+
+    def _encode(self, run_ids: list[str]) -> list[tuple[str, str, TaskRun]]:
+        """The records of the held runs ``run_ids`` (no longer held), as (key, document, run)."""
+        records: list[tuple[str, str, TaskRun]] = []
+        for run_id in run_ids:
+            run = self._held.pop(run_id, None)
+            if run is None:
+                continue
+            key = self._run_key_prefix + run_id
+            try:
+                records.append((key, self._document(run), run))
+            except Exception as exc:  # a result that cannot be shown loses its record only
+                self._lose(key, exc)
+        return records
 
     def confirm_sent(self, timeout: float, *, patience: float = OUTAGE_PATIENCE_SECONDS) -> bool:
         """Read the replies to what was sent (pushed with a PING), waiting up to ``timeout``
@@ -208,7 +212,7 @@ class LocalRunRecorder:
             try:
                 connection = self._connect()
                 if connection is None:  # every engine connection is busy: write blocking
-                    self._write_blocking(dict(self._unconfirmed))
+                    self._write_blocking(self._unconfirmed_batches())
                     return
                 send(connection, PING_PACKED)
                 self._read_replies(connection, timeout)
@@ -233,7 +237,7 @@ class LocalRunRecorder:
         self._down_since = None
         return True
 
-    def _save_command(self, key: str, run: TaskRun) -> Command:
+    def _document(self, run: TaskRun) -> str:
         documents = self._documents
         document = documents.get(run.id)
         if document is None:
@@ -242,53 +246,63 @@ class LocalRunRecorder:
             document = documents[run.id] = RunDocument(run)
         if run.state is not None and run.state.is_final():
             del documents[run.id]
-        return self._index.save_command(key, document.encode(run), self._px, run, time.time())
+        return document.encode(run)
 
-    def _send(self, commands: dict[str, Command], *, checked: bool = False) -> None:
-        """Send ``commands`` (by record key), held back by the kernel (MSG_MORE) for more;
-        a failed send is made once more on a new connection, then left to the flusher.
-        ``checked``: the caller has just seen that the connection is up."""
+    def _send(self, batches: list[Batch]) -> None:
+        """Send ``batches``, held back by the kernel (MSG_MORE) for the PING that follows;
+        a failed send is made once more on a new connection, then left to the flusher."""
         for _ in (1, 2):
             try:
-                connection = self._connect(checked=checked)
+                connection = self._connect()
                 if connection is None:
                     break  # the flusher writes them blocking (see confirm_sent)
-                send(connection, pack(connection, list(commands.values())), MSG_MORE)
+                send(connection, pack(connection, [b.command for b in batches]), MSG_MORE)
             except DOWN:
                 self._forget_connection()
-                checked = False
                 continue
-            self._sent.extend(commands.items())
+            self._sent.extend(batches)
             break
-        self._unconfirmed.update(commands)  # unsent ones go with the next connection
+        for batch in batches:  # unsent ones go with the next connection
+            self._unconfirmed.update(dict.fromkeys(batch.keys, batch))
+
+    def _unconfirmed_batches(self) -> list[Batch]:
+        """The batches still carrying a record's last write, in the order they were made."""
+        unique = {id(batch): batch for batch in self._unconfirmed.values()}
+        return sorted(unique.values(), key=lambda batch: batch.seq)
+
+    def _settle(self, batch: Batch, error: BaseException | None) -> None:
+        """Redis answered ``batch``: its records are written, or lost with ``error``
+        (unless a later batch carries them)."""
+        unconfirmed = self._unconfirmed
+        for key in batch.keys:
+            if unconfirmed.get(key) is batch:
+                del unconfirmed[key]
+                if error is not None:
+                    self._lose(key, error)
 
     def _read_replies(self, connection: Any, timeout: float) -> None:
-        """Read the reply of every write sent, then the PING's; an error reply loses that
-        write's run record, a failure to read raises (the rest stay unconfirmed)."""
-        sent, unconfirmed = self._sent, self._unconfirmed
+        """Read the reply of every batch sent, then the PING's; an error reply loses that
+        batch's run records, a failure to read raises (the rest stay unconfirmed)."""
+        sent = self._sent
         wait: float | None = timeout  # for the first reply only: the rest follow it
         while sent:
-            key, command = sent[0]
+            error = None
             try:
                 read_reply(connection, wait)
             except redis.exceptions.ResponseError as exc:
-                self._lose(key, exc)
+                error = exc
             wait = None
-            sent.popleft()
-            if unconfirmed.get(key) is command:
-                del unconfirmed[key]
+            self._settle(sent.popleft(), error)
         read_reply(connection, wait)
 
-    def _write_blocking(self, commands: dict[str, Command]) -> None:
-        """Write ``commands`` through the client's pool, waiting for each reply."""
+    def _write_blocking(self, batches: list[Batch]) -> None:
+        """Write ``batches`` through the client's pool, waiting for each reply."""
         pipe = self._client.pipeline(transaction=False)
-        for command in commands.values():
-            pipe.execute_command(*command)  # type: ignore[no-untyped-call]
+        for batch in batches:
+            pipe.execute_command(*batch.command)  # type: ignore[no-untyped-call]
         replies = pipe.execute(raise_on_error=False)
-        for key, reply in zip(commands, replies, strict=True):
-            if isinstance(reply, Exception):
-                self._lose(key, reply)
-            self._unconfirmed.pop(key, None)
+        for batch, reply in zip(batches, replies, strict=True):
+            self._settle(batch, reply if isinstance(reply, Exception) else None)
 
     def _lose(self, key: str, exc: BaseException) -> None:
         run_id = key[len(self._run_key_prefix) :]
@@ -297,19 +311,13 @@ class LocalRunRecorder:
         if len(self._lost) < _MAX_LOST_NAMED:
             self._lost[run_id] = None
 
-    def _connected(self) -> bool:
-        connection = self._connection
-        if connection is None or connection._sock is None:
-            return False
-        # Unread replies make a live connection look dropped: reading them tells.
-        return bool(self._sent) or not dropped(connection)  # the flusher remakes a dropped one
-
-    def _connect(self, *, checked: bool = False) -> Any:
+    def _connect(self) -> Any:
         """The recorder's connection, up (``None`` if the engine pool has none to spare).
         On a new one, the writes the old one left unanswered are sent first."""
         connection = self._connection
         if connection is not None and connection._sock is not None:
-            if checked or self._sent or not dropped(connection):  # see _connected
+            # Unread replies make a live connection look dropped: reading them tells.
+            if self._sent or not dropped(connection):
                 return connection
             self._forget_connection()
         if self._connection is None:
@@ -320,8 +328,9 @@ class LocalRunRecorder:
         connection.connect()
         self._sent.clear()
         if self._unconfirmed:
-            send(connection, pack(connection, list(self._unconfirmed.values())), MSG_MORE)
-            self._sent.extend(self._unconfirmed.items())
+            again = self._unconfirmed_batches()
+            send(connection, pack(connection, [batch.command for batch in again]), MSG_MORE)
+            self._sent.extend(again)
         return connection
 
     def _forget_connection(self) -> None:

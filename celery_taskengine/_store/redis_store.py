@@ -17,10 +17,7 @@ Redis round trip, tried again through an outage as long as Celery's backend retr
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta, timezone
@@ -28,13 +25,10 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import redis
 
-from celery_taskengine._store.claims import ClaimStore
 from celery_taskengine._store.connections import DEFAULT_MAX_CONNECTIONS, EnginePool
 from celery_taskengine._store.early_read import EarlyRead, EarlyReads
 from celery_taskengine._store.protocol import (
-    LocalRecorder,
     ResultRecord,
-    WorkerRecorder,
 )
 from celery_taskengine._store.record_codec import (
     accept_for_app,
@@ -42,6 +36,9 @@ from celery_taskengine._store.record_codec import (
     encode_record,
     normalize_accept,
 )
+from celery_taskengine._store.redis_claims import ClaimStore
+from celery_taskengine._store.redis_locks import RELEASE_LUA, RedisLocks, milliseconds
+from celery_taskengine._store.redis_runs import RedisRuns
 from celery_taskengine._store.redis_streams import RedisStreams
 from celery_taskengine._store.retrying import (
     OUTAGE_ERRORS,
@@ -49,14 +46,12 @@ from celery_taskengine._store.retrying import (
     Patience,
     patience_from_policy,
 )
-from celery_taskengine._store.run_document import encode_run
-from celery_taskengine._store.run_index import INDEX_LUA, RunIndex, list_indexed
+from celery_taskengine._store.run_index import INDEX_LUA, RunIndex
 from celery_taskengine.errors import (
     ConfigurationError,
     StorePermissionError,
     StoreUnavailableError,
 )
-from celery_taskengine.task_run import TaskRun, run_from_document
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -72,17 +67,6 @@ DEFAULT_NAMESPACE = "default"
 DEFAULT_RUN_EXPIRES = 86_400.0
 
 Kind = Literal["cache", "lock", "run", "items", "claim", "revoked"]
-
-# Both scripts act only if the lock still holds the caller's id, so a holder whose ttl ran out
-# can never release or extend the lock a newer holder has taken since.
-_RELEASE_LUA = """
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
-return 0
-"""
-_RENEW_LUA = """
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
-return 0
-"""
 
 _SCAN_BATCH = 500
 #: A cache read's failures that the store's own handling turns into its errors.
@@ -103,7 +87,7 @@ def side_client(client: redis.Redis) -> redis.Redis:
     return redis.Redis(connection_pool=own)
 
 
-class RedisStore(ClaimStore, RedisStreams):
+class RedisStore(ClaimStore, RedisLocks, RedisRuns, RedisStreams):
     """A :class:`~celery_taskengine._store.protocol.ResultStore` on one Redis database.
 
     Use :meth:`for_app` to get one on a Celery app's result backend. ``accept`` lists the
@@ -117,6 +101,7 @@ class RedisStore(ClaimStore, RedisStreams):
 
     shared: bool = True
     supports_locking: bool = True
+    claims: bool = True
 
     def __init__(
         self,
@@ -143,7 +128,7 @@ class RedisStore(ClaimStore, RedisStreams):
         self._prefix = f"{key_prefix}cte:{namespace}:"
         self._clock = clock
         self.patience = patience or Patience()
-        self._release = client.register_script(_RELEASE_LUA)
+        self._release = client.register_script(RELEASE_LUA)
         self._index = self.run_index = RunIndex(self._prefix, self.run_expires)
         self._index_script = client.register_script(INDEX_LUA)
         self._renew: Any = None  # on connections of its own, made by the first renewal
@@ -253,7 +238,7 @@ class RedisStore(ClaimStore, RedisStreams):
             elif expires_in <= 0:
                 self.client.delete(redis_key)
             else:
-                self.client.set(redis_key, raw, px=_milliseconds(expires_in))
+                self.client.set(redis_key, raw, px=milliseconds(expires_in))
 
         self.call(store, f"writing cache record {key!r}")
 
@@ -267,122 +252,7 @@ class RedisStore(ClaimStore, RedisStreams):
         start = len(self.key_for("cache", ""))
         return sorted(_text(name)[start:] for name in self._scan("cache", prefix))
 
-    # -- locks ---------------------------------------------------------------------------
-
-    def acquire_lock(self, key: str, holder: str, ttl: float) -> bool:
-        """``SET lock holder NX PX ttl``: take the lock unless anyone holds it; never blocks.
-
-        Not re-entrant: a holder asking again is refused too. A holder that dies loses the
-        lock after ``ttl`` seconds.
-        """
-        redis_key, ms = self.key_for("lock", key), _milliseconds(_check_ttl(ttl))
-        taken = self.call(
-            lambda: self.client.set(redis_key, holder, nx=True, px=ms), f"taking lock {key!r}"
-        )
-        return bool(taken)
-
-    def renew_lock(self, key: str, holder: str, ttl: float) -> bool:
-        """Give ``holder``'s lock ``ttl`` more seconds from now; ``False`` if it lost it.
-        Waits out an outage at most ``ttl`` seconds: later, the lock has lapsed anyway."""
-        redis_key, ttl = self.key_for("lock", key), _check_ttl(ttl)
-        patience = Patience(min(self.patience.seconds, ttl), self.patience.longest_wait)
-        renew = lambda: self.renew_if_held(redis_key, holder, ttl)  # noqa: E731
-        return self.call(renew, f"renewing lock {key!r}", patience=patience)
-
-    def renew_if_held(self, redis_key: str, holder: str, ttl: float) -> bool:
-        """Extend ``redis_key`` to ``ttl`` seconds from now if it still holds ``holder`` (a
-        lock's or a delivery claim's owner). Called from renewer threads: see side_client."""
-        if self._renew is None:
-            self._renew = side_client(self.client).register_script(_RENEW_LUA)
-        return bool(self._renew(keys=[redis_key], args=[holder, _milliseconds(ttl)]))
-
-    def release_lock(self, key: str, holder: str) -> None:
-        """Release the lock if ``holder`` holds it; another holder's lock is left alone."""
-        redis_key = self.key_for("lock", key)
-        self.call(lambda: self._release(keys=[redis_key], args=[holder]), f"releasing {key!r}")
-
-    def lock_holder(self, key: str) -> str | None:
-        """Who holds the lock on ``key`` now, if anyone."""
-        redis_key = self.key_for("lock", key)
-        holder = self.call(lambda: self.client.get(redis_key), f"reading lock {key!r}")
-        return _text(holder) if holder is not None else None
-
-    # -- run records ---------------------------------------------------------------------
-
-    def save_run(self, run: TaskRun) -> None:
-        """Write the run's JSON document, living ``run_expires`` seconds, and index it (one
-        round trip)."""
-        document = encode_run(run)
-        px = _milliseconds(self.run_expires) if self.run_expires is not None else None
-        redis_key = self.key_for("run", run.id)
-        keys, args = self.index_keys_and_args(run)
-
-        def save() -> None:
-            pipe = self.client.pipeline(transaction=False)
-            pipe.set(redis_key, document, px=px)
-            self._index_script(keys=keys, args=args, client=pipe)
-            pipe.execute()
-
-        self.call(save, "saving its run", run.id)
-
-    def index_keys_and_args(self, run: TaskRun) -> tuple[list[str], list[Any]]:
-        """KEYS and ARGV of :data:`~celery_taskengine._store.run_index.INDEX_LUA` for
-        ``run`` as it is now (for writers of run records in scripts of their own)."""
-        return self._index.for_run(run, self._clock())
-
-    def load_run(self, run_id: str) -> TaskRun | None:
-        """The run record for ``run_id``; ``None`` when unknown, or malformed (with a warning)."""
-        redis_key = self.key_for("run", run_id)
-        raw = self.call(lambda: self.client.get(redis_key), "loading its run", run_id)
-        if raw is None:
-            return None
-        return self._decode_run(run_id, raw)
-
-    def iter_runs(self, limit: int) -> list[TaskRun]:
-        """Up to ``limit`` runs, the most recently active first (read along the run index)."""
-        return self.list_runs(limit)
-
-    claims: bool = True
-
-    def worker_recorder(self, app: Any, delivery: Any) -> WorkerRecorder:
-        """Worker runs' records go on the record channel (see worker_records)."""
-        from celery_taskengine._store.worker_records import DeliveryRecorder
-
-        return DeliveryRecorder(app, self, delivery)
-
-    def rides_with(self, backend: Any) -> bool:
-        """Whether ``backend`` talks to Redis through this store's own client."""
-        return getattr(backend, "client", None) is self.client
-
-    def local_recorder(self) -> LocalRecorder:
-        """Local runs' records are written behind the caller (see local_records)."""
-        from celery_taskengine._store.local_records import recorder_for
-
-        return recorder_for(self)
-
-    def list_runs(
-        self, limit: int, *, task: str | None = None, state: str | None = None
-    ) -> list[TaskRun]:
-        """Up to ``limit`` matching runs, newest first, read along the run index (see
-        run_index): the cost follows ``limit``, not the number of runs."""
-        if limit <= 0:
-            return []
-
-        def listing() -> list[TaskRun]:
-            run_key = functools.partial(self.key_for, "run")
-            args = (self._index, run_key, self._decode_run, limit, task, state)
-            return list_indexed(self.client, *args)
-
-        return self.call(listing, "listing runs")
-
     # -- internals -----------------------------------------------------------------------
-
-    def _decode_run(self, run_id: str, raw: bytes | str) -> TaskRun | None:
-        try:
-            return run_from_document(json.loads(raw))
-        except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError too
-            logger.warning("Ignoring malformed run record %r: %s", run_id, exc)
-            return None
 
     def _scan(self, kind: Kind, prefix: str) -> list[bytes | str]:
         pattern = _glob_escape(self.key_for(kind, prefix)) + "*"
@@ -447,23 +317,11 @@ def run_expiry_seconds(expires: Any) -> float | None:
     return seconds if seconds > 0 else None
 
 
-def _milliseconds(seconds: float) -> int:
-    # Rounded up so Redis never drops a record before its envelope says it expires; at least 1
-    # because PX 0 is an error.
-    return max(1, math.ceil(seconds * 1000))
-
-
 def _px_or_delete(expires_in: float | None) -> str:
     """A fenced write's lifetime argument: ms, ``'0'`` for none, ``'-'`` to delete."""
     if expires_in is None:
         return "0"
-    return "-" if expires_in <= 0 else str(_milliseconds(expires_in))
-
-
-def _check_ttl(ttl: float) -> float:
-    if not ttl > 0:
-        raise ValueError(f"lock ttl must be a positive number of seconds, got {ttl!r}")
-    return ttl
+    return "-" if expires_in <= 0 else str(milliseconds(expires_in))
 
 
 def _text(value: bytes | str) -> str:

@@ -68,20 +68,36 @@ class RunDocument:
         )
         self._tags = _to_json(sorted(run.tags)) if run.tags else "[]"
         self._states: list[str] = []
+        #: The last moments written, as JSON: a run's start and end times are the
+        #: timestamps of states in its history (the same objects), written once.
+        self._times: list[tuple[datetime, str]] = []
 
     def encode(self, run: TaskRun) -> str:
         history = run.state_history[:]  # one moment's history: another thread may add to it
         while len(self._states) < len(history) - 1:
-            self._states.append(_state_json(history[len(self._states)]))
+            state = history[len(self._states)]
+            self._states.append(_state_json(state, self._time(state.timestamp)))
         states = self._states[: max(0, len(history) - 1)]
         if history:
-            states = [*states, _state_json(history[-1], with_data=True)]
+            last = history[-1]
+            states = [*states, _state_json(last, self._time(last.timestamp), with_data=True)]
         return (
             f'{self._head},"name":{_json_str(run.name)},"parameters":{self._parameters},'
             f'"tags":{self._tags},"run_count":{run.run_count},'
-            f'"start_time":{_json_time(run.start_time)},"end_time":{_json_time(run.end_time)},'
+            f'"start_time":{self._time(run.start_time)},"end_time":{self._time(run.end_time)},'
             f'"state_history":[{",".join(states)}]}}'
         )
+
+    def _time(self, moment: datetime | None) -> str:
+        """``moment`` as JSON, from the last few written when it is one of them."""
+        if moment is None:
+            return "null"
+        for known, text in self._times:
+            if known is moment:
+                return text
+        text = f'"{moment.isoformat()}"'
+        self._times = [*self._times[-3:], (moment, text)]
+        return text
 
 
 def encode_run(run: TaskRun) -> str:
@@ -96,7 +112,7 @@ def encode_run(run: TaskRun) -> str:
 _STATE_HEADS: dict[tuple[StateType, str], str] = {}
 
 
-def _state_json(state: State, *, with_data: bool = False) -> str:
+def _state_json(state: State, timestamp: str, *, with_data: bool = False) -> str:
     """``_state_to_dict(state)`` as JSON, written directly: this runs several times per run."""
     head = _STATE_HEADS.get((state.type, state.name))
     if head is None:
@@ -108,8 +124,7 @@ def _state_json(state: State, *, with_data: bool = False) -> str:
     message = "null" if state.message is None else _json_str(state.message)
     scheduled = _json_time(state.scheduled_time)
     return (
-        f'{head}"message":{message},"timestamp":"{state.timestamp.isoformat()}",'
-        f'"scheduled_time":{scheduled}{extra}}}'
+        f'{head}"message":{message},"timestamp":{timestamp},"scheduled_time":{scheduled}{extra}}}'
     )
 
 

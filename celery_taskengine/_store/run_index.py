@@ -10,7 +10,8 @@ of each run's last recorded change (UNIX milliseconds)::
     <prefix>index:tasks           a set of the task names seen, to resolve short names
 
 Every writer of a run record also runs :data:`INDEX_LUA` (inside its own script, or as a
-command of its own): the run is added or moved to the front, and entries older than a run
+command of its own), or, for many runs at once, :mod:`~._store.record_batch`'s script: the run
+is added or moved to the front, and entries older than a run
 record's lifetime are trimmed. A state entry goes stale when its run moves on to another
 state; a listing checks each document it reads and drops the entries that no longer match
 (and those whose record has expired), so stale entries cost a listing once.
@@ -25,7 +26,7 @@ from typing import Any
 from celery_taskengine._store.run_filters import run_matches, short_task_name, squash
 from celery_taskengine.task_run import TaskRun
 
-__all__ = ["INDEX_LUA", "SAVE_AND_INDEX_LUA", "RunIndex", "list_indexed", "state_types_for"]
+__all__ = ["INDEX_LUA", "RunIndex", "list_indexed", "state_types_for"]
 
 #: Adds a run to the index, trims entries older than a run record's lifetime and keeps the
 #: index living as long as its newest run.
@@ -46,18 +47,6 @@ INDEX_LUA = INDEX_FN + (
     "index_run(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], ARGV[4], "
     "ARGV[5])\nreturn 1\n"
 )
-#: A run record's write and its index's, in one command. KEYS: run, then INDEX_LUA's.
-#: ARGV: document, px ('0' for none), then INDEX_LUA's.
-SAVE_AND_INDEX_LUA = (
-    INDEX_FN
-    + """
-if ARGV[2] ~= '0' then redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
-else redis.call('set', KEYS[1], ARGV[1]) end
-index_run(KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7])
-return 1
-"""
-)
-
 #: One index write in this many trims the entries of expired runs.
 TRIM_EVERY = 64
 
@@ -95,35 +84,48 @@ class RunIndex:
         """KEYS for :data:`INDEX_LUA`, for a run of ``task_name`` in ``state_type``."""
         p = self.prefix
         state = f"{p}index:state:{squash(state_type)}"
-        return [f"{p}index:all", f"{p}index:task:{task_name}", state, f"{p}index:tasks"]
+        return [f"{p}index:all", self.task_key(task_name), state, self.tasks_key]
 
     def args(self, run_id: str, task_name: str, score_ms: int, now_ms: int) -> list[Any]:
-        """ARGV for :data:`INDEX_LUA`: the run scored ``score_ms`` (its last change), the
-        index living as long as a run record; one write in :data:`TRIM_EVERY` also trims
-        entries older than that (a trim per write would cost every write three commands)."""
+        """ARGV for :data:`INDEX_LUA`: the run scored ``score_ms`` (its last change), then
+        :meth:`upkeep`'s two arguments."""
+        return [run_id, score_ms, *self.upkeep(now_ms), task_name]
+
+    def upkeep(self, now_ms: int) -> tuple[str, str]:
+        """The oldest score an index write keeps (``''``: no trim this time) and the index's
+        lifetime in ms (``''``: for ever). The index lives as long as a run record; one write
+        in :data:`TRIM_EVERY` also trims entries older than that (a trim per write would cost
+        every write three commands)."""
         if self.run_expires is None:
-            return [run_id, score_ms, "", "", task_name]
+            return "", ""
         lifetime = int(self.run_expires * 1000)
         self._writes += 1
         oldest = str(now_ms - lifetime) if self._writes % TRIM_EVERY == 1 else ""
-        return [run_id, score_ms, oldest, str(lifetime), task_name]
+        return oldest, str(lifetime)
 
     def for_run(self, run: TaskRun, now: float) -> tuple[list[str], list[Any]]:
-        """KEYS and ARGV of :data:`INDEX_LUA` for ``run`` as it is now, scored by the time of
-        its last state (``now`` if it has none), in UNIX seconds."""
+        """KEYS and ARGV of :data:`INDEX_LUA` for ``run`` as it is now (see :meth:`entry`)."""
+        state_key, score_ms = self.entry(run, now)
+        keys = [f"{self.prefix}index:all", self.task_key(run.task_name), state_key, self.tasks_key]
+        return keys, self.args(run.id, run.task_name, score_ms, int(now * 1000))
+
+    def entry(self, run: TaskRun, now: float) -> tuple[str, int]:
+        """The state index ``run`` belongs in as it is now, and its score: the time of its
+        last state (``now``, in UNIX seconds, if it has none) in ms."""
         state = run.state
         state_type = state.type.value if state is not None else "PENDING"
         moment = run.state_history[-1].timestamp if run.state_history else None
         score = moment.timestamp() if moment is not None else now
-        keys = self.keys(run.task_name, state_type)
-        return keys, self.args(run.id, run.task_name, int(score * 1000), int(now * 1000))
+        return f"{self.prefix}index:state:{squash(state_type)}", int(score * 1000)
 
-    def save_command(
-        self, run_key: str, document: str, px: str, run: TaskRun, now: float
-    ) -> tuple[Any, ...]:
-        """One command writing a run's record (``px``: ms, ``'0'`` for none) and indexing it."""
-        keys, args = self.for_run(run, now)
-        return ("EVAL", SAVE_AND_INDEX_LUA, 1 + len(keys), run_key, *keys, document, px, *args)
+    def task_key(self, task_name: str) -> str:
+        """The sorted set of ``task_name``'s runs."""
+        return f"{self.prefix}index:task:{task_name}"
+
+    @property
+    def tasks_key(self) -> str:
+        """The set of task names seen."""
+        return f"{self.prefix}index:tasks"
 
     def source_keys(self, client: Any, task: str | None, state: str | None) -> list[str]:
         """The sorted sets that together hold every run matching the filters."""

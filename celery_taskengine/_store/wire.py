@@ -27,6 +27,7 @@ __all__ = [
     "dropped",
     "pack",
     "read_reply",
+    "redis_pack",
     "refusal",
     "send",
 ]
@@ -41,7 +42,37 @@ _poll = getattr(select, "poll", None)
 
 
 def pack(connection: Any, commands: Sequence[Command]) -> bytes:
-    """RESP for ``commands``, as ``connection``'s own packer makes it (its encoding settings)."""
+    """RESP for ``commands``, encoded as ``connection``'s own packer encodes them (its
+    ``encoding`` and ``encoding_errors``).
+
+    Written out here for the arguments the engine sends (``str``, ``bytes``, ``int``): redis-py's
+    packer goes through several Python calls per argument and copies its buffer again for each
+    one, which makes a batch of run records cost many times its own encoding
+    (``bench/packing.py`` measures both). Any other argument is left to redis-py's packer.
+    """
+    encoder = connection.encoder
+    encoding, errors = encoder.encoding, encoder.encoding_errors
+    out: list[bytes] = []
+    for command in commands:
+        first = command[0]
+        if not isinstance(first, str) or " " in first:  # "SCRIPT LOAD": redis-py splits it
+            return redis_pack(connection, commands)
+        out.append(b"*%d\r\n" % len(command))
+        for arg in command:
+            if isinstance(arg, str):
+                data = arg.encode(encoding, errors)
+            elif isinstance(arg, bytes):
+                data = arg
+            elif type(arg) is int:
+                data = b"%d" % arg
+            else:
+                return redis_pack(connection, commands)
+            out.append(b"$%d\r\n%b\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+def redis_pack(connection: Any, commands: Sequence[Command]) -> bytes:
+    """RESP for ``commands`` from ``connection``'s own packer."""
     return b"".join(connection.pack_commands(commands))
 
 
