@@ -166,12 +166,9 @@ class RunCore(Outcomes, CacheSteps):
     # -- one attempt -------------------------------------------------------------------------
     def attempt(self) -> Steps[None]:
         """Read the cache or call the function once, and move to the state that follows."""
-        if self.env.is_cancelled is not None and (yield CheckCancelled(self.env.is_cancelled)):
-            message = "The task run was cancelled."
-            yield self.enter_state(self._new(StateType.CANCELLED, "Cancelled", message))
-            return
-        if self.invalid_inputs is not None:
-            yield from self._fail(self.invalid_inputs)
+        if (self.env.is_cancelled is not None or self.invalid_inputs is not None) and (
+            yield from self._ends_before_call()
+        ):
             return
         hit: ResultRecord | None = None
         txn: Transaction | None
@@ -191,11 +188,7 @@ class RunCore(Outcomes, CacheSteps):
             else:  # call_task_fn's plain case, one generator less on every run's path
                 result = yield self._call_step()
         except Exception as exc:
-            yield from self._leave_transaction(txn, exc)
-            if isinstance(exc, TimeoutError):
-                yield from self.handle_timeout(exc)
-            else:
-                yield from self.handle_exception(exc)
+            yield from self._after_error(txn, exc)
             return
         except GeneratorExit:
             if txn is not None:
@@ -208,6 +201,24 @@ class RunCore(Outcomes, CacheSteps):
         yield from self.handle_success(result, txn)
         if not txn.leave_quietly(None):
             yield from txn.exit_steps(None)
+
+    def _after_error(self, txn: Transaction | None, exc: Exception) -> Steps[None]:
+        yield from self._leave_transaction(txn, exc)
+        if isinstance(exc, TimeoutError):
+            yield from self.handle_timeout(exc)
+        else:
+            yield from self.handle_exception(exc)
+
+    def _ends_before_call(self) -> Steps[bool]:
+        """A cancelled run, or inputs that cannot fit: the attempt ends before any call."""
+        if self.env.is_cancelled is not None and (yield CheckCancelled(self.env.is_cancelled)):
+            message = "The task run was cancelled."
+            yield self.enter_state(self._new(StateType.CANCELLED, "Cancelled", message))
+            return True
+        if self.invalid_inputs is not None:
+            yield from self._fail(self.invalid_inputs)
+            return True
+        return False
 
     def _call_step(self) -> CallTask:
         args, kwargs = call_arguments(self.task.fn, self.call_parameters)
