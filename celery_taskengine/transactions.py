@@ -1,10 +1,9 @@
 """Transactions: a key, a staged value, commit/rollback hooks, nesting, and SERIALIZABLE locks.
 
-The logic is written once as step routines (see :mod:`celery_taskengine.steps`);
-:class:`Transaction` drives them blocking and :class:`AsyncTransaction` with ``await``. The
-module belongs to the pure core: the drivers are imported only when a shell method runs.
-The engine uses the same routines for each task attempt, so a task's transaction and one a user
-opens with :func:`transaction` nest and behave the same.
+The logic is written once as step routines (:mod:`~celery_taskengine.steps`), driven blocking
+by :class:`Transaction` and with ``await`` by :class:`AsyncTransaction`; the drivers are imported
+only when such a shell method runs. Every task attempt uses the same routines, so a task's
+transaction and one a user opens with :func:`transaction` nest and behave the same.
 """
 
 from __future__ import annotations
@@ -59,6 +58,7 @@ class Transaction:
     """
 
     store: ResultStore | None
+    commit_mode: CommitMode | None
     state = TransactionState.PENDING
     record: ResultRecord | None = None
     _staged: tuple[Any] | None = None
@@ -86,17 +86,9 @@ class Transaction:
         self.key = key
         self.parent: Transaction | None = (inherited := CURRENT.get())
         # A child inherits its parent's commit mode, isolation and store unless given its own.
-        # Every task attempt opens one, mostly with no parent: that case asks nothing of it.
-        if inherited is None:
-            self.commit_mode: CommitMode | None = commit_mode
-            self.isolation_level: IsolationLevel = (
-                IsolationLevel.READ_COMMITTED if isolation_level is None else isolation_level
-            )
-            self.store = store
-        else:
-            self.commit_mode = commit_mode or inherited.commit_mode
-            self.isolation_level = effective_isolation(isolation_level, inherited)
-            self.store = store if store is not None else inherited.store
+        self.commit_mode = commit_mode or (inherited.commit_mode if inherited else None)
+        self.isolation_level: IsolationLevel = effective_isolation(isolation_level, inherited)
+        self.store = store if store is not None or inherited is None else inherited.store
         #: Where SERIALIZABLE locks are taken when not on ``store`` (a policy's lock_manager).
         self.lock_manager = lock_manager
         self.overwrite = overwrite
@@ -146,10 +138,8 @@ class Transaction:
         if self.state is TransactionState.COMMITTED:
             return
         self._staged = (value,)
-        if on_commit:
-            self.on_commit_hooks.extend(on_commit)
-        if on_rollback:
-            self.on_rollback_hooks.extend(on_rollback)
+        self.on_commit_hooks.extend(on_commit)
+        self.on_rollback_hooks.extend(on_rollback)
         self.state = TransactionState.STAGED
 
     def add_child(self, child: Transaction) -> None:
