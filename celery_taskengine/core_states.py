@@ -60,13 +60,15 @@ class StateEntry:
         """
         run = self.run
         current = run.state
-        if current is not None and state.type not in TRANSITIONS[current.type]:
+        kind = state.type
+        if current is not None and kind not in TRANSITIONS[current.type]:
             raise RuntimeError(f"illegal transition {current} -> {state} in run {run.id}")
         run.state = state
         run.state_history.append(state)
-        if state.type is StateType.RUNNING and run.start_time is None:
-            run.start_time = state.timestamp
-        elif state.type in FINAL:
+        if kind is StateType.RUNNING:
+            if run.start_time is None:
+                run.start_time = state.timestamp
+        elif kind in FINAL:
             run.end_time = state.timestamp
         return Record(run, state, first)
 
