@@ -112,7 +112,7 @@ class RunCore(Outcomes, CacheSteps):
         (Pending, then Running) is written out here: every run takes it, so it costs no
         routine of its own (``initialize_run``, ``begin_run``) on the way.
         """
-        ahead = read_early and self._may_read_ahead()
+        ahead = read_early and self.keys.ahead and self._may_read_ahead()
         if self.run.state is None:
             if ahead and self._inputs_are_values():  # the key is known already
                 yield from self._read_ahead()

@@ -145,7 +145,12 @@ class BaseTaskRunEngine:
         return state.result(raise_on_failure=raise_on_failure)
 
     def _answer(self, return_type: ReturnType) -> Any:
-        return self.state if return_type == "state" else self.result()
+        state = self.task_run.state  # set: the run was driven
+        if return_type == "state":
+            return state
+        if state is not None and state.type is StateType.COMPLETED:
+            return state.data  # result()'s first case, the common one, without its calls
+        return self.result()
 
 
 class SyncTaskRunEngine(BaseTaskRunEngine):
