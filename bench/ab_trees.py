@@ -18,12 +18,13 @@ import statistics
 import subprocess
 from pathlib import Path
 
-#: A table row: a name, two or more spaces, then its first figure (µs/call in every bench).
-ROW = re.compile(r"^(\S.*?)\s{2,}(-?\d+\.\d+)(?:\s|$)")
+#: A table row: a name, two or more spaces, then its figures (a cost, or a rate such as
+#: tasks/s, for which the "min" columns are the worst of the rounds rather than the best).
+ROW = re.compile(r"^(\S.*?)\s{2,}(-?\d+(?:\.\d+)?(?:\s+(?:-?\d+(?:\.\d+)?|-))*)\s*$")
 
 
-def run_once(tree: Path, script: str, args: list[str]) -> dict[str, float]:
-    """The rows one run of ``script`` in ``tree`` printed, as name -> first figure."""
+def run_once(tree: Path, script: str, args: list[str], column: int = 0) -> dict[str, float]:
+    """The rows one run of ``script`` in ``tree`` printed, as name -> its figure ``column``."""
     done = subprocess.run(
         [str(tree / ".venv" / "bin" / "python"), str(tree / script), *args],
         cwd=tree,
@@ -34,8 +35,9 @@ def run_once(tree: Path, script: str, args: list[str]) -> dict[str, float]:
     rows: dict[str, float] = {}
     for line in done.stdout.splitlines():
         match = ROW.match(line)
-        if match:
-            rows[match.group(1).strip()] = float(match.group(2))
+        figures = match.group(2).split() if match else []
+        if len(figures) > column and figures[column] != "-":
+            rows[match.group(1).strip()] = float(figures[column])  # type: ignore[union-attr]
     return rows
 
 
@@ -44,6 +46,9 @@ def main() -> None:
     parser.add_argument("--before", type=Path, required=True)
     parser.add_argument("--after", type=Path, required=True)
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument(
+        "--column", type=int, default=0, help="which figure of a row (0: the first)"
+    )
     parser.add_argument("script")
     parser.add_argument("args", nargs=argparse.REMAINDER)
     options = parser.parse_args()
@@ -52,9 +57,11 @@ def main() -> None:
     for index in range(options.rounds):
         order = ["before", "after"] if index % 2 == 0 else ["after", "before"]
         for side in order:
-            for name, value in run_once(trees[side], options.script, options.args).items():
+            rows = run_once(trees[side], options.script, options.args, options.column)
+            for name, value in rows.items():
                 samples[side].setdefault(name, []).append(value)
     print(f"{options.script} {' '.join(options.args)}: {options.rounds} rounds, alternating")
+    print(f"figure {options.column} of each row (0: the first)")
     print(f"before: {trees['before']}\nafter:  {trees['after']}\n")
     header = f"{'row':<42} {'before min':>10} {'after min':>10} {'ratio':>6}"
     print(f"{header} {'before med':>10} {'after med':>10} {'ratio':>6}")
