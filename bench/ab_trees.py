@@ -35,9 +35,11 @@ def run_once(tree: Path, script: str, args: list[str], column: int = 0) -> dict[
     rows: dict[str, float] = {}
     for line in done.stdout.splitlines():
         match = ROW.match(line)
-        figures = match.group(2).split() if match else []
+        if match is None:
+            continue
+        figures = match.group(2).split()
         if len(figures) > column and figures[column] != "-":
-            rows[match.group(1).strip()] = float(figures[column])  # type: ignore[union-attr]
+            rows[match.group(1).strip()] = float(figures[column])
     return rows
 
 
