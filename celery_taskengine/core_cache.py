@@ -1,9 +1,10 @@
 """The engine core's cache and transaction steps: the key, the read, the attempt's transaction.
 
 One place decides which store holds a task's records (the policy's ``key_storage``, else the
-run's store), how the key is computed (a ``ComputeKey`` step: the policy may call user code),
-and whether the first read may be sent ahead of the attempt (``ReadCache(ahead=True)``; the
-driver decides whether the store can).
+run's store), how the key is computed (in place for the built-in policies; a ``ComputeKey``
+step where user code computes it), and whether the first read may be sent ahead of the attempt
+(``ReadCache(ahead=True)``, only to a store that can send one; the driver sends it). What a
+task's options decide about this is worked out once per options object (:class:`KeyPlan`).
 """
 
 from __future__ import annotations
