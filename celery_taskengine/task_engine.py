@@ -1,7 +1,7 @@
 """The engine's public face: ``run_task*`` and the sync/async engine shells.
 
-Both engine classes hold one :class:`~celery_taskengine.run_core.RunCore` and only carry out its
-steps, blocking or with ``await``; the method names follow Prefect's task engine.
+Both engine classes hold one :class:`~celery_taskengine._engine.run_core.RunCore` and only
+carry out its steps, blocking or with ``await``; the method names follow Prefect's task engine.
 """
 
 from __future__ import annotations
@@ -16,14 +16,20 @@ from collections.abc import (
 from contextlib import suppress
 from typing import Any, Literal
 
+from celery_taskengine._engine.drivers import (
+    Finished,
+    drive_async,
+    drive_sync,
+    iterate_async,
+    iterate_sync,
+)
+from celery_taskengine._engine.engine_methods import add_methods
+from celery_taskengine._engine.run_core import EngineTask, RunCore, RunEnvironment
+from celery_taskengine._engine.task_run import TaskRun, new_run_id, new_task_run
 from celery_taskengine._store.protocol import ResultStore
 from celery_taskengine._store.selection import store_for_app
-from celery_taskengine.drivers import Finished, drive_async, drive_sync, iterate_async, iterate_sync
-from celery_taskengine.engine_methods import add_methods
 from celery_taskengine.errors import TaskRunTimeoutError
-from celery_taskengine.run_core import EngineTask, RunCore, RunEnvironment
 from celery_taskengine.states import State, StateType
-from celery_taskengine.task_run import TaskRun, new_run_id, new_task_run
 from celery_taskengine.transactions import Transaction
 
 __all__ = [

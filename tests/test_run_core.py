@@ -17,13 +17,9 @@ from typing import Any
 
 import pytest
 
-from celery_taskengine._store.protocol import ResultRecord
-from celery_taskengine.cache_policies import INPUTS
-from celery_taskengine.errors import TaskRunTimeoutError
-from celery_taskengine.options import TaskOptions, build_options
-from celery_taskengine.run_core import RunCore, RunEnvironment
-from celery_taskengine.states import Failed, State
-from celery_taskengine.steps import (
+from celery_taskengine._celery.options import TaskOptions, build_options
+from celery_taskengine._engine.run_core import RunCore, RunEnvironment
+from celery_taskengine._engine.steps import (
     Advance,
     CallTask,
     CheckCancelled,
@@ -39,7 +35,11 @@ from celery_taskengine.steps import (
     TakeLock,
     WriteCache,
 )
-from celery_taskengine.task_run import new_task_run
+from celery_taskengine._engine.task_run import new_task_run
+from celery_taskengine._store.protocol import ResultRecord
+from celery_taskengine.cache_policies import INPUTS
+from celery_taskengine.errors import TaskRunTimeoutError
+from celery_taskengine.states import Failed, State
 
 T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
 STORE = "the-store"  # only named in cache steps: play() answers them from its dict

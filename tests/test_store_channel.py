@@ -24,13 +24,13 @@ import redis
 from celery import Celery
 
 from celery_taskengine import flush_run_records, task
+from celery_taskengine._engine.task_run import TaskRun
 from celery_taskengine._store.redis_store import RedisStore
 from celery_taskengine._store.worker_records import Delivery, DeliveryRecorder
 from celery_taskengine.cache_policies import INPUTS
 from celery_taskengine.errors import StoreUnavailableError
 from celery_taskengine.states import Completed, Pending, Running
 from celery_taskengine.task_engine import run_task_sync
-from celery_taskengine.task_run import TaskRun
 from tests.reliability.harness import RedisServer, redis_server
 
 #: How long a test waits for a record written behind (about 10 ms is expected).

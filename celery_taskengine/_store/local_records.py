@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from celery_taskengine._engine.task_run import TaskRun
 from celery_taskengine._store.local_flush import Flusher, FlushResult, Recorder
 from celery_taskengine._store.memory import default_memory_store
 from celery_taskengine._store.protocol import SHARED_STATES
@@ -47,7 +48,6 @@ from celery_taskengine._store.wire import (
     send,
 )
 from celery_taskengine.states import State, StateType
-from celery_taskengine.task_run import TaskRun
 
 if TYPE_CHECKING:
     from celery import Celery

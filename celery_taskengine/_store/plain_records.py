@@ -29,7 +29,7 @@ from celery_taskengine.states import State
 if TYPE_CHECKING:
     from celery import Celery
 
-    from celery_taskengine.task_run import TaskRun
+    from celery_taskengine._engine.task_run import TaskRun
 
 __all__ = ["StoreRecorder"]
 

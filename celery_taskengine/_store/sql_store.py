@@ -30,6 +30,7 @@ from sqlalchemy import (
 )
 from sqlalchemy import exc as sa_exc
 
+from celery_taskengine._engine.task_run import TaskRun, run_from_document
 from celery_taskengine._store import sql_schema as schema
 from celery_taskengine._store.protocol import (
     LocalRecorder,
@@ -58,7 +59,6 @@ from celery_taskengine._store.sql_support import (
 )
 from celery_taskengine._store.write_behind import WriteBehindRecorder
 from celery_taskengine.errors import ConfigurationError, StoreUnavailableError
-from celery_taskengine.task_run import TaskRun, run_from_document
 
 __all__ = ["SqlStore"]
 

@@ -28,6 +28,7 @@ import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from celery_taskengine._engine.task_run import TaskRun
 from celery_taskengine._store.claims import Claim
 from celery_taskengine._store.record_channel import RecordChannel
 from celery_taskengine._store.retrying import patience_from_policy
@@ -43,7 +44,6 @@ from celery_taskengine._store.task_meta import (
     state_info,
 )
 from celery_taskengine.states import State, StateType
-from celery_taskengine.task_run import TaskRun
 
 if TYPE_CHECKING:
     from celery import Celery
