@@ -35,6 +35,7 @@ CASES = (
     "redis: cache hit t(1, 2)",
     "redis: cache hit, no run records",
     "redis-py GET (the hit's one read)",
+    "redis: miss + write, no run records",
 )
 REDIS_URL = "redis://127.0.0.1:6379/14"
 
@@ -67,6 +68,8 @@ def serve() -> None:
     redis_hit = task(app=redis_app, name="ab.redis", cache_policy=INPUTS)(add)
     quiet_hit = redis_hit.with_options()
     local_environment(quiet_hit, None).record = None
+    quiet_miss = redis_hit.with_options(refresh_cache=True)
+    local_environment(quiet_miss, None).record = None
     params = {"x": 1, "y": 2}
     client = redis_app.backend.client
     probe = f"cte:{namespace}:probe"
@@ -80,6 +83,7 @@ def serve() -> None:
         lambda: redis_hit(1, 2),
         lambda: quiet_hit(1, 2),
         lambda: client.get(probe),
+        lambda: quiet_miss(1, 2),
     ]
     loop = asyncio.new_event_loop()
     for index, call in enumerate(calls):
