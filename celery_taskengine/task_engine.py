@@ -151,7 +151,12 @@ class BaseTaskRunEngine:
         return state.result(raise_on_failure=raise_on_failure)
 
     def _answer(self, return_type: ReturnType) -> Any:
-        return self.state if return_type == "state" else self.result()
+        state = self.task_run.state  # set: the run was driven
+        if return_type == "state":
+            return state
+        if state is not None and state.type is StateType.COMPLETED:
+            return state.data  # result()'s first case, the common one, without its calls
+        return self.result()
 
 
 class SyncTaskRunEngine(BaseTaskRunEngine):
@@ -199,7 +204,8 @@ def run_task_sync(
 ) -> Any:
     """Run a sync task to a final state here; return its value (or final State)."""
     engine = SyncTaskRunEngine(task, parameters, task_run, wait_for, context, task_run_id)
-    engine.run()
+    engine._started = True
+    drive_sync(engine.core.run_to_end(), engine.core.env)  # engine.run(), one call less
     return engine._answer(return_type)
 
 
@@ -217,7 +223,8 @@ async def run_task_async(
     engine = AsyncTaskRunEngine(
         task, parameters, task_run, wait_for, context, task_run_id, is_async=True
     )
-    await engine.run()
+    engine._started = True
+    await drive_async(engine.core.run_to_end(), engine.core.env)  # engine.run(), one less
     return engine._answer(return_type)
 
 

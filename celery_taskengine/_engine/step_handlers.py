@@ -54,12 +54,17 @@ class Outlet(Protocol):
 class Drive:
     """One drive's own state: its outlet and the cache read it sent ahead, if any."""
 
-    __slots__ = ("ahead", "outlet")
+    __slots__ = ("ahead", "inline", "outlet", "recorder")
 
     def __init__(self, outlet: Outlet | None) -> None:
         self.outlet = outlet
         #: ``(key, pending read or None)`` from a ``ReadCache(ahead=True)``.
         self.ahead: tuple[str, Any] | None = None
+        #: Every state of every run is a ``Record`` step, so the loops carry out those that
+        #: are not a run's first inline: with ``recorder`` (read once per drive), or nothing
+        #: at all where the store keeps the live run object.
+        self.inline = outlet is not None
+        self.recorder: Callable[..., None] | None = None if outlet is None else outlet.record
 
     def close(self) -> None:
         """Give back a read sent ahead that no attempt came to read (a local act)."""
