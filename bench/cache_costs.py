@@ -36,10 +36,10 @@ import redis
 from celery import Celery
 
 from celery_taskengine import flush_run_records, task
+from celery_taskengine._engine.observers import NO_OBSERVERS
 from celery_taskengine._store.redis_store import RedisStore
 from celery_taskengine._store.selection import store_for_app
 from celery_taskengine.cache_policies import INPUTS
-from celery_taskengine.observers import NO_OBSERVERS
 from celery_taskengine.task_engine import local_environment
 
 

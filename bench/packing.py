@@ -21,12 +21,12 @@ from typing import Any
 
 import redis
 
+from celery_taskengine._engine.task_run import TaskRun
 from celery_taskengine._store.record_batch import Batch
 from celery_taskengine._store.run_document import RunDocument
 from celery_taskengine._store.run_index import INDEX_LUA, RunIndex
 from celery_taskengine._store.wire import pack, redis_pack
 from celery_taskengine.states import Cached, Pending, Running
-from celery_taskengine.task_run import TaskRun
 
 PREFIX = "cte:bench:"
 Commands = Sequence[tuple[Any, ...]]

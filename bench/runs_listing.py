@@ -44,6 +44,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.services import POSTGRES_URL, postgres_schema, private_redis  # noqa: E402
+from celery_taskengine._engine.task_run import TaskRun  # noqa: E402
 from celery_taskengine.states import (  # noqa: E402
     Completed,
     Failed,
@@ -52,7 +53,6 @@ from celery_taskengine.states import (  # noqa: E402
     State,
     TimedOut,
 )
-from celery_taskengine.task_run import TaskRun  # noqa: E402
 
 NAMESPACE = "benchls"
 STATES = [Completed(data=1), Failed(message="boom"), TimedOut(message="slow"), Running()]
@@ -260,7 +260,7 @@ def listing_times(store: Any) -> dict[str, float]:
 
 def cli_times(seeder: Any, workdir: Path) -> dict[str, float]:
     """``runs ls`` through the command line: in-process and as a subprocess (ms)."""
-    from celery_taskengine import cli
+    from celery_taskengine._tools import cli
 
     module = workdir / "bench_ls_app.py"
     module.write_text(

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+from celery_taskengine._celery.runs import flush_run_records, get_task_run
+from celery_taskengine._celery.streaming import stream
+from celery_taskengine._celery.task import Task, shared_task, task
+from celery_taskengine._engine.retry_policy import exponential_backoff
+from celery_taskengine._engine.run_scope import current_task_run
+from celery_taskengine._engine.task_run import TaskRun
 from celery_taskengine.errors import (
     CancelledRun,
     ConfigurationError,
@@ -12,13 +18,7 @@ from celery_taskengine.errors import (
     TaskRunTimeoutError,
     UnfinishedRun,
 )
-from celery_taskengine.retry_policy import exponential_backoff
-from celery_taskengine.run_scope import current_task_run
-from celery_taskengine.runs import flush_run_records, get_task_run
 from celery_taskengine.states import State, StateType
-from celery_taskengine.streaming import stream
-from celery_taskengine.task import Task, shared_task, task
-from celery_taskengine.task_run import TaskRun
 from celery_taskengine.transactions import transaction
 
 __all__ = [

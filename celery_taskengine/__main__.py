@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from celery_taskengine.cli import main
+from celery_taskengine._tools.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from celery_taskengine.cache_hashing import hash_objects, inputs_digest
+from celery_taskengine._engine.cache_hashing import hash_objects, inputs_digest
 
 __all__ = [
     "DEFAULT",

@@ -1,7 +1,7 @@
 """The engine's public face: ``run_task*`` and the sync/async engine shells.
 
-Both engine classes hold one :class:`~celery_taskengine.run_core.RunCore` and only carry out its
-steps, blocking or with ``await``; the method names follow Prefect's task engine.
+Both engine classes hold one :class:`~celery_taskengine._engine.run_core.RunCore` and only
+carry out its steps, blocking or with ``await``; the method names follow Prefect's task engine.
 """
 
 from __future__ import annotations
@@ -16,15 +16,21 @@ from collections.abc import (
 from contextlib import suppress
 from typing import Any, Literal
 
+from celery_taskengine._engine.drivers import (
+    Finished,
+    drive_async,
+    drive_sync,
+    iterate_async,
+    iterate_sync,
+)
+from celery_taskengine._engine.engine_methods import add_methods
+from celery_taskengine._engine.observers import RunObservers, local_observer
+from celery_taskengine._engine.run_core import EngineTask, RunCore, RunEnvironment
+from celery_taskengine._engine.task_run import TaskRun, new_run_id, new_task_run
 from celery_taskengine._store.protocol import ResultStore
 from celery_taskengine._store.selection import store_for_app
-from celery_taskengine.drivers import Finished, drive_async, drive_sync, iterate_async, iterate_sync
-from celery_taskengine.engine_methods import add_methods
 from celery_taskengine.errors import TaskRunTimeoutError
-from celery_taskengine.observers import RunObservers, local_observer
-from celery_taskengine.run_core import EngineTask, RunCore, RunEnvironment
 from celery_taskengine.states import State, StateType
-from celery_taskengine.task_run import TaskRun, new_run_id, new_task_run
 from celery_taskengine.transactions import Transaction
 
 __all__ = [
@@ -144,7 +150,12 @@ class BaseTaskRunEngine:
         return state.result(raise_on_failure=raise_on_failure)
 
     def _answer(self, return_type: ReturnType) -> Any:
-        return self.state if return_type == "state" else self.result()
+        state = self.task_run.state  # set: the run was driven
+        if return_type == "state":
+            return state
+        if state is not None and state.type is StateType.COMPLETED:
+            return state.data  # result()'s first case, the common one, without its calls
+        return self.result()
 
 
 class SyncTaskRunEngine(BaseTaskRunEngine):
@@ -192,7 +203,8 @@ def run_task_sync(
 ) -> Any:
     """Run a sync task to a final state here; return its value (or final State)."""
     engine = SyncTaskRunEngine(task, parameters, task_run, wait_for, context, task_run_id)
-    engine.run()
+    engine._started = True
+    drive_sync(engine.core.run_to_end(), engine.core.env)  # engine.run(), one call less
     return engine._answer(return_type)
 
 
@@ -210,7 +222,8 @@ async def run_task_async(
     engine = AsyncTaskRunEngine(
         task, parameters, task_run, wait_for, context, task_run_id, is_async=True
     )
-    await engine.run()
+    engine._started = True
+    await drive_async(engine.core.run_to_end(), engine.core.env)  # engine.run(), one less
     return engine._answer(return_type)
 
 

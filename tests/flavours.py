@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from celery_taskengine import Task, get_task_run, task
+from celery_taskengine._engine.task_run import TaskRun
 from celery_taskengine.states import State
 from celery_taskengine.task_engine import run_task_async, run_task_sync
-from celery_taskengine.task_run import TaskRun
 
 
 def as_async(body: Callable[..., Any]) -> Callable[..., Any]:

@@ -29,6 +29,7 @@ from celery.exceptions import NotRegistered
 from kombu.exceptions import OperationalError
 
 from celery_taskengine import Task, flush_run_records, get_task_run, task
+from celery_taskengine._engine.task_run import TaskRun
 from celery_taskengine._store.cache_codec import encode_record
 from celery_taskengine._store.redis_store import RedisStore
 from celery_taskengine.errors import (
@@ -38,7 +39,6 @@ from celery_taskengine.errors import (
 )
 from celery_taskengine.states import Completed, Pending, Running
 from celery_taskengine.task_engine import run_task_sync
-from celery_taskengine.task_run import TaskRun
 from tests.workers import embedded_worker
 
 #: The queue Celery publishes to by default: a list of that name on the broker database.

@@ -18,8 +18,8 @@ from celery.result import AsyncResult
 from celery.utils.nodenames import anon_nodename
 
 from celery_taskengine import get_task_run, stream
+from celery_taskengine._celery.producer import CachedResult
 from celery_taskengine.errors import SerializationError, TaskRunTimeoutError
-from celery_taskengine.producer import CachedResult
 from tests.bridge_app import side
 from tests.bridge_workers import EventRecorder, Worker, broker_url, in_process_worker, wait_for
 

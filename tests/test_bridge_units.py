@@ -24,6 +24,14 @@ from redis.retry import Retry
 
 from celery_taskengine import cache_policies as cp
 from celery_taskengine import stream, task
+from celery_taskengine._celery.engine_backend import CLAIM
+from celery_taskengine._celery.events import event_fields, event_type
+from celery_taskengine._celery.worker_loop import run_on_worker_loop
+from celery_taskengine._engine.observers import RunObservers
+from celery_taskengine._engine.task_run import TaskRun
+from celery_taskengine._engine.transaction_keys import (
+    key_may_ignore_run_id as _key_may_ignore_run_id,
+)
 from celery_taskengine._store.claims import Claim, claim_or_wait, is_done
 from celery_taskengine._store.record_channel import RecordChannel
 from celery_taskengine._store.redis_store import RedisStore
@@ -31,10 +39,7 @@ from celery_taskengine._store.renewer import renewer
 from celery_taskengine._store.run_document import RunDocument
 from celery_taskengine._store.task_meta import celery_status, write_task_meta
 from celery_taskengine._store.worker_records import Delivery, delivery_observers
-from celery_taskengine.engine_backend import CLAIM
 from celery_taskengine.errors import ConfigurationError, StoreUnavailableError, TaskRunTimeoutError
-from celery_taskengine.events import event_fields, event_type
-from celery_taskengine.observers import RunObservers
 from celery_taskengine.states import (
     AwaitingRetry,
     Cached,
@@ -51,9 +56,6 @@ from celery_taskengine.states import (
     TimedOut,
     utcnow,
 )
-from celery_taskengine.task_run import TaskRun
-from celery_taskengine.transaction_keys import key_may_ignore_run_id as _key_may_ignore_run_id
-from celery_taskengine.worker_loop import run_on_worker_loop
 
 # -- events -----------------------------------------------------------------------------------
 

@@ -15,9 +15,9 @@ from celery import Celery
 from celery.utils.time import get_exponential_backoff_interval
 
 from celery_taskengine import task
-from celery_taskengine.celery_retries import ONLY_SELF_RETRY, AutoRetryCondition, translate
-from celery_taskengine.options import build_options
-from celery_taskengine.retry_policy import full_jitter
+from celery_taskengine._celery.celery_retries import ONLY_SELF_RETRY, AutoRetryCondition, translate
+from celery_taskengine._celery.options import build_options
+from celery_taskengine._engine.retry_policy import full_jitter
 
 
 @pytest.fixture

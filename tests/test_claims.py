@@ -21,12 +21,12 @@ import pytest
 from celery import Celery
 
 from celery_taskengine import task
+from celery_taskengine._engine.task_run import TaskRun
 from celery_taskengine._store.claims import Claim
 from celery_taskengine._store.redis_store import RedisStore
 from celery_taskengine._store.renewer import renewer
 from celery_taskengine.states import Completed, Pending, Running
 from celery_taskengine.task_engine import new_task_run
-from celery_taskengine.task_run import TaskRun
 from tests.test_store_contract import MARIADB_URL, POSTGRES_URL, _sql_store
 from tests.workers import embedded_worker
 

@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 
-from celery_taskengine import cli
 from celery_taskengine._store.redis_store import RedisStore
 from celery_taskengine._store.selection import store_for_app
+from celery_taskengine._tools import cli
 from celery_taskengine.task_engine import run_task_sync
 
 REPO = Path(__file__).resolve().parent.parent
@@ -348,7 +348,7 @@ def test_an_app_that_cannot_be_imported_is_reported_in_one_line(
 def test_an_app_without_a_redis_backend_is_refused_with_a_clear_message(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    assert run("-A", "celery_taskengine.demo", "runs", "ls") == 1
+    assert run("-A", "celery_taskengine._tools.demo", "runs", "ls") == 1
     err = capsys.readouterr().err
     assert "app 'demo' has no Redis result backend" in err
     assert "'cache+memory://'" in err

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from celery_taskengine import task
+from celery_taskengine._engine.task_run import TaskRun
 from celery_taskengine._store.cache_codec import encode_record
 from celery_taskengine._store.local_records import LocalRunRecorder
 from celery_taskengine._store.redis_store import RedisStore
@@ -22,7 +23,6 @@ from celery_taskengine._store.selection import store_for_app
 from celery_taskengine.cache_policies import INPUTS, CachePolicy, IsolationLevel
 from celery_taskengine.states import Completed, State
 from celery_taskengine.task_engine import SyncTaskRunEngine
-from celery_taskengine.task_run import TaskRun
 
 
 @pytest.fixture

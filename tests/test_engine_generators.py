@@ -11,13 +11,13 @@ from typing import Any
 import pytest
 
 from celery_taskengine import Task, get_task_run, task
+from celery_taskengine._engine.task_run import TaskRun
 from celery_taskengine.states import State
 from celery_taskengine.task_engine import (
     TaskRunTimeoutError,
     run_generator_task_async,
     run_generator_task_sync,
 )
-from celery_taskengine.task_run import TaskRun
 
 
 def run_of(run_id: str) -> TaskRun:

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 
 from celery_taskengine import Task, task
+from celery_taskengine._engine.task_run import TaskRun
 from celery_taskengine.cache_policies import INPUTS
 from celery_taskengine.states import Failed, State, StateType
-from celery_taskengine.task_run import TaskRun
 from tests.flavours import Flavour
 
 

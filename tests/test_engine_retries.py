@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 from celery_taskengine import Task, exponential_backoff, task
+from celery_taskengine._engine.task_run import TaskRun
 from celery_taskengine.states import Completed, Failed, State, StateType
 from celery_taskengine.task_engine import TaskRunTimeoutError
-from celery_taskengine.task_run import TaskRun
 from tests.flavours import Flavour
 
 

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import pytest
 
 from celery_taskengine import CancelledRun, Task, TaskRun, get_task_run, task
-from celery_taskengine.run_scope import current_task_run
+from celery_taskengine._engine.run_scope import current_task_run
 from celery_taskengine.states import (
     Completed,
     Crashed,

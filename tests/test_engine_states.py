@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from celery_taskengine import FailedRun, Task, get_task_run, task
+from celery_taskengine._engine.task_run import TaskRun
 from celery_taskengine.cache_policies import INPUTS
 from celery_taskengine.states import (
     Completed,
@@ -31,7 +32,6 @@ from celery_taskengine.states import (
     utcnow,
 )
 from celery_taskengine.task_engine import TaskRunTimeoutError, run_task_async
-from celery_taskengine.task_run import TaskRun
 from tests.flavours import Flavour
 
 

@@ -1,19 +1,23 @@
 """The package's layers, checked on its source: who may import what.
 
-Three rules, read from the import statements of every module (an AST walk; for the first two
-an import inside a function or under ``TYPE_CHECKING`` counts as much as one at the top):
+The folders are the architecture. From the bottom: ``_engine`` (the run's state machine, its
+steps and drivers), ``_store`` (every store and the only code that talks to Redis or SQL),
+``_celery`` (the task class, the producer, a worker's delivery), ``_tools`` (command line, demo,
+timeline); the public modules (``__init__``, ``task_engine``, ``states``, ...) sit on top, and
+the vocabulary every layer shares (``states``, ``errors``, ``cache_policies``,
+``transactions``) is public too. Rules, read from the import statements of every module (an
+AST walk; an import inside a function or under ``TYPE_CHECKING`` counts as much as one at the
+top, except for the import-time rule):
 
-- only the store package, ``celery_taskengine/_store/``, talks to Redis: no other module
-  imports ``redis`` (``import redis``, ``import redis.x``, ``from redis... import ...``);
-- the store sits below the Celery bridge: nothing in ``_store`` imports a bridge module;
+- only ``_store`` talks to Redis: no other module imports ``redis``;
+- nothing imports upward: ``_engine`` imports nothing from ``_store``, ``_celery`` or
+  ``_tools`` at import time; ``_store`` nothing from ``_celery`` or ``_tools``; ``_celery``
+  nothing from ``_tools``; and no private package imports the package root's names;
+- ``_engine`` imports no ``celery``, ``kombu`` or ``redis``;
 - the engine core is pure: importing one of :data:`CORE_MODULES` imports no ``celery``,
   ``kombu``, ``redis`` or ``anyio``, directly or through the package modules it imports at
   import time (a function-level import, such as a transaction's ``with`` shell reaching for
   its driver, runs only when called; ``TYPE_CHECKING`` imports never run).
-
-Known current violations are listed in :data:`KNOWN_REDIS_IMPORTERS`, printed by the test, so
-that the rule is enforced for every other module today and the list can only shrink: a module
-on it that no longer imports ``redis`` fails the test too, until it is taken off.
 """
 
 from __future__ import annotations
@@ -28,53 +32,35 @@ PACKAGE = Path(__file__).resolve().parents[1] / "celery_taskengine"
 STORE = PACKAGE / "_store"
 
 #: Modules (relative to the package) outside ``_store`` that import ``redis`` today. The store
-#: rebuild (issue 11) takes them off; nothing may be added.
+#: rebuild (issue 11) took them off; nothing may be added.
 KNOWN_REDIS_IMPORTERS: frozenset[str] = frozenset()
 
-#: The Celery bridge and the tools on top of it: the store must not depend on any of them.
-BRIDGE_MODULES: frozenset[str] = frozenset(
-    {
-        "cancellation",
-        "control_flow",
-        "cli",
-        "cli_store",
-        "demo",
-        "engine_backend",
-        "events",
-        "message_age",
-        "producer",
-        "streaming",
-        "task",
-        "worker_checks",
-        "worker_delivery",
-        "worker_loop",
-        "worker_requeue",
-        "worker_retries",
-    }
-)
+#: Each private package, from the bottom up: a package may import only those below it.
+LAYERS = ("_engine", "_store", "_celery", "_tools")
+#: What ``_engine`` must not import, at any level.
+NOT_IN_ENGINE = ("celery", "kombu", "redis")
 
 
 #: The engine core: the run's decisions, its steps, states, records, keys and transactions.
 CORE_MODULES: frozenset[str] = frozenset(
     {
+        "_engine.core_cache",
+        "_engine.core_env",
+        "_engine.core_outcomes",
+        "_engine.core_states",
+        "_engine.observers",
+        "_engine.parameters",
+        "_engine.pydantic_args",
+        "_engine.retry_policy",
+        "_engine.run_core",
+        "_engine.run_scope",
+        "_engine.steps",
+        "_engine.task_run",
+        "_engine.transaction_keys",
+        "_engine.transaction_scope",
         "cache_policies",
-        "core_cache",
-        "core_env",
-        "core_outcomes",
-        "core_states",
         "errors",
-        "observers",
-        "options",
-        "parameters",
-        "pydantic_args",
-        "retry_policy",
-        "run_core",
-        "run_scope",
         "states",
-        "steps",
-        "task_run",
-        "transaction_keys",
-        "transaction_scope",
         "transactions",
     }
 )
@@ -139,15 +125,72 @@ def test_no_module_outside_the_store_package_imports_redis() -> None:
     assert not cleaned, f"no longer import redis, take them off KNOWN_REDIS_IMPORTERS: {cleaned}"
 
 
-def test_the_store_package_imports_nothing_from_the_celery_bridge() -> None:
-    bridge = {f"celery_taskengine.{name}" for name in BRIDGE_MODULES}
+def layer_of(path: Path) -> str | None:
+    """The private package ``path`` is in (``None``: a public module)."""
+    first = path.relative_to(PACKAGE).parts[0]
+    return first if first in LAYERS else None
+
+
+def layer_of_name(name: str) -> str | None:
+    parts = name.split(".")
+    if parts[0] != "celery_taskengine" or len(parts) < 2:
+        return None
+    return parts[1] if parts[1] in LAYERS else None
+
+
+def upward_imports(*, import_time_only: bool) -> list[str]:
+    """Imports of a private package from a package above it, ``path line: name`` each."""
+    found = []
+    for path in modules(PACKAGE):
+        layer = layer_of(path)
+        if layer is None:
+            continue
+        walk = import_time_modules if import_time_only else imported_modules
+        for line, name in walk(path):
+            target = layer_of_name(name)
+            if target is not None and LAYERS.index(target) > LAYERS.index(layer):
+                found.append(f"{path.relative_to(PACKAGE)} line {line}: {name}")
+    return found
+
+
+def test_no_private_package_imports_one_above_it() -> None:
+    # _engine may reach a store's lease plumbing from inside a driver's function only.
+    engine_at_import = [f for f in upward_imports(import_time_only=True) if f.startswith("_engine")]
+    others = [f for f in upward_imports(import_time_only=False) if not f.startswith("_engine")]
+    assert not engine_at_import + others, "imports upward:\n" + "\n".join(engine_at_import + others)
+
+
+def test_the_upward_walk_would_see_an_upward_import() -> None:
+    # Given the rule reads import statements, a module of the store naming the bridge is seen.
+    assert layer_of_name("celery_taskengine._celery.task") == "_celery"
+    assert LAYERS.index("_celery") > LAYERS.index("_store")
+
+
+def test_no_private_package_imports_the_package_roots_names() -> None:
+    root_names = {
+        f"celery_taskengine.{alias.name}"
+        for node in ast.walk(ast.parse((PACKAGE / "__init__.py").read_text(encoding="utf-8")))
+        if isinstance(node, ast.ImportFrom)
+        for alias in node.names
+    }
     found = [
         f"{path.relative_to(PACKAGE)} line {line}: {name}"
-        for path in modules(STORE)
+        for path in modules(PACKAGE)
+        if layer_of(path) in ("_engine", "_store", "_celery")
         for line, name in imported_modules(path)
-        if name in bridge or any(name.startswith(f"{module}.") for module in bridge)
+        if name in root_names and module_path(name) is None
     ]
-    assert not found, "the store imports the Celery bridge:\n" + "\n".join(found)
+    assert not found, "private modules import the package root:\n" + "\n".join(found)
+
+
+def test_the_engine_package_imports_no_celery_kombu_or_redis() -> None:
+    found = [
+        f"{path.relative_to(PACKAGE)} line {line}: {name}"
+        for path in modules(PACKAGE / "_engine")
+        for line, name in imported_modules(path)
+        if name.split(".")[0] in NOT_IN_ENGINE
+    ]
+    assert not found, "_engine imports Celery, kombu or redis:\n" + "\n".join(found)
 
 
 def import_time_modules(path: Path) -> Iterator[tuple[int, str]]:
@@ -208,12 +251,12 @@ def import_time_closure(module: str) -> dict[str, list[str]]:
 
 def test_the_import_time_walk_sees_the_drivers_anyio() -> None:
     # Given the drivers await with anyio, a walk that misses it would prove nothing.
-    assert "anyio" in import_time_closure("drivers")
+    assert "anyio" in import_time_closure("_engine.drivers")
 
 
 def test_the_import_time_walk_skips_type_checking_and_function_imports() -> None:
     seen = import_time_closure("transactions")
-    assert "celery_taskengine.drivers" not in seen  # imported inside the shell methods
+    assert "celery_taskengine._engine.drivers" not in seen  # imported inside the shell methods
     assert "celery_taskengine._store.protocol" not in seen  # under TYPE_CHECKING
 
 

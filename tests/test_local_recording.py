@@ -25,16 +25,16 @@ import pytest
 import redis
 
 from celery_taskengine import flush_run_records, task
+from celery_taskengine._engine.run_scope import current_task_run
+from celery_taskengine._engine.task_run import TaskRun
 from celery_taskengine._store.local_flush import WRITE_BEHIND_SECONDS
 from celery_taskengine._store.local_records import LocalRunRecorder, recorder_for
 from celery_taskengine._store.record_batch import MAX_RUNS_PER_BATCH
 from celery_taskengine._store.redis_store import RedisStore
 from celery_taskengine._store.selection import store_for_app
 from celery_taskengine.cache_policies import INPUTS
-from celery_taskengine.run_scope import current_task_run
 from celery_taskengine.states import State, StateType
 from celery_taskengine.task_engine import run_task_sync
-from celery_taskengine.task_run import TaskRun
 
 #: How long a test waits for a record that is written behind (about 0.2 s is expected).
 PATIENCE_SECONDS = 5.0

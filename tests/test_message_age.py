@@ -10,7 +10,7 @@ from celery import Celery, current_task
 from celery.app.task import Context
 
 from celery_taskengine import task
-from celery_taskengine.message_age import SENT_AT_HEADER, may_be_duplicate
+from celery_taskengine._celery.message_age import SENT_AT_HEADER, may_be_duplicate
 from tests.workers import embedded_worker
 
 pytestmark = pytest.mark.timeout(60)

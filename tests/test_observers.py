@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery_taskengine.observers import RunObserver, RunObservers, SavedOnCreate, StateWrites
+from celery_taskengine._engine.observers import (
+    RunObserver,
+    RunObservers,
+    SavedOnCreate,
+    StateWrites,
+)
+from celery_taskengine._engine.task_run import TaskRun
 from celery_taskengine.states import Completed, Pending, Running, State
-from celery_taskengine.task_run import TaskRun
 
 
 def a_run() -> TaskRun:

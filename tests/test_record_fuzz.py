@@ -17,11 +17,11 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from celery_taskengine._engine.task_run import TaskRun, run_from_document
 from celery_taskengine._store.cache_codec import decode_record, encode_record
 from celery_taskengine._store.protocol import ResultRecord
 from celery_taskengine.errors import TaskRunTimeoutError
 from celery_taskengine.states import State, StateType
-from celery_taskengine.task_run import TaskRun, run_from_document
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 JSON_ONLY = frozenset({"json"})

@@ -11,7 +11,7 @@ import statistics
 import pytest
 
 from celery_taskengine import exponential_backoff
-from celery_taskengine.retry_policy import MAX_RETRY_DELAYS, delay_for_retry, jittered
+from celery_taskengine._engine.retry_policy import MAX_RETRY_DELAYS, delay_for_retry, jittered
 
 # --- the delay list -------------------------------------------------------------------------
 

@@ -23,13 +23,13 @@ import pytest
 from celery import Celery
 
 from celery_taskengine import flush_run_records, get_task_run, task
+from celery_taskengine._engine.task_run import TaskRun
 from celery_taskengine._store.cache_codec import encode_record
 from celery_taskengine._store.redis_store import RedisStore
 from celery_taskengine.cache_policies import INPUTS
 from celery_taskengine.errors import SerializationError
 from celery_taskengine.states import Completed, Failed, Pending, Running
 from celery_taskengine.task_engine import run_task_sync
-from celery_taskengine.task_run import TaskRun
 
 CACHE_KEY = "safety/answer"
 #: The opcode every pickle of protocol 2 or later starts with.

@@ -9,13 +9,18 @@ swallowed (4); the connections the engine keeps never come from Celery's capped 
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import json
 import logging
 import multiprocessing
+import os
+import signal
+import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +29,14 @@ import redis
 from celery import Celery
 
 from celery_taskengine import flush_run_records, task
+from celery_taskengine._engine.observers import RunObservers
+from celery_taskengine._engine.task_run import TaskRun
 from celery_taskengine._store.redis_store import RedisStore
 from celery_taskengine._store.worker_records import Delivery, delivery_observers
 from celery_taskengine.cache_policies import INPUTS
 from celery_taskengine.errors import StoreUnavailableError
-from celery_taskengine.observers import RunObservers
 from celery_taskengine.states import Completed, Pending, Running
 from celery_taskengine.task_engine import run_task_sync
-from celery_taskengine.task_run import TaskRun
 from tests.reliability.harness import RedisServer, redis_server
 
 #: How long a test waits for a record written behind (about 10 ms is expected).
@@ -223,6 +228,28 @@ def test_cache_hits_from_four_threads_leave_a_capped_backend_pool_to_celery(
 # -- break 8: multiprocessing children --------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _stacks_of_hung_children() -> Iterator[Callable[[list[Any]], str]]:
+    """``dump(alive)``: every thread's stack of each child still alive (faulthandler on
+    SIGUSR1, inherited at fork), then the child killed: a hang says where it waits."""
+    with tempfile.TemporaryFile("w+") as out:
+        faulthandler.register(signal.SIGUSR1, file=out, all_threads=True)
+
+        def dump(alive: list[Any]) -> str:
+            for process in alive:
+                os.kill(process.pid, signal.SIGUSR1)
+            time.sleep(1.0)
+            for process in alive:
+                process.kill()
+            out.seek(0)
+            return out.read()
+
+        try:
+            yield dump
+        finally:
+            faulthandler.unregister(signal.SIGUSR1)
+
+
 @pytest.mark.xfail(
     reason="open: passes alone and with its own module, but in the whole suite the forked "
     "children hang at exit (the exit flush goes over every recorder earlier tests left, "
@@ -240,11 +267,13 @@ def test_local_runs_of_multiprocessing_children_reach_redis(
         run_task_sync(t, run_id, parameters={"x": 1})  # then exits through os._exit
 
     children = [context.Process(target=child, args=(run_id,)) for run_id in run_ids]
-    for process in children:
-        process.start()
-    for process in children:
-        process.join(30)
-    assert [process.exitcode for process in children] == [0] * 10
+    with _stacks_of_hung_children() as dump:
+        for process in children:
+            process.start()
+        for process in children:
+            process.join(30)
+        stuck = dump([process for process in children if process.is_alive()])
+    assert [process.exitcode for process in children] == [0] * 10, stuck
 
     deadline = time.monotonic() + PATIENCE_SECONDS
     while time.monotonic() < deadline:

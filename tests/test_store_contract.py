@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
+from celery_taskengine._engine.task_run import TaskRun
 from celery_taskengine._store.memory import MemoryStore
 from celery_taskengine._store.protocol import ResultStore
 from celery_taskengine._store.redis_store import RedisStore
 from celery_taskengine.states import Completed, Pending, Running, TimedOut
-from celery_taskengine.task_run import TaskRun
 from tests.conftest import skip_or_fail
 
 POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"

@@ -6,9 +6,9 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
+from celery_taskengine._engine.task_run import TaskRun
+from celery_taskengine._tools.timeline import format_duration, format_timeline
 from celery_taskengine.states import State, StateType
-from celery_taskengine.task_run import TaskRun
-from celery_taskengine.timeline import format_duration, format_timeline
 
 T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=timezone.utc)
 

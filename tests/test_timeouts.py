@@ -19,11 +19,11 @@ from typing import Any
 import pytest
 
 from celery_taskengine import TaskRun, task
+from celery_taskengine._engine.run_scope import current_task_run
+from celery_taskengine._engine.timeouts import await_with_timeout, call_with_timeout
 from celery_taskengine.errors import TaskRunTimeoutError
-from celery_taskengine.run_scope import current_task_run
 from celery_taskengine.states import State
 from celery_taskengine.task_engine import run_task_sync
-from celery_taskengine.timeouts import await_with_timeout, call_with_timeout
 
 needs_alarm = pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="no SIGALRM here")
 
@@ -165,7 +165,7 @@ def test_a_call_stuck_in_c_code_is_abandoned_and_logged() -> None:
 
     run_id = str(uuid.uuid4())
     watcher = Signal(run_id, "cannot be interrupted", "abandoned")
-    timeouts_logger = logging.getLogger("celery_taskengine.timeouts")
+    timeouts_logger = logging.getLogger("celery_taskengine._engine.timeouts")
     timeouts_logger.addHandler(watcher)
     try:
         # When it runs off the main thread

@@ -27,7 +27,7 @@ holder renews it; then it has nothing to do (the holder finished: ``done``) or t
 crashed holder's run. The cheap path, a young message's first delivery, takes its claim in the
 script that writes the run's Running record, without waiting for an answer: no other delivery
 of a message can exist before the broker's visibility timeout has passed since it was sent
-(see :mod:`~celery_taskengine.message_age`), and should one exist anyway (a task id sent
+(see :mod:`~celery_taskengine._celery.message_age`), and should one exist anyway (a task id sent
 twice), the fenced writes refuse to write.
 
 The Redis store keeps claims as keys written by scripts; the SQL store keeps them as rows

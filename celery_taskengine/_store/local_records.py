@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from celery_taskengine._engine.observers import RunObserver, StateWrites
+from celery_taskengine._engine.task_run import TaskRun
 from celery_taskengine._store.local_flush import Flusher, FlushResult, Recorder
 from celery_taskengine._store.memory import default_memory_store
 from celery_taskengine._store.protocol import SHARED_STATES
@@ -46,9 +48,7 @@ from celery_taskengine._store.wire import (
     refusal,
     send,
 )
-from celery_taskengine.observers import RunObserver, StateWrites
 from celery_taskengine.states import State, StateType
-from celery_taskengine.task_run import TaskRun
 
 if TYPE_CHECKING:
     from celery import Celery

@@ -19,11 +19,11 @@ from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta, timezone
 from typing import Any, NamedTuple
 
+from celery_taskengine._engine.observers import RunObserver, SavedOnCreate
+from celery_taskengine._engine.task_run import TaskRun
 from celery_taskengine._store.cache_codec import decode_record, encode_record, normalize_accept
 from celery_taskengine._store.protocol import ItemBatch, ResultRecord
 from celery_taskengine._store.run_filters import run_matches
-from celery_taskengine.observers import RunObserver, SavedOnCreate
-from celery_taskengine.task_run import TaskRun
 
 __all__ = ["DEFAULT_MAX_RUNS", "MemoryStore", "default_memory_store"]
 

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from celery_taskengine.observers import RunObserver
+from celery_taskengine._engine.observers import RunObserver
 from celery_taskengine.states import StateType
 
 if TYPE_CHECKING:
-    from celery_taskengine.task_run import TaskRun
+    from celery_taskengine._engine.task_run import TaskRun
 
 #: The states a local run's record is written at (with an attempt's first Running): the
 #: ones other processes care about.

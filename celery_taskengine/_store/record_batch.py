@@ -14,8 +14,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from celery_taskengine._engine.task_run import TaskRun
 from celery_taskengine._store.run_index import RunIndex
-from celery_taskengine.task_run import TaskRun
 
 __all__ = ["BATCH_SAVE_LUA", "MAX_RUNS_PER_BATCH", "Batch"]
 

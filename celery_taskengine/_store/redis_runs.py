@@ -19,12 +19,12 @@ from typing import Any
 
 import redis
 
+from celery_taskengine._engine.observers import RunObserver
+from celery_taskengine._engine.task_run import TaskRun, run_from_document
 from celery_taskengine._store.protocol import LocalRecorder
 from celery_taskengine._store.run_document import encode_run
 from celery_taskengine._store.run_index import RunIndex, list_indexed
 from celery_taskengine._store.task_meta import px
-from celery_taskengine.observers import RunObserver
-from celery_taskengine.task_run import TaskRun, run_from_document
 
 __all__ = ["RedisRuns"]
 

@@ -115,7 +115,9 @@ def is_refusal(exc: BaseException) -> bool:
 
 def _current_run_id() -> str:
     """The id of the run this thread is in, to name it in outage logs (``-`` outside runs)."""
-    from celery_taskengine.run_scope import current_task_run  # the store is below the engine
+    from celery_taskengine._engine.run_scope import (
+        current_task_run,  # the store is below the engine
+    )
 
     run = current_task_run()
     return run.id if run is not None else "-"

@@ -1,7 +1,7 @@
 """A run record's JSON document, built up state by state.
 
 A worker saves its run at every state change. The document is the one
-:meth:`~celery_taskengine.task_run.TaskRun.to_document` gives (``run_from_document`` reads
+:meth:`~celery_taskengine._engine.task_run.TaskRun.to_document` gives (``run_from_document`` reads
 both), but parameters and the states already entered never change, so they are encoded once,
 and states are written as JSON directly rather than through dicts: on the hot path this is
 several times cheaper.
@@ -14,9 +14,14 @@ from collections.abc import Callable
 from datetime import datetime
 from json.encoder import encode_basestring_ascii
 
+from celery_taskengine._engine.task_run import (
+    DOCUMENT_VERSION,
+    TaskRun,
+    _jsonable,
+    encode_exception,
+)
 from celery_taskengine.errors import SerializationError
 from celery_taskengine.states import State, StateType
-from celery_taskengine.task_run import DOCUMENT_VERSION, TaskRun, _jsonable, encode_exception
 
 __all__ = ["RunDocument", "encode_run"]
 

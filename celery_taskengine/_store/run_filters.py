@@ -7,7 +7,7 @@ A task is given in full (``shop.tasks.fetch_invoice``) or as its last dotted par
 
 from __future__ import annotations
 
-from celery_taskengine.task_run import TaskRun
+from celery_taskengine._engine.task_run import TaskRun
 
 __all__ = ["run_matches", "short_task_name", "squash", "state_matches", "task_matches"]
 

@@ -23,8 +23,8 @@ import itertools
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from celery_taskengine._engine.task_run import TaskRun
 from celery_taskengine._store.run_filters import run_matches, short_task_name, squash
-from celery_taskengine.task_run import TaskRun
 
 __all__ = ["INDEX_LUA", "RunIndex", "list_indexed", "state_types_for"]
 

@@ -10,6 +10,7 @@ surfaces as :class:`StoreUnavailableError`.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -19,17 +20,11 @@ from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import (
-    Connection,
-    Engine,
-    create_engine,
-    delete,
-    event,
-    or_,
-    select,
-)
+from sqlalchemy import Connection, Engine, create_engine, delete, event, or_, select
 from sqlalchemy import exc as sa_exc
 
+from celery_taskengine._engine.observers import RunObserver
+from celery_taskengine._engine.task_run import TaskRun, run_from_document
 from celery_taskengine._store import sql_schema as schema
 from celery_taskengine._store.cache_codec import decode_record, encode_record, normalize_accept
 from celery_taskengine._store.protocol import LocalRecorder, ResultRecord
@@ -37,6 +32,7 @@ from celery_taskengine._store.redis_store import DEFAULT_NAMESPACE, DEFAULT_RUN_
 from celery_taskengine._store.run_document import encode_run
 from celery_taskengine._store.run_filters import short_task_name, squash
 from celery_taskengine._store.sql_claims import SqlClaims
+from celery_taskengine._store.sql_early_read import SqlEarlyRead, sends_early
 from celery_taskengine._store.sql_locks import SqlLocks
 from celery_taskengine._store.sql_streams import SqlStreams
 from celery_taskengine._store.sql_support import (
@@ -54,8 +50,6 @@ from celery_taskengine._store.sql_support import (
 )
 from celery_taskengine._store.write_behind import WriteBehindRecorder
 from celery_taskengine.errors import ConfigurationError, StoreUnavailableError
-from celery_taskengine.observers import RunObserver
-from celery_taskengine.task_run import TaskRun, run_from_document
 
 __all__ = ["SqlStore"]
 
@@ -75,6 +69,8 @@ class SqlStore(SqlClaims, SqlLocks, SqlStreams):
 
     shared: bool = True
     supports_locking: bool = True
+    #: Set where reads can be sent early (see sql_early_read); the engine looks for it.
+    start_read: Callable[[str], SqlEarlyRead]
 
     def __init__(
         self,
@@ -108,6 +104,8 @@ class SqlStore(SqlClaims, SqlLocks, SqlStreams):
         self._tables_lock = threading.Lock()
         self._recorder: WriteBehindRecorder | None = None
         engines.add(engine)
+        if sends_early(self):  # the engine sends a hit's read before its own work
+            self.start_read = functools.partial(SqlEarlyRead, self)
 
     @classmethod
     def from_url(
@@ -140,7 +138,10 @@ class SqlStore(SqlClaims, SqlLocks, SqlStreams):
     @reconnecting
     def read(self, key: str) -> ResultRecord | None:
         """The committed record, or ``None`` when missing, expired, corrupt or foreign."""
-        raw = self._fetch_one(READ_RECORD, self._live_params(key))
+        return self.record_from(self._fetch_one(READ_RECORD, self._live_params(key)), key)
+
+    def record_from(self, raw: bytes | None, key: str) -> ResultRecord | None:
+        """The record a read of ``key`` answered (as :meth:`read` gives it)."""
         if raw is None:
             return None
         try:
@@ -239,8 +240,7 @@ class SqlStore(SqlClaims, SqlLocks, SqlStreams):
         return None if document is None else self._decode_run(run_id, document)
 
     def iter_runs(self, limit: int) -> list[TaskRun]:
-        """Up to ``limit`` runs, the most recently active first (an index scan of ``limit``)."""
-        return self.list_runs(limit)
+        return self.list_runs(limit)  # the most recently active first: an index scan
 
     @reconnecting
     def list_runs(
@@ -277,10 +277,10 @@ class SqlStore(SqlClaims, SqlLocks, SqlStreams):
             upsert_many(conn, schema.runs, self.namespace, ["run_id"], rows)
 
     def worker_observers(self, app: Any, delivery: Any) -> list[RunObserver]:
-        """Worker runs are recorded through the plain operations (see plain_records)."""
-        from celery_taskengine._store.plain_records import plain_delivery_observers
+        """Worker runs are recorded for about a plain task's commits (see sql_worker_records)."""
+        from celery_taskengine._store.sql_worker_records import sql_delivery_observers
 
-        return plain_delivery_observers(app, self, delivery)
+        return sql_delivery_observers(app, self, delivery)
 
     def rides_with(self, backend: Any) -> bool:
         return False
@@ -302,8 +302,7 @@ class SqlStore(SqlClaims, SqlLocks, SqlStreams):
                 raise self._unavailable(exc) from exc
         self._tables_ready = True
 
-    def close(self) -> None:
-        """Close the store's pooled connections (it opens new ones if used again)."""
+    def close(self) -> None:  # it opens new connections if used again
         self.engine.dispose()
         if self._reader is not self.engine:
             self._reader.dispose()

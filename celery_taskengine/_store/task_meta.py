@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any
 import redis
 from celery.backends.rpc import RPCBackend
 
+from celery_taskengine._engine.task_run import TaskRun, encode_exception
 from celery_taskengine._store.protocol import ResultStore
 from celery_taskengine.states import State, utcnow
-from celery_taskengine.task_run import TaskRun, encode_exception
 
 if TYPE_CHECKING:
     from celery import Celery

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+from celery_taskengine._engine.observers import RunObserver, StateWrites
 from celery_taskengine._store.selection import configured_store_url
 from celery_taskengine._store.task_meta import (
     SET_META_LUA,
@@ -21,13 +22,12 @@ from celery_taskengine._store.task_meta import (
     px,
     state_info,
 )
-from celery_taskengine.observers import RunObserver, StateWrites
 
 if TYPE_CHECKING:
     from celery import Celery
 
+    from celery_taskengine._engine.task_run import TaskRun
     from celery_taskengine.states import State
-    from celery_taskengine.task_run import TaskRun
 
 __all__ = ["TaskMetaShown"]
 

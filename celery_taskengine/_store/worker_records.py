@@ -1,12 +1,12 @@
 """Recording a worker run's states on a Redis store: the run record, its claim and its meta.
 
 Every state change of a run in a worker is persisted (so ``get_task_run(id)`` works anywhere
-and a redelivery can continue the run) by observers (see :mod:`~celery_taskengine.observers`):
-:class:`ClaimKeeping` (nothing is written once the delivery lost its claim), :class:`RunRecords`
-(the record and its index entry, and the sending of the state's batch) and
-:class:`~._store.task_meta_observer.TaskMetaShown` (Celery's task meta, riding in the same
-batch). Recording is on every task's hot path, so it costs as little as it can (see
-:mod:`~celery_taskengine._store.record_channel` for how):
+and a redelivery can continue the run) by observers (see
+:mod:`~celery_taskengine._engine.observers`): :class:`ClaimKeeping` (nothing is written
+once the delivery lost its claim), :class:`RunRecords` (the record and its index entry, and the
+sending of the state's batch) and :class:`~._store.task_meta_observer.TaskMetaShown` (Celery's
+task meta, riding in the same batch). Recording is on every task's hot path, so it costs as
+little as it can (see :mod:`~celery_taskengine._store.record_channel` for how):
 
 - Pending is held back and written together with Running; a plain run writes twice, at Running
   and at its final state, each a single send that does not wait for Redis to answer. Their
@@ -28,6 +28,8 @@ import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from celery_taskengine._engine.observers import RunObserver, StateWrites
+from celery_taskengine._engine.task_run import TaskRun
 from celery_taskengine._store.claims import Claim
 from celery_taskengine._store.record_channel import RecordChannel
 from celery_taskengine._store.retrying import patience_from_policy
@@ -35,9 +37,7 @@ from celery_taskengine._store.run_document import RunDocument
 from celery_taskengine._store.run_index import INDEX_LUA
 from celery_taskengine._store.task_meta import px
 from celery_taskengine._store.task_meta_observer import TaskMetaShown
-from celery_taskengine.observers import RunObserver, StateWrites
 from celery_taskengine.states import State, StateType
-from celery_taskengine.task_run import TaskRun
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -95,6 +95,12 @@ class Delivery:
     claim: Claim | None = None
     #: Celery keeps no result of this delivery (``ignore_result``): no engine state either.
     ignores_result: bool = False
+    #: The message stays with the broker until the delivery ends (``acks_late``): a
+    #: redelivery after a crash must find the attempt's Running record.
+    acks_late: bool = False
+    #: Celery stores the outcome right after the delivery returns (a function's or a
+    #: coroutine's, kept, not eager, acknowledged early): its record may commit with it.
+    result_follows: bool = False
 
     @property
     def may_continue(self) -> bool:

@@ -23,14 +23,14 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
+from celery_taskengine._engine.observers import RunObserver, StateWrites
 from celery_taskengine._store.memory import default_memory_store
 from celery_taskengine._store.protocol import SHARED_STATES
-from celery_taskengine.observers import RunObserver, StateWrites
 from celery_taskengine.states import StateType
 
 if TYPE_CHECKING:
+    from celery_taskengine._engine.task_run import TaskRun
     from celery_taskengine.states import State
-    from celery_taskengine.task_run import TaskRun
 
 __all__ = ["WRITE_BEHIND_SECONDS", "WriteBehindRecorder", "flush_write_behind"]
 

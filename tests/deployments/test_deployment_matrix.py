@@ -19,8 +19,8 @@ from typing import Any, NamedTuple
 import pytest
 
 from celery_taskengine import get_task_run
+from celery_taskengine._celery.producer import CachedResult
 from celery_taskengine._store.selection import store_for_app
-from celery_taskengine.producer import CachedResult
 from tests.bridge_workers import broker_url
 from tests.deployments.workers import deployment_worker
 from tests.test_store_contract import MARIADB_URL, POSTGRES_URL, _sql_store

@@ -8,7 +8,7 @@ from typing import Any
 
 from celery import Celery
 
-from celery_taskengine.producer import CachedResult
+from celery_taskengine._celery.producer import CachedResult
 from tests.reliability.harness import counter, history_problems, load_run
 
 

@@ -32,8 +32,8 @@ import redis
 from celery import Celery
 
 from celery_taskengine import get_task_run
+from celery_taskengine._engine.task_run import TaskRun
 from celery_taskengine.states import TRANSITIONS, StateType
-from celery_taskengine.task_run import TaskRun
 from tests.conftest import _answers_ping, _die_with_parent, _free_port, skip_or_fail
 
 ROOT = Path(__file__).resolve().parents[2]

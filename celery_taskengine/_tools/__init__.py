@@ -1,0 +1,1 @@
+"""The tools: the command line, the demo and the run timeline."""
