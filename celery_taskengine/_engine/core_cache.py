@@ -82,7 +82,8 @@ def reads_ahead(store: Any) -> bool:
     known = _READS_AHEAD.get(kind)
     if known is None:
         known = _READS_AHEAD[kind] = callable(getattr(kind, "start_read", None))
-    return known
+    # A store may have one per instance (SqlStore: on PostgreSQL through psycopg only).
+    return known or callable(getattr(store, "start_read", None))
 
 
 class CacheSteps(StateEntry):

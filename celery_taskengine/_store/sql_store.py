@@ -34,6 +34,7 @@ from celery_taskengine._store.run_filters import short_task_name, squash
 from celery_taskengine._store.sql_claims import SqlClaims
 from celery_taskengine._store.sql_early_read import SqlEarlyRead, sends_early
 from celery_taskengine._store.sql_locks import SqlLocks
+from celery_taskengine._store.sql_raw_read import RawReads
 from celery_taskengine._store.sql_streams import SqlStreams
 from celery_taskengine._store.sql_support import (
     LOAD_RUN,
@@ -94,6 +95,7 @@ class SqlStore(SqlClaims, SqlLocks, SqlStreams):
         #: Whether reads' connections autocommit (a single statement needs no transaction).
         self._autocommits = self._reader is not engine
         engines.add(self._reader)
+        self._raw = RawReads(self._reader)
         self.namespace = namespace
         self.accept = normalize_accept(accept)
         self.run_expires = run_expires if run_expires and run_expires > 0 else None
@@ -353,8 +355,7 @@ class SqlStore(SqlClaims, SqlLocks, SqlStreams):
         if not self._tables_ready:
             self._make_tables()
         try:
-            with self._reader.connect() as conn:
-                return conn.execute(statement, params).scalar_one_or_none()
+            return self._raw.fetch_one(statement, params)
         except sa_exc.DBAPIError as exc:
             translated = self._translated(exc)
             if translated is exc:

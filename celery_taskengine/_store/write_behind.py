@@ -73,9 +73,10 @@ class WriteBehindRecorder(RunObserver):
             return
         with self._lock:
             self._held[run.id] = run
-            if self._pid != os.getpid():  # first use in this process, or after a fork
+            if not self._pid:  # first use in this process, or after a fork (_reset_in_child)
                 self._start_writer()
-        self._wake.set()
+        if not self._wake.is_set():  # set() again would take the event's lock and notify
+            self._wake.set()
 
     def flush(self, timeout: float) -> tuple[bool, list[str]]:
         """Write what is held now; whether everything since the last flush was written, and
