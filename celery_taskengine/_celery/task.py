@@ -314,7 +314,26 @@ def build_task(
     Unlike ``app.task``, a new function under a name already taken replaces the old task, so
     re-decorating (tests, notebooks) never silently keeps stale options.
     """
-    attributes: dict[str, Any] = {
+    attributes = _class_attributes(app, fn, options, celery_options, name=name, bind=bind)
+    cls: Any = type(getattr(fn, "__name__", name), (base or Task,), attributes)
+    instance: Task = cls()
+    if register:
+        app._tasks[name] = instance
+    cls.bind(app)
+    return instance
+
+
+def _class_attributes(
+    app: Celery,
+    fn: Callable[..., Any],
+    options: TaskOptions,
+    celery_options: dict[str, Any],
+    *,
+    name: str,
+    bind: bool,
+) -> dict[str, Any]:
+    """The task class's namespace: Celery's attributes, the engine's, and the Celery options."""
+    return {
         "app": app,
         "name": name,
         "run": fn if bind else staticmethod(fn),
@@ -334,12 +353,6 @@ def build_task(
         "max_retries": options.retries,
         **celery_options,
     }
-    cls: Any = type(getattr(fn, "__name__", name), (base or Task,), attributes)
-    instance: Task = cls()
-    if register:
-        app._tasks[name] = instance
-    cls.bind(app)
-    return instance
 
 
 #: What Celery's decorator puts in a task class besides the options.

@@ -381,13 +381,9 @@ def recorder_for(store: RedisStore) -> LocalRunRecorder:
 def flush_run_records(
     app: Celery | None = None, timeout: float = FLUSH_TIMEOUT_SECONDS
 ) -> FlushResult:
-    """Send this process's held local run records and wait until Redis answered them.
-
-    Call this before handing a run id to another process that must see it at once (others see it
-    within the flusher's ``WRITE_BEHIND_SECONDS`` anyway). With ``app``, only that app's backend
-    is waited for. The result is false when a record since the last call did not reach Redis
-    within ``timeout`` seconds or was refused (OOM, NOPERM, READONLY); its ``lost_runs`` names
-    those runs.
+    """Send this process's held local run records (only ``app``'s, if given) and wait until
+    Redis answered them: before handing a run id to a process that must see it at once. False
+    when a record did not reach Redis within ``timeout`` or was refused; ``lost_runs`` names them.
     """
     if app is not None:
         from celery_taskengine._store.redis_store import RedisStore
