@@ -36,6 +36,7 @@ import redis
 from celery import Celery
 
 from celery_taskengine import flush_run_records, task
+from celery_taskengine._engine.observers import NO_OBSERVERS
 from celery_taskengine._store.redis_store import RedisStore
 from celery_taskengine._store.selection import store_for_app
 from celery_taskengine.cache_policies import INPUTS
@@ -55,7 +56,7 @@ def cached_tasks(app: Celery, name: str) -> tuple[Any, Any]:
 def without_run_records(t: Any) -> Any:
     """``t`` with its local runs not recorded on the store (diagnostic only)."""
     quiet = t.with_options()
-    local_environment(quiet, None).record = None
+    local_environment(quiet, None).observers = NO_OBSERVERS
     return quiet
 
 

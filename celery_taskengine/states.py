@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Any
 
 from celery_taskengine import errors
@@ -238,8 +238,3 @@ def aggregate_states(states: Iterable[State]) -> State:
     if paused:
         return Paused(message=f"{paused}/{total} states paused.")
     return Failed(message=f"{failed}/{total} states failed.")
-
-
-def delay_to(now: datetime, seconds: float) -> datetime:
-    """``now`` plus ``seconds``; kept here so every scheduled time is computed one way."""
-    return now + timedelta(seconds=seconds)

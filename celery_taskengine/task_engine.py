@@ -24,6 +24,7 @@ from celery_taskengine._engine.drivers import (
     iterate_sync,
 )
 from celery_taskengine._engine.engine_methods import add_methods
+from celery_taskengine._engine.observers import RunObservers, local_observer
 from celery_taskengine._engine.run_core import EngineTask, RunCore, RunEnvironment
 from celery_taskengine._engine.task_run import TaskRun, new_run_id, new_task_run
 from celery_taskengine._store.protocol import ResultStore
@@ -72,9 +73,7 @@ def local_environment(task: EngineTask, context: dict[str, Any] | None) -> RunEn
 
 def _fresh_local_environment(task: EngineTask) -> RunEnvironment:
     store: ResultStore = store_for_app(getattr(task, "app", None))
-    recorder = store.local_recorder()
-    # Without a recorder the store keeps the live TaskRun object: saving it once is enough.
-    return RunEnvironment(store=store, record=recorder, saves_on_create=recorder is None)
+    return RunEnvironment(store=store, observers=RunObservers([local_observer(store)]))
 
 
 class BaseTaskRunEngine:
@@ -151,7 +150,12 @@ class BaseTaskRunEngine:
         return state.result(raise_on_failure=raise_on_failure)
 
     def _answer(self, return_type: ReturnType) -> Any:
-        return self.state if return_type == "state" else self.result()
+        state = self.task_run.state  # set: the run was driven
+        if return_type == "state":
+            return state
+        if state is not None and state.type is StateType.COMPLETED:
+            return state.data  # result()'s first case, the common one, without its calls
+        return self.result()
 
 
 class SyncTaskRunEngine(BaseTaskRunEngine):
@@ -199,7 +203,8 @@ def run_task_sync(
 ) -> Any:
     """Run a sync task to a final state here; return its value (or final State)."""
     engine = SyncTaskRunEngine(task, parameters, task_run, wait_for, context, task_run_id)
-    engine.run()
+    engine._started = True
+    drive_sync(engine.core.run_to_end(), engine.core.env)  # engine.run(), one call less
     return engine._answer(return_type)
 
 
@@ -217,7 +222,8 @@ async def run_task_async(
     engine = AsyncTaskRunEngine(
         task, parameters, task_run, wait_for, context, task_run_id, is_async=True
     )
-    await engine.run()
+    engine._started = True
+    await drive_async(engine.core.run_to_end(), engine.core.env)  # engine.run(), one less
     return engine._answer(return_type)
 
 

@@ -1,10 +1,9 @@
 """Transactions: a key, a staged value, commit/rollback hooks, nesting, and SERIALIZABLE locks.
 
-The logic is written once as step routines (see :mod:`celery_taskengine._engine.steps`);
-:class:`Transaction` drives them blocking and :class:`AsyncTransaction` with ``await``. The
-module belongs to the pure core: the drivers are imported only when a shell method runs.
-The engine uses the same routines for each task attempt, so a task's transaction and one a user
-opens with :func:`transaction` nest and behave the same.
+The logic is written once as step routines (:mod:`~celery_taskengine._engine.steps`), driven
+blocking by :class:`Transaction` and with ``await`` by :class:`AsyncTransaction`; the drivers are
+imported only when such a shell method runs. Every task attempt uses the same routines, so a
+task's transaction and one a user opens with :func:`transaction` nest and behave the same.
 """
 
 from __future__ import annotations
@@ -59,6 +58,7 @@ class Transaction:
     """
 
     store: ResultStore | None
+    commit_mode: CommitMode | None
     state = TransactionState.PENDING
     record: ResultRecord | None = None
     _staged: tuple[Any] | None = None
@@ -86,9 +86,9 @@ class Transaction:
         self.key = key
         self.parent: Transaction | None = (inherited := CURRENT.get())
         # A child inherits its parent's commit mode, isolation and store unless given its own.
-        self.commit_mode: CommitMode | None = commit_mode or getattr(inherited, "commit_mode", None)
+        self.commit_mode = commit_mode or (inherited.commit_mode if inherited else None)
         self.isolation_level: IsolationLevel = effective_isolation(isolation_level, inherited)
-        self.store = store if store is not None else getattr(inherited, "store", None)
+        self.store = store if store is not None or inherited is None else inherited.store
         #: Where SERIALIZABLE locks are taken when not on ``store`` (a policy's lock_manager).
         self.lock_manager = lock_manager
         self.overwrite = overwrite

@@ -30,7 +30,7 @@ from kombu.exceptions import OperationalError
 
 from celery_taskengine import Task, flush_run_records, get_task_run, task
 from celery_taskengine._engine.task_run import TaskRun
-from celery_taskengine._store.record_codec import encode_record
+from celery_taskengine._store.cache_codec import encode_record
 from celery_taskengine._store.redis_store import RedisStore
 from celery_taskengine.errors import (
     ReservedArgumentError,

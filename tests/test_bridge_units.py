@@ -1,7 +1,7 @@
 """The bridge's pieces on their own: state events, backend task states, run documents, the
 Redis record channel, the per-process loop, and the producer's cache-key check.
 
-The bridge as a whole is tested with real workers in ``test_bridge_worker.py``,
+The bridge as a whole is tested with real workers in ``test_bridge_brokers.py``,
 ``test_bridge_threads.py`` and ``test_bridge_processes.py``.
 """
 
@@ -26,16 +26,19 @@ from celery_taskengine import cache_policies as cp
 from celery_taskengine import stream, task
 from celery_taskengine._celery.engine_backend import CLAIM
 from celery_taskengine._celery.events import event_fields, event_type
-from celery_taskengine._celery.producer import _key_may_ignore_run_id
 from celery_taskengine._celery.worker_loop import run_on_worker_loop
+from celery_taskengine._engine.observers import RunObservers
 from celery_taskengine._engine.task_run import TaskRun
+from celery_taskengine._engine.transaction_keys import (
+    key_may_ignore_run_id as _key_may_ignore_run_id,
+)
 from celery_taskengine._store.claims import Claim, claim_or_wait, is_done
 from celery_taskengine._store.record_channel import RecordChannel
 from celery_taskengine._store.redis_store import RedisStore
 from celery_taskengine._store.renewer import renewer
 from celery_taskengine._store.run_document import RunDocument
 from celery_taskengine._store.task_meta import celery_status, write_task_meta
-from celery_taskengine._store.worker_records import Delivery, DeliveryRecorder
+from celery_taskengine._store.worker_records import Delivery, delivery_observers
 from celery_taskengine.errors import ConfigurationError, StoreUnavailableError, TaskRunTimeoutError
 from celery_taskengine.states import (
     AwaitingRetry,
@@ -454,7 +457,7 @@ def test_a_worker_run_s_final_state_is_written_only_once_its_engine_returned(
     delivery = Delivery(
         "run-1", "run-1", "worker@x", retries=0, redelivered=False, send_events=False
     )
-    recorder = DeliveryRecorder(redis_app, store, delivery)
+    recorder = RunObservers(delivery_observers(redis_app, store, delivery))
     run = TaskRun(id="run-1", name="t", task_name="t", parameters={})
     for state in (Pending(), Running(), Completed(data=1)):
         run.state = state
@@ -463,7 +466,7 @@ def test_a_worker_run_s_final_state_is_written_only_once_its_engine_returned(
     time.sleep(0.5)  # longer than the kernel holds a held write (200 ms)
 
     assert store.load_run("run-1").history_names() == ["Pending", "Running"]
-    recorder.flush()
+    recorder.end(run)
     deadline = time.monotonic() + 5
     while store.load_run("run-1").state.name != "Completed" and time.monotonic() < deadline:
         time.sleep(0.01)

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from celery_taskengine import get_task_run, task
-from celery_taskengine._store.record_codec import encode_record
+from celery_taskengine._store.cache_codec import encode_record
 from celery_taskengine._store.redis_store import RedisStore
 from celery_taskengine._store.selection import store_for_app
 from celery_taskengine.cache_policies import DEFAULT, INPUTS, NO_CACHE, TASK_SOURCE

@@ -16,8 +16,8 @@ import pytest
 
 from celery_taskengine import task
 from celery_taskengine._engine.task_run import TaskRun
+from celery_taskengine._store.cache_codec import encode_record
 from celery_taskengine._store.local_records import LocalRunRecorder
-from celery_taskengine._store.record_codec import encode_record
 from celery_taskengine._store.redis_store import RedisStore
 from celery_taskengine._store.selection import store_for_app
 from celery_taskengine.cache_policies import INPUTS, CachePolicy, IsolationLevel

@@ -10,9 +10,9 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from celery_taskengine._engine.task_run import TaskRun
+from celery_taskengine._store.cache_codec import decode_record, encode_record
 from celery_taskengine._store.memory import MemoryStore, default_memory_store
 from celery_taskengine._store.protocol import ResultStore
-from celery_taskengine._store.record_codec import decode_record, encode_record
 from celery_taskengine.errors import SerializationError
 from celery_taskengine.states import Completed, Pending, Running
 

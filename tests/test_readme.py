@@ -37,3 +37,21 @@ def test_the_quickstart_runs_as_written_and_prints_the_documented_lines(tmp_path
     ]
     printed = [line.strip() for line in done.stdout.splitlines()]
     assert printed == promised
+
+
+def test_the_architecture_section_names_every_module_of_the_package() -> None:
+    # Given the package's modules as the tree holds them
+    package = README.parent / "celery_taskengine"
+    modules = {path.name for path in package.rglob("*.py") if path.name != "__init__.py"}
+    folders = {path.parent.name for path in package.rglob("*.py") if path.parent != package}
+    # When the README's Architecture section is read
+    text = README.read_text()
+    section = text[
+        text.index("## Architecture\n") : text.index("\n## ", text.index("## Architecture\n") + 1)
+    ]
+    # Then it names each module and each folder
+    missing = sorted(
+        name for name in modules if f"`{name}`" not in section and f" {name}" not in section
+    )
+    assert not missing, f"the README's Architecture section does not name {missing}"
+    assert all(f"{folder}/" in section for folder in folders), folders

@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from celery_taskengine._engine.task_run import TaskRun, run_from_document
+from celery_taskengine._store.cache_codec import decode_record, encode_record
 from celery_taskengine._store.protocol import ResultRecord
-from celery_taskengine._store.record_codec import decode_record, encode_record
 from celery_taskengine.errors import TaskRunTimeoutError
 from celery_taskengine.states import State, StateType
 

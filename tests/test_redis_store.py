@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from celery_taskengine._engine.task_run import TaskRun
+from celery_taskengine._store.cache_codec import encode_record
 from celery_taskengine._store.protocol import ResultStore
-from celery_taskengine._store.record_codec import encode_record
 from celery_taskengine._store.redis_store import RedisStore
 from celery_taskengine.errors import ConfigurationError, SerializationError, StoreUnavailableError
 from celery_taskengine.states import Completed, Pending, Running

@@ -45,6 +45,13 @@ T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
 STORE = "the-store"  # only named in cache steps: play() answers them from its dict
 
 
+class ReadsAhead:
+    """A store that can send a read ahead (``start_read``): the core may ask it to."""
+
+    def start_read(self, key: str) -> Any:
+        raise AssertionError("play() answers every read itself")
+
+
 @dataclass
 class PlainTask:
     """The core's view of a task (the EngineTask protocol), with validated real options."""
@@ -72,14 +79,14 @@ def make_core(
     *,
     is_generator: bool = False,
     is_cancelled: Callable[[], bool] | None = None,
+    store: Any = STORE,
     **options: Any,
 ) -> RunCore:
     task = PlainTask(fn, build_options(fn, options))
     run = new_task_run(task, dict(parameters or {}), "run-1")
     clock = FixedClock()
     env = RunEnvironment(
-        store=STORE,  # type: ignore[arg-type]
-        record=None,
+        store=store,
         is_cancelled=is_cancelled,
         clock=clock.now,
         monotonic=clock.monotonic,
@@ -294,16 +301,20 @@ def test_a_crash_enters_crashed_and_lets_the_interrupt_through() -> None:
     assert isinstance(outcome.raised, KeyboardInterrupt)
 
 
+def read_key(outcome: Play) -> str:
+    """The key the run's first cache read asked for."""
+    return next(step[1] for step in outcome.steps if step[0] == "ReadCache")
+
+
 def test_a_cache_hit_reads_ahead_and_never_calls_the_function() -> None:
-    core = make_core(add, {"x": 1, "y": 2}, cache_policy=INPUTS)
-    first = play(core)
-    key = first.steps[1][1]
+    key = read_key(play(make_core(add, {"x": 1, "y": 2}, cache_policy=INPUTS)))
     cache = {key: ResultRecord(key, 3, "json", T0)}
+    core = make_core(add, {"x": 1, "y": 2}, cache_policy=INPUTS, store=ReadsAhead())
 
-    outcome = play(make_core(add, {"x": 1, "y": 2}, cache_policy=INPUTS), cache)
+    outcome = play(core, cache)
 
+    # INPUTS is a built-in policy: its key is a hash computed in place, not a user step.
     assert outcome.steps == [
-        ("ComputeKey",),
         ("ReadCache", key, "ahead"),
         ("Record", "Pending", "first"),
         ("Record", "Running"),
@@ -314,18 +325,52 @@ def test_a_cache_hit_reads_ahead_and_never_calls_the_function() -> None:
     assert outcome.final is not None and outcome.final.data == 3
 
 
+def test_a_store_that_cannot_read_ahead_is_read_once_after_running() -> None:
+    key = read_key(play(make_core(add, {"x": 1, "y": 2}, cache_policy=INPUTS)))
+    cache = {key: ResultRecord(key, 3, "json", T0)}
+
+    outcome = play(make_core(add, {"x": 1, "y": 2}, cache_policy=INPUTS), cache)
+
+    assert outcome.steps == [
+        ("Record", "Pending", "first"),
+        ("Record", "Running"),
+        ("ReadCache", key),
+        ("Record", "Cached"),
+    ]
+
+
+def test_a_cache_key_fn_is_a_compute_step_and_never_read_ahead() -> None:
+    def by_x(context: Any, parameters: dict[str, Any]) -> str:
+        return f"x={parameters['x']}"
+
+    core = make_core(add, {"x": 1, "y": 2}, cache_key_fn=by_x, store=ReadsAhead())
+
+    outcome = play(core, {"x=1": ResultRecord("x=1", 3, "json", T0)})
+
+    assert outcome.steps == [
+        ("Record", "Pending", "first"),
+        ("Record", "Running"),
+        ("ComputeKey",),
+        ("ReadCache", "x=1"),
+        ("Record", "Cached"),
+    ]
+
+
 def test_a_miss_calls_the_function_and_commits_its_value() -> None:
     committed: list[Any] = []
     cache: dict[str, Any] = {}
 
     core = make_core(
-        add, {"x": 1, "y": 2}, cache_policy=INPUTS, on_commit=[lambda t: committed.append(t)]
+        add,
+        {"x": 1, "y": 2},
+        cache_policy=INPUTS,
+        on_commit=[lambda t: committed.append(t)],
+        store=ReadsAhead(),
     )
     outcome = play(core, cache)
 
-    key = outcome.steps[1][1]
+    key = read_key(outcome)
     assert outcome.steps == [
-        ("ComputeKey",),
         ("ReadCache", key, "ahead"),
         ("Record", "Pending", "first"),
         ("Record", "Running"),

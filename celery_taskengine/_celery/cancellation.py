@@ -112,7 +112,7 @@ def record_cancelled(task: Any, request: Any, message: str) -> bool:
     cancelled = State(StateType.CANCELLED, "Cancelled", message)
     if run.state is not None and not is_legal_transition(run.state, cancelled):
         return False
-    core = RunCore(task, run, RunEnvironment(store=store, record=None))
+    core = RunCore(task, run, RunEnvironment(store=store))
     drive_sync(core.initialize_run(), core.env)
     drive_sync(core.set_state(cancelled), core.env)
     store.save_run(run)

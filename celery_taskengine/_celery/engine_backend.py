@@ -5,8 +5,10 @@ that a duplicate delivery finishing late cannot overwrite a SUCCESS. An engine t
 holds a claim on its message instead (see :mod:`~celery_taskengine._store.claims`): its outcome
 is stored by one script that writes only while the claim is the delivery's (or settled by it),
 and publishes it as Celery does. That is both safer (a delivery that lost its claim stores no
-SUCCESS, nor a FAILURE, over the holder's) and one Redis round trip less per task. Every
-other store (plain tasks, deliveries without a claim) is Celery's.
+SUCCESS, nor a FAILURE, over the holder's) and one Redis round trip less per task. On Celery's
+database backend, the outcome commits in one transaction with the run's final record and the
+claim's done marker, when the engine's SQL store is on the same database. Every other store
+(plain tasks, deliveries without a claim) is Celery's.
 
 Engine tasks get the app's backend object itself under a subclass (the two share one
 ``__dict__``: same client, same connections, same result consumer), so nothing else changes.
@@ -14,6 +16,7 @@ Engine tasks get the app's backend object itself under a subclass (the two share
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from celery import states
@@ -62,6 +65,29 @@ class _FreshDeliveryStore:
         return result
 
 
+class _OutcomeWithResult:
+    """Mixed into Celery's database backend's class: a claimed delivery's result commits in
+    one transaction with the run's outcome record, when the store is on the same database
+    (see :mod:`~celery_taskengine._store.sql_worker_records`)."""
+
+    def _store_result(
+        self,
+        task_id: str,
+        result: Any,
+        state: str,
+        traceback: Any = None,
+        request: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        from celery_taskengine._store.sql_worker_records import store_result_with_outcome
+
+        if not store_result_with_outcome(self, str(task_id), result, state, traceback, request):
+            return super()._store_result(  # type: ignore[misc]
+                task_id, result, state, traceback, request=request, **kwargs
+            )
+        return result
+
+
 def _expires_ms(backend: Any, state: str) -> int | None:
     """How long Celery keeps a result in ``state`` (failures may have their own), in ms."""
     expires = backend.expires
@@ -83,14 +109,27 @@ def for_engine_tasks(backend: Any) -> Any:
     alias = state.get(_ALIAS) if state is not None else None
     if alias is not None and alias.__dict__ is state:  # not a copied backend's stale alias
         return alias
-    if state is None or not isinstance(backend, BaseKeyValueStoreBackend):
+    if state is None:
+        return backend
+    if isinstance(backend, BaseKeyValueStoreBackend):
+        mixin: type = _FreshDeliveryStore
+    elif _is_database_backend(backend):
+        mixin = _OutcomeWithResult
+    else:
         return backend
     cls = type(backend)
     alias_cls = _classes.get(cls)
     if alias_cls is None:
-        alias_cls = type(cls.__name__, (_FreshDeliveryStore, cls), {"__module__": cls.__module__})
+        alias_cls = type(cls.__name__, (mixin, cls), {"__module__": cls.__module__})
         _classes[cls] = alias_cls
     alias = object.__new__(alias_cls)
     alias.__dict__ = state  # one state: an alias, not a copy
     state[_ALIAS] = alias
     return alias
+
+
+def _is_database_backend(backend: Any) -> bool:
+    """Celery's SQLAlchemy backend (looked up only once its module is loaded: SQLAlchemy is
+    an optional dependency)."""
+    module = sys.modules.get("celery.backends.database")
+    return module is not None and isinstance(backend, module.DatabaseBackend)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery.signals import worker_init
 
+from celery_taskengine._engine.observers import RunObserver, StateWrites
 from celery_taskengine.states import State, StateType
 
 if TYPE_CHECKING:
@@ -26,7 +27,13 @@ if TYPE_CHECKING:
 
     from celery_taskengine._engine.task_run import TaskRun
 
-__all__ = ["event_fields", "event_type", "send_state_event", "task_events_enabled"]
+__all__ = [
+    "StateEvents",
+    "event_fields",
+    "event_type",
+    "send_state_event",
+    "task_events_enabled",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -114,3 +121,20 @@ def send_state_event(
             )
     except Exception:
         logger.warning("%s: could not send the %s event", task_id, kind, exc_info=True)
+
+
+class StateEvents(RunObserver):
+    """Announces a worker run's states that Celery has no event for (see the module docstring).
+
+    Sent even for a state whose writes were dropped (a lost claim): events are what happened.
+    """
+
+    writes_batch = False
+
+    def __init__(self, app: Celery, hostname: str | None, task_id: str) -> None:
+        self.app = app
+        self.hostname = hostname
+        self.task_id = task_id
+
+    def on_state(self, run: TaskRun, state: State, batch: StateWrites) -> None:
+        send_state_event(self.app, self.hostname, self.task_id, run, state)

@@ -15,9 +15,6 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from celery.app.task import Task as CeleryTask
-from kombu.serialization import registry as serializer_registry
-
 from celery_taskengine import cache_policies as cp
 from celery_taskengine._celery.celery_retries import (
     CELERY_RETRY_OPTIONS,
@@ -132,6 +129,8 @@ class TaskOptions:
 
 def split_celery_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Separate engine options from Celery task options; reject unknown or conflicting ones."""
+    from celery.app.task import Task as CeleryTask  # at call time: the core imports options
+
     engine: dict[str, Any] = {}
     celery: dict[str, Any] = {}
     for key, value in options.items():
@@ -152,6 +151,8 @@ def split_celery_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], di
 
 
 def _did_you_mean(key: str) -> str:
+    from celery.app.task import Task as CeleryTask
+
     celery_settings = {
         name
         for name in dir(CeleryTask)
@@ -333,6 +334,8 @@ def _serializer(value: Any) -> str:
         return "json"
     if not isinstance(value, str):
         raise TypeError(f"task option 'result_serializer' must be a str, got {value!r}")
+    from kombu.serialization import registry as serializer_registry  # kombu's, at call time
+
     if value not in serializer_registry._encoders:
         known = ", ".join(sorted(serializer_registry._encoders))
         raise ValueError(

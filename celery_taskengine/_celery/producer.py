@@ -29,13 +29,17 @@ from kombu import serialization
 from kombu.exceptions import EncodeError
 from kombu.serialization import prepare_accept_content, registry
 
-from celery_taskengine import cache_policies as cp
 from celery_taskengine._celery import message_age
 from celery_taskengine._engine.drivers import drive_sync
 from celery_taskengine._engine.parameters import bind_parameters
 from celery_taskengine._engine.pydantic_args import validate_parameters
 from celery_taskengine._engine.run_core import RunCore, RunEnvironment
 from celery_taskengine._engine.task_run import TaskRun
+from celery_taskengine._engine.transaction_keys import (
+    key_for_any_run_id,
+    key_may_ignore_run_id,
+    policy_store,
+)
 from celery_taskengine._store.protocol import ResultStore
 from celery_taskengine._store.selection import store_for_app
 from celery_taskengine._store.task_meta import save_run_with_meta
@@ -168,20 +172,7 @@ def _may_answer_from_cache(task: Task, options: dict[str, Any]) -> bool:
         return False
     if task.fn_kind in ("generator", "async_generator"):
         return False  # their items are the point: never read from the cache
-    return _key_may_ignore_run_id(engine.cache_policy, engine.result_storage_key)
-
-
-def _key_may_ignore_run_id(policy: cp.CachePolicy | None, storage_key: str | None) -> bool:
-    """Whether the key can be known before the run exists (no RUN_ID part).
-
-    A ``cache_key_fn`` is opaque: it is tried with two run ids (see :func:`_cache_key`).
-    """
-    if policy is None:
-        return storage_key is not None and not any(
-            name in storage_key for name in ("run_id", "task_run")
-        )
-    members = policy.policies if isinstance(policy, cp.CompoundPolicy) else (policy,)
-    return not any(isinstance(member, cp.RunId) for member in members)
+    return key_may_ignore_run_id(engine.cache_policy, engine.result_storage_key)
 
 
 def _answer_from_cache(
@@ -195,7 +186,7 @@ def _answer_from_cache(
     inputs = parameters
     if task.engine_options.pydantic is not None:  # keys hash the models, as workers' do
         inputs = validate_parameters(task, parameters)
-    key = _cache_key(task, inputs, task_id)
+    key = key_for_any_run_id(task.engine_options, task.name, task.source_text, inputs, task_id)
     if store is None or key is None:
         return None
     record = store.read(key)
@@ -209,33 +200,11 @@ def _answer_from_cache(
 
 def _cache_store(task: Task) -> ResultStore | None:
     """Where the task's records live, if producers share it with workers."""
-    policy = task.engine_options.cache_policy
-    if policy is not None and policy.key_storage is not None:
-        return policy.key_storage  # type: ignore[no-any-return]
+    named = policy_store(task.engine_options)
+    if named is not None:
+        return named
     store = store_for_app(task.app)
     return store if store.shared else None
-
-
-def _cache_key(task: Task, parameters: dict[str, Any], task_id: str) -> str | None:
-    """The run's transaction key, if it is the same whatever the run id turns out to be."""
-    engine = task.engine_options
-
-    policy = engine.cache_policy
-
-    def key_for(run_id: str) -> str | None:
-        context = cp.KeyContext(task_name=task.name, run_id=run_id, task_source=task.source_text)
-        if isinstance(policy, cp.CacheKeyFnPolicy):
-            try:  # quietly: the worker computes it again, and warns if it must
-                return policy.compute_key(context, parameters)
-            except Exception:
-                return None
-        return cp.compute_transaction_key(
-            policy, context, parameters, result_storage_key=engine.result_storage_key
-        )
-
-    key = key_for(task_id)
-    probe = isinstance(policy, cp.CacheKeyFnPolicy) and key is not None
-    return None if probe and key_for(f"{task_id}-probe") != key else key
 
 
 def _cached_run(task: Task, parameters: dict[str, Any], task_id: str, value: Any) -> TaskRun:
@@ -243,7 +212,7 @@ def _cached_run(task: Task, parameters: dict[str, Any], task_id: str, value: Any
     from celery_taskengine._engine.task_run import new_task_run
 
     run = new_task_run(task, parameters, task_id)
-    core = RunCore(task, run, RunEnvironment(store=store_for_app(task.app), record=None))
+    core = RunCore(task, run, RunEnvironment(store=store_for_app(task.app)))
     drive_sync(core.initialize_run(), core.env)
     cached = State(StateType.COMPLETED, "Cached", data=value)
     drive_sync(core.set_state(cached), core.env)

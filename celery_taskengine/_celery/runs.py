@@ -34,11 +34,11 @@ def get_task_run(task_id: object, app: Celery | None = None) -> TaskRun | None:
 def flush_run_records(app: Celery | None = None, timeout: float = 5.0) -> FlushResult:
     """Write this process's held local run records now and wait until the store has them.
 
-    Other processes see a local run's record soon after it changes (within about 10 ms);
-    call this before handing a run id to another process that must see it at once. With
-    ``app``, only that app's store is waited for. The result is false when a record since
-    the last call was not written within ``timeout`` seconds or was refused; its
-    ``lost_runs`` names those runs (each also logged with its run id).
+    Other processes see a local run's record soon after it changes (within the flusher's
+    interval, a few milliseconds); call this before handing a run id to another process that
+    must see it at once. With ``app``, only that app's store is waited for. The result is false
+    when a record since the last call was not written within ``timeout`` seconds or was refused;
+    its ``lost_runs`` names those runs (each also logged with its run id).
     """
     deadline = time.monotonic() + timeout
     written = local_records.flush_run_records(app, timeout)

@@ -119,7 +119,7 @@ class Task(CeleryTask):  # type: ignore[misc]
         if _delivery.get() is self:
             # Celery's worker is calling us for a message (see mark_delivery): bridge it.
             _delivery.set(None)
-            from celery_taskengine._celery.worker_run import run_delivery
+            from celery_taskengine._celery.worker_delivery import run_delivery
 
             return run_delivery(self, args, kwargs)
         parameters = bind_parameters(self.run, args, kwargs)
@@ -314,7 +314,26 @@ def build_task(
     Unlike ``app.task``, a new function under a name already taken replaces the old task, so
     re-decorating (tests, notebooks) never silently keeps stale options.
     """
-    attributes: dict[str, Any] = {
+    attributes = _class_attributes(app, fn, options, celery_options, name=name, bind=bind)
+    cls: Any = type(getattr(fn, "__name__", name), (base or Task,), attributes)
+    instance: Task = cls()
+    if register:
+        app._tasks[name] = instance
+    cls.bind(app)
+    return instance
+
+
+def _class_attributes(
+    app: Celery,
+    fn: Callable[..., Any],
+    options: TaskOptions,
+    celery_options: dict[str, Any],
+    *,
+    name: str,
+    bind: bool,
+) -> dict[str, Any]:
+    """The task class's namespace: Celery's attributes, the engine's, and the Celery options."""
+    return {
         "app": app,
         "name": name,
         "run": fn if bind else staticmethod(fn),
@@ -334,12 +353,6 @@ def build_task(
         "max_retries": options.retry_limit,
         **celery_options,
     }
-    cls: Any = type(getattr(fn, "__name__", name), (base or Task,), attributes)
-    instance: Task = cls()
-    if register:
-        app._tasks[name] = instance
-    cls.bind(app)
-    return instance
 
 
 #: What Celery's decorator puts in a task class besides the options.

@@ -4,9 +4,9 @@ Celery calls task bodies synchronously, in whatever thread the pool uses (a pref
 thread, a threads-pool thread, the solo worker's thread). Running each coroutine with
 ``asyncio.run`` would give every task a fresh loop and break loop-bound resources (async
 database pools, HTTP clients) between tasks. Instead each process gets one loop, running on a
-daemon thread, and pool threads hand coroutines to it (``run_coroutine_threadsafe``, about
-30 µs a call). The loop is created lazily and again after a fork (checked with ``os.getpid()``),
-so a prefork parent never hands its loop to its children.
+daemon thread, and pool threads hand coroutines to it (``run_coroutine_threadsafe``, cheap
+next to a new loop per task). The loop is created lazily and again after a fork (checked with
+``os.getpid()``), so a prefork parent never hands its loop to its children.
 """
 
 from __future__ import annotations

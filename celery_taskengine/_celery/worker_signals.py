@@ -9,7 +9,8 @@ Celery sends these signals in the same thread, at the same points of its trace:
 - ``task_prerun``, right before ``before_start`` and the body: the next call of the task is
   Celery's delivery, to be bridged (a call made inside the body runs locally);
 - ``task_retry``, right after ``on_retry``: the backend shows AWAITING_RETRY, not RETRY;
-- ``task_postrun``, after ``after_return``: resend records a dropped connection lost.
+- ``task_postrun``, after ``after_return``: resend records a dropped connection lost, and
+  write a SQL run's outcome that found no result of Celery's to commit with.
 """
 
 from __future__ import annotations
@@ -35,19 +36,22 @@ def _on_prerun(sender: Any = None, **_: Any) -> None:
         mark_delivery(task)
 
 
-def _on_retry(sender: Any = None, request: Any = None, **_: Any) -> None:
+def _on_retry(sender: Any = None, request: Any = None, reason: Any = None, **_: Any) -> None:
     task = _engine_task(sender)
     if task is not None and request is not None:
-        from celery_taskengine._celery.worker_run import after_celery_retry
+        from celery_taskengine._celery.worker_retries import show_awaiting_retry
 
-        after_celery_retry(task, str(request.id))
+        show_awaiting_retry(task, str(request.id), reason)
 
 
-def _on_postrun(sender: Any = None, **_: Any) -> None:
+def _on_postrun(sender: Any = None, task_id: Any = None, **_: Any) -> None:
     if _engine_task(sender) is not None:
+        from celery_taskengine._store.sql_worker_records import write_left_outcome
         from celery_taskengine._store.worker_records import resend_orphaned_records
 
         resend_orphaned_records()
+        if task_id is not None:
+            write_left_outcome(str(task_id))
 
 
 task_prerun.connect(_on_prerun, weak=False, dispatch_uid="celery_taskengine.prerun")

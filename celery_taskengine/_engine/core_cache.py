@@ -1,26 +1,89 @@
 """The engine core's cache and transaction steps: the key, the read, the attempt's transaction.
 
-One place decides which store holds a task's records (the policy's ``key_storage``, else the
-run's store), how the key is computed (a ``ComputeKey`` step: the policy may call user code),
-and whether the first read may be sent ahead of the attempt (``ReadCache(ahead=True)``; the
-driver decides whether the store can).
+Which store holds a task's records (the policy's ``key_storage``, else the run's store) and
+whether a run has a key are decided in :mod:`~celery_taskengine._engine.transaction_keys` (the
+producer asks the same module). Here: how the key is computed (in place for the built-in
+policies; a ``ComputeKey`` step where user code computes it), and whether the first read may be
+sent ahead of the attempt (``ReadCache(ahead=True)``, only to a store that can send one; the
+driver sends it). What a task's options decide about this is worked out once per options
+object (:class:`KeyPlan`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from celery_taskengine import cache_policies as cp
 from celery_taskengine._engine.core_states import StateEntry
 from celery_taskengine._engine.steps import ComputeKey, ReadCache, Steps
+from celery_taskengine._engine.transaction_keys import has_key, key_store
+from celery_taskengine._engine.transaction_scope import CURRENT
 from celery_taskengine.errors import ConfigurationError
 from celery_taskengine.states import State
-from celery_taskengine.transactions import Transaction, effective_isolation
+from celery_taskengine.transactions import Transaction
 
 if TYPE_CHECKING:
+    from celery_taskengine._celery.options import TaskOptions
     from celery_taskengine._store.protocol import ResultRecord, ResultStore
 
-__all__ = ["CacheSteps"]
+__all__ = ["CacheSteps", "KeyPlan", "key_plan", "reads_ahead"]
+
+
+class KeyPlan(NamedTuple):
+    """What a task's options decide about its keys, once for all its runs."""
+
+    #: No run ever has a key: nothing is persisted, or no policy or storage key is set.
+    keyless: bool
+    #: The key is user code (a ``cache_key_fn``, a policy of one's own, a storage key
+    #: template): a ``ComputeKey`` step. The built-in policies hash what the run was given,
+    #: in place.
+    by_user: bool
+    #: The options allow reading the first attempt's key ahead (see ``_may_read_ahead``).
+    ahead: bool
+
+
+#: Plans by ``id(options)``, holding the options so the id is not reused while cached.
+_PLANS: dict[int, tuple[TaskOptions, KeyPlan]] = {}
+_MAX_PLANS = 1024
+
+
+def key_plan(options: TaskOptions) -> KeyPlan:
+    """The :class:`KeyPlan` of ``options``, computed once per options object."""
+    cached = _PLANS.get(id(options))
+    if cached is not None and cached[0] is options:
+        return cached[1]
+    policy = options.cache_policy
+    keyless = not has_key(options)
+    built_in = policy is not None and cp.keys_from_inputs_only(policy)
+    plan = KeyPlan(
+        keyless=keyless,
+        by_user=not keyless and not built_in,
+        ahead=not keyless
+        and built_in
+        and options.result_storage_key is None
+        and not options.on_running
+        and not options.refresh_cache
+        and policy is not None
+        and policy.isolation_level in (None, cp.IsolationLevel.READ_COMMITTED),
+    )
+    if len(_PLANS) >= _MAX_PLANS:
+        _PLANS.clear()  # options made per call (with_options in a loop) must not pile up
+    _PLANS[id(options)] = (options, plan)
+    return plan
+
+
+#: Whether a store class can send a read ahead, by class: asked on every cached run.
+_READS_AHEAD: dict[type, bool] = {}
+
+
+def reads_ahead(store: Any) -> bool:
+    """Whether ``store`` can send a read ahead of its answer (a ``start_read`` method)."""
+    kind = type(store)
+    known = _READS_AHEAD.get(kind)
+    if known is None:
+        known = _READS_AHEAD[kind] = callable(getattr(kind, "start_read", None))
+    # A store may have one per instance (SqlStore: on PostgreSQL through psycopg only).
+    return known or callable(getattr(store, "start_read", None))
 
 
 class CacheSteps(StateEntry):
@@ -28,27 +91,36 @@ class CacheSteps(StateEntry):
 
     #: The key computed for the read sent ahead, as ``(key,)``; ``None`` when none was sent.
     _ahead: tuple[str | None] | None = None
+    keys: KeyPlan
 
     def compute_transaction_key(self) -> Steps[str | None]:
-        options = self.options
-        if not options.persist_result:
+        if self.keys.keyless:
             return None  # nothing is written, so nothing can ever be read back
-        if options.cache_policy is None and options.result_storage_key is None:
-            return None
-        context = cp.KeyContext(
+        if not self.keys.by_user:
+            return self._key_in_place()
+        options = self.options
+        key: str | None = yield ComputeKey(
+            cp.compute_transaction_key,
+            (options.cache_policy, self._key_context(), self.call_parameters),
+            {"result_storage_key": options.result_storage_key},
+        )
+        return key
+
+    def _key_in_place(self) -> str | None:
+        """The key of a built-in policy, which runs no user code: no step needed."""
+        return cp.compute_transaction_key(
+            self.options.cache_policy, self._key_context(), self.call_parameters
+        )
+
+    def _key_context(self) -> cp.KeyContext:
+        # Upstream states are keyed by their values, as the function sees them (the caller
+        # passes call_parameters): a State object would hash its timestamp too.
+        return cp.KeyContext(
             task_name=self.task.name,
             run_id=self.env.key_run_id or self.run.id,
             task_source=self.task.source_text,
             task_run=self.run,
         )
-        # Upstream states are keyed by their values, as the function sees them: a State object
-        # would hash its timestamp too, and an equal value from another run would never hit.
-        key: str | None = yield ComputeKey(
-            cp.compute_transaction_key,
-            (options.cache_policy, context, self.call_parameters),
-            {"result_storage_key": options.result_storage_key},
-        )
-        return key
 
     def transaction_context(self) -> Steps[Transaction]:
         """The transaction for this attempt, keyed by the cache policy (or not at all)."""
@@ -60,15 +132,17 @@ class CacheSteps(StateEntry):
 
         READ_COMMITTED takes no lock and a hit runs nothing, so then the key is read before a
         transaction is opened: a hit needs none (``None``), and a miss's need not read again.
+        A run without a key (``KeyPlan.keyless``, generators) never gets here.
         """
         ahead, self._ahead = self._ahead, None
         if ahead is not None:  # the key was computed before Running (see _may_read_ahead)
             key = ahead[0]
             plain = key is not None
-        elif self.is_generator or not self.options.persist_result:
-            key, plain = None, False  # no key: no step needed to find that out
         else:
-            key = yield from self.compute_transaction_key()
+            if self.keys.by_user:
+                key = yield from self.compute_transaction_key()
+            else:
+                key = self._key_in_place()
             plain = key is not None and self._reads_plainly()
         if plain:
             assert key is not None
@@ -89,24 +163,17 @@ class CacheSteps(StateEntry):
         Only where nothing in between could change the key or the record: a plain read
         (READ_COMMITTED, no refresh), no ``on_running`` hooks, no cancellation check, and a key
         that depends on the task and its inputs alone (no ``cache_key_fn`` or storage key
-        template, which may look at the run).
+        template, which may look at the run). And only to a store that can send a read ahead
+        (``start_read``): elsewhere the read is as quick later, and needs no step now.
         """
-        options = self.options
-        policy = options.cache_policy
-        if not options.persist_result or policy is None or self.is_generator:
-            return False  # no key at all (the default policy without persistence), or no read
-        if self.invalid_inputs is not None:
+        if not self.keys.ahead or self.is_generator or self.invalid_inputs is not None:
             return False
-        return not (
-            options.on_running
-            or self.env.is_cancelled is not None
-            or options.result_storage_key is not None
-            or not cp.keys_from_inputs_only(policy)
-            or not self._reads_plainly()
-        )
+        if self.env.is_cancelled is not None or not reads_ahead(self._key_store()):
+            return False
+        return self._reads_plainly()
 
     def _read_ahead(self) -> Steps[None]:
-        key = yield from self.compute_transaction_key()
+        key = self._key_in_place()  # read ahead only with a built-in policy (KeyPlan.ahead)
         self._ahead = (key,)  # a None key (maybe with a warning) is not computed again
         if key is not None:
             yield ReadCache(self._key_store(), key, ahead=True)
@@ -125,18 +192,18 @@ class CacheSteps(StateEntry):
 
     def _reads_plainly(self) -> bool:
         """Whether this attempt's transaction would only read its key: no lock, no refresh."""
-        policy = self.options.cache_policy
         if self.options.refresh_cache:
             return False
+        policy = self.options.cache_policy
         given = policy.isolation_level if policy is not None else None
-        return effective_isolation(given) is cp.IsolationLevel.READ_COMMITTED
+        if given is None:  # effective_isolation, written out: asked on every cached run
+            parent = CURRENT.get()
+            return parent is None or parent.isolation_level is cp.IsolationLevel.READ_COMMITTED
+        return given is cp.IsolationLevel.READ_COMMITTED
 
     def _key_store(self) -> ResultStore:
         """Where this task's records live: the policy's key_storage, else the run's store."""
-        policy = self.options.cache_policy
-        if policy is not None and policy.key_storage is not None:
-            return policy.key_storage  # type: ignore[no-any-return]
-        return self.env.store
+        return key_store(self.options, self.env.store)
 
     def _transaction(self, key: str | None) -> Transaction:
         options = self.options

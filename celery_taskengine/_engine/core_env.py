@@ -1,6 +1,6 @@
 """What the engine core is given: the task it runs and the environment the run executes in.
 
-Pure: the store and the recording callable are only carried here and handed to the drivers
+Pure: the store and the run's observers are only carried here and handed to the drivers
 (``Record`` and cache steps); time and randomness are injectable so a test can fix them.
 """
 
@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
+from celery_taskengine._engine.observers import NO_OBSERVERS, RunObservers
 from celery_taskengine.states import State, utcnow
 
 if TYPE_CHECKING:
     from celery_taskengine._celery.options import TaskOptions
-    from celery_taskengine._engine.task_run import TaskRun
     from celery_taskengine._store.protocol import ResultStore
 
 __all__ = ["EngineTask", "RunEnvironment"]
@@ -43,9 +43,9 @@ class RunEnvironment:
     """What the place a run executes in provides: storage, recording, clock and policy."""
 
     store: ResultStore
-    #: Persist (and, in a worker, publish) the run after each state change; ``None`` when the
-    #: store already holds the live run object (the in-memory store), so there is nothing to do.
-    record: Callable[[TaskRun, State], None] | None
+    #: Told of every state the run enters (see observers): the run record, and in a worker its
+    #: claim, Celery's task meta and events.
+    observers: RunObservers = NO_OBSERVERS
     #: The id RUN_ID keys use: the Celery workflow root id in a worker, else the run's own id.
     key_run_id: str | None = None
     #: In a worker, a delayed retry ends this call in AwaitingRetry; the bridge re-queues it.
@@ -54,8 +54,6 @@ class RunEnvironment:
     clock: Callable[[], datetime] = utcnow
     monotonic: Callable[[], float] = time.monotonic
     rng: random.Random = field(default_factory=lambda: _SHARED_RNG)
-    #: Save the run once when it is created (stores that keep the live object).
-    saves_on_create: bool = False
     #: Runs of this task execute in several processes (a worker pool), so its locks must be
     #: seen by all of them: an in-process store cannot serve SERIALIZABLE there.
     across_processes: bool = False

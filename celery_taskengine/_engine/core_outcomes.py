@@ -11,10 +11,15 @@ import logging
 from typing import Any
 
 from celery_taskengine._engine.core_states import StateEntry, describe, returned_state
-from celery_taskengine._engine.retry_policy import delay_for_retry, full_jitter, jittered
+from celery_taskengine._engine.retry_policy import (
+    delay_for_retry,
+    full_jitter,
+    jittered,
+    retry_time,
+)
 from celery_taskengine._engine.steps import RunHook, Steps
 from celery_taskengine.errors import RetryRequested, TaskRunTimeoutError
-from celery_taskengine.states import State, StateType, delay_to
+from celery_taskengine.states import State, StateType
 from celery_taskengine.transactions import Transaction
 
 __all__ = ["Outcomes"]
@@ -111,7 +116,7 @@ class Outcomes(StateEntry):
             "AwaitingRetry",
             None,
             now,
-            scheduled_time=delay_to(now, delay),
+            scheduled_time=retry_time(now, delay),
             data=reason if isinstance(reason, BaseException) else None,
         )
 

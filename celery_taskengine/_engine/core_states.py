@@ -8,6 +8,7 @@ what the run enters before and around its attempts.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 from collections.abc import Iterable
@@ -60,13 +61,15 @@ class StateEntry:
         """
         run = self.run
         current = run.state
-        if current is not None and state.type not in TRANSITIONS[current.type]:
+        kind = state.type
+        if current is not None and kind not in TRANSITIONS[current.type]:
             raise RuntimeError(f"illegal transition {current} -> {state} in run {run.id}")
         run.state = state
         run.state_history.append(state)
-        if state.type is StateType.RUNNING and run.start_time is None:
-            run.start_time = state.timestamp
-        elif state.type in FINAL:
+        if kind is StateType.RUNNING:
+            if run.start_time is None:
+                run.start_time = state.timestamp
+        elif kind in FINAL:
             run.end_time = state.timestamp
         return Record(run, state, first)
 
@@ -110,7 +113,7 @@ class StateEntry:
         data: Any = None,
         now: datetime | None = None,
     ) -> State:
-        return State(kind, name, message, now or self.env.clock(), None, data)
+        return _state(kind, name, message, now or self.env.clock(), data)
 
     def _scope(self) -> Any:
         return run_scope(self.run, log_prints=self.options.log_prints)
@@ -150,6 +153,29 @@ class StateEntry:
         return name
 
 
+#: The slots of a State, in field order, written through their descriptors: a frozen
+#: dataclass's ``__init__`` sets each through ``object.__setattr__``, and the core makes three
+#: States per run. Checked here so a new field of State fails at import, not silently.
+_FIELDS = ("type", "name", "message", "timestamp", "scheduled_time", "data")
+if tuple(field.name for field in dataclasses.fields(State)) != _FIELDS:
+    raise ImportError("State's fields changed: update core_states._state")
+_SET_TYPE, _SET_NAME, _SET_MESSAGE, _SET_TIMESTAMP, _SET_SCHEDULED, _SET_DATA = (
+    State.__dict__[name].__set__ for name in _FIELDS
+)
+
+
+def _state(kind: StateType, name: str, message: str | None, now: datetime, data: Any) -> State:
+    """``State(kind, name, message, now, None, data)`` for a ``name`` that is never empty."""
+    state: State = object.__new__(State)
+    _SET_TYPE(state, kind)
+    _SET_NAME(state, name)
+    _SET_MESSAGE(state, message)
+    _SET_TIMESTAMP(state, now)
+    _SET_SCHEDULED(state, None)
+    _SET_DATA(state, data)
+    return state
+
+
 _HOOKS_FOR: dict[StateType, str] = {
     StateType.FAILED: "on_failure",
     StateType.COMPLETED: "on_completion",
@@ -157,12 +183,15 @@ _HOOKS_FOR: dict[StateType, str] = {
 }
 
 
+_COLLECTIONS = (list, tuple, set)  # a tuple: isinstance checks it quicker than a union
+
+
 def returned_state(result: Any) -> State | None:
     """The State a task returned (several aggregate into one), or ``None`` for a value."""
     if isinstance(result, State):
         return result
     if (
-        isinstance(result, list | tuple | set)
+        isinstance(result, _COLLECTIONS)
         and result
         and all(isinstance(item, State) for item in result)
     ):

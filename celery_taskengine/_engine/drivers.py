@@ -13,7 +13,7 @@ from collections.abc import AsyncGenerator, Generator
 from typing import Any, TypeVar
 
 from celery_taskengine._engine.step_handlers import ASYNC, SYNC, Drive, Outlet, run_awaitable_sync
-from celery_taskengine._engine.steps import Emit, GeneratorClosed, Steps
+from celery_taskengine._engine.steps import CallTask, Emit, GeneratorClosed, Record, Steps
 
 __all__ = [
     "Finished",
@@ -45,8 +45,10 @@ def drive_sync(steps: Steps[T], outlet: Outlet | None = None) -> T:
     plain task run, where a generator layer less counts.
     """
     drive = Drive(outlet)
+    inline, recorder, handlers = drive.inline, drive.recorder, SYNC
     send: Any = None
     error: BaseException | None = None
+    step: Any  # one of steps.Step; Any, since ``type(step) is Record`` narrows nothing
     try:
         while True:
             try:
@@ -55,7 +57,12 @@ def drive_sync(steps: Steps[T], outlet: Outlet | None = None) -> T:
                 return stop.value  # type: ignore[no-any-return]
             send, error = None, None
             try:
-                send = SYNC[type(step)](step, drive)
+                kind = type(step)
+                if kind is Record and inline:
+                    if recorder is not None:
+                        recorder(step.run, step.state)
+                    continue
+                send = handlers[kind](step, drive)
             except BaseException as exc:  # every outcome goes back to the core
                 error = exc
     finally:
@@ -64,10 +71,15 @@ def drive_sync(steps: Steps[T], outlet: Outlet | None = None) -> T:
 
 
 async def drive_async(steps: Steps[T], outlet: Outlet | None = None) -> T:
-    """Run a core routine that emits nothing to its end with ``await``."""
+    """Run a core routine that emits nothing to its end with ``await``.
+
+    Steps that never wait are carried out inline, as the sync loop does: no coroutine each.
+    """
     drive = Drive(outlet)
+    inline, recorder, handlers, awaiting = drive.inline, drive.recorder, SYNC, ASYNC
     send: Any = None
     error: BaseException | None = None
+    step: Any  # one of steps.Step; Any, since ``type(step) is Record`` narrows nothing
     try:
         while True:
             try:
@@ -76,11 +88,18 @@ async def drive_async(steps: Steps[T], outlet: Outlet | None = None) -> T:
                 return stop.value  # type: ignore[no-any-return]
             send, error = None, None
             try:
-                awaited = ASYNC.get(
-                    type(step)
-                )  # inline: no coroutine for the steps that never wait
+                kind = type(step)
+                if kind is Record and inline:
+                    if recorder is not None:
+                        recorder(step.run, step.state)
+                    continue
+                if kind is CallTask and step.is_async and step.timeout is None:
+                    with step.scope():  # an async def's attempt: no coroutine around it
+                        send = await step.fn(*step.args, **step.kwargs)
+                    continue
+                awaited = awaiting.get(kind)
                 if awaited is None:
-                    send = SYNC[type(step)](step, drive)
+                    send = handlers[kind](step, drive)
                 else:
                     send = await awaited(step, drive)
             except BaseException as exc:  # every outcome goes back to the core
@@ -142,9 +161,7 @@ async def iterate_async(
                     raise
                 continue
             try:
-                awaited = ASYNC.get(
-                    type(step)
-                )  # inline: no coroutine for the steps that never wait
+                awaited = ASYNC.get(type(step))  # inline: no coroutine for steps that never wait
                 if awaited is None:
                     send = SYNC[type(step)](step, drive)
                 else:

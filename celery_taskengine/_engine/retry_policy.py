@@ -1,4 +1,5 @@
-"""Where a retry delay comes from: the delay list, exponential backoff and jitter.
+"""Where a retry delay comes from: the delay list, exponential backoff, jitter, and the time
+the retry is due (AwaitingRetry's scheduled time, from which a worker's countdown is taken).
 
 Pure functions; randomness is passed in so tests can be exact.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
 
 __all__ = [
     "MAX_RETRY_DELAYS",
@@ -15,6 +17,7 @@ __all__ = [
     "exponential_backoff",
     "full_jitter",
     "jittered",
+    "retry_time",
 ]
 
 #: More delays than this is almost certainly a mistake (Prefect has the same cap).
@@ -69,3 +72,9 @@ def full_jitter(delay: float, rng: random.Random) -> float:
     if delay <= 0:
         return 0.0
     return float(rng.randrange(int(delay) + 1))
+
+
+def retry_time(now: datetime, delay: float) -> datetime:
+    """When a retry ``delay`` seconds after ``now`` is due; every scheduled time is computed
+    here, one way."""
+    return now + timedelta(seconds=delay)

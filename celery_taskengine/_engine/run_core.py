@@ -14,9 +14,9 @@ Importing it imports no Celery, kombu, Redis or anyio (``tests/test_layers.py`` 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from celery_taskengine._engine.core_cache import CacheSteps
+from celery_taskengine._engine.core_cache import CacheSteps, key_plan
 from celery_taskengine._engine.core_env import EngineTask, RunEnvironment
 from celery_taskengine._engine.core_outcomes import Outcomes
 from celery_taskengine._engine.parameters import call_arguments
@@ -34,6 +34,10 @@ from celery_taskengine._engine.steps import (
 from celery_taskengine._engine.task_run import TaskRun
 from celery_taskengine.errors import InvalidArguments, TaskRunTimeoutError
 from celery_taskengine.states import State, StateType
+
+if TYPE_CHECKING:
+    from celery_taskengine._store.protocol import ResultRecord
+    from celery_taskengine.transactions import Transaction
 
 __all__ = ["EngineTask", "RunCore", "RunEnvironment"]
 
@@ -56,6 +60,7 @@ class RunCore(Outcomes, CacheSteps):
     ) -> None:
         self.task = task
         self.options = task.engine_options
+        self.keys = key_plan(self.options)
         self.run = run
         self.env = env
         self.wait_for = wait_for
@@ -76,15 +81,15 @@ class RunCore(Outcomes, CacheSteps):
         try:
             if not (yield from self.start(read_early=True)):
                 return self.state
-            while self.state.type in _ACTIVE:
-                if self.state.is_scheduled():
+            run = self.run  # its state is set from Pending on: no property on this path
+            while run.state.type in _ACTIVE:  # type: ignore[union-attr]
+                if run.state.type is StateType.SCHEDULED:  # type: ignore[union-attr]
                     if self.env.defer_retries:
                         return self.state
                     yield from self.wait_until_ready()
                 yield from self.attempt()
-            final = self.state
             if self.options.on_completion or self.options.on_failure:
-                yield from self.call_hooks(final)
+                yield from self.call_hooks(self.state)
             self.log_finished_message()
         except (GeneratorExit, Exception):
             raise  # an error of the run's own, or the caller closing it: not a crash
@@ -103,32 +108,18 @@ class RunCore(Outcomes, CacheSteps):
         """Resolve inputs and enter Running; ``False`` when the run must not execute now.
 
         ``read_early``: send the first attempt's cache read ahead (see _may_read_ahead); only
-        for a caller that goes on to the attempt, which reads the answer.
+        for a caller that goes on to the attempt, which reads the answer. A new run's path
+        (Pending, then Running) is written out here: every run takes it, so it costs no
+        routine of its own (``initialize_run``, ``begin_run``) on the way.
         """
-        ahead = read_early and self._may_read_ahead()
+        ahead = read_early and self.keys.ahead and self._may_read_ahead()
         if self.run.state is None:
             if ahead and self._inputs_are_values():  # the key is known already
                 yield from self._read_ahead()
                 ahead = False
-            yield from self.initialize_run()
-        state = self.state
-        if state.is_final() and not state.is_crashed():
-            return False  # a redelivered message for a finished run: never execute twice
-        if state.is_pending():
-            return (yield from self._start_pending(ahead))
-        if state.is_running():
-            crashed = self._new(StateType.CRASHED, "Crashed", _INTERRUPTED_MESSAGE)
-            yield self.enter_state(crashed)
-        if self.state.is_crashed():
-            yield from self.enter_running(retrying=True)
-        elif self.state.is_scheduled():
-            # A run handed back in AwaitingRetry (in a worker: the retry's delivery) goes on
-            # now, even when deferring: its delay was already spent on the broker.
-            yield from self.wait_until_ready()
-        return True
-
-    def _start_pending(self, ahead: bool) -> Steps[bool]:
-        """From Pending: NotReady if an upstream run did not complete, else Running."""
+            yield self.enter_state(self._new(StateType.PENDING, "Pending"), first=True)
+        elif not self.state.is_pending():
+            return (yield from self._resume())
         self._check_configuration()
         not_ready = self._resolve_inputs()
         if not_ready is not None:
@@ -138,7 +129,26 @@ class RunCore(Outcomes, CacheSteps):
             yield from self._read_ahead()
         if self.options.task_run_name is not None:
             self.run.name = yield from self._render_run_name()
-        yield from self.enter_running(retrying=False)  # begin_run, one generator less
+        self.run.run_count += 1
+        yield self.enter_state(self._new(StateType.RUNNING, "Running"))
+        if self.options.on_running:
+            yield from self.call_hooks(self.state)
+        return True
+
+    def _resume(self) -> Steps[bool]:
+        """A run handed in past Pending (a redelivery, a retry's delivery): go on, or not."""
+        state = self.state
+        if state.is_final() and not state.is_crashed():
+            return False  # a redelivered message for a finished run: never execute twice
+        if state.is_running():
+            crashed = self._new(StateType.CRASHED, "Crashed", _INTERRUPTED_MESSAGE)
+            yield self.enter_state(crashed)
+        if self.state.is_crashed():
+            yield from self.enter_running(retrying=True)
+        elif self.state.is_scheduled():
+            # A run handed back in AwaitingRetry (in a worker: the retry's delivery) goes on
+            # now, even when deferring: its delay was already spent on the broker.
+            yield from self.wait_until_ready()
         return True
 
     def begin_run(self) -> Steps[None]:
@@ -156,26 +166,29 @@ class RunCore(Outcomes, CacheSteps):
     # -- one attempt -------------------------------------------------------------------------
     def attempt(self) -> Steps[None]:
         """Read the cache or call the function once, and move to the state that follows."""
-        if self.env.is_cancelled is not None and (yield CheckCancelled(self.env.is_cancelled)):
-            message = "The task run was cancelled."
-            yield self.enter_state(self._new(StateType.CANCELLED, "Cancelled", message))
+        if (self.env.is_cancelled is not None or self.invalid_inputs is not None) and (
+            yield from self._ends_before_call()
+        ):
             return
-        if self.invalid_inputs is not None:
-            yield from self._fail(self.invalid_inputs)
-            return
-        hit, txn = yield from self._look_up()
+        hit: ResultRecord | None = None
+        txn: Transaction | None
+        if self.is_generator or self.keys.keyless:  # no key: no look-up routine either
+            txn = self._transaction(None)
+            txn.enter()
+        else:
+            hit, txn = yield from self._look_up()
         try:
             if hit is not None:
                 yield self.enter_state(self._new(StateType.COMPLETED, "Cached", data=hit.value))
-                yield from self._leave_transaction(txn, None)
+                if txn is not None and not txn.leave_quietly(None):
+                    yield from txn.exit_steps(None)
                 return
-            result = yield from self.call_task_fn()
+            if self.is_generator or self.options.pydantic is not None:
+                result = yield from self.call_task_fn()
+            else:  # call_task_fn's plain case, one generator less on every run's path
+                result = yield self._call_step()
         except Exception as exc:
-            yield from self._leave_transaction(txn, exc)
-            if isinstance(exc, TimeoutError):
-                yield from self.handle_timeout(exc)
-            else:
-                yield from self.handle_exception(exc)
+            yield from self._after_error(txn, exc)
             return
         except GeneratorExit:
             if txn is not None:
@@ -186,14 +199,36 @@ class RunCore(Outcomes, CacheSteps):
             raise
         assert txn is not None, "a miss always opens a transaction"
         yield from self.handle_success(result, txn)
-        yield from self._leave_transaction(txn, None)
+        if not txn.leave_quietly(None):
+            yield from txn.exit_steps(None)
+
+    def _after_error(self, txn: Transaction | None, exc: Exception) -> Steps[None]:
+        yield from self._leave_transaction(txn, exc)
+        if isinstance(exc, TimeoutError):
+            yield from self.handle_timeout(exc)
+        else:
+            yield from self.handle_exception(exc)
+
+    def _ends_before_call(self) -> Steps[bool]:
+        """A cancelled run, or inputs that cannot fit: the attempt ends before any call."""
+        if self.env.is_cancelled is not None and (yield CheckCancelled(self.env.is_cancelled)):
+            message = "The task run was cancelled."
+            yield self.enter_state(self._new(StateType.CANCELLED, "Cancelled", message))
+            return True
+        if self.invalid_inputs is not None:
+            yield from self._fail(self.invalid_inputs)
+            return True
+        return False
+
+    def _call_step(self) -> CallTask:
+        args, kwargs = call_arguments(self.task.fn, self.call_parameters)
+        return CallTask(
+            self.task.fn, args, kwargs, self.options.timeout_seconds, self._scope, self.is_async
+        )
 
     def call_task_fn(self) -> Steps[Any]:
         """Call the function (a generator task also drains its items here)."""
-        args, kwargs = call_arguments(self.task.fn, self.call_parameters)
-        call = CallTask(
-            self.task.fn, args, kwargs, self.options.timeout_seconds, self._scope, self.is_async
-        )
+        call = self._call_step()
         if not self.is_generator:
             value = yield call
             return value if self.options.pydantic is None else dump_result(self.task, value)

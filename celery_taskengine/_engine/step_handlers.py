@@ -45,21 +45,24 @@ class Outlet(Protocol):
     def store(self) -> Any: ...
 
     @property
-    def record(self) -> Callable[..., None] | None: ...
-
-    @property
-    def saves_on_create(self) -> bool: ...
+    def observers(self) -> Callable[..., None]: ...
 
 
 class Drive:
     """One drive's own state: its outlet and the cache read it sent ahead, if any."""
 
-    __slots__ = ("ahead", "outlet")
+    __slots__ = ("ahead", "inline", "outlet", "recorder")
 
     def __init__(self, outlet: Outlet | None) -> None:
         self.outlet = outlet
         #: ``(key, pending read or None)`` from a ``ReadCache(ahead=True)``.
         self.ahead: tuple[str, Any] | None = None
+        #: Every state of every run is a ``Record`` step, so the loops carry them out inline:
+        #: with ``recorder`` (the observers, read once per drive), or nothing at all where
+        #: nobody observes the run.
+        self.inline = outlet is not None
+        observers = None if outlet is None else outlet.observers
+        self.recorder: Callable[..., None] | None = observers if observers else None
 
     def close(self) -> None:
         """Give back a read sent ahead that no attempt came to read (a local act)."""
@@ -72,13 +75,7 @@ def _record(step: Record, drive: Drive) -> None:
     outlet = drive.outlet
     if outlet is None:
         raise TypeError("a Record step needs the run's environment: pass it to the driver")
-    record = outlet.record
-    if record is not None:
-        if step.first and outlet.saves_on_create:
-            outlet.store.save_run(step.run)
-        record(step.run, step.state)
-    elif step.first and outlet.saves_on_create:
-        outlet.store.save_run(step.run)
+    outlet.observers(step.run, step.state)
 
 
 def _read_cache(step: ReadCache, drive: Drive) -> Any:

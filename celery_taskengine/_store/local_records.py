@@ -6,9 +6,9 @@ run far more than the run itself: a cache hit would cost three round trips inste
 the live run object is kept in this process's memory store, where same-process reads find it at
 once, and its document is written to Redis at the states other processes care about (the first
 Running, AwaitingRetry, and the final state) behind the caller: the flusher thread
-(:mod:`~._store.local_flush`) comes within about 10 ms, or :func:`flush_run_records` does, and
-sends every record held then in one script call (:mod:`~._store.record_batch`) on a connection
-the recorder keeps (from the store's engine pool).
+(:mod:`~._store.local_flush`) comes within ``WRITE_BEHIND_SECONDS``, or
+:func:`flush_run_records` does, and sends every record held then in one script call
+(:mod:`~._store.record_batch`) on a connection the recorder keeps (from the store's engine pool).
 
 Every write's reply is read, by the flusher, not the caller: a write counts as made only when
 Redis answered it. An error reply (OOM, NOPERM, READONLY) loses that run's record, and so does
@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from celery_taskengine._engine.observers import RunObserver, StateWrites
 from celery_taskengine._engine.task_run import TaskRun
 from celery_taskengine._store.local_flush import Flusher, FlushResult, Recorder
 from celery_taskengine._store.memory import default_memory_store
@@ -70,7 +71,7 @@ OUTAGE_PATIENCE_SECONDS = 20.0
 _MAX_LOST_NAMED = 10_000
 
 
-class LocalRunRecorder:
+class LocalRunRecorder(RunObserver):
     """The ``record`` callback of local runs on a Redis store.
 
     A record is not written when its state is entered but held (the run's latest state
@@ -85,6 +86,8 @@ class LocalRunRecorder:
     again (with the batches before it, in order) on a new connection if the old one is found
     dropped.
     """
+
+    writes_batch = False  # its records go behind the caller, on their own
 
     def __init__(self, store: RedisStore) -> None:
         # Not the store itself: the registry below forgets a recorder with its store.
@@ -115,6 +118,9 @@ class LocalRunRecorder:
         self._down_since: float | None = None
         #: The last reason Redis could not be reached (shown with unconfirmed records).
         self._last_error: BaseException | None = None
+
+    def on_state(self, run: TaskRun, state: State, batch: StateWrites) -> None:
+        self(run, state)
 
     def __call__(self, run: TaskRun, state: State) -> None:
         kind = state.type
@@ -375,12 +381,9 @@ def recorder_for(store: RedisStore) -> LocalRunRecorder:
 def flush_run_records(
     app: Celery | None = None, timeout: float = FLUSH_TIMEOUT_SECONDS
 ) -> FlushResult:
-    """Send this process's held local run records and wait until Redis answered them.
-
-    Call this before handing a run id to another process that must see it at once (others see
-    it within about 10 ms anyway). With ``app``, only that app's backend is waited for. The
-    result is false when a record since the last call did not reach Redis within ``timeout``
-    seconds or was refused (OOM, NOPERM, READONLY); its ``lost_runs`` names those runs.
+    """Send this process's held local run records (only ``app``'s, if given) and wait until
+    Redis answered them: before handing a run id to a process that must see it at once. False
+    when a record did not reach Redis within ``timeout`` or was refused; ``lost_runs`` names them.
     """
     if app is not None:
         from celery_taskengine._store.redis_store import RedisStore

@@ -19,9 +19,10 @@ from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta, timezone
 from typing import Any, NamedTuple
 
+from celery_taskengine._engine.observers import RunObserver, SavedOnCreate
 from celery_taskengine._engine.task_run import TaskRun
+from celery_taskengine._store.cache_codec import decode_record, encode_record, normalize_accept
 from celery_taskengine._store.protocol import ItemBatch, ResultRecord
-from celery_taskengine._store.record_codec import decode_record, encode_record, normalize_accept
 from celery_taskengine._store.run_filters import run_matches
 
 __all__ = ["DEFAULT_MAX_RUNS", "MemoryStore", "default_memory_store"]
@@ -205,9 +206,9 @@ class MemoryStore:
 
     claims: bool = False
 
-    def worker_recorder(self, app: Any, delivery: Any) -> None:
-        """None: the worker's run lives here as the object itself."""
-        return None
+    def worker_observers(self, app: Any, delivery: Any) -> list[RunObserver]:
+        """The worker's run lives here as the object itself: saved once, when created."""
+        return [SavedOnCreate(self)]
 
     def rides_with(self, backend: Any) -> bool:
         return False

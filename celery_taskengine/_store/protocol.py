@@ -8,16 +8,15 @@ result backend, shared by every producer and worker);
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from celery_taskengine._engine.observers import RunObserver
 from celery_taskengine.states import StateType
 
 if TYPE_CHECKING:
     from celery_taskengine._engine.task_run import TaskRun
-    from celery_taskengine.states import State
 
 #: The states a local run's record is written at (with an attempt's first Running): the
 #: ones other processes care about.
@@ -32,16 +31,7 @@ SHARED_STATES = frozenset(
 )
 
 #: How a store records a local run's states (``None``: the store keeps the live run object).
-LocalRecorder = Callable[["TaskRun", "State"], None]
-
-
-class WorkerRecorder(Protocol):
-    """How a store records a worker delivery's run: every state, then :meth:`flush` once the
-    engine returned (the final state, confirmed before Celery stores the task's result)."""
-
-    def __call__(self, run: TaskRun, state: State) -> None: ...
-
-    def flush(self) -> None: ...
+LocalRecorder = RunObserver
 
 
 __all__ = [
@@ -50,7 +40,6 @@ __all__ = [
     "LocalRecorder",
     "ResultRecord",
     "ResultStore",
-    "WorkerRecorder",
 ]
 
 #: Stream entries as :meth:`ResultStore.read_items` gives them: ``(entry id, item or None)``,
@@ -149,9 +138,9 @@ class ResultStore(Protocol):
         """How local runs record their states here; ``None`` when saving the live run once,
         at creation, is enough (a store that keeps the object itself)."""
 
-    def worker_recorder(self, app: Any, delivery: Any) -> WorkerRecorder | None:
-        """How a worker delivery (``worker_records.Delivery``) of ``app`` records its run;
-        ``None`` when the store keeps the live run object (nothing to write)."""
+    def worker_observers(self, app: Any, delivery: Any) -> list[RunObserver]:
+        """The observers by which a worker delivery (``worker_records.Delivery``) of ``app``
+        records its run here: the run record, the claim, Celery's task meta (see observers)."""
 
     def rides_with(self, backend: Any) -> bool:
         """Whether run records may ride on ``backend``'s own connections (same server)."""

@@ -19,8 +19,9 @@ from typing import Any
 
 import redis
 
+from celery_taskengine._engine.observers import RunObserver
 from celery_taskengine._engine.task_run import TaskRun, run_from_document
-from celery_taskengine._store.protocol import LocalRecorder, WorkerRecorder
+from celery_taskengine._store.protocol import LocalRecorder
 from celery_taskengine._store.run_document import encode_run
 from celery_taskengine._store.run_index import RunIndex, list_indexed
 from celery_taskengine._store.task_meta import px
@@ -90,12 +91,12 @@ class RedisRuns:
         runs: list[TaskRun] = self.call(listing, "listing runs")
         return runs
 
-    def worker_recorder(self, app: Any, delivery: Any) -> WorkerRecorder:
+    def worker_observers(self, app: Any, delivery: Any) -> list[RunObserver]:
         """Worker runs' records go on the record channel (see worker_records)."""
-        from celery_taskengine._store.worker_records import DeliveryRecorder
+        from celery_taskengine._store.worker_records import delivery_observers
 
         store: Any = self
-        return DeliveryRecorder(app, store, delivery)
+        return delivery_observers(app, store, delivery)
 
     def rides_with(self, backend: Any) -> bool:
         """Whether ``backend`` talks to Redis through this store's own client."""

@@ -25,16 +25,16 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import redis
 
-from celery_taskengine._store.connections import DEFAULT_MAX_CONNECTIONS, EnginePool
-from celery_taskengine._store.early_read import EarlyRead, EarlyReads
-from celery_taskengine._store.protocol import (
-    ResultRecord,
-)
-from celery_taskengine._store.record_codec import (
+from celery_taskengine._store.cache_codec import (
     accept_for_app,
     decode_record,
     encode_record,
     normalize_accept,
+)
+from celery_taskengine._store.connections import DEFAULT_MAX_CONNECTIONS, EnginePool
+from celery_taskengine._store.early_read import EarlyRead, EarlyReads
+from celery_taskengine._store.protocol import (
+    ResultRecord,
 )
 from celery_taskengine._store.redis_claims import ClaimStore
 from celery_taskengine._store.redis_locks import RELEASE_LUA, RedisLocks, milliseconds

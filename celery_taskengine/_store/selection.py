@@ -10,8 +10,8 @@ from celery.backends.redis import RedisBackend
 from kombu.utils.url import maybe_sanitize_url
 
 from celery_taskengine._store import memory
+from celery_taskengine._store.cache_codec import accept_for_app
 from celery_taskengine._store.protocol import ResultStore
-from celery_taskengine._store.record_codec import accept_for_app
 from celery_taskengine._store.redis_store import DEFAULT_NAMESPACE, RedisStore, run_expiry_seconds
 from celery_taskengine.errors import ConfigurationError
 

@@ -12,9 +12,11 @@ transaction that writes, so a delivery that lost its claim writes nothing; the r
 single statements (a short transaction on SQLite), so a paused process holds no claim's row
 lock between two round trips.
 
-Celery's stored result is not fenced by a SQL claim (it may live in another database, or in
-Redis): a delivery that lost its claim ends with ``Ignore`` before Celery stores anything, and
-the holder settles its claim with its final record before Celery stores the holder's result.
+Celery's stored result is fenced by a SQL claim when Celery's database backend keeps it in the
+same database: it commits with the final record and the done marker (see sql_worker_records).
+Elsewhere (another database, Redis) it is not: a delivery that lost its claim ends with
+``Ignore`` before Celery stores anything, and the holder settles its claim with its final
+record before Celery stores the holder's result.
 """
 
 from __future__ import annotations
@@ -86,7 +88,8 @@ class SqlClaim(Claim):
     """A claim kept in a SQL store's ``cte_claims`` table."""
 
     def fences_results_of(self, backend: Any) -> bool:
-        """Never: Celery's result is written by Celery (see the module docstring)."""
+        """Never by a script on a key-value backend: a SQL claim fences Celery's result only
+        in the store's own transaction (see the module docstring)."""
         return False
 
 
@@ -149,18 +152,30 @@ class SqlClaims:
         return holder == claim.done_value
 
     @reconnecting
-    def save_run_fenced(self, run: Any, claim: Claim, *, settle: bool) -> bool:
-        """Write ``run``'s record (and, with ``settle``, the done marker) in one transaction,
-        only while ``claim`` is the delivery's; ``False`` (and the claim lost) if not."""
+    def save_run_fenced(
+        self,
+        run: Any,
+        claim: Claim,
+        *,
+        settle: bool,
+        values: dict[str, Any] | None = None,
+        also: Callable[[Connection], None] | None = None,
+    ) -> bool:
+        """Write ``run``'s record (``values``: as encoded earlier) and, with ``settle``, the
+        done marker in one transaction, with ``also(conn)`` (Celery's task row), only while
+        ``claim`` is the delivery's; ``False`` (and the claim lost) if not."""
         if claim.lost:
             return False
         save: Any = self
-        values = save._run_values(run)
+        if values is None:
+            values = save._run_values(run)
         sent_at = time.monotonic()
         with self._connection(write=True) as conn:
             held = self._hold(conn, claim, settle=settle)
             if held:
                 save._upsert(conn, schema.runs, {"run_id": run.id}, values)
+                if also is not None:
+                    also(conn)
         return _answered(claim, held, sent_at)
 
     def fenced_by(self, claim: Claim | None) -> Any:
@@ -210,8 +225,16 @@ class SqlClaims:
             now = params["b_now"]
             done_until = None if self.run_expires is None else now + self.run_expires
             params.update(b_holder=claim.done_value, b_until=done_until)
+        # A claim no write of ours has proven yet (a first delivery's, taken with its first
+        # write) has no row, most likely: inserting first saves a statement.
+        if claim.proven_at is None and self._insert_claim(conn, claim, params):
+            return True
         if conn.execute(_TAKE, params).rowcount:
             return True
+        return claim.proven_at is not None and self._insert_claim(conn, claim, params)
+
+    def _insert_claim(self, conn: Connection, claim: Claim, params: dict[str, Any]) -> bool:
+        """Insert ``claim``'s row unless there is one; whether it was inserted."""
         row = {
             "namespace": self.namespace,
             "key": claim.key,

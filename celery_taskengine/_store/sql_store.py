@@ -2,7 +2,7 @@
 
 For deployments whose result backend is a database (``db+postgresql://...``) or that name one
 in ``taskengine_store``. Cached records keep the envelope every store uses (see
-:mod:`~celery_taskengine._store.record_codec`); run records keep the same JSON document as on
+:mod:`~celery_taskengine._store.cache_codec`); run records keep the same JSON document as on
 Redis. Locks, delivery claims and streams are parts of their own (sql_locks, sql_claims,
 sql_streams). Each operation is one short transaction; a database that cannot be reached
 surfaces as :class:`StoreUnavailableError`.
@@ -10,6 +10,7 @@ surfaces as :class:`StoreUnavailableError`.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -19,30 +20,21 @@ from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import (
-    Connection,
-    Engine,
-    create_engine,
-    delete,
-    event,
-    or_,
-    select,
-)
+from sqlalchemy import Connection, Engine, create_engine, delete, event, or_, select
 from sqlalchemy import exc as sa_exc
 
+from celery_taskengine._engine.observers import RunObserver
 from celery_taskengine._engine.task_run import TaskRun, run_from_document
 from celery_taskengine._store import sql_schema as schema
-from celery_taskengine._store.protocol import (
-    LocalRecorder,
-    ResultRecord,
-    WorkerRecorder,
-)
-from celery_taskengine._store.record_codec import decode_record, encode_record, normalize_accept
+from celery_taskengine._store.cache_codec import decode_record, encode_record, normalize_accept
+from celery_taskengine._store.protocol import LocalRecorder, ResultRecord
 from celery_taskengine._store.redis_store import DEFAULT_NAMESPACE, DEFAULT_RUN_EXPIRES
 from celery_taskengine._store.run_document import encode_run
 from celery_taskengine._store.run_filters import short_task_name, squash
 from celery_taskengine._store.sql_claims import SqlClaims
+from celery_taskengine._store.sql_early_read import SqlEarlyRead, sends_early
 from celery_taskengine._store.sql_locks import SqlLocks
+from celery_taskengine._store.sql_raw_read import RawReads
 from celery_taskengine._store.sql_streams import SqlStreams
 from celery_taskengine._store.sql_support import (
     LOAD_RUN,
@@ -78,6 +70,8 @@ class SqlStore(SqlClaims, SqlLocks, SqlStreams):
 
     shared: bool = True
     supports_locking: bool = True
+    #: Set where reads can be sent early (see sql_early_read); the engine looks for it.
+    start_read: Callable[[str], SqlEarlyRead]
 
     def __init__(
         self,
@@ -101,6 +95,7 @@ class SqlStore(SqlClaims, SqlLocks, SqlStreams):
         #: Whether reads' connections autocommit (a single statement needs no transaction).
         self._autocommits = self._reader is not engine
         engines.add(self._reader)
+        self._raw = RawReads(self._reader)
         self.namespace = namespace
         self.accept = normalize_accept(accept)
         self.run_expires = run_expires if run_expires and run_expires > 0 else None
@@ -111,6 +106,8 @@ class SqlStore(SqlClaims, SqlLocks, SqlStreams):
         self._tables_lock = threading.Lock()
         self._recorder: WriteBehindRecorder | None = None
         engines.add(engine)
+        if sends_early(self):  # the engine sends a hit's read before its own work
+            self.start_read = functools.partial(SqlEarlyRead, self)
 
     @classmethod
     def from_url(
@@ -143,7 +140,10 @@ class SqlStore(SqlClaims, SqlLocks, SqlStreams):
     @reconnecting
     def read(self, key: str) -> ResultRecord | None:
         """The committed record, or ``None`` when missing, expired, corrupt or foreign."""
-        raw = self._fetch_one(READ_RECORD, self._live_params(key))
+        return self.record_from(self._fetch_one(READ_RECORD, self._live_params(key)), key)
+
+    def record_from(self, raw: bytes | None, key: str) -> ResultRecord | None:
+        """The record a read of ``key`` answered (as :meth:`read` gives it)."""
         if raw is None:
             return None
         try:
@@ -242,8 +242,7 @@ class SqlStore(SqlClaims, SqlLocks, SqlStreams):
         return None if document is None else self._decode_run(run_id, document)
 
     def iter_runs(self, limit: int) -> list[TaskRun]:
-        """Up to ``limit`` runs, the most recently active first (an index scan of ``limit``)."""
-        return self.list_runs(limit)
+        return self.list_runs(limit)  # the most recently active first: an index scan
 
     @reconnecting
     def list_runs(
@@ -279,11 +278,11 @@ class SqlStore(SqlClaims, SqlLocks, SqlStreams):
         with self._connection(write=True) as conn:
             upsert_many(conn, schema.runs, self.namespace, ["run_id"], rows)
 
-    def worker_recorder(self, app: Any, delivery: Any) -> WorkerRecorder:
-        """Worker runs are recorded through the plain operations (see plain_records)."""
-        from celery_taskengine._store.plain_records import StoreRecorder
+    def worker_observers(self, app: Any, delivery: Any) -> list[RunObserver]:
+        """Worker runs are recorded for about a plain task's commits (see sql_worker_records)."""
+        from celery_taskengine._store.sql_worker_records import sql_delivery_observers
 
-        return StoreRecorder(app, self, delivery)
+        return sql_delivery_observers(app, self, delivery)
 
     def rides_with(self, backend: Any) -> bool:
         return False
@@ -305,8 +304,7 @@ class SqlStore(SqlClaims, SqlLocks, SqlStreams):
                 raise self._unavailable(exc) from exc
         self._tables_ready = True
 
-    def close(self) -> None:
-        """Close the store's pooled connections (it opens new ones if used again)."""
+    def close(self) -> None:  # it opens new connections if used again
         self.engine.dispose()
         if self._reader is not self.engine:
             self._reader.dispose()
@@ -357,8 +355,7 @@ class SqlStore(SqlClaims, SqlLocks, SqlStreams):
         if not self._tables_ready:
             self._make_tables()
         try:
-            with self._reader.connect() as conn:
-                return conn.execute(statement, params).scalar_one_or_none()
+            return self._raw.fetch_one(statement, params)
         except sa_exc.DBAPIError as exc:
             translated = self._translated(exc)
             if translated is exc:

@@ -1,11 +1,12 @@
-"""Recording a worker run's states: the run record, the backend's task state, and events.
+"""Recording a worker run's states on a Redis store: the run record, its claim and its meta.
 
 Every state change of a run in a worker is persisted (so ``get_task_run(id)`` works anywhere
-and a redelivery can continue the run), shown in the result backend (see
-:mod:`~celery_taskengine._store.task_meta`) and, if it has no Celery twin, announced as a task
-event.
-Recording is on every task's hot path, so it costs as little as it can (see
-:mod:`~celery_taskengine._store.record_channel` for how):
+and a redelivery can continue the run) by observers (see
+:mod:`~celery_taskengine._engine.observers`): :class:`ClaimKeeping` (nothing is written
+once the delivery lost its claim), :class:`RunRecords` (the record and its index entry, and the
+sending of the state's batch) and :class:`~._store.task_meta_observer.TaskMetaShown` (Celery's
+task meta, riding in the same batch). Recording is on every task's hot path, so it costs as
+little as it can (see :mod:`~celery_taskengine._store.record_channel` for how):
 
 - Pending is held back and written together with Running; a plain run writes twice, at Running
   and at its final state, each a single send that does not wait for Redis to answer. Their
@@ -15,34 +16,27 @@ Recording is on every task's hot path, so it costs as little as it can (see
 - AwaitingRetry is written blocking: the retry's delivery, maybe on another worker, reads it.
 - A crash never overwrites a run that already ended: with ``revoke(terminate=True)`` the
   worker's main process records Cancelled while the killed attempt records its crash.
-- A final state is written when the delivery's engine returns (:meth:`DeliveryRecorder.flush`),
-  not when it is entered: the run's transaction commits after Completed is entered (as in
+- A final state is written when the delivery's engine returns (``RunObservers.end``), not
+  when it is entered: the run's transaction commits after Completed is entered (as in
   Prefect), and a worker killed in between must leave the run Running, to be continued, not
   Completed with its result never committed.
 """
 
 from __future__ import annotations
 
-import logging
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from celery_taskengine._engine.observers import RunObserver, StateWrites
 from celery_taskengine._engine.task_run import TaskRun
 from celery_taskengine._store.claims import Claim
 from celery_taskengine._store.record_channel import RecordChannel
 from celery_taskengine._store.retrying import patience_from_policy
 from celery_taskengine._store.run_document import RunDocument
 from celery_taskengine._store.run_index import INDEX_LUA
-from celery_taskengine._store.selection import configured_store_url
-from celery_taskengine._store.task_meta import (
-    SET_META_LUA,
-    celery_status,
-    encode_meta,
-    keeps_meta_on_redis,
-    px,
-    state_info,
-)
+from celery_taskengine._store.task_meta import px
+from celery_taskengine._store.task_meta_observer import TaskMetaShown
 from celery_taskengine.states import State, StateType
 
 if TYPE_CHECKING:
@@ -50,9 +44,14 @@ if TYPE_CHECKING:
 
     from celery_taskengine._store.redis_store import RedisStore
 
-__all__ = ["Delivery", "DeliveryRecorder", "resend_orphaned_records", "retry_patience"]
-
-logger = logging.getLogger(__name__)
+__all__ = [
+    "ClaimKeeping",
+    "Delivery",
+    "RunRecords",
+    "delivery_observers",
+    "resend_orphaned_records",
+    "retry_patience",
+]
 
 #: Seconds the end of a delivery waits for Redis to take records its connection lost.
 ORPHAN_PATIENCE_SECONDS = 10.0
@@ -84,7 +83,7 @@ class Delivery:
     """What the bridge needs of Celery's request, read once in the delivery's own thread."""
 
     task_id: str
-    workflow_id: str  #: RUN_ID keys use it (see worker_run._workflow_id)
+    workflow_id: str  #: RUN_ID keys use it (see worker_delivery._workflow_id)
     hostname: str | None
     retries: int
     redelivered: bool
@@ -96,6 +95,12 @@ class Delivery:
     claim: Claim | None = None
     #: Celery keeps no result of this delivery (``ignore_result``): no engine state either.
     ignores_result: bool = False
+    #: The message stays with the broker until the delivery ends (``acks_late``): a
+    #: redelivery after a crash must find the attempt's Running record.
+    acks_late: bool = False
+    #: Celery stores the outcome right after the delivery returns (a function's or a
+    #: coroutine's, kept, not eager, acknowledged early): its record may commit with it.
+    result_follows: bool = False
 
     @property
     def may_continue(self) -> bool:
@@ -105,16 +110,29 @@ class Delivery:
         return bool(self.retries or self.redelivered or (claim and claim.assumed_at is None))
 
 
-class DeliveryRecorder:
-    """The ``record`` callback of a worker run on a Redis store (see the module docstring)."""
+class ClaimKeeping(RunObserver):
+    """Nothing of an attempt is written once its delivery lost its claim; an outcome (a retry's
+    AwaitingRetry, the final state) only after asking whether the claim still holds."""
 
-    def __init__(
-        self,
-        app: Celery,
-        store: RedisStore,
-        delivery: Delivery,
-    ) -> None:
-        self.app = app
+    __slots__ = ("claim",)
+
+    def __init__(self, claim: Claim) -> None:
+        self.claim = claim
+
+    def on_state(self, run: TaskRun, state: State, batch: StateWrites) -> None:
+        if self.claim.lost or (state.is_scheduled() and not self.claim.confirm()):
+            batch.drop()  # another delivery has the run (logged by the claim)
+
+    def on_end(self, run: TaskRun, batch: StateWrites) -> None:
+        if batch.commands and not self.claim.confirm():
+            batch.drop()
+
+
+class RunRecords(RunObserver):
+    """The run record and its index entry of a worker run on a Redis store, and the sending
+    of every observer's commands for a state (see the module docstring)."""
+
+    def __init__(self, app: Celery, store: RedisStore, delivery: Delivery) -> None:
         self.store = store
         self.delivery = delivery
         self._channel = _channel_for(store, app)
@@ -123,89 +141,69 @@ class DeliveryRecorder:
         self._run_key = store.key_for("run", delivery.task_id)
         self._run_px = px(store.run_expires)
         self._document: RunDocument | None = None
-        #: No backend meta can exist before a message's first delivery starts.
-        self._meta_is_new = not delivery.may_continue
-        #: The backend's engine states ride with the records when Celery keeps its meta on
-        #: the store's own Redis; else they go through Celery (never for ignored results).
-        self._meta_rides_along = (
-            keeps_meta_on_redis(app.backend) and configured_store_url(app) is None
-        )
-        self._shows_meta = not delivery.ignores_result
-        #: The final state's writes, sent by flush() (see the module docstring).
-        self._final: list[tuple[Any, ...]] | None = None
 
-    def __call__(self, run: TaskRun, state: State) -> None:
-        if state.name == "Pending" and len(run.state_history) == 1:
-            return  # held back: written with Running
-        claim = self.delivery.claim
-        if claim is not None and claim.lost:
-            return  # another delivery has the run: nothing of this attempt is written
+    def on_state(self, run: TaskRun, state: State, batch: StateWrites) -> None:
+        if batch.dropped or (state.name == "Pending" and len(run.state_history) == 1):
+            return  # lost, or held back: written with Running
         if self._document is None:
             self._document = RunDocument(run)
         settles = state.is_scheduled() or (state.is_final() and not state.is_crashed())
-        save = self._save_command(state, self._document.encode(run), settles=settles)
-        piggyback = self.delivery.piggyback
+        batch.add(self._save_command(state, self._document.encode(run), settles=settles))
+        batch.add(self._index_command(run))
         if state.is_scheduled():
-            if claim is None or claim.confirm():
-                self._send_confirmed([save, self._index_command(run)], piggyback)
+            batch.send = self._send_confirmed  # the retry's delivery reads it
+        elif settles:
+            batch.held = True  # written by on_end, once the transaction is over
+        elif state.type is StateType.RUNNING:
+            batch.send = self._send_with_end  # an attempt's start may travel with its end
         else:
-            commands = [save, self._index_command(run)]
-            status = celery_status(state) if self._shows_meta else None
-            if status is not None and self._meta_rides_along:
-                commands.append(self._meta_command(run, state, status))
-            elif status is not None:
-                self._show_through_celery(run, state, status)
-            if settles:
-                self._final = commands
-            else:
-                self._send(commands, hold=state.type is StateType.RUNNING)
+            batch.send = self._send
 
-    def flush(self) -> None:
-        """Write the final state, once the engine has returned (its transaction is over), and
-        only while the delivery still holds its claim; see Redis take this delivery's writes:
-        before Celery stores the task's result.
+    def on_end(self, run: TaskRun, batch: StateWrites) -> None:
+        batch.send = self._flush
+
+    def _flush(self, batch: StateWrites) -> None:
+        """Write the final state (unless its claim was lost); see Redis take this delivery's
+        writes before Celery stores the task's result.
 
         Raises :class:`StoreUnavailableError` (logged with the run id) if Redis did not take
         them within Celery's backend retry policy, or refused one.
         """
-        final, self._final = self._final, None
-        claim = self.delivery.claim
-        if final is not None and claim is not None and not claim.confirm():
-            final = None  # another delivery has the run (logged by the claim)
         if self._writer is None:  # riding on Celery's connection: its reply confirms them
-            if final is not None:
-                self._channel.send(*final, key=self._run_key, piggyback=True)
+            if batch.commands:
+                self._channel.send(*batch.commands, key=self._run_key, piggyback=True)
             return
-        if final is not None:
-            self._writer.send(final)
+        if batch.commands:
+            self._writer.send(batch.commands)
         self._writer.confirm()
 
-    def _send(self, commands: list[tuple[Any, ...]], *, hold: bool) -> None:
-        """Send without waiting; ``hold``: an attempt's start may travel with its end."""
+    def _send(self, batch: StateWrites, *, hold: bool = False) -> None:
+        """Send without waiting."""
+        if batch.dropped:
+            return
         if self._writer is None:
-            self._channel.send(*commands, key=self._run_key, piggyback=True)
+            self._channel.send(*batch.commands, key=self._run_key, piggyback=True)
         else:
-            self._writer.send(commands, hold=hold)
+            self._writer.send(batch.commands, hold=hold)
 
-    def _send_confirmed(self, commands: list[tuple[Any, ...]], piggyback: bool) -> None:
+    def _send_with_end(self, batch: StateWrites) -> None:
+        self._send(batch, hold=True)
+
+    def _send_confirmed(self, batch: StateWrites) -> None:
         """Send and see Redis take them (after this delivery's earlier writes)."""
+        if batch.dropped:
+            return
         if self._writer is None:
-            self._channel.send_blocking(*commands, key=self._run_key, piggyback=piggyback)
+            piggyback = self.delivery.piggyback
+            self._channel.send_blocking(*batch.commands, key=self._run_key, piggyback=piggyback)
         else:
-            self._writer.send(commands)
+            self._writer.send(batch.commands)
             self._writer.confirm()
 
     def _index_command(self, run: TaskRun) -> tuple[Any, ...]:
         """The run index's update for ``run`` as it is now (see run_index)."""
         keys, args = self.store.index_keys_and_args(run)
         return ("EVAL", INDEX_LUA, len(keys), *keys, *args)
-
-    def _show_through_celery(self, run: TaskRun, state: State, status: str) -> None:
-        """The engine state in a backend the records do not ride to (rpc://, a database)."""
-        try:
-            self.app.backend.store_result(self.delivery.task_id, state_info(run, state), status)
-        except Exception:  # the run goes on: the backend's view is a courtesy
-            logger.warning("%s: could not show %s in the backend", self.delivery.task_id, status)
 
     def _save_command(self, state: State, document: str, *, settles: bool) -> tuple[Any, ...]:
         """The write of the run record: fenced by the claim (and settling it, for an outcome),
@@ -217,17 +215,13 @@ class DeliveryRecorder:
             return claim.record_command(key, document, px, settle=settles)
         return ("SET", key, document) if px == "0" else ("SET", key, document, "PX", px)
 
-    def _meta_command(self, run: TaskRun, state: State, status: str) -> tuple[Any, ...]:
-        backend = self.app.backend
-        encoded = encode_meta(backend, self.delivery.task_id, status, state_info(run, state))
-        key = backend.get_key_for_task(self.delivery.task_id)
-        ttl = px(backend.expires)
-        if self._meta_is_new:  # nothing to protect: a plain SET NX is enough (and cheaper)
-            self._meta_is_new = False
-            if ttl == "0":
-                return ("SET", key, encoded, "NX")
-            return ("SET", key, encoded, "PX", ttl, "NX")
-        return ("EVAL", SET_META_LUA, 1, key, encoded, ttl, "")
+
+def delivery_observers(app: Celery, store: RedisStore, delivery: Delivery) -> list[RunObserver]:
+    """How a worker delivery's run is recorded on a Redis store: claim first (it may drop a
+    state's writes), then the run record (which sends the batch), then Celery's task meta."""
+    claim = delivery.claim
+    keeping: list[RunObserver] = [ClaimKeeping(claim)] if claim is not None else []
+    return [*keeping, RunRecords(app, store, delivery), TaskMetaShown(app, delivery)]
 
 
 _channels: weakref.WeakKeyDictionary[RedisStore, RecordChannel] = weakref.WeakKeyDictionary()

@@ -23,6 +23,7 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
+from celery_taskengine._engine.observers import RunObserver, StateWrites
 from celery_taskengine._store.memory import default_memory_store
 from celery_taskengine._store.protocol import SHARED_STATES
 from celery_taskengine.states import StateType
@@ -39,12 +40,14 @@ logger = logging.getLogger(__name__)
 WRITE_BEHIND_SECONDS = 0.01
 
 
-class WriteBehindRecorder:
+class WriteBehindRecorder(RunObserver):
     """The ``record`` callback of local runs on a store that saves runs in batches.
 
     ``save_runs`` writes a batch in one go and raises if it could not; ``name`` says where,
     in log messages.
     """
+
+    writes_batch = False  # its records go behind the caller, on their own
 
     def __init__(self, save_runs: Callable[[list[TaskRun]], None], name: str) -> None:
         self._save_runs = save_runs
@@ -58,6 +61,9 @@ class WriteBehindRecorder:
         self._pid = 0
         _recorders.add(self)
 
+    def on_state(self, run: TaskRun, state: State, batch: StateWrites) -> None:
+        self(run, state)
+
     def __call__(self, run: TaskRun, state: State) -> None:
         if state.type is StateType.PENDING:  # this process finds the live run here
             default_memory_store().save_run(run)
@@ -67,9 +73,10 @@ class WriteBehindRecorder:
             return
         with self._lock:
             self._held[run.id] = run
-            if self._pid != os.getpid():  # first use in this process, or after a fork
+            if not self._pid:  # first use in this process, or after a fork (_reset_in_child)
                 self._start_writer()
-        self._wake.set()
+        if not self._wake.is_set():  # set() again would take the event's lock and notify
+            self._wake.set()
 
     def flush(self, timeout: float) -> tuple[bool, list[str]]:
         """Write what is held now; whether everything since the last flush was written, and

@@ -94,22 +94,7 @@ def encode_record(
     the serializer is unknown or not accepted, or when the value cannot be encoded; nothing has
     been written at that point.
     """
-    accepted = normalize_accept(accept)
-    content_type = _content_type(serializer)
-    if content_type is None:
-        raise _encode_error(key, value, serializer, task_name, "no such serializer is registered")
-    if serializer not in accepted:
-        reason = f"the app does not accept {serializer!r} content (see result_accept_content)"
-        raise _encode_error(key, value, serializer, task_name, reason)
-    try:
-        _, content_encoding, payload = _dumps(value, serializer=serializer)
-    except (EncodeError, SerializerNotInstalled) as exc:  # the latter: its library is missing
-        raise _encode_error(key, value, serializer, task_name, str(exc)) from exc
-    if isinstance(payload, bytes):
-        text = base64.b64encode(payload).decode("ascii")
-        content_encoding = _BINARY
-    else:
-        text = str(payload)
+    content_type, content_encoding, text = _payload(key, value, serializer, accept, task_name)
     envelope = {
         "cte": ENVELOPE_VERSION,
         "key": key,
@@ -122,6 +107,26 @@ def encode_record(
         "payload": text,
     }
     return _ENVELOPE_ENCODER.encode(envelope).encode("utf-8")
+
+
+def _payload(
+    key: str, value: Any, serializer: str, accept: Iterable[str], task_name: str | None
+) -> tuple[str, str, str]:
+    """``(content_type, content_encoding, text)`` of ``value``; binary payloads as base64.
+    Raises :class:`SerializationError` as :func:`encode_record` says."""
+    content_type = _content_type(serializer)
+    if content_type is None:
+        raise _encode_error(key, value, serializer, task_name, "no such serializer is registered")
+    if serializer not in normalize_accept(accept):
+        reason = f"the app does not accept {serializer!r} content (see result_accept_content)"
+        raise _encode_error(key, value, serializer, task_name, reason)
+    try:
+        _, content_encoding, payload = _dumps(value, serializer=serializer)
+    except (EncodeError, SerializerNotInstalled) as exc:  # the latter: its library is missing
+        raise _encode_error(key, value, serializer, task_name, str(exc)) from exc
+    if isinstance(payload, bytes):
+        return content_type, _BINARY, base64.b64encode(payload).decode("ascii")
+    return content_type, content_encoding, str(payload)
 
 
 def decode_record(

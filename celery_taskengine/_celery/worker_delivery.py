@@ -23,13 +23,13 @@ from typing import TYPE_CHECKING, Any
 
 from celery import states as celery_states
 from celery.app.task import get_actual_ignore_result
-from celery.exceptions import Ignore, Retry
+from celery.exceptions import Ignore
 from celery.signals import task_revoked
 
 from celery_taskengine._celery.cancellation import revocation_check
 from celery_taskengine._celery.control_flow import HANDED_BACK, celery_control_state
 from celery_taskengine._celery.engine_backend import CLAIM
-from celery_taskengine._celery.events import send_state_event, task_events_enabled
+from celery_taskengine._celery.events import StateEvents, task_events_enabled
 from celery_taskengine._celery.message_age import may_be_duplicate
 from celery_taskengine._celery.streaming import ItemChannel
 from celery_taskengine._celery.worker_loop import run_on_worker_loop
@@ -37,33 +37,26 @@ from celery_taskengine._celery.worker_requeue import (
     handed_back_if_unreachable,
     rejected_if_unrecorded,
 )
+from celery_taskengine._celery.worker_retries import retry_later
+from celery_taskengine._engine.observers import RunObserver, RunObservers, StateWrites
 from celery_taskengine._engine.parameters import bind_parameters
 from celery_taskengine._engine.run_core import RunEnvironment
 from celery_taskengine._engine.task_run import TaskRun, new_task_run
 from celery_taskengine._store.claims import CLAIM_TTL_SECONDS, Claim
-from celery_taskengine._store.protocol import ResultStore, WorkerRecorder
+from celery_taskengine._store.protocol import ResultStore
 from celery_taskengine._store.renewer import renewer
 from celery_taskengine._store.selection import store_for_app
-from celery_taskengine._store.task_meta import (
-    awaiting_retry_meta,
-    keeps_meta_on_redis,
-    write_task_meta,
-)
 from celery_taskengine._store.worker_records import Delivery, retry_patience
-from celery_taskengine.states import State, StateType, utcnow
+from celery_taskengine.states import State
 from celery_taskengine.task_engine import runner_for
 
 if TYPE_CHECKING:
     from celery_taskengine._celery.task import Task
     from celery_taskengine._store.redis_store import RedisStore
 
-__all__ = ["after_celery_retry", "run_delivery"]
+__all__ = ["run_delivery"]
 
 logger = logging.getLogger(__name__)
-
-#: AwaitingRetry meta (result, traceback) to show once Celery has stored its own RETRY state
-#: (see on_retry).
-_awaiting_info: dict[str, tuple[dict[str, Any], str | None]] = {}
 
 
 def run_delivery(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -132,23 +125,6 @@ def _run(task: Task, delivery: Delivery, store: ResultStore, run: TaskRun) -> li
             channel.close()
 
 
-def after_celery_retry(task: Task, task_id: str) -> None:
-    """Show AWAITING_RETRY in the backend, over the RETRY Celery just stored for our retry."""
-    meta = _awaiting_info.pop(task_id, None)
-    if meta is None or get_actual_ignore_result(task, task.request):
-        return
-    info, traceback = meta
-    try:
-        if keeps_meta_on_redis(task.app.backend):
-            write_task_meta(
-                task.app, task_id, "AWAITING_RETRY", info, expected="RETRY", traceback=traceback
-            )
-        else:  # a database or rpc:// backend: through Celery
-            task.app.backend.store_result(task_id, info, "AWAITING_RETRY", traceback=traceback)
-    except Exception:
-        logger.warning("%s: could not store the AWAITING_RETRY state", task_id, exc_info=True)
-
-
 def _claim_message(task: Task, request: Any, store: RedisStore) -> Claim | None:
     """This delivery's claim on its message (see claims), held by the process's renewer until
     the delivery ends; ``None`` when another delivery handled the message.
@@ -199,7 +175,16 @@ def _delivery(task: Task, request: Any, store: ResultStore, claim: Claim | None)
         piggyback=_may_piggyback(task, request, store),
         claim=claim,
         ignores_result=bool(get_actual_ignore_result(task, request)),
+        acks_late=bool(task.acks_late),
+        result_follows=_result_follows(task, request),
     )
+
+
+def _result_follows(task: Task, request: Any) -> bool:
+    """Whether Celery stores the delivery's outcome as soon as it returns (see Delivery)."""
+    if request.is_eager or task.acks_late or get_actual_ignore_result(task, request):
+        return False
+    return task.fn_kind in ("function", "coroutine")
 
 
 def _workflow_id(request: Any) -> str:
@@ -247,8 +232,8 @@ def _execute(
     """
     items: list[Any] = []
     publish = _publisher(channel, delivery.claim)
-    writer = store.worker_recorder(task.app, delivery)  # None: the run lives here (memory://)
-    env = _environment(task, delivery, store, _observer(task, delivery, writer, items.clear))
+    observers = _observers(task, delivery, store, items)
+    env = _environment(task, delivery, store, observers)
     context = {"environment": env}
     kind = task.fn_kind
     runner = runner_for(kind)
@@ -263,48 +248,53 @@ def _execute(
             agenerator = runner(task, task_run=run, context=context)
             run_on_worker_loop(_drain_async(agenerator, run, publish, items))
     finally:
-        if writer is not None:
-            writer.flush()
+        observers.end(run)
     return items
 
 
 def _environment(
-    task: Task, delivery: Delivery, store: ResultStore, record: Callable[[TaskRun, State], None]
+    task: Task, delivery: Delivery, store: ResultStore, observers: RunObservers
 ) -> RunEnvironment:
     """Where a delivery's run executes: the store (whose cache commits are fenced by the
-    delivery's claim, where it has one), ``record`` for every state, retries deferred to the
-    broker, revokes as cancellation."""
+    delivery's claim, where it has one), its observers, retries deferred to the broker,
+    revokes as cancellation."""
     if store.claims:
         claiming: Any = store
         store = claiming.fenced_by(delivery.claim)  # cache commits only while the claim holds
     return RunEnvironment(
         store=store,
-        record=record,
+        observers=observers,
         key_run_id=delivery.workflow_id,
         defer_retries=True,
         is_cancelled=revocation_check(delivery.task_id, store),
         across_processes=True,
-        saves_on_create=not store.shared,  # memory:// keeps the live run object
         ends_attempt=celery_control_state,  # Reject, Ignore: Celery's, never retried
     )
 
 
-def _observer(
-    task: Task, delivery: Delivery, writer: WorkerRecorder | None, on_attempt: Callable[[], None]
-) -> Callable[[TaskRun, State], None]:
-    """The ``record`` of a delivery's run: the store's writer, then the worker's own
-    observers (a new attempt resets the generator's items; states Celery has no event for
-    are announced to monitors)."""
+def _observers(
+    task: Task, delivery: Delivery, store: ResultStore, items: list[Any]
+) -> RunObservers:
+    """A delivery's observers: the store's (run record, claim, Celery's task meta; their
+    commands for a state go out together), a generator's items reset by each attempt, and
+    events for states Celery has no event for."""
+    observers = [*store.worker_observers(task.app, delivery), _ItemsOfLastAttempt(items)]
+    if delivery.send_events:
+        observers.append(StateEvents(task.app, delivery.hostname, delivery.task_id))
+    return RunObservers(observers)
 
-    def record(run: TaskRun, state: State) -> None:
-        if writer is not None:
-            writer(run, state)
-        if state.type is StateType.RUNNING:
-            on_attempt()
-        if delivery.send_events:
-            send_state_event(task.app, delivery.hostname, delivery.task_id, run, state)
 
-    return record
+class _ItemsOfLastAttempt(RunObserver):
+    """A generator's items are those of its last attempt: a new attempt starts afresh."""
+
+    __slots__ = ("items",)
+    writes_batch = False
+
+    def __init__(self, items: list[Any]) -> None:
+        self.items = items
+
+    def on_attempt(self, run: TaskRun, state: State, batch: StateWrites) -> None:
+        self.items.clear()
 
 
 def _publisher(channel: ItemChannel | None, claim: Claim | None) -> Publish | None:
@@ -365,30 +355,13 @@ def _outcome(task: Task, delivery: Delivery, run: TaskRun, items: list[Any]) -> 
     state = run.state
     assert state is not None, "the engine always enters a state"
     if state.is_scheduled():
-        _retry_later(task, delivery, run, state)
+        retry_later(task, run)  # raises Celery's Retry
     if state.is_completed():
         return items if task.fn_kind in ("generator", "async_generator") else state.data
     if state.is_cancelled():
         _report_cancelled(task, delivery, state)
         raise Ignore()
     return state.result()  # raises the stored exception (or why there is none)
-
-
-def _retry_later(task: Task, delivery: Delivery, run: TaskRun, state: State) -> None:
-    """Send the run back to the broker until its scheduled time: the worker slot is freed."""
-    scheduled = state.scheduled_time
-    countdown = max(0.0, (scheduled - utcnow()).total_seconds()) if scheduled else 0.0
-    _awaiting_info[delivery.task_id] = awaiting_retry_meta(task.backend, run, state)
-    cause = state.data if isinstance(state.data, Exception) else None
-    options = getattr(cause, "message_options", None) or {}  # self.retry(expires=...)
-    try:
-        # Publishes, then raises celery.exceptions.Retry (carrying the cause, as Celery's own).
-        task.retry(exc=cause, countdown=countdown, **options)
-    except Retry:
-        raise
-    except BaseException:
-        _awaiting_info.pop(delivery.task_id, None)
-        raise
 
 
 def _report_cancelled(task: Task, delivery: Delivery, state: State) -> None:
