@@ -71,14 +71,7 @@ def request_retry(
     with other arguments or options is a ``TypeError``: a run keeps its parameters; only
     ``expires`` is taken, for the message that carries the retry (in a worker).
     """
-    message_options = {"expires": unsupported.pop("expires")} if "expires" in unsupported else {}
-    if unsupported:
-        names = ", ".join(f"{name}=" for name in sorted(unsupported))
-        raise TypeError(
-            f"self.retry({names}) is not supported on engine task {task.name!r}: a run keeps "
-            "its arguments and options across retries (give exc=, countdown=, eta=, "
-            "max_retries=, expires= or throw=)"
-        )
+    message_options = _message_options(task, unsupported)
     limit = task.engine_options.retry_limit
     if max_retries is not None:
         limit = min(limit, max_retries)
@@ -94,6 +87,20 @@ def request_retry(
     if throw:
         raise request
     return request
+
+
+def _message_options(task: Task, unsupported: dict[str, Any]) -> dict[str, Any]:
+    """What of ``self.retry()``'s other options the retry's message takes (``expires``); a
+    ``TypeError`` for the rest: a run keeps its arguments and options across retries."""
+    message_options = {"expires": unsupported.pop("expires")} if "expires" in unsupported else {}
+    if unsupported:
+        names = ", ".join(f"{name}=" for name in sorted(unsupported))
+        raise TypeError(
+            f"self.retry({names}) is not supported on engine task {task.name!r}: a run keeps "
+            "its arguments and options across retries (give exc=, countdown=, eta=, "
+            "max_retries=, expires= or throw=)"
+        )
+    return message_options
 
 
 def _delay(task: Task, eta: datetime | None, countdown: float | None) -> float | None:
