@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from celery import Celery, shared_task
+from celery import _state as celery_state
 from celery.exceptions import MaxRetriesExceededError
 
 from celery_taskengine import Task, get_task_run, task
@@ -48,13 +49,21 @@ def test_app_task_with_base_task_validates_options_when_celery_builds_it(app: Ce
             return None
 
 
-def test_celerys_shared_task_with_base_task_is_an_engine_task() -> None:
+def test_celerys_shared_task_with_base_task_is_an_engine_task(app: Celery) -> None:
+    # Celery resolves a shared task in the current app: this test's (earlier tests in the same
+    # process may have left any app current).
+    previous = celery_state.get_current_app()
+    app.set_current()
+
     @shared_task(base=Task, name="idioms.shared_double", max_retries=2)
     def double(x: int) -> int:
         return 2 * x
 
-    assert double(4) == 8
-    assert double.engine_options.retries == 2
+    try:
+        assert double(4) == 8
+        assert double.engine_options.retries == 2
+    finally:
+        previous.set_current()
 
 
 def test_bind_passes_the_task_and_the_request_describes_the_run(app: Celery) -> None:
