@@ -7,14 +7,19 @@ a body ran across deliveries.
 
 from __future__ import annotations
 
+import contextlib
 import time
+import uuid
+from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
 from celery import Celery, current_task
 from celery.exceptions import Ignore, Reject
 
-from celery_taskengine import task
+from celery_taskengine import get_task_run, task
+from tests.bridge_workers import _no_tracebacks_in_worker_threads, _release
+from tests.workers import embedded_worker
 
 #: How long a task waits for a gate the test opens, at most (seconds).
 GATE_TIMEOUT = 30.0
@@ -115,3 +120,47 @@ def _register(app: Celery) -> SimpleNamespace:
         tsum=tsum,
         record_error=record_error,
     )
+
+
+@contextlib.contextmanager
+def contract_worker(broker: str, backend: str, **conf: Any) -> Iterator[SimpleNamespace]:
+    """A solo in-process worker on a fresh app and queue, serving once its probe answers."""
+    queue = f"cte-contract-{uuid.uuid4().hex[:10]}"
+    app, tasks = make_app(broker, backend, queue, **conf)
+    try:
+        with _no_tracebacks_in_worker_threads(), embedded_worker(app, "solo", 1):
+            assert tasks.probe.delay().get(timeout=30) == "ok"
+            yield SimpleNamespace(app=app, tasks=tasks, queue=queue)
+    finally:
+        _release(app, queue)
+
+
+def key(name: str) -> str:
+    return f"test:{name}:{uuid.uuid4().hex}"
+
+
+def history(app: Celery, task_id: str) -> list[str]:
+    run = get_task_run(task_id, app=app)
+    return run.history_names() if run is not None else []
+
+
+def meta_written(app: Celery, task_id: str) -> bool:
+    return bool(side(app).exists(app.backend.get_key_for_task(task_id)))
+
+
+def watch_for_meta(app: Celery, task_id: str, until_final: float = 20.0) -> list[str]:
+    """Poll the backend's task meta until the run is final; the statuses ever seen there."""
+    seen: list[str] = []
+    deadline = time.monotonic() + until_final
+    while time.monotonic() < deadline:
+        if meta_written(app, task_id):
+            seen.append(app.backend.get_task_meta(task_id)["status"])
+        run = get_task_run(task_id, app=app)
+        if run is not None and run.state is not None and run.state.is_final():
+            break
+        time.sleep(0.005)
+    else:
+        raise AssertionError(f"run {task_id} did not end: {history(app, task_id)}")
+    if meta_written(app, task_id):
+        seen.append(app.backend.get_task_meta(task_id)["status"])
+    return seen

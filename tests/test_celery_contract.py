@@ -8,38 +8,20 @@ being retried. Each runs on Redis as broker and on RabbitMQ (Redis is the result
 
 from __future__ import annotations
 
-import contextlib
 import time
-import uuid
 from collections.abc import Iterator
 from types import SimpleNamespace
-from typing import Any
 
 import pytest
-from celery import Celery, chord
+from celery import chord
 from celery.exceptions import ChordError, Reject
 from celery.result import AsyncResult
 
 from celery_taskengine import get_task_run
-from tests import contract_app
-from tests.bridge_workers import _no_tracebacks_in_worker_threads, _release, broker_url, wait_for
-from tests.contract_app import side
-from tests.workers import embedded_worker
+from tests.bridge_workers import broker_url, wait_for
+from tests.contract_app import contract_worker, history, key, meta_written, side, watch_for_meta
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@contextlib.contextmanager
-def contract_worker(broker: str, backend: str, **conf: Any) -> Iterator[SimpleNamespace]:
-    """A solo in-process worker on a fresh app and queue, serving once its probe answers."""
-    queue = f"cte-contract-{uuid.uuid4().hex[:10]}"
-    app, tasks = contract_app.make_app(broker, backend, queue, **conf)
-    try:
-        with _no_tracebacks_in_worker_threads(), embedded_worker(app, "solo", 1):
-            assert tasks.probe.delay().get(timeout=30) == "ok"
-            yield SimpleNamespace(app=app, tasks=tasks, queue=queue)
-    finally:
-        _release(app, queue)
 
 
 @pytest.fixture(scope="module", params=["redis", "amqp"])
@@ -47,37 +29,6 @@ def worker(request: pytest.FixtureRequest, redis_server: str) -> Iterator[Simple
     backend = f"{redis_server}/0"
     with contract_worker(broker_url(request.param, backend), backend) as running:
         yield running
-
-
-def key(name: str) -> str:
-    return f"test:{name}:{uuid.uuid4().hex}"
-
-
-def history(app: Celery, task_id: str) -> list[str]:
-    run = get_task_run(task_id, app=app)
-    return run.history_names() if run is not None else []
-
-
-def meta_written(app: Celery, task_id: str) -> bool:
-    return bool(side(app).exists(app.backend.get_key_for_task(task_id)))
-
-
-def watch_for_meta(app: Celery, task_id: str, until_final: float = 20.0) -> list[str]:
-    """Poll the backend's task meta until the run is final; the statuses ever seen there."""
-    seen: list[str] = []
-    deadline = time.monotonic() + until_final
-    while time.monotonic() < deadline:
-        if meta_written(app, task_id):
-            seen.append(app.backend.get_task_meta(task_id)["status"])
-        run = get_task_run(task_id, app=app)
-        if run is not None and run.state is not None and run.state.is_final():
-            break
-        time.sleep(0.005)
-    else:
-        raise AssertionError(f"run {task_id} did not end: {history(app, task_id)}")
-    if meta_written(app, task_id):
-        seen.append(app.backend.get_task_meta(task_id)["status"])
-    return seen
 
 
 # -- ignore_result ---------------------------------------------------------------------------
@@ -104,17 +55,6 @@ def test_a_task_with_ignore_result_stores_no_task_meta(worker: SimpleNamespace) 
 
     assert watch_for_meta(worker.app, result.id) == []
     assert history(worker.app, result.id) == ["Pending", "Running", "Completed"]
-
-
-def test_the_apps_task_ignore_result_setting_stores_no_task_meta(redis_server: str) -> None:
-    backend = f"{redis_server}/0"
-    with contract_worker(backend, backend, task_ignore_result=True) as running:
-        counter, gate = key("counter"), key("gate")
-        side(running.app).set(gate, 1)
-        result = running.tasks.gated.delay(counter, gate, 0)
-
-        assert watch_for_meta(running.app, result.id) == []
-        assert history(running.app, result.id) == ["Pending", "Running", "Completed"]
 
 
 # -- Reject and Ignore -----------------------------------------------------------------------
