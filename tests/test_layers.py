@@ -14,6 +14,9 @@ top, except for the import-time rule):
   ``_tools`` at import time; ``_store`` nothing from ``_celery`` or ``_tools``; ``_celery``
   nothing from ``_tools``; and no private package imports the package root's names;
 - ``_engine`` imports no ``celery``, ``kombu`` or ``redis``;
+- no import cycle: among the package's modules, counting every import that can run (at the
+  top or inside a function; not those under ``TYPE_CHECKING``, which never run), no module
+  reaches itself again;
 - the engine core is pure: importing one of :data:`CORE_MODULES` imports no ``celery``,
   ``kombu``, ``redis`` or ``anyio``, directly or through the package modules it imports at
   import time (a function-level import, such as a transaction's ``with`` shell reaching for
@@ -268,3 +271,105 @@ def test_importing_a_core_module_imports_no_celery_kombu_redis_or_anyio(module: 
         if name.split(".")[0] in NOT_IN_CORE
     }
     assert not found, f"celery_taskengine.{module} imports at import time: {found}"
+
+
+def runnable_imports(path: Path) -> Iterator[tuple[int, str]]:
+    """``(line, dotted name)`` of every import in ``path`` that can run: at the top or inside
+    a function, but not under ``if TYPE_CHECKING:``."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    package = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts[:-1])
+    pending: list[ast.AST] = [tree]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            pending.extend(node.orelse)
+            continue
+        if isinstance(node, ast.Import):
+            yield from ((node.lineno, alias.name) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parent, base] if base else parent)
+            yield node.lineno, base
+            yield from ((node.lineno, f"{base}.{alias.name}") for alias in node.names)
+        pending.extend(ast.iter_child_nodes(node))
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def package_import_graph() -> dict[str, set[str]]:
+    """Each package module, and the package modules it can import (itself left out)."""
+    graph: dict[str, set[str]] = {}
+    for path in modules(PACKAGE):
+        name = module_name(path)
+        targets = {module_path(imported) for _line, imported in runnable_imports(path)}
+        graph[name] = {module_name(t) for t in targets if t is not None} - {name}
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected groups of more than one module (Tarjan's algorithm, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph.get(child, ())))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                group = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    group.append(member)
+                    if member == node:
+                        break
+                if len(group) > 1:
+                    cycles.append(sorted(group))
+    return cycles
+
+
+def test_no_import_cycle_among_the_packages_modules() -> None:
+    cycles = import_cycles(package_import_graph())
+    assert not cycles, (
+        "modules that import each other (directly or around a circle):\n"
+        + "\n".join(" <-> ".join(cycle) for cycle in cycles)
+    )
+
+
+def test_the_cycle_walk_sees_a_cycle_and_function_level_imports() -> None:
+    # Given a circle closed by an import inside a function, the walk reports it.
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert import_cycles({"a": {"b"}, "b": set()}) == []
+    graph = package_import_graph()
+    # _celery/task.py imports worker_delivery only inside Task.__call__.
+    assert "celery_taskengine._celery.worker_delivery" in graph["celery_taskengine._celery.task"]
+    # _store/local_records.py imports redis_store only under TYPE_CHECKING.
+    assert (
+        "celery_taskengine._store.redis_store"
+        not in graph["celery_taskengine._store.local_records"]
+    )

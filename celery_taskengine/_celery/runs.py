@@ -41,10 +41,11 @@ def flush_run_records(app: Celery | None = None, timeout: float = 5.0) -> FlushR
     its ``lost_runs`` names those runs (each also logged with its run id).
     """
     deadline = time.monotonic() + timeout
-    written = local_records.flush_run_records(app, timeout)
+    store = store_for_app(app) if app is not None else None
+    written = local_records.flush_local_records(store, timeout)
     recorders = None
-    if app is not None:
-        recorder = store_for_app(app).local_recorder()
+    if store is not None:
+        recorder = store.local_recorder()
         recorders = [recorder] if isinstance(recorder, WriteBehindRecorder) else []
     _, behind_lost = flush_write_behind(recorders, max(0.0, deadline - time.monotonic()))
     return FlushResult.combine([written, FlushResult(tuple(behind_lost), len(behind_lost))])

@@ -42,8 +42,10 @@ class _Definition:
         celery_options: dict[str, Any],
         name: str | None,
         bind: bool,
-        base: type[Task] | None = None,
+        base: type[Task] | None,
+        build: Callable[..., Task],
     ) -> None:
+        self.build = build
         self.fn = fn
         self.base = base
         self.options = options
@@ -57,12 +59,10 @@ class _Definition:
         found = self.tasks.get(app)
         if found is not None:
             return found
-        from celery_taskengine._celery.task import build_task
-
         name = self.name or app.gen_task_name(
             self.fn.__name__, getattr(self.fn, "__module__", None) or "__main__"
         )
-        built = build_task(
+        built = self.build(
             app, self.fn, self.options, self.celery_options, name=name, register=True,
             bind=self.bind, base=self.base,
         )  # fmt: skip
@@ -82,10 +82,12 @@ def shared_task(
     name: str | None,
     bind: bool,
     base: type[Task] | None = None,
+    build: Callable[..., Task],
 ) -> Task:
     """Register ``fn`` with every app, now (finalized apps) and later (apps yet to finalize);
-    a proxy to the current app's task."""
-    definition = _Definition(fn, options, celery_options, name, bind, base)
+    a proxy to the current app's task. ``build`` makes the task for one app (``task.build_task``,
+    passed in: that module imports this one)."""
+    definition = _Definition(fn, options, celery_options, name, bind, base, build)
     key = name or f"{getattr(fn, '__module__', '__main__')}.{fn.__qualname__}"
     with _lock:
         _definitions[key] = definition

@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 import types
 from collections.abc import Callable
-from contextvars import ContextVar
 from datetime import datetime
 from typing import Any, ClassVar, Literal, TypeVar, overload
 
@@ -31,20 +30,9 @@ from celery_taskengine._engine.pydantic_args import arguments_for_sending
 from celery_taskengine._engine.run_scope import current_task_run
 from celery_taskengine.task_engine import runner_for
 
-__all__ = ["Task", "fn_kind", "mark_delivery", "shared_task", "task"]
+__all__ = ["Task", "fn_kind", "shared_task", "task"]
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-#: Set at Celery's ``task_prerun`` in a worker and consumed by the ``__call__`` that follows.
-_delivery: ContextVar[Task | None] = ContextVar("taskengine_delivery", default=None)
-
-
-def mark_delivery(task: Task) -> None:
-    """Celery is about to call ``task`` for a message: that call is bridged to the engine
-    (see :mod:`~celery_taskengine._celery.worker_signals`); a plain ``t(...)`` made inside another
-    task's body still runs locally."""
-    _delivery.set(task)
-
 
 FnKind = Literal["function", "coroutine", "generator", "async_generator"]
 
@@ -116,9 +104,8 @@ class Task(CeleryTask):  # type: ignore[misc]
     def __call__(
         self, *args: Any, return_state: bool = False, wait_for: Any = None, **kwargs: Any
     ) -> Any:
-        if _delivery.get() is self:
-            # Celery's worker is calling us for a message (see mark_delivery): bridge it.
-            _delivery.set(None)
+        if worker_signals.take_delivery(self):
+            # Celery's worker is calling us for a message (marked at task_prerun): bridge it.
             from celery_taskengine._celery.worker_delivery import run_delivery
 
             return run_delivery(self, args, kwargs)
@@ -256,11 +243,7 @@ def task(
     subclass of :class:`Task` whose methods (``on_success``, ``on_failure``, ...) Celery calls
     as usual.
     """
-    bind = options.pop("bind", False)
-    if not isinstance(bind, bool):
-        raise TypeError(f"task option 'bind' must be True or False, got {bind!r}")
-    if base is not None and not (isinstance(base, type) and issubclass(base, Task)):
-        raise TypeError(f"task option 'base' must subclass celery_taskengine.Task, got {base!r}")
+    bind = _checked_bind_and_base(options.pop("bind", False), base)
     engine_given, celery_given = split_celery_options(options)
 
     def decorate(fn: Callable[..., Any]) -> Task:
@@ -269,7 +252,9 @@ def task(
         engine_options = build_options(fn, engine_given)
         name = engine_given.get("name")
         if app is None:
-            return _shared(fn, engine_options, celery_given, name=name, bind=bind, base=base)
+            return _shared(
+                fn, engine_options, celery_given, name=name, bind=bind, base=base, build=build_task
+            )
         name = name or app.gen_task_name(fn.__name__, getattr(fn, "__module__", None) or "__main__")
         return build_task(
             app, fn, engine_options, celery_given, name=name, register=True, bind=bind, base=base
@@ -278,6 +263,14 @@ def task(
     if __fn is not None:
         return decorate(__fn)
     return decorate
+
+
+def _checked_bind_and_base(bind: Any, base: Any) -> bool:
+    if not isinstance(bind, bool):
+        raise TypeError(f"task option 'bind' must be True or False, got {bind!r}")
+    if base is not None and not (isinstance(base, type) and issubclass(base, Task)):
+        raise TypeError(f"task option 'base' must subclass celery_taskengine.Task, got {base!r}")
+    return bind
 
 
 #: Celery's name for the same decorator: ``@task`` without ``app=`` already behaves like it.

@@ -18,7 +18,8 @@ from celery import Celery
 from celery.signals import worker_init
 from kombu.utils.url import maybe_sanitize_url
 
-from celery_taskengine._store.selection import configured_store_url, store_for_app
+from celery_taskengine._store.selection import store_for_app
+from celery_taskengine._store.settings import configured_store_url
 from celery_taskengine.errors import ConfigurationError, StoreUnavailableError
 
 __all__ = ["check_worker_store"]

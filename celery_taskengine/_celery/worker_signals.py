@@ -15,24 +15,39 @@ Celery sends these signals in the same thread, at the same points of its trace:
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from typing import Any
 
 from celery.signals import task_postrun, task_prerun, task_retry
 
-__all__: list[str] = []
+__all__ = ["mark_delivery", "take_delivery"]
+
+#: The engine task Celery's worker is about to call for a message, in this thread or task.
+_delivery: ContextVar[Any] = ContextVar("taskengine_delivery", default=None)
+
+
+def mark_delivery(task: Any) -> None:
+    """Celery is about to call ``task`` for a message: that call is bridged to the engine; a
+    plain ``t(...)`` made inside another task's body still runs locally."""
+    _delivery.set(task)
+
+
+def take_delivery(task: Any) -> bool:
+    """Whether this call of ``task`` is the one Celery's worker makes for a message (then the
+    mark is cleared: calls the body makes are local)."""
+    if _delivery.get() is not task:
+        return False
+    _delivery.set(None)
+    return True
 
 
 def _engine_task(sender: Any) -> Any:
-    from celery_taskengine._celery.task import Task
-
-    return sender if isinstance(sender, Task) else None
+    return sender if getattr(sender, "engine_options", None) is not None else None
 
 
 def _on_prerun(sender: Any = None, **_: Any) -> None:
     task = _engine_task(sender)
     if task is not None:
-        from celery_taskengine._celery.task import mark_delivery
-
         mark_delivery(task)
 
 

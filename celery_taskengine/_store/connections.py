@@ -20,7 +20,7 @@ from typing import Any
 
 import redis
 
-__all__ = ["DEFAULT_MAX_CONNECTIONS", "EnginePool"]
+__all__ = ["DEFAULT_MAX_CONNECTIONS", "EnginePool", "side_client"]
 
 logger = logging.getLogger(__name__)
 
@@ -102,3 +102,17 @@ def _start_afresh_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_start_afresh_in_child)
+
+
+def side_client(client: redis.Redis) -> redis.Redis:
+    """A client to ``client``'s server on connections of its own, for background threads.
+
+    A worker's task thread writes run records on the pool's idle connection without checking
+    it out (see redis_oneway's piggyback), so no other thread may take connections from that
+    pool.
+    """
+    pool = client.connection_pool
+    own = redis.BlockingConnectionPool(  # type: ignore[no-untyped-call]  # bounded: one renewer
+        connection_class=pool.connection_class, max_connections=2, **pool.connection_kwargs
+    )
+    return redis.Redis(connection_pool=own)

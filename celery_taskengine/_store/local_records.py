@@ -7,13 +7,13 @@ the live run object is kept in this process's memory store, where same-process r
 once, and its document is written to Redis at the states other processes care about (the first
 Running, AwaitingRetry, and the final state) behind the caller: the flusher thread
 (:mod:`~._store.local_flush`) comes within ``WRITE_BEHIND_SECONDS``, or
-:func:`flush_run_records` does, and sends every record held then in one script call
+:func:`flush_local_records` does, and sends every record held then in one script call
 (:mod:`~._store.record_batch`) on a connection the recorder keeps (from the store's engine pool).
 
 Every write's reply is read, by the flusher, not the caller: a write counts as made only when
 Redis answered it. An error reply (OOM, NOPERM, READONLY) loses that run's record, and so does
 an outage longer than Celery would wait out; either way the run id is logged and the next
-:func:`flush_run_records` returns a false :class:`~._store.local_flush.FlushResult` naming it.
+:func:`flush_local_records` returns a false :class:`~._store.local_flush.FlushResult` naming it.
 A process killed with SIGKILL loses the records of the runs that ended in its last 10 ms or so;
 normal exits flush, also a ``multiprocessing`` child's.
 """
@@ -51,11 +51,9 @@ from celery_taskengine._store.wire import (
 from celery_taskengine.states import State, StateType
 
 if TYPE_CHECKING:
-    from celery import Celery
-
     from celery_taskengine._store.redis_store import RedisStore
 
-__all__ = ["FlushResult", "LocalRunRecorder", "flush_run_records", "recorder_for"]
+__all__ = ["FlushResult", "LocalRunRecorder", "flush_local_records", "recorder_for"]
 
 logger = logging.getLogger(__name__)
 
@@ -378,22 +376,17 @@ def recorder_for(store: RedisStore) -> LocalRunRecorder:
     return recorder
 
 
-def flush_run_records(
-    app: Celery | None = None, timeout: float = FLUSH_TIMEOUT_SECONDS
+def flush_local_records(
+    store: object | None = None, timeout: float = FLUSH_TIMEOUT_SECONDS
 ) -> FlushResult:
-    """Send this process's held local run records (only ``app``'s, if given) and wait until
+    """Send this process's held local run records (only ``store``'s, if given) and wait until
     Redis answered them: before handing a run id to a process that must see it at once. False
     when a record did not reach Redis within ``timeout`` or was refused; ``lost_runs`` names them.
     """
-    if app is not None:
-        from celery_taskengine._store.redis_store import RedisStore
-        from celery_taskengine._store.selection import store_for_app
-
-        store = store_for_app(app)
-        recorder = _recorders.get(store) if isinstance(store, RedisStore) else None
-        recorders: list[Recorder] = [recorder] if recorder is not None else []
-    else:
-        recorders = _all_recorders()
+    recorders = _all_recorders()
+    if store is not None:
+        with _registry_lock:
+            recorders = [r for held, r in list(_recorders.items()) if held is store]
     deadline = time.monotonic() + timeout
     return FlushResult.combine(
         recorder.flush(max(0.0, deadline - time.monotonic())) for recorder in recorders

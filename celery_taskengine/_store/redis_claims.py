@@ -25,6 +25,7 @@ from celery_taskengine._store.claims import (
     Claim,
     claim_or_wait,
 )
+from celery_taskengine._store.connections import side_client
 from celery_taskengine._store.retrying import Patience
 from celery_taskengine.errors import StoreUnavailableError
 
@@ -66,8 +67,6 @@ class ClaimStore:
         delivery holds it. On connections of its own: called from the renewer's thread."""
         renew = self._claim_renew
         if renew is None:  # on connections of its own: made by the first renewal
-            from celery_taskengine._store.redis_store import side_client
-
             renew = self._claim_renew = side_client(self.client).register_script(RENEW_LUA)
         args = [claim.token, claim.ttl_ms, claim.done_value]
         store: Any = self

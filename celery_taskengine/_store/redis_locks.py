@@ -12,6 +12,7 @@ from typing import Any
 
 import redis
 
+from celery_taskengine._store.connections import side_client
 from celery_taskengine._store.retrying import Patience
 
 __all__ = ["RELEASE_LUA", "RedisLocks", "milliseconds"]
@@ -68,8 +69,6 @@ class RedisLocks:
         """Extend ``redis_key`` to ``ttl`` seconds from now if it still holds ``holder`` (a
         lock's or a delivery claim's owner). Called from renewer threads: see side_client."""
         if self._renew is None:  # on connections of its own, made by the first renewal
-            from celery_taskengine._store.redis_store import side_client
-
             self._renew = side_client(self.client).register_script(_RENEW_LUA)
         return bool(self._renew(keys=[redis_key], args=[holder, milliseconds(ttl)]))
 

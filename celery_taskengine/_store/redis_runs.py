@@ -45,6 +45,16 @@ class RedisRuns:
     def save_run(self, run: TaskRun) -> None:
         """Write the run's JSON document, living ``run_expires`` seconds, and index it (one
         round trip)."""
+        self._save_run(run, None)
+
+    def save_run_with_task_meta(
+        self, run: TaskRun, meta_key: str, meta: bytes | str, meta_px: int | None
+    ) -> None:
+        """The run record and Celery's task meta for it in one round trip: for a backend that
+        talks to Redis through this store's client (see :meth:`rides_with`)."""
+        self._save_run(run, (meta_key, meta, meta_px))
+
+    def _save_run(self, run: TaskRun, meta: tuple[str, bytes | str, int | None] | None) -> None:
         document = encode_run(run)
         ms = px(self.run_expires)
         redis_key = self.key_for("run", run.id)
@@ -54,6 +64,8 @@ class RedisRuns:
             pipe = self.client.pipeline(transaction=False)
             pipe.set(redis_key, document, px=None if ms == "0" else int(ms))
             self._index_script(keys=keys, args=args, client=pipe)
+            if meta is not None:
+                pipe.set(meta[0], meta[1], px=meta[2])
             pipe.execute()
 
         self.call(save, "saving its run", run.id)

@@ -47,6 +47,11 @@ from celery_taskengine._store.retrying import (
     patience_from_policy,
 )
 from celery_taskengine._store.run_index import INDEX_LUA, RunIndex
+from celery_taskengine._store.settings import (
+    DEFAULT_NAMESPACE,
+    DEFAULT_RUN_EXPIRES,
+    run_expiry_seconds,
+)
 from celery_taskengine.errors import (
     ConfigurationError,
     StorePermissionError,
@@ -62,29 +67,11 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-DEFAULT_NAMESPACE = "default"
-#: Seconds a run record lives when the app gives no ``result_expires`` (Celery's default, 1 day).
-DEFAULT_RUN_EXPIRES = 86_400.0
-
 Kind = Literal["cache", "lock", "run", "items", "claim", "revoked"]
 
 _SCAN_BATCH = 500
 #: A cache read's failures that the store's own handling turns into its errors.
 _READ_AGAIN: tuple[type[Exception], ...] = (*OUTAGE_ERRORS, redis.exceptions.NoPermissionError)
-
-
-def side_client(client: redis.Redis) -> redis.Redis:
-    """A client to ``client``'s server on connections of its own, for background threads.
-
-    A worker's task thread writes run records on the pool's idle connection without checking
-    it out (see redis_oneway's piggyback), so no other thread may take connections from that
-    pool.
-    """
-    pool = client.connection_pool
-    own = redis.BlockingConnectionPool(  # type: ignore[no-untyped-call]  # bounded: one renewer
-        connection_class=pool.connection_class, max_connections=2, **pool.connection_kwargs
-    )
-    return redis.Redis(connection_pool=own)
 
 
 class RedisStore(ClaimStore, RedisLocks, RedisRuns, RedisStreams):
@@ -307,14 +294,6 @@ def _max_connections(setting: Any) -> int:
             f"taskengine_store_max_connections must be an int >= 0, got {setting!r}"
         )
     return setting
-
-
-def run_expiry_seconds(expires: Any) -> float | None:
-    """``result_expires`` in seconds: a timedelta or a number; ``None`` or 0 means never."""
-    if expires is None:
-        return None
-    seconds = expires.total_seconds() if isinstance(expires, timedelta) else float(expires)
-    return seconds if seconds > 0 else None
 
 
 def _px_or_delete(expires_in: float | None) -> str:

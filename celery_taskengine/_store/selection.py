@@ -12,13 +12,18 @@ from kombu.utils.url import maybe_sanitize_url
 from celery_taskengine._store import memory
 from celery_taskengine._store.cache_codec import accept_for_app
 from celery_taskengine._store.protocol import ResultStore
-from celery_taskengine._store.redis_store import DEFAULT_NAMESPACE, RedisStore, run_expiry_seconds
+from celery_taskengine._store.redis_store import RedisStore
+from celery_taskengine._store.settings import (
+    DEFAULT_NAMESPACE,
+    configured_store_url,
+    run_expiry_seconds,
+)
 from celery_taskengine.errors import ConfigurationError
 
 if TYPE_CHECKING:
     from celery import Celery
 
-__all__ = ["configured_store_url", "store_for_app"]
+__all__ = ["store_for_app"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,17 +55,6 @@ def store_for_app(app: Celery | None) -> ResultStore:
         store = memory.default_memory_store()
     app._taskengine_store = store
     return store
-
-
-def configured_store_url(app: Celery) -> str | None:
-    """The app's ``taskengine_store`` setting (``CELERY_TASKENGINE_STORE`` under Django's
-    settings namespace), or ``None`` when the store follows the result backend."""
-    setting = app.conf.get("taskengine_store")
-    if setting is None or setting == "":
-        return None
-    if not isinstance(setting, str):
-        raise ConfigurationError(f"taskengine_store must be a URL string, got {setting!r}")
-    return setting
 
 
 def _store_from_url(app: Celery, url: str) -> ResultStore:

@@ -28,9 +28,9 @@ from celery_taskengine._engine.task_run import TaskRun, run_from_document
 from celery_taskengine._store import sql_schema as schema
 from celery_taskengine._store.cache_codec import decode_record, encode_record, normalize_accept
 from celery_taskengine._store.protocol import LocalRecorder, ResultRecord
-from celery_taskengine._store.redis_store import DEFAULT_NAMESPACE, DEFAULT_RUN_EXPIRES
 from celery_taskengine._store.run_document import encode_run
 from celery_taskengine._store.run_filters import short_task_name, squash
+from celery_taskengine._store.settings import DEFAULT_NAMESPACE, DEFAULT_RUN_EXPIRES
 from celery_taskengine._store.sql_claims import SqlClaims
 from celery_taskengine._store.sql_early_read import SqlEarlyRead, sends_early
 from celery_taskengine._store.sql_locks import SqlLocks

@@ -11,7 +11,7 @@ from sqlalchemy import Connection, select
 
 from celery_taskengine._store import sql_schema as schema
 from celery_taskengine._store.protocol import ItemBatch
-from celery_taskengine._store.redis_store import DEFAULT_RUN_EXPIRES
+from celery_taskengine._store.settings import DEFAULT_RUN_EXPIRES
 from celery_taskengine._store.sql_support import reconnecting
 
 __all__ = ["SqlStreams"]

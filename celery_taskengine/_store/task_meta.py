@@ -149,27 +149,15 @@ def save_run_with_meta(
 
     Used for runs answered at send time; Celery's result readers see ``status`` and ``result``.
     """
-    from celery_taskengine._store.redis_store import RedisStore
-
     backend = app.backend
-    if not isinstance(store, RedisStore) or getattr(backend, "client", None) is not store.client:
+    save_with_meta = getattr(store, "save_run_with_task_meta", None)
+    if save_with_meta is None or not store.rides_with(backend):
         store.save_run(run)  # the run record, then Celery's result through Celery
         if not isinstance(backend, RPCBackend):  # rpc:// answers only the caller, who has it
             backend.store_result(run.id, result, status)
         return
     meta = backend.encode(_meta(run.id, status, result, date_done=utcnow().isoformat()))
-    meta_key, meta_px = backend.get_key_for_task(run.id), _px_int(backend.expires)
-    document = _ENCODER.encode(run.to_document())
-    keys, args = store.index_keys_and_args(run)
-
-    def save() -> None:
-        pipe = store.client.pipeline(transaction=False)
-        pipe.set(store.key_for("run", run.id), document, px=_px_int(store.run_expires))
-        store._index_script(keys=keys, args=args, client=pipe)
-        pipe.set(meta_key, meta, px=meta_px)
-        pipe.execute()
-
-    store.call(save, "saving a run answered at send time", run.id)
+    save_with_meta(run, backend.get_key_for_task(run.id), meta, _px_int(backend.expires))
 
 
 def _meta(

@@ -13,7 +13,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from celery_taskengine._engine.observers import RunObserver, StateWrites
-from celery_taskengine._store.selection import configured_store_url
+from celery_taskengine._store.settings import configured_store_url
 from celery_taskengine._store.task_meta import (
     SET_META_LUA,
     celery_status,

@@ -18,7 +18,6 @@ with status 1; usage errors exit with 2, as argparse does.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -26,7 +25,6 @@ from datetime import datetime, timezone
 from typing import Any
 
 from celery import Celery
-from celery.app.utils import find_app
 from kombu.utils.url import maybe_sanitize_url
 
 from celery_taskengine import __version__
@@ -34,6 +32,7 @@ from celery_taskengine._engine.task_run import TaskRun
 from celery_taskengine._store.protocol import ResultRecord, ResultStore
 from celery_taskengine._store.run_filters import task_matches
 from celery_taskengine._store.selection import store_for_app
+from celery_taskengine._tools.cli_app import APP_ENV_VAR, CommandError, load_app
 from celery_taskengine._tools.cli_store import add_store_commands
 from celery_taskengine._tools.timeline import format_duration, format_timeline
 from celery_taskengine.errors import StoreUnavailableError
@@ -41,14 +40,8 @@ from celery_taskengine.states import StateType
 
 __all__ = ["APP_ENV_VAR", "CommandError", "build_parser", "main"]
 
-#: The environment variable naming the app when ``-A`` is not given.
-APP_ENV_VAR = "CELERY_TASKENGINE_APP"
 #: How many runs ``runs ls`` shows unless told otherwise.
 DEFAULT_LIMIT = 20
-
-
-class CommandError(Exception):
-    """A failure the user can act on: printed as one line, exit status 1."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -168,28 +161,6 @@ def _with_store(
             return command(store, args)
 
     return handler
-
-
-def load_app(spec: str | None) -> Celery:
-    """The Celery app named by ``spec`` (else ``$CELERY_TASKENGINE_APP``), found as ``celery -A``.
-
-    Raises :class:`CommandError` when no app is named or it cannot be loaded.
-    """
-    spec = spec or os.environ.get(APP_ENV_VAR)
-    if not spec:
-        raise CommandError(
-            f"no Celery app given: pass -A/--app (e.g. -A proj or -A proj.celery:app) "
-            f"or set {APP_ENV_VAR}"
-        )
-    try:
-        app = find_app(spec)
-    except Exception as exc:  # an import runs user code: anything may come out of it
-        raise CommandError(
-            f"cannot load the Celery app {spec!r}: {type(exc).__name__}: {exc}"
-        ) from exc
-    if not isinstance(app, Celery):
-        raise CommandError(f"{spec!r} is a {type(app).__name__}, not a Celery app")
-    return app
 
 
 def open_store(app: Celery) -> ResultStore:

@@ -29,7 +29,7 @@ def add_store_commands(commands: Any, add_app_option: Any) -> None:
 
 def _init(args: argparse.Namespace) -> int:
     from celery_taskengine._store.selection import store_for_app
-    from celery_taskengine._tools.cli import CommandError, load_app
+    from celery_taskengine._tools.cli_app import CommandError, load_app
     from celery_taskengine.errors import TaskEngineError
 
     try:
