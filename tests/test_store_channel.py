@@ -9,18 +9,14 @@ swallowed (4); the connections the engine keeps never come from Celery's capped 
 
 from __future__ import annotations
 
-import contextlib
-import faulthandler
 import json
 import logging
-import multiprocessing
-import os
-import signal
-import tempfile
+import subprocess
+import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -228,52 +224,21 @@ def test_cache_hits_from_four_threads_leave_a_capped_backend_pool_to_celery(
 # -- break 8: multiprocessing children --------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _stacks_of_hung_children() -> Iterator[Callable[[list[Any]], str]]:
-    """``dump(alive)``: every thread's stack of each child still alive (faulthandler on
-    SIGUSR1, inherited at fork), then the child killed: a hang says where it waits."""
-    with tempfile.TemporaryFile("w+") as out:
-        faulthandler.register(signal.SIGUSR1, file=out, all_threads=True)
-
-        def dump(alive: list[Any]) -> str:
-            for process in alive:
-                os.kill(process.pid, signal.SIGUSR1)
-            time.sleep(1.0)
-            for process in alive:
-                process.kill()
-            out.seek(0)
-            return out.read()
-
-        try:
-            yield dump
-        finally:
-            faulthandler.unregister(signal.SIGUSR1)
-
-
-@pytest.mark.xfail(
-    reason="open: passes alone and with its own module, but in the whole suite the forked "
-    "children hang at exit (the exit flush goes over every recorder earlier tests left, "
-    "some on servers that are gone); not yet diagnosed",
-    strict=False,
-)
 def test_local_runs_of_multiprocessing_children_reach_redis(
     redis_app: Any, redis_client: redis.Redis
 ) -> None:
-    t = task(app=redis_app, name="channel.child")(lambda x: x)
     run_ids = [f"child-{n}-{uuid.uuid4().hex}" for n in range(10)]
-    context = multiprocessing.get_context("fork")
-
-    def child(run_id: str) -> None:
-        run_task_sync(t, run_id, parameters={"x": 1})  # then exits through os._exit
-
-    children = [context.Process(target=child, args=(run_id,)) for run_id in run_ids]
-    with _stacks_of_hung_children() as dump:
-        for process in children:
-            process.start()
-        for process in children:
-            process.join(30)
-        stuck = dump([process for process in children if process.is_alive()])
-    assert [process.exitcode for process in children] == [0] * 10, stuck
+    script = [sys.executable, "-m", "tests.multiprocessing_children"]
+    urls = [redis_app.conf.broker_url, redis_app.conf.result_backend]
+    done = subprocess.run(
+        [*script, *urls, *run_ids],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1]) == [0] * 10, done.stderr
 
     deadline = time.monotonic() + PATIENCE_SECONDS
     while time.monotonic() < deadline:
