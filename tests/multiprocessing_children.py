@@ -1,10 +1,12 @@
 """A script that makes local runs in fork-started ``multiprocessing`` children, as a user's
-program would: ``python -m tests.multiprocessing_children BROKER BACKEND RUN_ID...``.
+program would: ``python -m tests.multiprocessing_children SETTINGS_JSON RUN_ID...``.
 
-Each child makes one local run with the given id and returns, so ``multiprocessing`` ends it
-through ``os._exit`` (no ``atexit``). Prints the children's exit codes as JSON. Run in a fresh
-interpreter: a test process holds kombu connections earlier tests left, and kombu closes those
-in every forked child (a consumer's channel waits there on a reply that never comes).
+The app is ``Celery(...)`` with ``SETTINGS_JSON`` as its configuration (broker and backend,
+or ``taskengine_store``). Each child makes one local run with the given id and returns, so
+``multiprocessing`` ends it through ``os._exit`` (no ``atexit``). Prints the children's exit
+codes as JSON. Run in a fresh interpreter: a test process holds kombu connections earlier
+tests left, and kombu closes those in every forked child (a consumer's channel waits there on
+a reply that never comes), which says nothing about the engine.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ from celery_taskengine import task
 from celery_taskengine.task_engine import run_task_sync
 
 
-def main(broker: str, backend: str, run_ids: list[str]) -> int:
-    app = Celery("children", broker=broker, backend=backend, set_as_current=False)
+def main(settings: dict[str, object], run_ids: list[str]) -> int:
+    app = Celery("children", set_as_current=False)
     app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"])
-    echo = task(app=app, name="channel.child")(lambda x: x)
+    app.conf.update(settings)
+    echo = task(app=app, name="children.echo")(lambda x: x)
 
     def child(run_id: str) -> None:
         run_task_sync(echo, run_id, parameters={"x": 1})  # then exits through os._exit
@@ -39,5 +42,23 @@ def main(broker: str, backend: str, run_ids: list[str]) -> int:
     return 0
 
 
+def run_children(settings: dict[str, object], run_ids: list[str]) -> list[int | None]:
+    """Run this script in a fresh interpreter; the children's exit codes."""
+    import subprocess
+    from pathlib import Path
+
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.multiprocessing_children", json.dumps(settings), *run_ids],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    codes: list[int | None] = json.loads(done.stdout.splitlines()[-1])
+    assert codes == [0] * len(run_ids), done.stderr
+    return codes
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], sys.argv[2], sys.argv[3:]))
+    sys.exit(main(json.loads(sys.argv[1]), sys.argv[2:]))

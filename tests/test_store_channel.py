@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -33,6 +31,7 @@ from celery_taskengine.cache_policies import INPUTS
 from celery_taskengine.errors import StoreUnavailableError
 from celery_taskengine.states import Completed, Pending, Running
 from celery_taskengine.task_engine import run_task_sync
+from tests.multiprocessing_children import run_children
 from tests.reliability.harness import RedisServer, redis_server
 
 #: How long a test waits for a record written behind (about 10 ms is expected).
@@ -228,17 +227,11 @@ def test_local_runs_of_multiprocessing_children_reach_redis(
     redis_app: Any, redis_client: redis.Redis
 ) -> None:
     run_ids = [f"child-{n}-{uuid.uuid4().hex}" for n in range(10)]
-    script = [sys.executable, "-m", "tests.multiprocessing_children"]
-    urls = [redis_app.conf.broker_url, redis_app.conf.result_backend]
-    done = subprocess.run(
-        [*script, *urls, *run_ids],
-        cwd=Path(__file__).resolve().parents[1],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout.splitlines()[-1]) == [0] * 10, done.stderr
+    urls = {
+        "broker_url": redis_app.conf.broker_url,
+        "result_backend": redis_app.conf.result_backend,
+    }
+    run_children(urls, run_ids)
 
     deadline = time.monotonic() + PATIENCE_SECONDS
     while time.monotonic() < deadline:

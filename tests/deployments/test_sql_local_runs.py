@@ -4,12 +4,10 @@ confirmed by ``flush_run_records()``, refusals reported by run id (real PostgreS
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import subprocess
 import sys
 import uuid
 from pathlib import Path
-from typing import Any
 
 import pytest
 from celery import Celery
@@ -18,6 +16,7 @@ from celery_taskengine import flush_run_records, get_task_run, task
 from celery_taskengine._store.selection import store_for_app
 from celery_taskengine.cache_policies import INPUTS
 from celery_taskengine.task_engine import run_task_sync
+from tests.multiprocessing_children import run_children
 from tests.test_store_contract import POSTGRES_URL, _sql_store
 
 pytestmark = pytest.mark.timeout(120)
@@ -74,30 +73,10 @@ print(get_task_run({run_id!r}, app=app).history_names())
     assert out == ["Cached", "['Pending', 'Running', 'Completed']"]
 
 
-def _run_in_child(url: str, namespace: str, queue: Any) -> None:
-    app = _app(url, namespace)
-
-    @task(app=app, name="sql.child")
-    def child() -> str:
-        return "done"
-
-    run_id = uuid.uuid4().hex
-    run_task_sync(child, run_id, return_type="state")
-    queue.put(run_id)
-
-
 def test_records_of_multiprocessing_children_reach_the_database(store_url: str) -> None:
     namespace = f"n{uuid.uuid4().hex[:10]}"
-    context = multiprocessing.get_context("fork")
-    queue = context.Queue()
-    procs = [
-        context.Process(target=_run_in_child, args=(store_url, namespace, queue)) for _ in range(5)
-    ]
-    for proc in procs:
-        proc.start()
-    run_ids = [queue.get(timeout=30) for _ in procs]
-    for proc in procs:
-        proc.join(timeout=30)
+    run_ids = [uuid.uuid4().hex for _ in range(5)]
+    run_children({"taskengine_store": store_url, "taskengine_namespace": namespace}, run_ids)
 
     app = _app(store_url, namespace)
     store = store_for_app(app)
