@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from celery import Celery
+from celery.exceptions import TimeoutError as NoResultInTime
 
 from celery_taskengine._celery.producer import CachedResult
 from tests.reliability.harness import counter, history_problems, load_run
@@ -54,7 +55,12 @@ def check_committed_once(
     """
     figures = CommitFigures(runs=len(runs))
     for key, sleep, result in runs:
-        value = result.get(timeout=timeout)
+        try:
+            value = result.get(timeout=timeout)
+        except NoResultInTime as exc:
+            raise AssertionError(
+                f"{key}: no result in {timeout:.0f} s; {stuck(app, key, result)}"
+            ) from exc
         run = load_run(app, result.id)
         problems = history_problems(run, result.id)
         if run is None:
@@ -92,3 +98,13 @@ def check_committed_once(
         figures.uncommitted_executions += executions - 1
         figures.cached_after_crash += names[-1] == "Cached"
     return figures
+
+
+def stuck(app: Celery, key: str, result: Any) -> str:
+    """What a run without a result shows: its record, Celery's meta, how often its body ran."""
+    run = load_run(app, result.id)
+    history = run.history_names() if run is not None else None
+    meta = app.backend.get_task_meta(result.id)
+    shown = {name: meta.get(name) for name in ("status", "result", "retries")}
+    executions = counter(app, f"exec:{key}")
+    return f"run {result.id}: record {history}, Celery's meta {shown}, {executions} executions"
