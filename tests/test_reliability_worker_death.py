@@ -45,6 +45,9 @@ CHILD_KILL_RUNS = 100
 MAX_CHILD_KILLS = 80
 WORKER_KILL_RUNS = 30
 WORKER_KILL_ROUNDS = 8
+#: Messages kombu's Redis transport may lose to a whole-worker SIGKILL before any worker
+#: received them (see checks.CommitFigures.lost_by_broker), of WORKER_KILL_RUNS: seen 1.
+MAX_LOST_BY_BROKER = 2
 #: Bound on waiting for a run's result (kills and restarts included).
 RESULT_TIMEOUT = 90.0
 
@@ -119,9 +122,11 @@ def test_runs_whose_whole_worker_is_sigkilled_continue_after_a_restart_and_commi
             time.sleep(rng.uniform(0.0, 0.4))
             worker.kill()
             worker.start()
-        # Then: every run ends, continued after its crash, with one committed result.
-        figures = check_committed_once(app, tasks, runs, RESULT_TIMEOUT)
+        # Then: every run ends, continued after its crash, with one committed result (a
+        # message the broker lost before any worker received it is counted, see checks).
+        figures = check_committed_once(app, tasks, runs, RESULT_TIMEOUT, [worker.log])
 
     print(f"\nwhole-worker kills={worker.starts - 1} {figures.summary()}")
     assert not figures.problems, "\n".join(figures.problems)
+    assert len(figures.lost_by_broker) <= MAX_LOST_BY_BROKER, figures.summary()
     assert figures.crashed_runs > 0, "no kill landed in a run: nothing proven"
