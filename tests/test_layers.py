@@ -80,18 +80,22 @@ def imported_modules(path: Path) -> Iterator[tuple[int, str]]:
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     package = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts[:-1])
     for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            for alias in node.names:
-                yield node.lineno, alias.name
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join([*parent, base] if base else parent)
-            yield node.lineno, base
-            # ``from celery_taskengine import task`` imports the module ``task``, too.
-            for alias in node.names:
-                yield node.lineno, f"{base}.{alias.name}"
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            yield from names_of_import(node, package)
+
+
+def names_of_import(node: ast.Import | ast.ImportFrom, package: str) -> Iterator[tuple[int, str]]:
+    """``(line, dotted name)`` of what one import statement in ``package`` names; ``from
+    celery_taskengine import task`` names the module ``task``, too."""
+    if isinstance(node, ast.Import):
+        yield from ((node.lineno, alias.name) for alias in node.names)
+        return
+    base = node.module or ""
+    if node.level:
+        parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+        base = ".".join([*parent, base] if base else parent)
+    yield node.lineno, base
+    yield from ((node.lineno, f"{base}.{alias.name}") for alias in node.names)
 
 
 def redis_importers() -> dict[str, list[str]]:
@@ -211,15 +215,8 @@ def import_time_modules(path: Path) -> Iterator[tuple[int, str]]:
                 pending.extend(getattr(node, block, []))
         elif isinstance(node, ast.ExceptHandler):
             pending.extend(node.body)
-        elif isinstance(node, ast.Import):
-            yield from ((node.lineno, alias.name) for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join([*parent, base] if base else parent)
-            yield node.lineno, base
-            yield from ((node.lineno, f"{base}.{alias.name}") for alias in node.names)
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            yield from names_of_import(node, package)
 
 
 def module_path(name: str) -> Path | None:
@@ -284,15 +281,8 @@ def runnable_imports(path: Path) -> Iterator[tuple[int, str]]:
         if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
             pending.extend(node.orelse)
             continue
-        if isinstance(node, ast.Import):
-            yield from ((node.lineno, alias.name) for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join([*parent, base] if base else parent)
-            yield node.lineno, base
-            yield from ((node.lineno, f"{base}.{alias.name}") for alias in node.names)
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            yield from names_of_import(node, package)
         pending.extend(ast.iter_child_nodes(node))
 
 
