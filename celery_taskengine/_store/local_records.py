@@ -383,10 +383,8 @@ def flush_local_records(
     Redis answered them: before handing a run id to a process that must see it at once. False
     when a record did not reach Redis within ``timeout`` or was refused; ``lost_runs`` names them.
     """
-    recorders = _all_recorders()
-    if store is not None:
-        with _registry_lock:
-            recorders = [r for held, r in list(_recorders.items()) if held is store]
+    with _registry_lock:
+        recorders = [r for held, r in _recorders.items() if store is None or held is store]
     deadline = time.monotonic() + timeout
     return FlushResult.combine(
         recorder.flush(max(0.0, deadline - time.monotonic())) for recorder in recorders

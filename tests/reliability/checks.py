@@ -73,11 +73,16 @@ def check_committed_once(
         try:
             value = result.get(timeout=timeout)
         except NoResultInTime as exc:
-            if never_received(app, key, result.id, worker_logs):
+            run, executions = load_run(app, result.id), counter(app, f"exec:{key}")
+            if run is None and not executions and never_received(result.id, worker_logs):
                 figures.lost_by_broker.append(result.id)
                 continue
+            history = run.history_names() if run is not None else None
+            meta = app.backend.get_task_meta(result.id)
+            shown = {name: meta.get(name) for name in ("status", "result", "retries")}
             raise AssertionError(
-                f"{key}: no result in {timeout:.0f} s; {stuck(app, key, result)}"
+                f"{key}: no result in {timeout:.0f} s; run {result.id}: record {history}, "
+                f"Celery's meta {shown}, {executions} executions"
             ) from exc
         run = load_run(app, result.id)
         problems = history_problems(run, result.id)
@@ -118,20 +123,9 @@ def check_committed_once(
     return figures
 
 
-def never_received(app: Celery, key: str, run_id: str, worker_logs: Sequence[Path]) -> bool:
+def never_received(run_id: str, worker_logs: Sequence[Path]) -> bool:
     """Whether no worker ever received ``run_id``'s message: no worker log names it (Celery
-    logs each message it receives at INFO, once kombu recorded it as unacknowledged), no body
-    ran, no record was written."""
-    if not worker_logs or counter(app, f"exec:{key}") or load_run(app, run_id) is not None:
-        return False
-    return not any(run_id in log.read_text(errors="replace") for log in worker_logs)
-
-
-def stuck(app: Celery, key: str, result: Any) -> str:
-    """What a run without a result shows: its record, Celery's meta, how often its body ran."""
-    run = load_run(app, result.id)
-    history = run.history_names() if run is not None else None
-    meta = app.backend.get_task_meta(result.id)
-    shown = {name: meta.get(name) for name in ("status", "result", "retries")}
-    executions = counter(app, f"exec:{key}")
-    return f"run {result.id}: record {history}, Celery's meta {shown}, {executions} executions"
+    logs each message it receives at INFO, once kombu recorded it as unacknowledged)."""
+    return bool(worker_logs) and not any(
+        run_id in log.read_text(errors="replace") for log in worker_logs
+    )
