@@ -28,9 +28,10 @@ class CommitFigures:
     #: Runs that ended Cached: their result had been committed by an attempt that was killed
     #: after the commit, and the continuing delivery read it back instead of running again.
     cached_after_crash: int = 0
-    #: Runs whose message no worker ever received: kombu's Redis transport pops a message
-    #: before it records it as unacknowledged, so a SIGKILL in between loses it for plain
-    #: Celery tasks too (celery/celery#7950, celery/kombu#305); no engine code saw them.
+    #: Runs whose message no worker received again after the last kill: kombu's Redis
+    #: transport pops a message before it records it as unacknowledged, so a SIGKILL in
+    #: between loses it for plain Celery tasks too (celery/celery#7950, celery/kombu#305);
+    #: the first delivery or a redelivery after a crash, no engine code saw the lost copy.
     lost_by_broker: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
@@ -54,8 +55,9 @@ def check_committed_once(
     """Check every ``(key, sleep, AsyncResult)`` of ``rel.work``; collect what is wrong.
 
     A run without a result in ``timeout`` is a problem, unless ``worker_logs`` (given where
-    whole workers are SIGKILLed on a Redis broker) show its message never reached a worker:
-    then it is counted in ``lost_by_broker``.
+    whole workers are SIGKILLed on a Redis broker) show that no worker received its message
+    after the last execution started (every receipt started a body, so the copy restored after
+    the last kill never reached a worker): then it is counted in ``lost_by_broker``.
 
     For each run, with ``exec`` the number of times its body started:
 
@@ -74,7 +76,7 @@ def check_committed_once(
             value = result.get(timeout=timeout)
         except NoResultInTime as exc:
             run, executions = load_run(app, result.id), counter(app, f"exec:{key}")
-            if run is None and not executions and never_received(result.id, worker_logs):
+            if worker_logs and receipts(result.id, worker_logs) <= executions:
                 figures.lost_by_broker.append(result.id)
                 continue
             history = run.history_names() if run is not None else None
@@ -123,9 +125,13 @@ def check_committed_once(
     return figures
 
 
-def never_received(run_id: str, worker_logs: Sequence[Path]) -> bool:
-    """Whether no worker ever received ``run_id``'s message: no worker log names it (Celery
-    logs each message it receives at INFO, once kombu recorded it as unacknowledged)."""
-    return bool(worker_logs) and not any(
-        run_id in log.read_text(errors="replace") for log in worker_logs
+def receipts(run_id: str, worker_logs: Sequence[Path]) -> int:
+    """How many times workers received ``run_id``'s message: Celery logs each message it
+    receives at INFO (``Task name[id] received``), once kombu recorded it as unacknowledged."""
+    marker = f"[{run_id}] received"
+    return sum(
+        1
+        for log in worker_logs
+        for line in log.read_text(errors="replace").splitlines()
+        if marker in line
     )
