@@ -50,6 +50,7 @@ from typing import Any, Protocol
 import redis
 
 from celery_taskengine._store.retrying import patience_from_policy
+from celery_taskengine._store.run_index import INDEX_FN, index_call
 from celery_taskengine.errors import StorePermissionError, StoreUnavailableError
 
 __all__ = [
@@ -89,7 +90,7 @@ local function put(key, value, px)
 end
 """
 #: KEYS: claim, run. ARGV: token, ttl ms, document, run px, done value ('' keeps the claim),
-#: done px.
+#: done px. (RECORD_INDEXED_LUA: then the index's KEYS and ARGV.)
 RECORD_LUA = (
     _FENCE
     + """
@@ -97,6 +98,17 @@ put(KEYS[2], ARGV[3], ARGV[4])
 if ARGV[5] ~= '' then put(KEYS[1], ARGV[5], ARGV[6]) end
 return 1
 """
+)
+#: RECORD_LUA that also indexes the run (see run_index): KEYS and ARGV follow RECORD_LUA's.
+RECORD_INDEXED_LUA = (
+    _FENCE
+    + INDEX_FN
+    + """
+put(KEYS[2], ARGV[3], ARGV[4])
+if ARGV[5] ~= '' then put(KEYS[1], ARGV[5], ARGV[6]) end
+"""
+    + index_call(3, 7)
+    + "return 1\n"
 )
 #: KEYS: claim, cache record. ARGV: token, ttl ms, record, px ('0': none, '-': delete).
 CACHE_LUA = _FENCE + "put(KEYS[2], ARGV[3], ARGV[4])\nreturn 1\n"
@@ -206,12 +218,23 @@ class Claim:
             )
 
     def record_command(
-        self, run_key: str, document: str | bytes, run_px: str, *, settle: bool
+        self,
+        run_key: str,
+        document: str | bytes,
+        run_px: str,
+        *,
+        settle: bool,
+        index: tuple[list[str], list[Any]] | None = None,
     ) -> tuple[Any, ...]:
-        """The fenced write of the run record (and, with ``settle``, of the done marker)."""
+        """The fenced write of the run record (and, with ``settle``, of the done marker), with
+        its run-index entry when given ``index`` (KEYS and ARGV, see run_index)."""
         done = self.done_value if settle else ""
         args = (self.token, self.ttl_ms, document, run_px, done, run_px)
-        return ("EVAL", RECORD_LUA, 2, self.key, run_key, *args)
+        if index is None:
+            return ("EVAL", RECORD_LUA, 2, self.key, run_key, *args)
+        keys, index_args = index
+        script = RECORD_INDEXED_LUA
+        return ("EVAL", script, 2 + len(keys), self.key, run_key, *keys, *args, *index_args)
 
     def confirm(self) -> bool:
         """Whether the claim is still ours, asking Redis (one round trip, which also extends

@@ -9,12 +9,12 @@ of each run's last recorded change (UNIX milliseconds)::
     <prefix>index:state:<type>    the runs last seen in one state type (``failed``, ...)
     <prefix>index:tasks           a set of the task names seen, to resolve short names
 
-Every writer of a run record also runs :data:`INDEX_LUA` (inside its own script, or as a
-command of its own), or, for many runs at once, :mod:`~._store.record_batch`'s script: the run
-is added or moved to the front, and entries older than a run
-record's lifetime are trimmed. A state entry goes stale when its run moves on to another
-state; a listing checks each document it reads and drops the entries that no longer match
-(and those whose record has expired), so stale entries cost a listing once.
+Every writer of a run record also indexes it: inside its own script (:func:`index_call`), with
+:data:`INDEX_LUA` as a command of its own, or, for many runs at once, with
+:mod:`~._store.record_batch`'s script: the run is added or moved to the front, and entries
+older than a run record's lifetime are trimmed. A state entry goes stale when its run moves
+on to another state; a listing checks each document it reads and drops the entries that no
+longer match (and those whose record has expired), so stale entries cost a listing once.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any
 from celery_taskengine._engine.task_run import TaskRun
 from celery_taskengine._store.run_filters import run_matches, short_task_name, squash
 
-__all__ = ["INDEX_LUA", "RunIndex", "list_indexed", "state_types_for"]
+__all__ = ["INDEX_FN", "INDEX_LUA", "RunIndex", "index_call", "list_indexed", "state_types_for"]
 
 #: Adds a run to the index, trims entries older than a run record's lifetime and keeps the
 #: index living as long as its newest run.
@@ -41,12 +41,20 @@ local function index_run(all, task, state, tasks, run_id, score, oldest, ttl, ta
   if ttl ~= '' then redis.call('pexpire', tasks, ttl) end
 end
 """
+
+
+def index_call(first_key: int, first_arg: int) -> str:
+    """The Lua line indexing a run from :meth:`RunIndex.keys`/:meth:`RunIndex.args` placed at
+    ``KEYS[first_key]`` and ``ARGV[first_arg]`` of a run record's own script (which includes
+    :data:`INDEX_FN`): the record and its index entry are then one command."""
+    keys = ", ".join(f"KEYS[{first_key + i}]" for i in range(4))
+    args = ", ".join(f"ARGV[{first_arg + i}]" for i in range(5))
+    return f"index_run({keys}, {args})\n"
+
+
 #: KEYS: all, task, state, tasks. ARGV: run id, score (ms), oldest score kept ('' for none),
 #: ttl ms ('' for none), task name.
-INDEX_LUA = INDEX_FN + (
-    "index_run(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], ARGV[4], "
-    "ARGV[5])\nreturn 1\n"
-)
+INDEX_LUA = INDEX_FN + index_call(1, 1) + "return 1\n"
 #: One index write in this many trims the entries of expired runs.
 TRIM_EVERY = 64
 

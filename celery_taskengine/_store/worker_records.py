@@ -34,7 +34,7 @@ from celery_taskengine._store.claims import Claim
 from celery_taskengine._store.record_channel import RecordChannel
 from celery_taskengine._store.retrying import patience_from_policy
 from celery_taskengine._store.run_document import RunDocument
-from celery_taskengine._store.run_index import INDEX_LUA
+from celery_taskengine._store.run_index import INDEX_FN, index_call
 from celery_taskengine._store.task_meta import px
 from celery_taskengine._store.task_meta_observer import TaskMetaShown
 from celery_taskengine.states import State, StateType
@@ -58,8 +58,10 @@ ORPHAN_PATIENCE_SECONDS = 10.0
 
 #: Saves a run unless its stored record already ended: a crash seen while the worker's main
 #: process records a revoke (``terminate=True`` kills the attempt) must not undo the Cancelled.
-#: KEYS: run. ARGV: document, px ('0' for none).
-_SAVE_UNLESS_ENDED_LUA = """
+#: KEYS: run, then the index's. ARGV: document, px ('0' for none), then the index's.
+_SAVE_UNLESS_ENDED_LUA = (
+    INDEX_FN
+    + """
 local current = redis.call('get', KEYS[1])
 if current then
   local ok, doc = pcall(cjson.decode, current)
@@ -74,8 +76,20 @@ if current then
 end
 if ARGV[2] ~= '0' then redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
 else redis.call('set', KEYS[1], ARGV[1]) end
-return 1
 """
+    + index_call(2, 3)
+    + "return 1\n"
+)
+#: A run record and its index entry, for a delivery without a claim (as _SAVE_UNLESS_ENDED_LUA).
+_SAVE_LUA = (
+    INDEX_FN
+    + """
+if ARGV[2] ~= '0' then redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
+else redis.call('set', KEYS[1], ARGV[1]) end
+"""
+    + index_call(2, 3)
+    + "return 1\n"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,8 +162,7 @@ class RunRecords(RunObserver):
         if self._document is None:
             self._document = RunDocument(run)
         settles = state.is_scheduled() or (state.is_final() and not state.is_crashed())
-        batch.add(self._save_command(state, self._document.encode(run), settles=settles))
-        batch.add(self._index_command(run))
+        batch.add(self._save_command(run, state, self._document.encode(run), settles=settles))
         if state.is_scheduled():
             batch.send = self._send_confirmed  # the retry's delivery reads it
         elif settles:
@@ -200,20 +213,19 @@ class RunRecords(RunObserver):
             self._writer.send(batch.commands)
             self._writer.confirm()
 
-    def _index_command(self, run: TaskRun) -> tuple[Any, ...]:
-        """The run index's update for ``run`` as it is now (see run_index)."""
-        keys, args = self.store.index_keys_and_args(run)
-        return ("EVAL", INDEX_LUA, len(keys), *keys, *args)
-
-    def _save_command(self, state: State, document: str, *, settles: bool) -> tuple[Any, ...]:
-        """The write of the run record: fenced by the claim (and settling it, for an outcome),
-        except a crash's, which never overwrites a run that already ended."""
+    def _save_command(
+        self, run: TaskRun, state: State, document: str, *, settles: bool
+    ) -> tuple[Any, ...]:
+        """The write of the run record with its index entry (see run_index), one script call:
+        fenced by the claim (and settling it, for an outcome), except a crash's, which never
+        overwrites a run that already ended."""
         key, px, claim = self._run_key, self._run_px, self.delivery.claim
-        if state.is_crashed():
-            return ("EVAL", _SAVE_UNLESS_ENDED_LUA, 1, key, document, px)
-        if claim is not None:
-            return claim.record_command(key, document, px, settle=settles)
-        return ("SET", key, document) if px == "0" else ("SET", key, document, "PX", px)
+        index = self.store.index_keys_and_args(run)
+        if claim is not None and not state.is_crashed():
+            return claim.record_command(key, document, px, settle=settles, index=index)
+        script = _SAVE_UNLESS_ENDED_LUA if state.is_crashed() else _SAVE_LUA
+        keys, args = index
+        return ("EVAL", script, 1 + len(keys), key, *keys, document, px, *args)
 
 
 def delivery_observers(app: Celery, store: RedisStore, delivery: Delivery) -> list[RunObserver]:
