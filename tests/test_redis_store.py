@@ -393,6 +393,31 @@ def test_run_records_never_expire_when_celery_results_do_not(
     assert redis_client.pttl(store.key_for("run", "r1")) == -1
 
 
+def test_the_run_index_outlives_its_runs_refreshed_once_per_half_lifetime_per_process(
+    redis_app_factory: Callable[..., Any], redis_client: Any
+) -> None:
+    store = RedisStore.for_app(redis_app_factory(result_expires=timedelta(seconds=2)))
+    index_all, tasks = store.key_for("index", "all"), store.key_for("index", "tasks")
+    store.save_run(make_run("r1"))
+    # Given: the first write gave the index twice a run record's lifetime, and named the task.
+    assert 2_000 < redis_client.pttl(index_all) <= 4_000
+    assert redis_client.smembers(tasks) == {b"tests.add"}
+    redis_client.persist(index_all)
+    redis_client.srem(tasks, "tests.add")
+
+    # When: the same task's run in the same state is written again at once, then after half
+    # a record's lifetime.
+    store.save_run(make_run("r2"))
+    # Then: the first write is its entries alone (no refresh); the later one refreshes.
+    assert redis_client.pttl(index_all) == -1
+    assert redis_client.smembers(tasks) == set()
+    assert {r.id for r in store.list_runs(10)} == {"r1", "r2"}
+    time.sleep(1.05)
+    store.save_run(make_run("r3"))
+    assert 3_000 < redis_client.pttl(index_all) <= 4_000
+    assert redis_client.smembers(tasks) == {b"tests.add"}
+
+
 def test_iter_runs_lists_the_most_recently_active_first(store: RedisStore) -> None:
     base = datetime.now(timezone.utc) - timedelta(hours=1)  # within a run record's life
     for run_id, minutes in [("old", 0), ("newest", 20), ("middle", 10)]:

@@ -20,6 +20,7 @@ longer match (and those whose record has expired), so stale entries cost a listi
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -28,8 +29,8 @@ from celery_taskengine._store.run_filters import run_matches, short_task_name, s
 
 __all__ = ["INDEX_FN", "INDEX_LUA", "RunIndex", "index_call", "list_indexed", "state_types_for"]
 
-#: Adds a run to the index, trims entries older than a run record's lifetime and keeps the
-#: index living as long as its newest run.
+#: Adds a run to the index; when asked, trims entries older than a run record's lifetime,
+#: extends the index's lifetime and names the task in the set of task names.
 INDEX_FN = """
 local function index_run(all, task, state, tasks, run_id, score, oldest, ttl, task_name)
   for _, key in ipairs({all, task, state}) do
@@ -37,7 +38,7 @@ local function index_run(all, task, state, tasks, run_id, score, oldest, ttl, ta
     if oldest ~= '' then redis.call('zremrangebyscore', key, '-inf', '(' .. oldest) end
     if ttl ~= '' then redis.call('pexpire', key, ttl) end
   end
-  redis.call('sadd', tasks, task_name)
+  if task_name ~= '' then redis.call('sadd', tasks, task_name) end
   if ttl ~= '' then redis.call('pexpire', tasks, ttl) end
 end
 """
@@ -57,6 +58,10 @@ def index_call(first_key: int, first_arg: int) -> str:
 INDEX_LUA = INDEX_FN + index_call(1, 1) + "return 1\n"
 #: One index write in this many trims the entries of expired runs.
 TRIM_EVERY = 64
+#: Seconds between a process's refreshes of the set of task names when runs never expire.
+_NO_EXPIRY_REFRESH = 3600.0
+#: (task, state) pairs whose refresh a process remembers; beyond that it starts over.
+_MAX_REFRESHED = 4096
 
 #: State names the engine uses, by the type they belong to (squashed, as filters are).
 _TYPE_OF_NAME = {
@@ -87,35 +92,47 @@ class RunIndex:
         self.prefix = prefix
         self.run_expires = run_expires
         self._writes = 0
+        #: Monotonic time this process last refreshed the keys of a (task, state key).
+        self._refreshed: dict[tuple[str, str], float] = {}
 
-    def keys(self, task_name: str, state_type: str) -> list[str]:
-        """KEYS for :data:`INDEX_LUA`, for a run of ``task_name`` in ``state_type``."""
-        p = self.prefix
-        state = f"{p}index:state:{squash(state_type)}"
-        return [f"{p}index:all", self.task_key(task_name), state, self.tasks_key]
+    def upkeep(self, now_ms: int, written: tuple[str, str] | None = None) -> tuple[str, str, bool]:
+        """The oldest score an index write keeps (``''``: no trim this time), the lifetime in
+        ms it gives the index's keys (``''``: none this time) and whether it names the task
+        in the set of task names.
 
-    def args(self, run_id: str, task_name: str, score_ms: int, now_ms: int) -> list[Any]:
-        """ARGV for :data:`INDEX_LUA`: the run scored ``score_ms`` (its last change), then
-        :meth:`upkeep`'s two arguments."""
-        return [run_id, score_ms, *self.upkeep(now_ms), task_name]
-
-    def upkeep(self, now_ms: int) -> tuple[str, str]:
-        """The oldest score an index write keeps (``''``: no trim this time) and the index's
-        lifetime in ms (``''``: for ever). The index lives as long as a run record; one write
-        in :data:`TRIM_EVERY` also trims entries older than that (a trim per write would cost
-        every write three commands)."""
-        if self.run_expires is None:
-            return "", ""
-        lifetime = int(self.run_expires * 1000)
+        One write in :data:`TRIM_EVERY` trims entries older than a run record's lifetime. The
+        keys live twice a run record's lifetime from their last refresh; the write of one run
+        (``written``: its task and state key) refreshes them only if this process has not done
+        so in the last half of a record's lifetime. So every entry outlives its record, and a
+        plain write is three ``ZADD`` (refreshing on every write cost five commands more).
+        """
         self._writes += 1
+        refresh = written is None or self._due(written)
+        if self.run_expires is None:
+            return "", "", refresh
+        lifetime = int(self.run_expires * 1000)
         oldest = str(now_ms - lifetime) if self._writes % TRIM_EVERY == 1 else ""
-        return oldest, str(lifetime)
+        return oldest, str(2 * lifetime) if refresh else "", refresh
+
+    def _due(self, written: tuple[str, str]) -> bool:
+        """Whether the index keys of ``written`` are due a refresh from this process."""
+        now = time.monotonic()
+        period = self.run_expires / 2 if self.run_expires is not None else _NO_EXPIRY_REFRESH
+        last = self._refreshed.get(written)
+        if last is not None and now - last < period:
+            return False
+        if len(self._refreshed) >= _MAX_REFRESHED:
+            self._refreshed.clear()
+        self._refreshed[written] = now
+        return True
 
     def for_run(self, run: TaskRun, now: float) -> tuple[list[str], list[Any]]:
         """KEYS and ARGV of :data:`INDEX_LUA` for ``run`` as it is now (see :meth:`entry`)."""
         state_key, score_ms = self.entry(run, now)
-        keys = [f"{self.prefix}index:all", self.task_key(run.task_name), state_key, self.tasks_key]
-        return keys, self.args(run.id, run.task_name, score_ms, int(now * 1000))
+        task_name = run.task_name
+        keys = [f"{self.prefix}index:all", self.task_key(task_name), state_key, self.tasks_key]
+        oldest, ttl, names = self.upkeep(int(now * 1000), (task_name, state_key))
+        return keys, [run.id, score_ms, oldest, ttl, task_name if names else ""]
 
     def entry(self, run: TaskRun, now: float) -> tuple[str, int]:
         """The state index ``run`` belongs in as it is now, and its score: the time of its
