@@ -24,7 +24,7 @@ from celery_taskengine import task
 from celery_taskengine._engine.task_run import TaskRun
 from celery_taskengine._store.claims import Claim
 from celery_taskengine._store.redis_store import RedisStore
-from celery_taskengine._store.renewer import renewer
+from celery_taskengine._store.renewer import Renewer, renewer
 from celery_taskengine.states import Completed, Pending, Running
 from celery_taskengine.task_engine import new_task_run
 from tests.test_store_contract import MARIADB_URL, POSTGRES_URL, _sql_store
@@ -236,6 +236,29 @@ def test_the_renewer_survives_an_error_that_is_not_a_store_error(
     assert any(
         "run-renewed" in record.getMessage() and record.exc_info for record in caplog.records
     )
+
+
+def test_a_lease_due_before_the_renewer_wakes_is_renewed_on_time_without_waking_it_for_later_ones(
+    claims: Claims,
+) -> None:
+    # Given: a claim renewed every 10 s, so the renewer sleeps until then.
+    slow, fast = claims.claim(ttl=30.0, run_id="run-slow"), claims.claim(ttl=0.3, run_id="run-fast")
+    assert claims.take(slow, poll=0.01) and claims.take(fast, poll=0.01)
+    later = [claims.claim(ttl=60.0, run_id=f"run-later-{i}") for i in range(50)]
+    process_renewer = Renewer()
+    process_renewer.hold(slow)
+    try:
+        # When: a claim due sooner is held, then many due later than it.
+        process_renewer.hold(fast)
+        for claim in later:
+            process_renewer.hold(claim)
+        # Then: the sooner one is kept alive across several of its lifetimes.
+        time.sleep(1.0)
+        assert claims.holder(fast) == fast.token and not fast.lost
+        assert fast.proven_at is not None and time.monotonic() - fast.proven_at < 0.3
+    finally:
+        for claim in (slow, fast, *later):
+            process_renewer.release(claim)
 
 
 def test_a_renewal_that_finds_the_claim_taken_makes_the_attempt_stop_writing(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import math
 import os
 import threading
 import time
@@ -54,16 +55,20 @@ class Renewer:
         self._numbers = itertools.count()
         self._wake = threading.Condition()
         self._started = False
+        #: When the thread wakes by itself (``inf``: only when told; ``-inf``: it is awake and
+        #: looks at the schedule before it waits again). A lease due later needs no wake-up:
+        #: a delivery holding a claim must not cost every task a thread switch.
+        self._wakes_at = -math.inf
 
     def hold(self, lease: Lease) -> None:
         """Renew ``lease`` until :meth:`release`; the first renewal is one interval away."""
         with self._wake:
-            self._push(lease, lease.renew_every())
+            due = self._push(lease, lease.renew_every())
             if not self._started:
                 self._started = True
                 thread = threading.Thread(target=self._run, name="taskengine-leases", daemon=True)
                 thread.start()
-            if self._due[0][2] is lease:  # due before any other: the thread must wake earlier
+            if due < self._wakes_at:  # due before the thread wakes: it must wake earlier
                 self._wake.notify()
 
     def release(self, lease: Lease) -> None:
@@ -92,15 +97,22 @@ class Renewer:
             while self._due and self._held.get(id(self._due[0][2])) != self._due[0][1]:
                 heapq.heappop(self._due)  # released or rescheduled meanwhile
             if not self._due:
-                self._wake.wait()
+                self._sleep(math.inf)
                 return None
             due, _, lease = self._due[0]
-            wait = due - time.monotonic()
-            if wait > 0:
-                self._wake.wait(wait)
+            if due > time.monotonic():
+                self._sleep(due)
                 return None
             heapq.heappop(self._due)
             return lease
+
+    def _sleep(self, until: float) -> None:
+        """Wait (holding the condition) until monotonic time ``until`` or a wake-up."""
+        self._wakes_at = until
+        try:
+            self._wake.wait(None if until == math.inf else max(0.0, until - time.monotonic()))
+        finally:
+            self._wakes_at = -math.inf
 
     def _renew(self, lease: Lease) -> None:
         try:
@@ -123,10 +135,12 @@ class Renewer:
             if id(lease) in self._held:
                 self._push(lease, delay)
 
-    def _push(self, lease: Lease, delay: float) -> None:
-        number = next(self._numbers)
+    def _push(self, lease: Lease, delay: float) -> float:
+        """Schedule ``lease`` ``delay`` seconds from now; its due time."""
+        number, due = next(self._numbers), time.monotonic() + delay
         self._held[id(lease)] = number
-        heapq.heappush(self._due, (time.monotonic() + delay, number, lease))
+        heapq.heappush(self._due, (due, number, lease))
+        return due
 
 
 _renewer = Renewer()
