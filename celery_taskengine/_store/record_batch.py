@@ -77,7 +77,7 @@ def _command(
         entries.setdefault(state_key, []).extend(pair)
         task_names[run.task_name] = None
     record_keys = tuple(key for key, _, _ in records)
-    oldest, ttl, _ = index.upkeep(int(now * 1000))
+    oldest, ttl = index.upkeep(int(now * 1000))
     args: list[Any] = [px, oldest, ttl, len(records)]
     args.extend(document for _, document, _ in records)
     for pairs in entries.values():

@@ -29,8 +29,8 @@ from celery_taskengine._store.run_filters import run_matches, short_task_name, s
 
 __all__ = ["INDEX_FN", "INDEX_LUA", "RunIndex", "index_call", "list_indexed", "state_types_for"]
 
-#: Adds a run to the index; when asked, trims entries older than a run record's lifetime,
-#: extends the index's lifetime and names the task in the set of task names.
+#: Adds a run to the index and names its task in the set of task names; when asked, trims
+#: entries older than a run record's lifetime and extends the index's lifetime.
 INDEX_FN = """
 local function index_run(all, task, state, tasks, run_id, score, oldest, ttl, task_name)
   for _, key in ipairs({all, task, state}) do
@@ -38,7 +38,7 @@ local function index_run(all, task, state, tasks, run_id, score, oldest, ttl, ta
     if oldest ~= '' then redis.call('zremrangebyscore', key, '-inf', '(' .. oldest) end
     if ttl ~= '' then redis.call('pexpire', key, ttl) end
   end
-  if task_name ~= '' then redis.call('sadd', tasks, task_name) end
+  redis.call('sadd', tasks, task_name)
   if ttl ~= '' then redis.call('pexpire', tasks, ttl) end
 end
 """
@@ -58,8 +58,6 @@ def index_call(first_key: int, first_arg: int) -> str:
 INDEX_LUA = INDEX_FN + index_call(1, 1) + "return 1\n"
 #: One index write in this many trims the entries of expired runs.
 TRIM_EVERY = 64
-#: Seconds between a process's refreshes of the set of task names when runs never expire.
-_NO_EXPIRY_REFRESH = 3600.0
 #: (task, state) pairs whose refresh a process remembers; beyond that it starts over.
 _MAX_REFRESHED = 4096
 
@@ -95,29 +93,30 @@ class RunIndex:
         #: Monotonic time this process last refreshed the keys of a (task, state key).
         self._refreshed: dict[tuple[str, str], float] = {}
 
-    def upkeep(self, now_ms: int, written: tuple[str, str] | None = None) -> tuple[str, str, bool]:
-        """The oldest score an index write keeps (``''``: no trim this time), the lifetime in
-        ms it gives the index's keys (``''``: none this time) and whether it names the task
-        in the set of task names.
+    def upkeep(self, now_ms: int, written: tuple[str, str] | None = None) -> tuple[str, str]:
+        """The oldest score an index write keeps (``''``: no trim this time) and the lifetime
+        in ms it gives the index's keys (``''``: none this time).
 
         One write in :data:`TRIM_EVERY` trims entries older than a run record's lifetime. The
         keys live twice a run record's lifetime from their last refresh; the write of one run
         (``written``: its task and state key) refreshes them only if this process has not done
         so in the last half of a record's lifetime. So every entry outlives its record, and a
-        plain write is three ``ZADD`` (refreshing on every write cost five commands more).
+        plain write is three ``ZADD`` and a ``SADD`` (refreshing on every write cost four
+        commands more). Keys lost with a server's data get their lifetime back at a later
+        refresh; the set of task names is written every time, so listings by task never miss
+        a run written since.
         """
-        self._writes += 1
-        refresh = written is None or self._due(written)
         if self.run_expires is None:
-            return "", "", refresh
+            return "", ""
+        self._writes += 1
         lifetime = int(self.run_expires * 1000)
         oldest = str(now_ms - lifetime) if self._writes % TRIM_EVERY == 1 else ""
-        return oldest, str(2 * lifetime) if refresh else "", refresh
+        refresh = written is None or self._due(written, self.run_expires / 2)
+        return oldest, str(2 * lifetime) if refresh else ""
 
-    def _due(self, written: tuple[str, str]) -> bool:
+    def _due(self, written: tuple[str, str], period: float) -> bool:
         """Whether the index keys of ``written`` are due a refresh from this process."""
         now = time.monotonic()
-        period = self.run_expires / 2 if self.run_expires is not None else _NO_EXPIRY_REFRESH
         last = self._refreshed.get(written)
         if last is not None and now - last < period:
             return False
@@ -131,8 +130,8 @@ class RunIndex:
         state_key, score_ms = self.entry(run, now)
         task_name = run.task_name
         keys = [f"{self.prefix}index:all", self.task_key(task_name), state_key, self.tasks_key]
-        oldest, ttl, names = self.upkeep(int(now * 1000), (task_name, state_key))
-        return keys, [run.id, score_ms, oldest, ttl, task_name if names else ""]
+        oldest, ttl = self.upkeep(int(now * 1000), (task_name, state_key))
+        return keys, [run.id, score_ms, oldest, ttl, task_name]
 
     def entry(self, run: TaskRun, now: float) -> tuple[str, int]:
         """The state index ``run`` belongs in as it is now, and its score: the time of its
