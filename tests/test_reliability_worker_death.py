@@ -36,7 +36,7 @@ from tests.reliability.harness import (
     workers,
 )
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = pytest.mark.timeout(300)
 
 #: Body durations (seconds), so kills land before, in and after the body of runs.
 SLEEPS = (0.02, 0.1, 0.3, 0.6)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +13,8 @@ from celery import Celery
 from celery.exceptions import TimeoutError as NoResultInTime
 
 from celery_taskengine._celery.producer import CachedResult
+from celery_taskengine._engine.task_run import TaskRun
+from celery_taskengine.states import StateType
 from tests.reliability.harness import counter, history_problems, load_run
 
 
@@ -54,10 +57,11 @@ def check_committed_once(
 ) -> CommitFigures:
     """Check every ``(key, sleep, AsyncResult)`` of ``rel.work``; collect what is wrong.
 
-    A run without a result in ``timeout`` is a problem, unless ``worker_logs`` (given where
-    whole workers are SIGKILLed on a Redis broker) show that no worker received its message
-    after the last execution started (every receipt started a body, so the copy restored after
-    the last kill never reached a worker): then it is counted in ``lost_by_broker``.
+    A run without a result within ``timeout`` (one wait for all the runs) is a problem, unless
+    ``worker_logs`` (given where whole workers are SIGKILLed on a Redis broker) show that every
+    receipt of its message started a body and its record shows the last attempt cut short: the
+    copy restored after the last kill never reached a worker, and it is counted in
+    ``lost_by_broker``.
 
     For each run, with ``exec`` the number of times its body started:
 
@@ -71,12 +75,13 @@ def check_committed_once(
       value, without running the body: exactly one committed result per input.
     """
     figures = CommitFigures(runs=len(runs))
+    deadline = time.monotonic() + timeout  # for all of them: runs lost cost it once, not each
     for key, sleep, result in runs:
         try:
-            value = result.get(timeout=timeout)
+            value = result.get(timeout=max(1.0, deadline - time.monotonic()))
         except NoResultInTime as exc:
             run, executions = load_run(app, result.id), counter(app, f"exec:{key}")
-            if worker_logs and receipts(result.id, worker_logs) <= executions:
+            if worker_logs and _lost_after_a_kill(run, result.id, executions, worker_logs):
                 figures.lost_by_broker.append(result.id)
                 continue
             history = run.history_names() if run is not None else None
@@ -123,6 +128,16 @@ def check_committed_once(
         figures.uncommitted_executions += executions - 1
         figures.cached_after_crash += names[-1] == "Cached"
     return figures
+
+
+def _lost_after_a_kill(
+    run: TaskRun | None, run_id: str, executions: int, worker_logs: Sequence[Path]
+) -> bool:
+    """Whether the message can only have been lost by the broker: every receipt started a
+    body, and the run's record shows its last attempt cut short (or no attempt at all), so a
+    kill ended the last delivery and the copy restored after it never reached a worker."""
+    cut_short = run is None or run.state is None or run.state.type is StateType.RUNNING
+    return cut_short and receipts(run_id, worker_logs) <= executions
 
 
 def receipts(run_id: str, worker_logs: Sequence[Path]) -> int:

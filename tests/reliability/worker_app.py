@@ -40,6 +40,10 @@ from celery_taskengine.transactions import IsolationLevel
 GATE_TIMEOUT = 60.0
 #: Seconds Redis keeps an unacknowledged message from other workers (Celery's default: 3600).
 DEFAULT_VISIBILITY_TIMEOUT = 3.0
+#: Seconds kombu's lock on the sweep that restores unacknowledged messages outlives a holder
+#: that died holding it (kombu's ``unacked_mutex_expire``; its default, 300 s, held a killed
+#: worker's messages back for five minutes).
+UNACKED_MUTEX_EXPIRE = 5
 #: The soak task's timeout (seconds): 20 times its longest regular body, so that a loaded
 #: 2-core machine does not time out runs that are not meant to.
 SOAK_TIMEOUT = 0.2
@@ -66,7 +70,8 @@ def make_app(
 
     Configured as a deployment that wants at-least-once delivery: late acks, messages of a
     lost worker process requeued, a short visibility timeout (restored by a sweep every half
-    second, so a dead worker's messages come back within about ``visibility_timeout`` + 0.5 s),
+    second, so a dead worker's messages come back within about ``visibility_timeout`` + 0.5 s,
+    or ``UNACKED_MUTEX_EXPIRE`` when a worker was killed while sweeping),
     backend writes retried while Redis is away.
     """
     app = Celery("cte-reliability", set_as_current=False)
@@ -74,6 +79,9 @@ def make_app(
         "visibility_timeout": visibility_timeout,
         "unacked_restore_interval": 0.5,
         "unacked_restore_throttle": 1,
+        # The sweep runs under a Redis lock that outlives a SIGKILLed holder by this long
+        # (kombu's default: 300 s, in which no message of a dead worker comes back).
+        "unacked_mutex_expire": UNACKED_MUTEX_EXPIRE,
     }
     app.conf.update(
         broker_url=broker,
