@@ -22,9 +22,10 @@ from typing import Any
 import redis
 
 from celery_taskengine._engine.task_run import TaskRun
+from celery_taskengine._store.claims import Claim
 from celery_taskengine._store.record_batch import Batch
 from celery_taskengine._store.run_document import RunDocument
-from celery_taskengine._store.run_index import INDEX_LUA, RunIndex
+from celery_taskengine._store.run_index import RunIndex
 from celery_taskengine._store.wire import pack, redis_pack
 from celery_taskengine.states import Cached, Pending, Running
 
@@ -43,10 +44,13 @@ def a_hit(task_name: str) -> TaskRun:
 
 
 def worker_commands(index: RunIndex, run: TaskRun) -> list[tuple[Any, ...]]:
+    """A worker's write of a run record with its index entry, fenced by its claim (one
+    script call), as ``worker_records`` sends it."""
     key = f"{PREFIX}run:{run.id}"
-    keys, args = index.for_run(run, time.time())
+    claim = Claim(store=None, key=f"{PREFIX}claim:{run.id}:0", run_id=run.id, ttl=15.0)  # type: ignore[arg-type]
     document = RunDocument(run).encode(run)
-    return [("SET", key, document, "PX", "86400000"), ("EVAL", INDEX_LUA, len(keys), *keys, *args)]
+    index_entry = index.for_run(run, time.time())
+    return [claim.record_command(key, document, "86400000", settle=True, index=index_entry)]
 
 
 def per_call_us(packer: Packer, connection: Any, commands: Commands, calls: int) -> float:
