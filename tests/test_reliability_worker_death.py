@@ -33,6 +33,7 @@ from tests.reliability.harness import (
     counter,
     reliability_app,
     result_backend,
+    wait_for,
     workers,
 )
 
@@ -103,12 +104,15 @@ def test_runs_whose_pool_process_is_sigkilled_are_recorded_crashed_and_commit_on
 
 def _another_body_starts(app: Any, runs: list[tuple[str, float, Any]], started: int) -> bool:
     """Whether a body starts (or every run ends) within KILL_PACE_SECONDS."""
-    deadline = time.monotonic() + KILL_PACE_SECONDS
-    while time.monotonic() < deadline:
-        if executions(app, runs) > started or all(r.ready() for _k, _s, r in runs):
-            return True
-        time.sleep(0.05)
-    return False
+    try:
+        wait_for(
+            lambda: executions(app, runs) > started or all(r.ready() for _k, _s, r in runs),
+            KILL_PACE_SECONDS,
+            "another body to start",
+        )
+    except AssertionError:
+        return False
+    return True
 
 
 def test_runs_whose_whole_worker_is_sigkilled_continue_after_a_restart_and_commit_once(

@@ -89,27 +89,16 @@ local function put(key, value, px)
   else redis.call('set', key, value) end
 end
 """
+# The run record, then the done marker when settling.
+_RECORD = """
+put(KEYS[2], ARGV[3], ARGV[4])
+if ARGV[5] ~= '' then put(KEYS[1], ARGV[5], ARGV[6]) end
+"""
 #: KEYS: claim, run. ARGV: token, ttl ms, document, run px, done value ('' keeps the claim),
-#: done px. (RECORD_INDEXED_LUA: then the index's KEYS and ARGV.)
-RECORD_LUA = (
-    _FENCE
-    + """
-put(KEYS[2], ARGV[3], ARGV[4])
-if ARGV[5] ~= '' then put(KEYS[1], ARGV[5], ARGV[6]) end
-return 1
-"""
-)
-#: RECORD_LUA that also indexes the run (see run_index): KEYS and ARGV follow RECORD_LUA's.
-RECORD_INDEXED_LUA = (
-    _FENCE
-    + INDEX_FN
-    + """
-put(KEYS[2], ARGV[3], ARGV[4])
-if ARGV[5] ~= '' then put(KEYS[1], ARGV[5], ARGV[6]) end
-"""
-    + index_call(3, 7)
-    + "return 1\n"
-)
+#: done px.
+RECORD_LUA = _FENCE + _RECORD + "return 1\n"
+#: RECORD_LUA that also indexes the run (see run_index): its KEYS and ARGV, then the index's.
+RECORD_INDEXED_LUA = _FENCE + INDEX_FN + _RECORD + index_call(3, 7) + "return 1\n"
 #: KEYS: claim, cache record. ARGV: token, ttl ms, record, px ('0': none, '-': delete).
 CACHE_LUA = _FENCE + "put(KEYS[2], ARGV[3], ARGV[4])\nreturn 1\n"
 #: Celery's stored result, written (and published, as Celery does) while the claim is the
@@ -233,8 +222,8 @@ class Claim:
         if index is None:
             return ("EVAL", RECORD_LUA, 2, self.key, run_key, *args)
         keys, index_args = index
-        script = RECORD_INDEXED_LUA
-        return ("EVAL", script, 2 + len(keys), self.key, run_key, *keys, *args, *index_args)
+        all_keys = (self.key, run_key, *keys)
+        return ("EVAL", RECORD_INDEXED_LUA, len(all_keys), *all_keys, *args, *index_args)
 
     def confirm(self) -> bool:
         """Whether the claim is still ours, asking Redis (one round trip, which also extends

@@ -45,8 +45,8 @@ end
 
 
 def index_call(first_key: int, first_arg: int) -> str:
-    """The Lua line indexing a run from :meth:`RunIndex.keys`/:meth:`RunIndex.args` placed at
-    ``KEYS[first_key]`` and ``ARGV[first_arg]`` of a run record's own script (which includes
+    """The Lua line indexing a run whose index KEYS and ARGV (:meth:`RunIndex.for_run`) start
+    at ``KEYS[first_key]`` and ``ARGV[first_arg]`` of a run record's own script (which includes
     :data:`INDEX_FN`): the record and its index entry are then one command."""
     keys = ", ".join(f"KEYS[{first_key + i}]" for i in range(4))
     args = ", ".join(f"ARGV[{first_arg + i}]" for i in range(5))

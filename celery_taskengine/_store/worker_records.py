@@ -56,9 +56,21 @@ __all__ = [
 #: Seconds the end of a delivery waits for Redis to take records its connection lost.
 ORPHAN_PATIENCE_SECONDS = 10.0
 
+# The run record (KEYS[1]: ARGV[1], living ARGV[2] ms, '0' for ever), then its index entry.
+_SAVE = (
+    """
+if ARGV[2] ~= '0' then redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
+else redis.call('set', KEYS[1], ARGV[1]) end
+"""
+    + index_call(2, 3)
+    + "return 1\n"
+)
+#: A run record and its index entry, for a delivery without a claim. KEYS: run, then the
+#: index's. ARGV: document, px ('0' for none), then the index's.
+_SAVE_LUA = INDEX_FN + _SAVE
 #: Saves a run unless its stored record already ended: a crash seen while the worker's main
 #: process records a revoke (``terminate=True`` kills the attempt) must not undo the Cancelled.
-#: KEYS: run, then the index's. ARGV: document, px ('0' for none), then the index's.
+#: KEYS and ARGV as _SAVE_LUA's.
 _SAVE_UNLESS_ENDED_LUA = (
     INDEX_FN
     + """
@@ -74,21 +86,8 @@ if current then
     end
   end
 end
-if ARGV[2] ~= '0' then redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
-else redis.call('set', KEYS[1], ARGV[1]) end
 """
-    + index_call(2, 3)
-    + "return 1\n"
-)
-#: A run record and its index entry, for a delivery without a claim (as _SAVE_UNLESS_ENDED_LUA).
-_SAVE_LUA = (
-    INDEX_FN
-    + """
-if ARGV[2] ~= '0' then redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
-else redis.call('set', KEYS[1], ARGV[1]) end
-"""
-    + index_call(2, 3)
-    + "return 1\n"
+    + _SAVE
 )
 
 

@@ -43,8 +43,7 @@ class CommitFigures:
             f"runs={self.runs} runs_with_crash={self.crashed_runs} "
             f"uncommitted_executions={self.uncommitted_executions} "
             f"cached_after_crash={self.cached_after_crash} "
-            f"lost=0 duplicates_after_commit=0 lost_by_broker_before_delivery="
-            f"{len(self.lost_by_broker)}"
+            f"lost=0 duplicates_after_commit=0 lost_by_broker={len(self.lost_by_broker)}"
         )
 
 
