@@ -197,7 +197,7 @@ def _workflow_id(request: Any) -> str:
 
 
 def _may_piggyback(task: Task, request: Any, store: ResultStore) -> bool:
-    """Whether records may ride on Celery's next backend command (see redis_oneway).
+    """Whether records may ride on Celery's next backend command (see record_channel).
 
     Only where that command surely follows on this thread's connection: a single-threaded
     process, a function recorded in this thread (not on the async loop), a result Celery

@@ -108,7 +108,7 @@ def side_client(client: redis.Redis) -> redis.Redis:
     """A client to ``client``'s server on connections of its own, for background threads.
 
     A worker's task thread writes run records on the pool's idle connection without checking
-    it out (see redis_oneway's piggyback), so no other thread may take connections from that
+    it out (see record_channel's piggyback), so no other thread may take connections from that
     pool.
     """
     pool = client.connection_pool
