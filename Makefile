@@ -62,9 +62,12 @@ fault-matrix: $(STAMP)
 # Celery's own integration tests (t/integration/test_tasks.py, test_canvas.py of the installed
 # Celery, from its sdist) with engine tasks and with plain tasks, on Redis and RabbitMQ + Redis;
 # CI runs a slice (tests/celery_suite/).
+# Its four parts (engine and plain tasks, Redis and RabbitMQ brokers) run at once: each mostly
+# waits on its worker (about 20 minutes together, 80 one after another); -rP prints each
+# part's counts.
 celery-suite: $(STAMP)
 	./scripts/ensure-services
-	CELERY_SUITE=full $(PY) -m pytest -q -s tests/celery_suite/test_celery_suite.py $(PYTEST_ARGS)
+	CELERY_SUITE=full $(PY) -m pytest -q -rP -n 4 -p no:cacheprovider tests/celery_suite/test_celery_suite.py $(PYTEST_ARGS)
 
 # The soak tests at full size (the normal run keeps them small: SOAK_RUNS=2000).
 soak: $(STAMP)
