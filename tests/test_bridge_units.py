@@ -471,3 +471,48 @@ def test_a_worker_run_s_final_state_is_written_only_once_its_engine_returned(
     while store.load_run("run-1").state.name != "Completed" and time.monotonic() < deadline:
         time.sleep(0.01)
     assert store.load_run("run-1").history_names() == ["Pending", "Running", "Completed"]
+
+
+@pytest.mark.parametrize(
+    ("retries", "acks_late", "deferred"),
+    [(0, False, True), (1, False, False), (0, True, False)],
+    ids=["first-delivery", "retry", "acks-late"],
+)
+def test_only_a_first_early_acked_delivery_defers_its_attempt_s_start(
+    redis_app: Celery,
+    monkeypatch: pytest.MonkeyPatch,
+    retries: int,
+    acks_late: bool,
+    deferred: bool,
+) -> None:
+    # A retry's delivery may follow writes of its own (a crash seen, kept by the kernel) and
+    # may find the task's own update_state in Celery's meta: its start goes out in order, now.
+    from celery_taskengine._store import deferred_writes
+
+    handed: list[str] = []
+    writer = deferred_writes.deferred_writes()
+    submit = writer.submit
+    monkeypatch.setattr(
+        writer, "submit", lambda run_id, write: handed.append(run_id) or submit(run_id, write)
+    )
+    store = RedisStore.for_app(redis_app)
+    delivery = Delivery(
+        f"run-{retries}-{acks_late}",
+        "w",
+        "worker@x",
+        retries=retries,
+        redelivered=False,
+        send_events=False,
+        acks_late=acks_late,
+    )
+    recorder = RunObservers(delivery_observers(redis_app, store, delivery))
+    run = TaskRun(id=delivery.task_id, name="t", task_name="t", parameters={})
+    for state in (Pending(), Running()):
+        run.state = state
+        run.state_history.append(state)
+        recorder(run, state)
+    deadline = time.monotonic() + 5
+    while store.load_run(run.id) is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert store.load_run(run.id).history_names() == ["Pending", "Running"]
+    assert handed == ([run.id] if deferred else [])
