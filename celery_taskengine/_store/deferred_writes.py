@@ -23,7 +23,7 @@ import time
 import weakref
 from collections.abc import Callable
 
-__all__ = ["DEFER_SECONDS", "DeferredStart", "DeferredWrite", "DeferredWrites", "deferred_writes"]
+__all__ = ["DEFER_SECONDS", "DeferredWrite", "DeferredWrites", "deferred_writes"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,16 +58,15 @@ class DeferredWrites:
         self._queue: collections.deque[DeferredWrite] = collections.deque()
         self._changed = threading.Condition()
         self._pid = 0
-        #: Monotonic time the writer wakes on its own (``inf``: only when woken; ``-inf``: it
-        #: is awake, and looks at the queue before it sleeps again).
-        self._wakes_at = -math.inf
+        #: Monotonic time the writer wakes on its own (``None``: only when woken; ``-inf``:
+        #: it is awake, and looks at the queue before it sleeps again).
+        self._wakes_at: float | None = -math.inf
         self._last_submit = 0.0
         _all.add(self)
 
     def submit(self, run_id: str, write: Callable[[], None]) -> DeferredWrite:
         """Make ``write()`` in the writer thread :attr:`delay` seconds from now."""
-        now = time.monotonic()
-        job = DeferredWrite(run_id, write, now + self.delay)
+        job = DeferredWrite(run_id, write, time.monotonic() + self.delay)
         with self._changed:
             if self._pid != os.getpid():  # first use in this process (a worker's child)
                 self._pid = os.getpid()
@@ -76,8 +75,8 @@ class DeferredWrites:
                 )
                 thread.start()
             self._queue.append(job)
-            self._last_submit = now
-            if self._wakes_at > job.due:
+            self._last_submit = job.due - self.delay
+            if self._wakes_at is None or self._wakes_at > job.due:
                 self._changed.notify_all()
         return job
 
@@ -112,8 +111,10 @@ class DeferredWrites:
                 self._queue.popleft()
             now = time.monotonic()
             if not self._queue:
-                recent = now - self._last_submit < STAY_AWAKE_SECONDS
-                self._sleep(now + self.delay if recent else math.inf)
+                if now - self._last_submit < STAY_AWAKE_SECONDS:
+                    self._sleep(now + self.delay)
+                else:
+                    self._sleep(None)
                 return None
             if self._queue[0].due > now:
                 self._sleep(self._queue[0].due)
@@ -124,10 +125,10 @@ class DeferredWrites:
             job.stage = _STARTED
             return job
 
-    def _sleep(self, until: float) -> None:
+    def _sleep(self, until: float | None) -> None:
         """Wait (holding the condition) until ``until``, or until woken."""
         self._wakes_at = until
-        self._changed.wait(None if until == math.inf else max(0.0, until - time.monotonic()))
+        self._changed.wait(None if until is None else max(0.0, until - time.monotonic()))
         self._wakes_at = -math.inf
 
     def _reset_in_child(self) -> None:
@@ -135,24 +136,6 @@ class DeferredWrites:
         self._queue.clear()
         self._pid = 0
         self._wakes_at = -math.inf
-
-
-class DeferredStart:
-    """A delivery's deferred start: handed to the writer, then settled before the delivery's
-    next write (see the module docstring)."""
-
-    __slots__ = ("_job",)
-
-    def __init__(self) -> None:
-        self._job: DeferredWrite | None = None
-
-    def hand_in(self, run_id: str, write: Callable[[], None]) -> None:
-        self._job = deferred_writes().submit(run_id, write)
-
-    def settle(self) -> None:
-        job, self._job = self._job, None
-        if job is not None:
-            deferred_writes().settle(job)
 
 
 _all: weakref.WeakSet[DeferredWrites] = weakref.WeakSet()

@@ -7,9 +7,8 @@ worker waits for is commits, so an engine delivery waits for no more than that w
   transaction when Celery's results are in the same database), is written a moment later by
   the process's writer thread (see deferred_writes), not waited for; an attempt shorter than
   that moment never writes it (its outcome's record says all). Not so for an ``acks_late``
-  task (a redelivery after a crash must find the record; a message acknowledged early is
-  never delivered again) nor for a delivery that may continue a run (it must not replace
-  the task's own ``update_state``): written before the body runs (``Delivery.defers_start``);
+  task: a redelivery after a crash must find the record, so it is written before the body
+  runs (a message acknowledged early is never delivered again);
 - the outcome's record, the claim's done marker and, when Celery's database backend keeps its
   results in the same database, Celery's result commit in one transaction when Celery stores
   the result (see sql_celery_results and ``engine_backend``), fenced by the claim: a delivery
@@ -35,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from celery import states as celery_states
 
 from celery_taskengine._engine.observers import RunObserver, StateWrites
-from celery_taskengine._store.deferred_writes import DeferredStart
+from celery_taskengine._store.deferred_writes import DeferredWrite, deferred_writes
 from celery_taskengine._store.task_meta import celery_status, state_info
 
 if TYPE_CHECKING:
@@ -70,7 +69,7 @@ class SqlRunRecords(RunObserver):
         #: Celery's task rows commit with the run's records (the same database).
         self._with_rows = shares_database(store, app.backend)
         self._final: TaskRun | None = None
-        self._start = DeferredStart()
+        self._deferred: DeferredWrite | None = None
 
     def on_state(self, run: TaskRun, state: State, batch: StateWrites) -> None:
         if state.name == "Pending" and len(run.state_history) == 1:
@@ -83,7 +82,7 @@ class SqlRunRecords(RunObserver):
             self._final = run  # written by on_end, once the transaction is over
             return
         if state.is_scheduled() or state.is_crashed():
-            self._start.settle()
+            self._settle()
             if not self._save(run, settle=state.is_scheduled()):
                 batch.drop()
             elif state.is_crashed() and self._shows_meta:
@@ -92,13 +91,13 @@ class SqlRunRecords(RunObserver):
                 if status is not None:
                     self._show_through_celery(status, state_info(run, state))
             return
-        self._start.settle()  # a later state of the attempt supersedes a start not written yet
+        self._settle()  # a later state of the attempt supersedes a start not written yet
         self._write_or_defer(run, state)
 
     def on_end(self, run: TaskRun, batch: StateWrites) -> None:
         """The outcome, once the engine has returned: handed to Celery's result (one
         transaction, see the module docstring) where it can be, else written now."""
-        self._start.settle()
+        self._settle()
         final, self._final = self._final, None
         if final is None:
             return
@@ -109,18 +108,22 @@ class SqlRunRecords(RunObserver):
             self._save(final, settle=True)
 
     def _write_or_defer(self, run: TaskRun, state: State) -> None:
-        """An attempt's state (Running): written now unless the delivery defers its start
-        (``Delivery.defers_start``: not ``acks_late``, not a run that may continue), else by
-        the writer thread a moment later."""
+        """An attempt's state (Running): written now for ``acks_late`` (a redelivery after a
+        crash must find it), else by the writer thread a moment later."""
         status = celery_status(state) if self._shows_meta else None
         values = self.store._run_values(run)  # the record as it is now, not when written
         info = state_info(run, state) if status is not None else None
-        if not self.delivery.defers_start:
+        if self.delivery.acks_late:
             self._write_state(run, values, status, info)
             return
-        self._start.hand_in(
+        self._deferred = deferred_writes().submit(
             self.delivery.task_id, lambda: self._write_state(run, values, status, info)
         )
+
+    def _settle(self) -> None:
+        deferred, self._deferred = self._deferred, None
+        if deferred is not None:
+            deferred_writes().settle(deferred)
 
     def _save(self, run: TaskRun, *, settle: bool) -> bool:
         """Save ``run`` now; fenced by the delivery's claim if it has one (``False``: lost)."""

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 from celery_taskengine._engine.observers import RunObserver, StateWrites
 from celery_taskengine._engine.task_run import TaskRun
 from celery_taskengine._store.claims import Claim
-from celery_taskengine._store.deferred_writes import DeferredStart
+from celery_taskengine._store.deferred_writes import DeferredWrite, deferred_writes
 from celery_taskengine._store.record_channel import RecordChannel
 from celery_taskengine._store.retrying import patience_from_policy
 from celery_taskengine._store.run_document import RunDocument
@@ -133,14 +133,6 @@ class Delivery:
         claim = self.claim
         return bool(self.retries or self.redelivered or (claim and claim.assumed_at is None))
 
-    @property
-    def defers_start(self) -> bool:
-        """Whether the attempt's Running record is written a moment later (see
-        deferred_writes): not for ``acks_late`` (a redelivery after a crash must find it),
-        nor where the run may continue (its start must follow what was written before, and
-        must not replace the task's own ``update_state`` in Celery's meta)."""
-        return not (self.acks_late or self.may_continue)
-
 
 class ClaimKeeping(RunObserver):
     """Nothing of an attempt is written once its delivery lost its claim; an outcome (a retry's
@@ -173,29 +165,30 @@ class RunRecords(RunObserver):
         self._run_key = store.key_for("run", delivery.task_id)
         self._run_px = px(store.run_expires)
         self._document: RunDocument | None = None
-        self._start = DeferredStart()
+        #: The attempt's start is written a moment later (see the module docstring).
+        self._defers_start = not (delivery.acks_late or delivery.may_continue)
+        self._deferred: DeferredWrite | None = None
 
     def on_state(self, run: TaskRun, state: State, batch: StateWrites) -> None:
         if batch.dropped or (state.name == "Pending" and len(run.state_history) == 1):
             return  # lost, or held back: written with Running
         if self._document is None:
             self._document = RunDocument(run)
-        outcome = state.is_final() and not state.is_crashed()  # held until on_end
-        if not outcome:  # (so may a deferred start be, while the transaction commits)
-            self._start.settle()  # a later state supersedes a start not written yet
-        settles = outcome or state.is_scheduled()
+        settles = state.is_scheduled() or (state.is_final() and not state.is_crashed())
+        if not (settles and state.is_final()):  # a final state waits for on_end: so may a start
+            self._settle()  # a later state supersedes a start not written yet
         batch.add(self._save_command(run, state, self._document.encode(run), settles=settles))
         if state.is_scheduled():
             batch.send = self._send_confirmed  # the retry's delivery reads it
-        elif outcome:
+        elif settles:
             batch.held = True  # written by on_end, once the transaction is over
         elif state.type is StateType.RUNNING:
-            batch.send = self._defer if self.delivery.defers_start else self._send_with_end
+            batch.send = self._defer if self._defers_start else self._send_with_end
         else:
             batch.send = self._send
 
     def on_end(self, run: TaskRun, batch: StateWrites) -> None:
-        self._start.settle()
+        self._settle()
         batch.send = self._flush
 
     def _flush(self, batch: StateWrites) -> None:
@@ -233,7 +226,9 @@ class RunRecords(RunObserver):
         if batch.dropped or not batch.commands:
             return
         commands = list(batch.commands)
-        self._start.hand_in(self.delivery.task_id, lambda: self._write_deferred(commands))
+        self._deferred = deferred_writes().submit(
+            self.delivery.task_id, lambda: self._write_deferred(commands)
+        )
 
     def _write_deferred(self, commands: list[tuple[Any, ...]]) -> None:
         """In the writer thread, on an engine connection: sent and confirmed (a refusal or an
@@ -241,6 +236,11 @@ class RunRecords(RunObserver):
         writer = self._channel.writer(self.delivery.task_id)
         writer.send(commands)
         writer.confirm()
+
+    def _settle(self) -> None:
+        deferred, self._deferred = self._deferred, None
+        if deferred is not None:
+            deferred_writes().settle(deferred)
 
     def _send_confirmed(self, batch: StateWrites) -> None:
         """Send and see Redis take them (after this delivery's earlier writes)."""
