@@ -25,8 +25,7 @@ ends the delivery with ``Ignore``, leaving the outcome to the holder.
 A delivery that cannot claim waits, at most until the holder's claim would lapse unless its
 holder renews it; then it has nothing to do (the holder finished: ``done``) or takes over a
 crashed holder's run. The cheap path, a young message's first delivery, takes its claim in the
-first fenced script it sends (its Running record, or its outcome's when the Running record was
-deferred and dropped: see worker_records), without waiting for an answer: no other delivery
+script that writes the run's Running record, without waiting for an answer: no other delivery
 of a message can exist before the broker's visibility timeout has passed since it was sent
 (see :mod:`~celery_taskengine._celery.message_age`), and should one exist anyway (a task id sent
 twice), the fenced writes refuse to write.
@@ -166,8 +165,7 @@ class Claim:
     token: str = field(default_factory=new_token)
     #: Monotonic time an answer last proved the claim ours (when that question was sent).
     proven_at: float | None = None
-    #: Monotonic time the cheap path began, its claim taken by its first fenced write
-    #: without asking first, trusted as proof.
+    #: Monotonic time an unanswered take was sent (the cheap path), trusted as proof.
     assumed_at: float | None = None
     lost: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)

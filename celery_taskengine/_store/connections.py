@@ -109,8 +109,7 @@ def side_client(client: redis.Redis) -> redis.Redis:
 
     A worker's task thread writes run records on the pool's idle connection without checking
     it out (see record_channel's piggyback), so no other thread may take connections from that
-    pool while a task runs. (The writer thread of deferred_writes falls back on it only when
-    the engine pool has no connection to give, and only while the task's thread waits for it.)
+    pool.
     """
     pool = client.connection_pool
     own = redis.BlockingConnectionPool(  # type: ignore[no-untyped-call]  # bounded: one renewer

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import math
 import os
 import threading
 import time
@@ -58,9 +57,8 @@ class DeferredWrites:
         self._queue: collections.deque[DeferredWrite] = collections.deque()
         self._changed = threading.Condition()
         self._pid = 0
-        #: Monotonic time the writer wakes on its own (``None``: only when woken; ``-inf``:
-        #: it is awake, and looks at the queue before it sleeps again).
-        self._wakes_at: float | None = -math.inf
+        #: Monotonic time the writer wakes on its own (``None``: only when woken).
+        self._wakes_at: float | None = None
         self._last_submit = 0.0
         _all.add(self)
 
@@ -129,13 +127,13 @@ class DeferredWrites:
         """Wait (holding the condition) until ``until``, or until woken."""
         self._wakes_at = until
         self._changed.wait(None if until is None else max(0.0, until - time.monotonic()))
-        self._wakes_at = -math.inf
+        self._wakes_at = None
 
     def _reset_in_child(self) -> None:
         self._changed = threading.Condition()
         self._queue.clear()
         self._pid = 0
-        self._wakes_at = -math.inf
+        self._wakes_at = None
 
 
 _all: weakref.WeakSet[DeferredWrites] = weakref.WeakSet()

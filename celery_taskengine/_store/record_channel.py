@@ -16,10 +16,9 @@ final states with blocking writes cost a fifth of plain-Celery throughput. So:
     workers) a delivery writes on a connection of the engine pool: sent without waiting, every
     reply read before Celery stores the task's result, so every error is seen.
 
-Either way one run's writes travel on one connection, in order (a first delivery's start,
-deferred, goes on an engine connection before any of them: see worker_records), and a run's
-final record reaches Redis before Celery stores the task's result: when
-``AsyncResult.get()`` returns, the record is there.
+Either way one run's writes travel on one connection, in order, and a run's final record
+reaches Redis before Celery stores the task's result: when ``AsyncResult.get()`` returns, the
+record is there.
 
 Writes queued for Celery's next command are kept until their replies are read. If the
 connection breaks first, or Redis refuses them for a while (OOM, READONLY, NOPERM: see

@@ -1,11 +1,10 @@
 """One delivery's run-record writes on a connection of its own: sent at once, confirmed later.
 
-A worker run writes its record at Running (unless that write is deferred, see worker_records)
-and at its final state. Waiting for Redis at each would cost a round trip per state; skipping
-the replies (``CLIENT REPLY SKIP``) hides every error (OOM, NOPERM, READONLY) and every write
-a hung or restarted server never ran. So a :class:`RecordWriter` sends each write as it comes
-(Running held back by the kernel, ``MSG_MORE``, to travel with the next one) and reads all the
-replies in :meth:`confirm`, which
+A worker run writes its record at Running and at its final state. Waiting for Redis at each
+would cost a round trip per state; skipping the replies (``CLIENT REPLY SKIP``) hides every
+error (OOM, NOPERM, READONLY) and every write a hung or restarted server never ran. So a
+:class:`RecordWriter` sends each write as it comes (Running held back by the kernel,
+``MSG_MORE``, to travel with the next one) and reads all the replies in :meth:`confirm`, which
 the delivery calls before Celery stores the task's result. A write counts as made only when its
 reply arrived: until then it is kept, and sent again on a fresh connection while Redis is down
 or hung, or refuses it for a while (OOM, READONLY, NOPERM: see retrying), for as long as

@@ -8,20 +8,17 @@ sending of the state's batch) and :class:`~._store.task_meta_observer.TaskMetaSh
 task meta, riding in the same batch). Recording is on every task's hot path, so it costs as
 little as it can (see :mod:`~celery_taskengine._store.record_channel` for how):
 
-- Pending is held back and written together with Running. A message's first delivery writes
-  its attempt's Running record (with the claim it takes and Celery's ``RUNNING`` meta) a
-  moment later, by the process's writer thread (see deferred_writes), as on a SQL store: an
-  attempt shorter than that moment writes only its outcome, whose record holds the whole
-  history (Redis runs one record script per task instead of two). Every other delivery writes
-  it before the body runs, held by the kernel to travel with the next write: an ``acks_late``
-  task's (a redelivery after a crash must find it), and one that may continue a run (a retry,
-  a redelivery, a take-over: it may have written before, and Celery's meta may be the task's
-  own ``update_state`` by then, which only a first delivery's ``SET NX`` leaves alone).
+- Pending is held back and written together with Running. An attempt's Running record (with
+  the claim it takes and Celery's ``RUNNING`` meta) is written a moment later by the process's
+  writer thread (see deferred_writes), as on a SQL store: an attempt shorter than that moment
+  writes only its outcome, whose record holds the whole history (Redis runs one record script
+  per task instead of two). An ``acks_late`` task writes it before the body runs instead (a
+  redelivery after a crash must find it), held by the kernel to travel with the next write.
 - The outcome is a single send that does not wait for Redis to answer; its reply is read (or,
   riding on Celery's connection, Celery's reply is) before Celery stores the task's result,
-  so a write Redis never took or refused is never passed over. A deferred start is the
-  delivery's first write, and each later write settles it first (dropped if not made yet,
-  else waited for): a delivery's writes reach Redis in the order they were made.
+  so a write Redis never took or refused is never passed over. A delivery's writes reach Redis
+  in the order they were made: each settles the deferred start first (dropped if not made
+  yet, else waited for).
 - The backend's task state is written only for states Celery does not write itself.
 - AwaitingRetry is written blocking: the retry's delivery, maybe on another worker, reads it.
 - A crash never overwrites a run that already ended: with ``revoke(terminate=True)`` the
@@ -115,7 +112,7 @@ class Delivery:
     #: Records may ride on Celery's next backend command (see record_channel).
     piggyback: bool = False
     #: This delivery's claim on its message (see claims): every record write is fenced by
-    #: it; a young message's first delivery takes it with its first record write.
+    #: it; a first delivery takes it with its Running record.
     claim: Claim | None = None
     #: Celery keeps no result of this delivery (``ignore_result``): no engine state either.
     ignores_result: bool = False
@@ -165,8 +162,6 @@ class RunRecords(RunObserver):
         self._run_key = store.key_for("run", delivery.task_id)
         self._run_px = px(store.run_expires)
         self._document: RunDocument | None = None
-        #: The attempt's start is written a moment later (see the module docstring).
-        self._defers_start = not (delivery.acks_late or delivery.may_continue)
         self._deferred: DeferredWrite | None = None
 
     def on_state(self, run: TaskRun, state: State, batch: StateWrites) -> None:
@@ -183,7 +178,7 @@ class RunRecords(RunObserver):
         elif settles:
             batch.held = True  # written by on_end, once the transaction is over
         elif state.type is StateType.RUNNING:
-            batch.send = self._defer if self._defers_start else self._send_with_end
+            batch.send = self._send_with_end if self.delivery.acks_late else self._defer
         else:
             batch.send = self._send
 
@@ -216,7 +211,7 @@ class RunRecords(RunObserver):
             self._writer.send(batch.commands, hold=hold)
 
     def _send_with_end(self, batch: StateWrites) -> None:
-        """An attempt's start not deferred: sent before the body runs, held by the kernel to
+        """An ``acks_late`` attempt's start: sent before the body runs, held by the kernel to
         travel with the next write."""
         self._send(batch, hold=True)
 

@@ -88,7 +88,7 @@ def test_a_sentinel_backend_serves_engine_tasks_and_loses_no_run_in_a_failover(
     with deployment_worker(redis_url, f"{sentinel.url}/0", redis_url, backend_options=options) as (
         app,
         tasks,
-        proc,
+        _,
     ):
         _checks(app, tasks)
         counter = f"slow:{uuid.uuid4().hex}"
@@ -102,13 +102,6 @@ def test_a_sentinel_backend_serves_engine_tasks_and_loses_no_run_in_a_failover(
         values = [r.get(timeout=90) for r in in_flight]
 
         assert values == [i + 1 for i in range(8)]
-        missing = [r.id for r in in_flight if get_task_run(r.id, app=app) is None]
-        if missing:  # what the worker saw, for the record of the failure
-            from tests.deployments.workers import worker_output
-
-            proc.terminate()
-            log = worker_output(proc, timeout=30)[-20000:]
-            raise AssertionError(f"runs {missing} lost in the failover; the worker's log:\n{log}")
         for result in in_flight:
             run = get_task_run(result.id, app=app)
             assert run is not None, f"run {result.id} lost in the failover"
