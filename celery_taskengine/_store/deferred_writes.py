@@ -3,13 +3,13 @@
 An attempt's Running record (with its claim and the backend's ``RUNNING``) must be visible
 while the attempt runs, but writing it costs a short task a second write (a second commit on
 a SQL store, a second record script on Redis) where plain Celery makes one. So the delivery
-hands the write to this process's writer thread, which makes it :data:`DEFER_SECONDS` later,
-and goes on with the attempt. When the delivery has its next record to write (the outcome),
-it :meth:`settles <DeferredWrites.settle>` the earlier one first: not started yet, it is
-dropped (the outcome's record holds everything it said, and a short attempt then costs one
-write); started, it is waited for, so the two are made in order. A write that fails is logged
-with its run id; the outcome's own write, which the delivery waits for, says whether the
-store took it.
+hands the write to this process's
+writer thread, which makes it :data:`DEFER_SECONDS` later, and goes on with the attempt. When
+the delivery has its next record to write (the outcome), it :meth:`settles <DeferredWrites.settle>`
+the earlier one first: not started yet, it is dropped (the outcome's record holds everything
+it said, and a short attempt then costs one write); started, it is waited for, so the two
+are made in order. A write that fails is logged with its run id; the outcome's own write,
+which the delivery waits for, says whether the store took it.
 """
 
 from __future__ import annotations
