@@ -14,7 +14,6 @@ import pytest
 from celery.result import AsyncResult
 
 from celery_taskengine import get_task_run, stream
-from celery_taskengine._store.redis_store import RedisStore
 from celery_taskengine.errors import TaskRunTimeoutError
 from tests.bridge_app import side
 from tests.bridge_workers import Worker, subprocess_worker, wait_for
@@ -47,32 +46,6 @@ def test_a_task_returns_its_value_and_records_its_run(worker: Worker) -> None:
 
     assert result.get(timeout=10) == 42
     assert history(worker, result) == ["Pending", "Running", "Completed"]
-
-
-def test_a_short_attempt_writes_only_its_outcome_and_a_long_one_shows_running(
-    worker: Worker,
-) -> None:
-    # An attempt's Running record is written a moment after it starts (deferred_writes): one
-    # that ends first never writes it (its outcome's record holds the whole history), one that
-    # runs on shows Running, in the run record and in Celery's backend, while it runs.
-    quick = worker.tasks.add.delay(1, 2)
-    assert quick.get(timeout=10) == 3
-    run = get_task_run(quick.id, app=worker.app)
-    assert run.history_names() == ["Pending", "Running", "Completed"]
-    store = RedisStore.for_app(worker.app)
-    completed_keys = set(store.index_keys_and_args(run)[0])
-    run.state = run.state_history[1]  # where a Running record of this run would be indexed
-    running_keys = set(store.index_keys_and_args(run)[0]) - completed_keys
-    assert running_keys
-    assert not any(side(worker.app).zscore(key, quick.id) for key in running_keys)
-
-    gate = worker.key("gate")
-    held = worker.tasks.blocker.delay(worker.key("started"), gate)
-    wait_for(lambda: history(worker, held) == ["Pending", "Running"], what="Running")
-    wait_for(lambda: AsyncResult(held.id, app=worker.app).state == "RUNNING", what="RUNNING")
-    side(worker.app).set(gate, 1)
-    assert held.get(timeout=10) == "unblocked"
-    assert history(worker, held) == ["Pending", "Running", "Completed"]
 
 
 def test_a_sync_task_times_out_in_the_worker_process(worker: Worker) -> None:

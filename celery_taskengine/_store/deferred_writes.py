@@ -1,15 +1,14 @@
 """Writes a delivery need not wait for, made by one thread per process a moment later.
 
 An attempt's Running record (with its claim and the backend's ``RUNNING``) must be visible
-while the attempt runs, but writing it costs a short task a second write (a second commit on
-a SQL store, a second record script on Redis) where plain Celery makes one. So the delivery
-hands the write to this process's
+while the attempt runs, but a worker that waits for its commit waits for a second commit per
+task, where plain Celery waits for one. So the delivery hands the write to this process's
 writer thread, which makes it :data:`DEFER_SECONDS` later, and goes on with the attempt. When
 the delivery has its next record to write (the outcome), it :meth:`settles <DeferredWrites.settle>`
 the earlier one first: not started yet, it is dropped (the outcome's record holds everything
-it said, and a short attempt then costs one write); started, it is waited for, so the two
-are made in order. A write that fails is logged with its run id; the outcome's own write,
-which the delivery waits for, says whether the store took it.
+it said, and a short attempt then costs one commit); started, it is waited for, so the two
+commit in order. A write that fails is logged with its run id; the outcome's own write, which
+the delivery waits for, says whether the database took it.
 """
 
 from __future__ import annotations
@@ -29,10 +28,6 @@ logger = logging.getLogger(__name__)
 #: Seconds a deferred write waits before the writer makes it: attempts shorter than this
 #: never write their Running record (their outcome's record follows at once).
 DEFER_SECONDS = 0.01
-#: Seconds the writer keeps waking on its own (every DEFER_SECONDS) after its last write
-#: was handed in: while writes keep coming, handing one in never has to wake the thread (a
-#: thread switch and a turn of the GIL per task cost more than the write saves).
-STAY_AWAKE_SECONDS = 1.0
 
 _QUEUED, _STARTED, _DONE, _DROPPED = range(4)
 
@@ -57,9 +52,6 @@ class DeferredWrites:
         self._queue: collections.deque[DeferredWrite] = collections.deque()
         self._changed = threading.Condition()
         self._pid = 0
-        #: Monotonic time the writer wakes on its own (``None``: only when woken).
-        self._wakes_at: float | None = None
-        self._last_submit = 0.0
         _all.add(self)
 
     def submit(self, run_id: str, write: Callable[[], None]) -> DeferredWrite:
@@ -73,8 +65,7 @@ class DeferredWrites:
                 )
                 thread.start()
             self._queue.append(job)
-            self._last_submit = job.due - self.delay
-            if self._wakes_at is None or self._wakes_at > job.due:
+            if len(self._queue) == 1:
                 self._changed.notify_all()
         return job
 
@@ -95,7 +86,7 @@ class DeferredWrites:
                 continue
             try:
                 job.write()
-            except Exception as exc:  # the store refused or is gone: the outcome will say
+            except Exception as exc:  # the database refused or is gone: the outcome will say
                 logger.error("%s: the attempt's start was not written: %r", job.run_id, exc)
             finally:
                 with self._changed:
@@ -107,15 +98,12 @@ class DeferredWrites:
         with self._changed:
             while self._queue and self._queue[0].stage == _DROPPED:
                 self._queue.popleft()
-            now = time.monotonic()
             if not self._queue:
-                if now - self._last_submit < STAY_AWAKE_SECONDS:
-                    self._sleep(now + self.delay)
-                else:
-                    self._sleep(None)
+                self._changed.wait()
                 return None
-            if self._queue[0].due > now:
-                self._sleep(self._queue[0].due)
+            left = self._queue[0].due - time.monotonic()
+            if left > 0:
+                self._changed.wait(left)
                 return None
             job = self._queue.popleft()
             if job.stage != _QUEUED:
@@ -123,17 +111,10 @@ class DeferredWrites:
             job.stage = _STARTED
             return job
 
-    def _sleep(self, until: float | None) -> None:
-        """Wait (holding the condition) until ``until``, or until woken."""
-        self._wakes_at = until
-        self._changed.wait(None if until is None else max(0.0, until - time.monotonic()))
-        self._wakes_at = None
-
     def _reset_in_child(self) -> None:
         self._changed = threading.Condition()
         self._queue.clear()
         self._pid = 0
-        self._wakes_at = None
 
 
 _all: weakref.WeakSet[DeferredWrites] = weakref.WeakSet()

@@ -8,17 +8,10 @@ sending of the state's batch) and :class:`~._store.task_meta_observer.TaskMetaSh
 task meta, riding in the same batch). Recording is on every task's hot path, so it costs as
 little as it can (see :mod:`~celery_taskengine._store.record_channel` for how):
 
-- Pending is held back and written together with Running. An attempt's Running record (with
-  the claim it takes and Celery's ``RUNNING`` meta) is written a moment later by the process's
-  writer thread (see deferred_writes), as on a SQL store: an attempt shorter than that moment
-  writes only its outcome, whose record holds the whole history (Redis runs one record script
-  per task instead of two). An ``acks_late`` task writes it before the body runs instead (a
-  redelivery after a crash must find it), held by the kernel to travel with the next write.
-- The outcome is a single send that does not wait for Redis to answer; its reply is read (or,
-  riding on Celery's connection, Celery's reply is) before Celery stores the task's result,
-  so a write Redis never took or refused is never passed over. A delivery's writes reach Redis
-  in the order they were made: each settles the deferred start first (dropped if not made
-  yet, else waited for).
+- Pending is held back and written together with Running; a plain run writes twice, at Running
+  and at its final state, each a single send that does not wait for Redis to answer. Their
+  replies are read (or, riding on Celery's connection, Celery's reply is) before Celery
+  stores the task's result, so a write Redis never took or refused is never passed over.
 - The backend's task state is written only for states Celery does not write itself.
 - AwaitingRetry is written blocking: the retry's delivery, maybe on another worker, reads it.
 - A crash never overwrites a run that already ended: with ``revoke(terminate=True)`` the
@@ -38,7 +31,6 @@ from typing import TYPE_CHECKING, Any
 from celery_taskengine._engine.observers import RunObserver, StateWrites
 from celery_taskengine._engine.task_run import TaskRun
 from celery_taskengine._store.claims import Claim
-from celery_taskengine._store.deferred_writes import DeferredWrite, deferred_writes
 from celery_taskengine._store.record_channel import RecordChannel
 from celery_taskengine._store.retrying import patience_from_policy
 from celery_taskengine._store.run_document import RunDocument
@@ -162,7 +154,6 @@ class RunRecords(RunObserver):
         self._run_key = store.key_for("run", delivery.task_id)
         self._run_px = px(store.run_expires)
         self._document: RunDocument | None = None
-        self._deferred: DeferredWrite | None = None
 
     def on_state(self, run: TaskRun, state: State, batch: StateWrites) -> None:
         if batch.dropped or (state.name == "Pending" and len(run.state_history) == 1):
@@ -170,20 +161,17 @@ class RunRecords(RunObserver):
         if self._document is None:
             self._document = RunDocument(run)
         settles = state.is_scheduled() or (state.is_final() and not state.is_crashed())
-        if not (settles and state.is_final()):  # a final state waits for on_end: so may a start
-            self._settle()  # a later state supersedes a start not written yet
         batch.add(self._save_command(run, state, self._document.encode(run), settles=settles))
         if state.is_scheduled():
             batch.send = self._send_confirmed  # the retry's delivery reads it
         elif settles:
             batch.held = True  # written by on_end, once the transaction is over
         elif state.type is StateType.RUNNING:
-            batch.send = self._send_with_end if self.delivery.acks_late else self._defer
+            batch.send = self._send_with_end  # an attempt's start may travel with its end
         else:
             batch.send = self._send
 
     def on_end(self, run: TaskRun, batch: StateWrites) -> None:
-        self._settle()
         batch.send = self._flush
 
     def _flush(self, batch: StateWrites) -> None:
@@ -211,31 +199,7 @@ class RunRecords(RunObserver):
             self._writer.send(batch.commands, hold=hold)
 
     def _send_with_end(self, batch: StateWrites) -> None:
-        """An ``acks_late`` attempt's start: sent before the body runs, held by the kernel to
-        travel with the next write."""
         self._send(batch, hold=True)
-
-    def _defer(self, batch: StateWrites) -> None:
-        """An attempt's start, made by the process's writer thread a moment from now (see the
-        module docstring); its commands as they are now."""
-        if batch.dropped or not batch.commands:
-            return
-        commands = list(batch.commands)
-        self._deferred = deferred_writes().submit(
-            self.delivery.task_id, lambda: self._write_deferred(commands)
-        )
-
-    def _write_deferred(self, commands: list[tuple[Any, ...]]) -> None:
-        """In the writer thread, on an engine connection: sent and confirmed (a refusal or an
-        outage past Celery's retry policy is logged with the run id, and raised)."""
-        writer = self._channel.writer(self.delivery.task_id)
-        writer.send(commands)
-        writer.confirm()
-
-    def _settle(self) -> None:
-        deferred, self._deferred = self._deferred, None
-        if deferred is not None:
-            deferred_writes().settle(deferred)
 
     def _send_confirmed(self, batch: StateWrites) -> None:
         """Send and see Redis take them (after this delivery's earlier writes)."""
