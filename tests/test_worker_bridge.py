@@ -242,7 +242,7 @@ def test_the_backend_shows_the_engine_state_while_the_task_runs(
     with embedded_worker(app, pool="threads", concurrency=2):
         result = held.delay()
         assert started.wait(20)
-        # (a Running record is written a moment after the attempt starts: see deferred_writes)
+        # (a Running record may travel with the next write for up to 200 ms: see record_channel)
         deadline = time.monotonic() + 5
         while AsyncResult(result.id, app=app).state != "RUNNING":
             assert time.monotonic() < deadline, AsyncResult(result.id, app=app).state
