@@ -24,6 +24,7 @@ from celery.backends.base import BaseKeyValueStoreBackend
 from celery.exceptions import BackendStoreError
 
 from celery_taskengine._store.claims import Claim, store_result_fenced
+from celery_taskengine._store.replicas import ReplicaAcks, replica_acks_setting
 
 __all__ = ["CLAIM", "for_engine_tasks"]
 
@@ -61,7 +62,9 @@ class _FreshDeliveryStore:
             message = "value too large for Redis backend"
             raise BackendStoreError(message, state=state, task_id=task_id)
         key = backend.get_key_for_task(task_id)
-        store_result_fenced(backend, claim, key, encoded, _expires_ms(backend, state))
+        wait = ReplicaAcks.of(backend.client, replica_acks_setting(backend.app.conf))
+        expires = _expires_ms(backend, state)
+        store_result_fenced(backend, claim, key, encoded, expires, wait=wait.wait_command())
         return result
 
 

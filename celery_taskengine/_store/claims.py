@@ -313,19 +313,29 @@ def announce_wait(claim: Claim, holder: bytes | str) -> None:
     )
 
 
-def store_result_fenced(backend: Any, claim: Claim, key: str, value: Any, px: int | None) -> bool:
+def store_result_fenced(
+    backend: Any,
+    claim: Claim,
+    key: str,
+    value: Any,
+    px: int | None,
+    *,
+    wait: tuple[Any, ...] | None = None,
+) -> bool:
     """Store Celery's result ``value`` under ``key`` (and publish it, as Celery does) only if
-    ``claim`` is still the delivery's, or settled by it; one script call, retried as Celery
-    retries its own writes. ``False`` (logged, nothing stored) if another delivery has it."""
+    ``claim`` is still the delivery's, or settled by it; one script call, followed by
+    ``wait`` (a ``WAIT`` for replicas, see replicas) in the same round trip, retried as
+    Celery retries its own writes. ``False`` (logged, nothing stored) if another delivery
+    has it."""
     if claim.lost:
         return False
-    args = (claim.token, claim.done_value, value, str(px or 0))
-    call = backend.client.eval
+    fence = (claim.key, key, claim.token, claim.done_value)
+    command = ("EVAL", META_LUA, 2, *fence, value, str(px or 0))
     # Celery's ensure() waits out an outage; a full or demoted server is waited out here, as
     # long again (a plain task's result would be lost to it).
     policy = patience_from_policy(getattr(backend, "retry_policy", None))
     patience = dataclasses.replace(policy, errors=_PASSING)
-    store = functools.partial(backend.ensure, call, (META_LUA, 2, claim.key, key, *args))
+    store = functools.partial(backend.ensure, _run_then_wait, (backend.client, command, wait))
     try:
         stored = bool(patience.call(store, what="storing Celery's result", run_id=claim.run_id))
     except _PASSING as exc:
@@ -341,3 +351,15 @@ def store_result_fenced(backend: Any, claim: Claim, key: str, value: Any, px: in
     if not stored:
         claim.lose("Celery's result was not stored")
     return stored
+
+
+def _run_then_wait(
+    client: redis.Redis, command: tuple[Any, ...], wait: tuple[Any, ...] | None
+) -> Any:
+    """``command``'s answer, once ``wait`` (if any) has followed it in the same round trip."""
+    if wait is None:
+        return client.execute_command(*command)  # type: ignore[no-untyped-call]
+    pipe = client.pipeline(transaction=False)
+    pipe.execute_command(*command)  # type: ignore[no-untyped-call]
+    pipe.execute_command(*wait)  # type: ignore[no-untyped-call]
+    return pipe.execute()[0]

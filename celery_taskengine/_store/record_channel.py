@@ -240,8 +240,9 @@ class _Queued:
                                    "again", key.rpartition(":")[2], refusal(exc))  # fmt: skip
                 passing.add(key)
             except redis.exceptions.ResponseError as exc:
-                run_id = key.rpartition(":")[2]
-                logger.error("%s: the run record is not written: %s", run_id, refusal(exc))
+                if key not in passing:  # else sent again with the rest of its writes
+                    run_id = key.rpartition(":")[2]
+                    logger.error("%s: the run record is not written: %s", run_id, refusal(exc))
             self.replies.pop(0)
         for key in passing:  # all its writes, in order: each holds the whole record
             self.orphan(key, self.commands.get(key, []))

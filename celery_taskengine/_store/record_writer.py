@@ -136,7 +136,8 @@ class RecordWriter:
                 except REFUSAL_ERRORS as exc:
                     passing = passing or exc
                 except redis.exceptions.ResponseError as exc:
-                    self._refused = self._refused or exc
+                    if passing is None:  # after a passing refusal, all is made again anyway
+                        self._refused = self._refused or exc
                 command = self._pending.pop(0)
                 self._on_connection -= 1
                 if passing is not None:

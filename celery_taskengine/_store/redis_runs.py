@@ -41,10 +41,11 @@ class RedisRuns:
     _clock: Callable[[], float]
     key_for: Callable[..., str]
     call: Callable[..., Any]
+    replica_wait: Callable[[], tuple[Any, ...] | None]
 
     def save_run(self, run: TaskRun) -> None:
         """Write the run's JSON document, living ``run_expires`` seconds, and index it (one
-        round trip)."""
+        round trip; an outcome is confirmed by a replica, see replicas)."""
         self._save_run(run, None)
 
     def save_run_with_task_meta(
@@ -59,6 +60,9 @@ class RedisRuns:
         ms = px(self.run_expires)
         redis_key = self.key_for("run", run.id)
         keys, args = self.index_keys_and_args(run)
+        state = run.state
+        outcome = state is not None and (state.is_final() or state.is_scheduled())
+        wait = self.replica_wait() if outcome else None  # see replicas
 
         def save() -> None:
             pipe = self.client.pipeline(transaction=False)
@@ -66,6 +70,8 @@ class RedisRuns:
             self._index_script(keys=keys, args=args, client=pipe)
             if meta is not None:
                 pipe.set(meta[0], meta[1], px=meta[2])
+            if wait is not None:
+                pipe.execute_command(*wait)  # type: ignore[no-untyped-call]
             pipe.execute()
 
         self.call(save, "saving its run", run.id)

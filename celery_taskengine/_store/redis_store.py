@@ -40,6 +40,11 @@ from celery_taskengine._store.redis_claims import ClaimStore
 from celery_taskengine._store.redis_locks import RELEASE_LUA, RedisLocks, milliseconds
 from celery_taskengine._store.redis_runs import RedisRuns
 from celery_taskengine._store.redis_streams import RedisStreams
+from celery_taskengine._store.replicas import (
+    DEFAULT_REPLICA_ACKS,
+    ReplicaAcks,
+    replica_acks_setting,
+)
 from celery_taskengine._store.retrying import (
     OUTAGE_ERRORS,
     REFUSAL_ERRORS,
@@ -83,7 +88,8 @@ class RedisStore(ClaimStore, RedisLocks, RedisRuns, RedisStreams):
     not contain a password; ``clock`` gives wall-clock seconds for record timestamps;
     ``patience`` is how long an operation waits out a Redis outage (default: not at all).
     ``max_connections`` bounds the connections the engine keeps of its own (see
-    :mod:`~celery_taskengine._store.connections`).
+    :mod:`~celery_taskengine._store.connections`); ``replica_acks`` how many replicas must
+    have a run's outcome (see :mod:`~celery_taskengine._store.replicas`).
     """
 
     shared: bool = True
@@ -102,6 +108,7 @@ class RedisStore(ClaimStore, RedisLocks, RedisRuns, RedisStreams):
         clock: Callable[[], float] = time.time,
         patience: Patience | None = None,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        replica_acks: int = DEFAULT_REPLICA_ACKS,
     ) -> None:
         if not namespace or ":" in namespace:
             raise ConfigurationError(
@@ -121,6 +128,8 @@ class RedisStore(ClaimStore, RedisLocks, RedisRuns, RedisStreams):
         self._renew: Any = None  # on connections of its own, made by the first renewal
         #: Connections kept between uses (early reads, run records): never Celery's pool's.
         self.connections = EnginePool(client, max_connections)
+        #: Replicas that must have a run's outcome before it counts as written (see replicas).
+        self.replica_acks = replica_acks
         self._early_reads = EarlyReads(self)
 
     @classmethod
@@ -132,7 +141,8 @@ class RedisStore(ClaimStore, RedisLocks, RedisRuns, RedisStreams):
         Honours the backend's ``global_keyprefix``, the app's ``taskengine_namespace``,
         ``result_accept_content`` (else ``accept_content``), ``result_expires``, the
         backend's ``retry_policy`` (how long operations wait out an outage) and
-        ``taskengine_store_max_connections`` (connections the engine keeps, per process).
+        ``taskengine_store_max_connections`` (connections the engine keeps, per process) and
+        ``taskengine_replica_acks`` (replicas an outcome waits for, see replicas).
         """
         backend = app.backend if backend is None else backend
         options = app.conf.get("result_backend_transport_options") or {}
@@ -145,7 +155,12 @@ class RedisStore(ClaimStore, RedisLocks, RedisRuns, RedisStreams):
             url=backend.as_uri(),
             patience=patience_from_policy(getattr(backend, "retry_policy", None)),
             max_connections=_max_connections(app.conf.get("taskengine_store_max_connections")),
+            replica_acks=replica_acks_setting(app.conf),
         )
+
+    def replica_wait(self) -> tuple[Any, ...] | None:
+        """The ``WAIT`` that follows an outcome's writes (see replicas), or ``None``."""
+        return ReplicaAcks.of(self.client, self.replica_acks).wait_command()
 
     def key_for(self, kind: Kind, name: str) -> str:
         """The Redis key holding the cache record, lock or run record called ``name``."""

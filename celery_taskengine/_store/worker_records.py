@@ -181,13 +181,27 @@ class RunRecords(RunObserver):
         Raises :class:`StoreUnavailableError` (logged with the run id) if Redis did not take
         them within Celery's backend retry policy, or refused one.
         """
+        waits = self._wait_for_replicas(batch)
         if self._writer is None:  # riding on Celery's connection: its reply confirms them
-            if batch.commands:
+            if waits:  # made before Celery's result, which a failover must not overtake
+                self._channel.send_blocking(*batch.commands, key=self._run_key, piggyback=True)
+            elif batch.commands:
                 self._channel.send(*batch.commands, key=self._run_key, piggyback=True)
             return
         if batch.commands:
             self._writer.send(batch.commands)
         self._writer.confirm()
+
+    def _wait_for_replicas(self, batch: StateWrites) -> bool:
+        """An outcome's writes count as made once a replica has them (see replicas): a
+        failover must not lose the record of a run whose result the caller got. Whether
+        the batch waits for one."""
+        if batch.commands and not batch.dropped:
+            wait = self.store.replica_wait()
+            if wait is not None:
+                batch.add(wait)
+                return True
+        return False
 
     def _send(self, batch: StateWrites, *, hold: bool = False) -> None:
         """Send without waiting."""
@@ -205,6 +219,7 @@ class RunRecords(RunObserver):
         """Send and see Redis take them (after this delivery's earlier writes)."""
         if batch.dropped:
             return
+        self._wait_for_replicas(batch)
         if self._writer is None:
             piggyback = self.delivery.piggyback
             self._channel.send_blocking(*batch.commands, key=self._run_key, piggyback=piggyback)

@@ -132,11 +132,12 @@ def test_a_django_project_keeps_results_and_the_engines_store_in_its_database(
     env = _env(tmp_path)
     migrate = [sys.executable, "-m", "django", "migrate", "-v", "0", "django_celery_results"]
     subprocess.run(migrate, cwd=tmp_path, env=env, check=True, timeout=120)
+    log = (tmp_path / "worker.log").open("wb")  # a file: a pipe nobody reads could fill
     worker = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "proj", "worker", "-P", "prefork", "-c", "2",
          "-l", "warning", "-Q", queue, "--without-gossip", "--without-mingle",
          "--without-heartbeat", "-n", f"{queue}@%h"],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
         produced = subprocess.run(
@@ -149,7 +150,9 @@ def test_a_django_project_keeps_results_and_the_engines_store_in_its_database(
         )
     finally:
         _stop(worker)
-    assert produced.returncode == 0, produced.stderr[-3000:]
+        log.close()
+    worker_log = (tmp_path / "worker.log").read_text(errors="replace")
+    assert produced.returncode == 0, produced.stderr[-3000:] + "\nworker:\n" + worker_log[-3000:]
     out = json.loads(produced.stdout.strip().splitlines()[-1])
     assert out["sum"] == 5
     assert out["add_run"] == "Completed"  # get_task_run from the producer

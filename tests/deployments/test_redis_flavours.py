@@ -91,6 +91,8 @@ def test_a_sentinel_backend_serves_engine_tasks_and_loses_no_run_in_a_failover(
         _,
     ):
         _checks(app, tasks)
+        waits = sentinel.master.client().info("commandstats").get("cmdstat_wait", {})
+        assert waits.get("calls", 0) >= 4  # outcomes waited for the replica (see replicas)
         counter = f"slow:{uuid.uuid4().hex}"
         in_flight = [tasks.slow.delay(i, counter, 0.5) for i in range(8)]
         time.sleep(0.5)
@@ -105,8 +107,9 @@ def test_a_sentinel_backend_serves_engine_tasks_and_loses_no_run_in_a_failover(
         for result in in_flight:
             run = get_task_run(result.id, app=app)
             assert run is not None, f"run {result.id} lost in the failover"
-            assert run.history_names()[-1] == "Completed"
-            assert AsyncResult(result.id, app=app).state == "SUCCESS"
+            history = run.history_names()
+            assert history[-1] == "Completed", f"run {result.id}: {history}"
+            assert AsyncResult(result.id, app=app).state == "SUCCESS", result.id
 
 
 def _wait(condition: Any, timeout: float, what: str) -> None:

@@ -8,12 +8,13 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import IO, Any
 
 from celery import Celery
 
@@ -40,7 +41,8 @@ def deployment_worker(
 ) -> Iterator[tuple[Celery, SimpleNamespace, subprocess.Popen[bytes]]]:
     """A worker on a queue of its own, and a producer app with the same configuration.
 
-    The worker's output is captured (``proc.stdout``); it is stopped, its pool too, on exit.
+    The worker's output goes to a file (see :func:`worker_output`); the worker is stopped,
+    its pool too, on exit.
     """
     queue = f"cte-deploy-{uuid.uuid4().hex[:10]}"
     app, tasks = worker_app.make_app(broker, backend, store, queue, side, backend_options)
@@ -60,16 +62,19 @@ def deployment_worker(
         "--without-gossip", "--without-mingle", "--without-heartbeat", "-n", f"{queue}@%h",
         *extra,
     ]  # fmt: skip
-    proc = subprocess.Popen(
-        command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
-    try:
-        if wait:
-            _wait_serving(tasks, proc)
-        yield app, tasks, proc
-    finally:
-        _stop(proc)
-        app.close()
+    # The worker's output goes to a file, not a pipe nobody reads while the test runs: a full
+    # pipe would stall the worker on its next log line.
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        _logs[proc.pid] = log
+        try:
+            if wait:
+                _wait_serving(tasks, proc)
+            yield app, tasks, proc
+        finally:
+            _stop(proc)
+            del _logs[proc.pid]
+            app.close()
 
 
 def _wait_serving(tasks: SimpleNamespace, proc: subprocess.Popen[bytes]) -> None:
@@ -77,7 +82,7 @@ def _wait_serving(tasks: SimpleNamespace, proc: subprocess.Popen[bytes]) -> None
     deadline = time.monotonic() + READY_TIMEOUT
     while not result.ready():
         if proc.poll() is not None:
-            output = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+            output = _output(proc)
             raise RuntimeError(f"worker exited with {proc.returncode}:\n{output[-3000:]}")
         if time.monotonic() > deadline:
             raise RuntimeError("worker did not serve a probe task in time")
@@ -96,14 +101,23 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         for pid in children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-    if proc.stdout is not None:
-        proc.stdout.close()
 
 
 def worker_output(proc: subprocess.Popen[bytes], timeout: float) -> str:
     """Wait up to ``timeout`` seconds for the worker to exit by itself; its output."""
     try:
-        out, _ = proc.communicate(timeout=timeout)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired as exc:
         raise AssertionError(f"the worker did not exit within {timeout:g} s") from exc
-    return out.decode(errors="replace")
+    return _output(proc)
+
+
+#: Worker pid -> the file its output goes to.
+_logs: dict[int, IO[bytes]] = {}
+
+
+def _output(proc: subprocess.Popen[bytes]) -> str:
+    """What the worker wrote so far."""
+    log = _logs[proc.pid]
+    log.seek(0)
+    return log.read().decode(errors="replace")

@@ -1,0 +1,113 @@
+"""Writes that must outlive their master: confirmed by a replica (Redis ``WAIT``) when there is one.
+
+Redis replicates asynchronously. A write the master answered and then lost with the master
+(killed, its host gone, a Sentinel failover) is missing from the replica promoted in its place,
+while the worker already counted it as made: a run's final record, or Celery's result, could
+vanish in a failover though the caller saw the task succeed. So the writes a run's outcome
+rests on (the final record, AwaitingRetry, Celery's result) are followed by ``WAIT n timeout``
+on the same connection whenever the master has replicas: the write counts as made once a
+replica has it, and a master lost before that breaks the connection, so the write is made
+again on the new master.
+
+Whether the master has replicas is asked (``INFO replication``) at most every
+:data:`RECHECK_SECONDS` per client; a master without replicas waits for nothing. A replica
+that does not answer within :data:`WAIT_TIMEOUT_MS` lets the write count as made (Redis'
+own ``WAIT`` semantics): a lagging replica slows tasks down by that much at most.
+``taskengine_replica_acks`` (default 1; 0 never waits) says how many replicas must have it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import redis
+
+from celery_taskengine.errors import ConfigurationError
+
+__all__ = ["DEFAULT_REPLICA_ACKS", "WAIT_TIMEOUT_MS", "ReplicaAcks", "replica_acks_setting"]
+
+logger = logging.getLogger(__name__)
+
+#: Replicas that must have an outcome's writes, unless ``taskengine_replica_acks`` says.
+DEFAULT_REPLICA_ACKS = 1
+#: How long an outcome's write waits for its replicas at most, in ms.
+WAIT_TIMEOUT_MS = 500
+#: Seconds between two questions to the master about its replicas.
+RECHECK_SECONDS = 5.0
+
+_ATTRIBUTE = "_taskengine_replicas"
+
+
+def replica_acks_setting(conf: Any) -> int:
+    """The app's ``taskengine_replica_acks``: how many replicas must have an outcome."""
+    value = conf.get("taskengine_replica_acks", DEFAULT_REPLICA_ACKS)
+    if value is None:
+        return DEFAULT_REPLICA_ACKS
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigurationError(
+            f"taskengine_replica_acks must be a whole number of replicas (0 or more), got {value!r}"
+        )
+    return value
+
+
+class ReplicaAcks:
+    """What an outcome's writes to ``client``'s master wait for: ``WAIT`` for as many of its
+    replicas as it has, up to ``wanted``, or nothing."""
+
+    def __init__(self, client: redis.Redis, wanted: int) -> None:
+        self._client = client
+        self.wanted = wanted
+        #: Replicas the master had when last asked; unknown (None) until asked.
+        self._replicas: int | None = None
+        self._next_check = 0.0
+        self._lock = threading.Lock()
+        #: The server does not let this user ask (NOPERM): nothing is waited for.
+        self._forbidden = False
+
+    @classmethod
+    def of(cls, client: redis.Redis, wanted: int) -> ReplicaAcks:
+        """The one for ``client`` (kept on the client, so it lives and dies with it)."""
+        found: ReplicaAcks | None = client.__dict__.get(_ATTRIBUTE)
+        if found is None or found.wanted != wanted:
+            found = cls(client, wanted)
+            client.__dict__[_ATTRIBUTE] = found
+        return found
+
+    def wait_command(self) -> tuple[Any, ...] | None:
+        """The ``WAIT`` to send after an outcome's writes, or ``None`` when there is no
+        replica to wait for."""
+        if not self.wanted or self._forbidden:
+            return None
+        now = time.monotonic()
+        if now >= self._next_check and self._lock.acquire(blocking=False):
+            try:
+                self._next_check = now + RECHECK_SECONDS
+                self._replicas = self._ask()
+            finally:
+                self._lock.release()
+        replicas = self.wanted if self._replicas is None else min(self.wanted, self._replicas)
+        return ("WAIT", replicas, WAIT_TIMEOUT_MS) if replicas else None
+
+    def _ask(self) -> int | None:
+        """How many replicas the master has now; what was known before if it cannot say."""
+        try:
+            info = self._client.info("replication")
+        except redis.exceptions.NoPermissionError as exc:
+            logger.warning(
+                "Redis does not let this user ask about replicas (%s): outcomes are not "
+                "confirmed by a replica (allow INFO and WAIT, or set taskengine_replica_acks "
+                "to 0 to say so)",
+                exc,
+            )
+            self._forbidden = True
+            return 0
+        except redis.exceptions.RedisError as exc:  # down or failing over
+            logger.debug("could not ask Redis about its replicas: %s", exc)
+            self._next_check = time.monotonic() + 0.5
+            return self._replicas
+        if info.get("role") != "master":  # demoted: WAIT is an error on a replica
+            return 0
+        return int(info.get("connected_slaves", 0))
