@@ -108,6 +108,10 @@ def send(connection: Any, data: bytes, flags: int = 0) -> None:
             connection.disconnect()
             raise
     else:  # not connected yet, or TLS (which refuses send flags): this sends at once
+        if sock is None:
+            # connect() is what a Sentinel-managed connection overrides to ask the sentinels
+            # for the master; send_packed_command alone connects to its default host.
+            connection.connect()
         connection.send_packed_command([data], check_health=False)
 
 

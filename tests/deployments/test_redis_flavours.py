@@ -81,11 +81,13 @@ def sentinel(tmp_path: Path) -> Iterator[Any]:
         yield setup
 
 
+@pytest.mark.parametrize("pool", ["prefork", "threads", "gevent"])
 def test_a_sentinel_backend_serves_engine_tasks_and_loses_no_run_in_a_failover(
-    redis_url: str, sentinel: Any
+    redis_url: str, sentinel: Any, pool: str
 ) -> None:
     options = {"master_name": "mymaster"}
-    with deployment_worker(redis_url, f"{sentinel.url}/0", redis_url, backend_options=options) as (
+    backend = f"{sentinel.url}/0"
+    with deployment_worker(redis_url, backend, redis_url, pool=pool, backend_options=options) as (
         app,
         tasks,
         _,
@@ -143,3 +145,33 @@ def test_an_acl_user_without_the_engine_keys_gets_one_clear_error(
     assert proc.returncode != 0
     assert "StorePermissionError" in output or "may not run what the engine needs" in output
     assert "cte:default:*" in output
+
+
+def test_local_runs_through_sentinel_read_and_record_on_the_master(sentinel: Any) -> None:
+    """The engine's own connections (early reads, run records) ask the sentinels for the
+    master as Celery's do; they once went to a connection's default host, localhost:6379."""
+    from celery import Celery
+
+    from celery_taskengine import flush_run_records, task
+    from celery_taskengine.cache_policies import INPUTS
+    from celery_taskengine.task_engine import run_task_sync
+
+    app = Celery("sentinel-local", backend=f"{sentinel.url}/0", set_as_current=False)
+    app.conf.result_backend_transport_options = {"master_name": "mymaster"}
+    calls: list[int] = []
+
+    @task(app=app, name="sentinel.square", cache_policy=INPUTS)
+    def square(x: int) -> int:
+        calls.append(x)
+        return x * x
+
+    run_ids = [uuid.uuid4().hex for _ in range(3)]
+    for run_id in run_ids:
+        assert run_task_sync(square, run_id, parameters={"x": 7}) == 49
+    assert calls == [7]  # computed once, then read from the master
+    assert flush_run_records(app)
+    master = sentinel.master.client()
+    assert master.keys("cte:default:cache:*")
+    for run_id in run_ids:
+        assert master.exists(f"cte:default:run:{run_id}"), run_id
+    app.close()
