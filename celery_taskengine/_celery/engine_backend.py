@@ -62,9 +62,8 @@ class _FreshDeliveryStore:
             message = "value too large for Redis backend"
             raise BackendStoreError(message, state=state, task_id=task_id)
         key = backend.get_key_for_task(task_id)
-        wait = ReplicaAcks.of(backend.client, replica_acks_setting(backend.app.conf))
         expires = _expires_ms(backend, state)
-        store_result_fenced(backend, claim, key, encoded, expires, wait=wait.wait_command())
+        store_result_fenced(backend, claim, key, encoded, expires, wait=_replica_wait(backend))
         return result
 
 
@@ -91,6 +90,16 @@ class _OutcomeWithResult:
         return result
 
 
+def _replica_wait(backend: Any) -> tuple[Any, ...] | None:
+    """The ``WAIT`` that follows Celery's result (see replicas); the setting is read once per
+    backend, in the backend's own ``__dict__``."""
+    acks: ReplicaAcks | None = backend.__dict__.get(_REPLICAS)
+    if acks is None:
+        acks = ReplicaAcks.of(backend.client, replica_acks_setting(backend.app.conf))
+        backend.__dict__[_REPLICAS] = acks
+    return acks.wait_command()
+
+
 def _expires_ms(backend: Any, state: str) -> int | None:
     """How long Celery keeps a result in ``state`` (failures may have their own), in ms."""
     expires = backend.expires
@@ -100,6 +109,7 @@ def _expires_ms(backend: Any, state: str) -> int | None:
 
 
 _classes: dict[type, type] = {}
+_REPLICAS = "_taskengine_replicas"
 #: Where a backend keeps its alias: in its own ``__dict__`` (which the alias shares), so the
 #: alias lives and dies with its backend (Celery makes one per thread); no module-level map
 #: keeps either alive.
