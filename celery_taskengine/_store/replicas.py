@@ -10,7 +10,8 @@ replica has it, and a master lost before that breaks the connection, so the writ
 again on the new master.
 
 Whether the master has replicas is asked (``INFO replication``) at most every
-:data:`RECHECK_SECONDS` per client; a master without replicas waits for nothing. A replica
+:data:`RECHECK_SECONDS` per client; a master without replicas, or one that cannot be asked
+(not yet answered, ``INFO`` refused: said once in the log), waits for nothing. A replica
 that does not answer within :data:`WAIT_TIMEOUT_MS` lets the write count as made (Redis'
 own ``WAIT`` semantics): a lagging replica slows tasks down by that much at most.
 ``taskengine_replica_acks`` (default 1; 0 never waits) says how many replicas must have it.
@@ -88,14 +89,14 @@ class ReplicaAcks:
                 self._replicas = self._ask()
             finally:
                 self._lock.release()
-        replicas = self.wanted if self._replicas is None else min(self.wanted, self._replicas)
+        replicas = min(self.wanted, self._replicas or 0)  # unknown: as without replicas
         return ("WAIT", replicas, WAIT_TIMEOUT_MS) if replicas else None
 
     def _ask(self) -> int | None:
         """How many replicas the master has now; what was known before if it cannot say."""
         try:
             info = self._client.info("replication")
-        except redis.exceptions.NoPermissionError as exc:
+        except redis.exceptions.ResponseError as exc:  # NOPERM, or a server without INFO
             logger.warning(
                 "Redis does not let this user ask about replicas (%s): outcomes are not "
                 "confirmed by a replica (allow INFO and WAIT, or set taskengine_replica_acks "

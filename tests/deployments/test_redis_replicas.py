@@ -90,3 +90,10 @@ def test_a_worker_waits_for_the_replica_after_each_outcome(
 def _waits(server: Server) -> int:
     stats = server.client().info("commandstats")
     return int(stats.get("cmdstat_wait", {}).get("calls", 0))
+
+
+def test_a_server_without_info_waits_for_nothing(tmp_path: Path) -> None:
+    with redis_process(tmp_path / "no-info", "--rename-command", "INFO", "") as server:
+        acks = ReplicaAcks(server.client(), 1)
+        assert acks.wait_command() is None
+        assert acks.wait_command() is None
