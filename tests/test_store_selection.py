@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from celery import Celery
 
-from celery_taskengine import get_task_run
+from celery_taskengine import flush_run_records, get_task_run, task
 from celery_taskengine._store.selection import store_for_app
+from celery_taskengine.cache_policies import INPUTS
 from celery_taskengine.errors import ConfigurationError
 from tests.bridge_app import side
 from tests.bridge_workers import subprocess_worker
@@ -121,6 +123,25 @@ def test_the_store_setting_overrides_what_the_result_backend_would_give(
     app = _app(result_backend="rpc://", taskengine_store=setting.format(tmp=tmp_path))
 
     assert store_for_app(app).shared is shared
+
+
+def test_a_unix_socket_store_setting_reaches_the_server_on_that_socket(socket_redis: Path) -> None:
+    """``redis+socket://`` as a setting: the URL Celery gives its backend (``socket://``) is
+    used, not the one written (which once made the socket path a database number)."""
+    app = _app(result_backend="rpc://", taskengine_store=f"redis+socket://{socket_redis}")
+    calls: list[int] = []
+
+    @task(app=app, name="socket.square", cache_policy=INPUTS)
+    def square(x: int) -> int:
+        calls.append(x)
+        return x * x
+
+    assert [square(6) for _ in range(2)] == [36, 36]
+    assert calls == [6]
+    assert flush_run_records(app)
+    server = redis.Redis(unix_socket_path=str(socket_redis))
+    assert server.keys("cte:default:cache:*") and server.keys("cte:default:run:*")
+    app.close()
 
 
 def test_django_settings_name_the_store_with_their_namespace(tmp_path: Path) -> None:

@@ -47,7 +47,7 @@ def store_for_app(app: Celery | None) -> ResultStore:
     setting = configured_store_url(app)
     if setting is not None:
         store = _store_from_url(app, setting)
-    elif _redis_backend_class(app.backend_cls or app.conf.result_backend, app) is not None:
+    elif _redis_backend(app.backend_cls or app.conf.result_backend, app) is not None:
         store = RedisStore.for_app(app)
     elif (database_url := _database_backend_url(app)) is not None:
         store = _sql_store(app, database_url)
@@ -64,19 +64,22 @@ def _store_from_url(app: Celery, url: str) -> ResultStore:
         return memory.default_memory_store()
     if scheme.split("+", 1)[0] in _SQL_SCHEMES:
         return _sql_store(app, url)
-    backend_class = _redis_backend_class(url, app)
-    if backend_class is None:
+    found = _redis_backend(url, app)
+    if found is None:
         raise ConfigurationError(
             f"taskengine_store = {maybe_sanitize_url(url)!r} is not a store URL this version "
             f"knows: use redis://, rediss://, redis+socket://, sentinel://, a SQLAlchemy "
             f"database URL (postgresql://, mysql+pymysql://, sqlite:///...) or memory://"
         )
-    # Celery parses the URL (socket paths, TLS and Sentinel options) as for a result backend.
-    return RedisStore.for_app(app, backend_class(app=app, url=url))
+    # Celery parses the URL (socket paths, TLS and Sentinel options) as for a result backend:
+    # the URL it hands the backend, as ``redis+socket://`` becomes ``socket://``.
+    backend_class, backend_url = found
+    return RedisStore.for_app(app, backend_class(app=app, url=backend_url))
 
 
-def _redis_backend_class(spec: Any, app: Celery) -> type | None:
-    """The Redis backend class (of any flavour) Celery builds for ``spec``, if it does.
+def _redis_backend(spec: Any, app: Celery) -> tuple[type, str | None] | None:
+    """The Redis backend class (of any flavour) Celery builds for ``spec``, if it does, and
+    the URL Celery gives it.
 
     Asks for the backend's class only: building other backends may need packages that are
     not installed (SQLAlchemy, Django), which is no concern of the engine's.
@@ -84,12 +87,12 @@ def _redis_backend_class(spec: Any, app: Celery) -> type | None:
     if spec is None:
         return None
     try:
-        backend_class, _ = by_url(spec, app.loader)
+        backend_class, url = by_url(spec, app.loader)
     except (ImportError, ValueError) as exc:
         logger.debug("result backend %r is not a Redis backend: %s", spec, exc)
         return None
     if isinstance(backend_class, type) and issubclass(backend_class, RedisBackend):
-        return backend_class
+        return backend_class, url
     return None
 
 
