@@ -10,8 +10,11 @@ engine's back.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
+from collections.abc import Iterator
+from contextvars import ContextVar
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +26,37 @@ from celery_taskengine.errors import RetryRequested
 if TYPE_CHECKING:
     from celery_taskengine._celery.task import Task
 
-__all__ = ["engine_request", "request_retry"]
+__all__ = ["delivered_request", "delivering", "engine_request", "lineage", "request_retry"]
+
+#: Celery's request of the delivery a worker is running, where Celery's own thread-local
+#: request stack does not reach: an attempt's timeout thread (contextvars are copied to it)
+#: and the worker loop running ``async def`` tasks (see worker_loop).
+_delivered: ContextVar[Context | None] = ContextVar("taskengine_delivered", default=None)
+
+
+@contextlib.contextmanager
+def delivering(request: Context | None) -> Iterator[None]:
+    """Within: ``request`` is the delivery's, for :func:`delivered_request`."""
+    token = _delivered.set(request)
+    try:
+        yield
+    finally:
+        _delivered.reset(token)
+
+
+def delivered_request() -> Context | None:
+    """Celery's request of the delivery this context belongs to, if any."""
+    return _delivered.get()
+
+
+def lineage(app: Any) -> dict[str, str]:
+    """``root_id`` and ``parent_id`` for a task sent from a delivery's run where Celery cannot
+    tell (its ``current_worker_task`` is thread-local: empty in a timeout thread or on the
+    worker loop); empty where Celery can, or outside a delivery."""
+    request = _delivered.get()
+    if request is None or app.current_worker_task is not None:
+        return {}
+    return {"root_id": request.root_id or request.id, "parent_id": request.id}
 
 
 def engine_request(task: Task, run: TaskRun, stacked: Context | None) -> Context:

@@ -15,7 +15,12 @@ from celery.utils.functional import head_from_fun
 
 from celery_taskengine._celery import cancellation, events, worker_checks, worker_signals  # noqa: F401
 from celery_taskengine._celery import producer as producer_side
-from celery_taskengine._celery.celery_request import engine_request, request_retry
+from celery_taskengine._celery.celery_request import (
+    delivered_request,
+    engine_request,
+    lineage,
+    request_retry,
+)
 from celery_taskengine._celery.engine_backend import for_engine_tasks
 from celery_taskengine._celery.options import (
     HOOK_OPTIONS,
@@ -120,7 +125,7 @@ class Task(CeleryTask):  # type: ignore[misc]
         stacked = self.request_stack.top
         if run is None or run.task_name != self.name:
             return stacked if stacked is not None else self._get_request()
-        return engine_request(self, run, stacked)
+        return engine_request(self, run, stacked or delivered_request())
 
     def retry(
         self,
@@ -181,6 +186,8 @@ class Task(CeleryTask):  # type: ignore[misc]
         options.update(
             task_id=task_id, producer=producer, link=link, link_error=link_error, shadow=shadow
         )
+        for name, value in lineage(self.app).items():  # sent from a run's other thread
+            options.setdefault(name, value)
         if self.engine_options.pydantic is not None:  # validated here: bad ones raise now
             dump = options.get("serializer", self.serializer) != "pickle"
             args, kwargs = arguments_for_sending(self, args, kwargs, dump=dump)

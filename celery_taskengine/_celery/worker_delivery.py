@@ -27,6 +27,7 @@ from celery.exceptions import Ignore
 from celery.signals import task_revoked
 
 from celery_taskengine._celery.cancellation import revocation_check
+from celery_taskengine._celery.celery_request import delivering
 from celery_taskengine._celery.control_flow import HANDED_BACK, celery_control_state
 from celery_taskengine._celery.engine_backend import CLAIM
 from celery_taskengine._celery.events import StateEvents, task_events_enabled
@@ -118,7 +119,8 @@ def _run(task: Task, delivery: Delivery, store: ResultStore, run: TaskRun) -> li
     if task.fn_kind in ("generator", "async_generator") and store.shared:
         channel = ItemChannel(task.app, store, delivery.task_id)
     try:
-        return _execute(task, delivery, store, run, channel)
+        with delivering(delivery.request):  # seen by the run's other threads (celery_request)
+            return _execute(task, delivery, store, run, channel)
     finally:
         lost = delivery.claim is not None and delivery.claim.lost
         if channel is not None and run.state is not None and run.state.is_final() and not lost:
@@ -177,6 +179,7 @@ def _delivery(task: Task, request: Any, store: ResultStore, claim: Claim | None)
         ignores_result=bool(get_actual_ignore_result(task, request)),
         acks_late=bool(task.acks_late),
         result_follows=_result_follows(task, request),
+        request=request,
     )
 
 

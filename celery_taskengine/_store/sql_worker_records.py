@@ -154,7 +154,8 @@ class SqlRunRecords(RunObserver):
     def _show_through_celery(self, status: str, info: Any) -> None:
         """The engine state in the backend, written by Celery (a courtesy: never raises)."""
         try:
-            self.app.backend.store_result(self.delivery.task_id, info, status)
+            request = self.delivery.request  # rpc:// routes by it (this may be another thread)
+            self.app.backend.store_result(self.delivery.task_id, info, status, request=request)
         except Exception:
             logger.warning(
                 "%s: could not show %s in the result backend",

@@ -41,6 +41,7 @@ class TaskMetaShown(RunObserver):
         self.app = app
         self.task_id: str = delivery.task_id
         self._shows = not delivery.ignores_result
+        self._request = delivery.request
         #: The meta rides with the records when Celery keeps it on the store's own Redis.
         self._rides_along = keeps_meta_on_redis(app.backend) and configured_store_url(app) is None
         #: No backend meta can exist before a message's first delivery starts.
@@ -60,7 +61,8 @@ class TaskMetaShown(RunObserver):
     def _store_through_celery(self, run: TaskRun, state: State, status: str) -> None:
         """The engine state in a backend the records do not ride to (rpc://, a database)."""
         try:
-            self.app.backend.store_result(self.task_id, state_info(run, state), status)
+            info = state_info(run, state)
+            self.app.backend.store_result(self.task_id, info, status, request=self._request)
         except Exception:  # the run goes on: the backend's view is a courtesy
             logger.warning(
                 "%s: could not show %s in the backend", self.task_id, status, exc_info=True

@@ -114,6 +114,9 @@ class Delivery:
     #: Celery stores the outcome right after the delivery returns (a function's or a
     #: coroutine's, kept, not eager, acknowledged early): its record may commit with it.
     result_follows: bool = False
+    #: Celery's request object: a backend that routes states by it (``rpc://``) is given it,
+    #: since states may be stored from a thread Celery's ``current_task`` does not reach.
+    request: Any = None
 
     @property
     def may_continue(self) -> bool:

@@ -80,7 +80,31 @@ def make_app(
         side.rpush(counter, os.getpid())
         raise ConnectionError("fails every time")
 
+    def who(self: Any, spawn: Any) -> dict[str, Any]:
+        """What ``self.request`` says in the run's thread, and the id of a child sent from it."""
+        request = self.request
+        return {
+            "id": request.id,
+            "hostname": request.hostname,
+            "routing_key": (request.delivery_info or {}).get("routing_key"),
+            "called_directly": request.called_directly,
+            "root_id": request.root_id,
+            "parent_id": request.parent_id,
+            "child": spawn.delay(None).id if spawn else None,
+        }
+
+    # timeout_seconds: outside a main thread the attempt runs in a helper thread
+    @task(app=app, name="deploy.whoami", bind=True, timeout_seconds=30)
+    def whoami(self: Any, spawn: bool | None) -> dict[str, Any]:
+        return who(self, whoami if spawn else None)
+
+    @task(app=app, name="deploy.awhoami", bind=True)  # runs on the worker's event loop
+    async def awhoami(self: Any, spawn: bool | None) -> dict[str, Any]:
+        return who(self, awhoami if spawn else None)
+
     return app, SimpleNamespace(
+        whoami=whoami,
+        awhoami=awhoami,
         probe=probe,
         cached=cached,
         flaky=flaky,
