@@ -17,9 +17,10 @@ from datetime import datetime, timezone
 from typing import Any
 
 from celery import states
-from sqlalchemy import Connection, bindparam, insert, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Connection, bindparam, update
 from sqlalchemy.engine import make_url
+
+from celery_taskengine._store.sql_support import insert_if_new, insert_statement
 
 __all__ = ["shares_database", "task_row", "write_task_row"]
 
@@ -86,9 +87,8 @@ def write_task_row(conn: Connection, backend: Any, row: dict[str, Any]) -> None:
     statements = _statements.get((table, name))
     if statements is None:
         statements = _statements[(table, name)] = _build(table, name)
-    insert_ignoring, update_unless_done = statements
-    inserted = conn.execute(insert_ignoring, row)
-    if (inserted.first() is not None) if name == "postgresql" else bool(inserted.rowcount):
+    insert_new, update_unless_done = statements
+    if insert_if_new(conn, insert_new, row):
         return
     values = {k: v for k, v in row.items() if k != "task_id"}
     conn.execute(update_unless_done, {"b_task_id": row["task_id"], **values})
@@ -103,10 +103,4 @@ def _build(table: Any, name: str) -> tuple[Any, Any]:
     update_unless_done = update(table).where(
         c.task_id == bindparam("b_task_id"), c.status != states.SUCCESS
     )
-    if name == "postgresql":  # RETURNING says whether it inserted (psycopg gives no rowcount)
-        return postgresql.insert(table).on_conflict_do_nothing().returning(c.task_id), (
-            update_unless_done
-        )
-    if name == "sqlite":
-        return sqlite.insert(table).on_conflict_do_nothing(), update_unless_done
-    return insert(table).prefix_with("IGNORE"), update_unless_done
+    return insert_statement(table, name, c.task_id), update_unless_done

@@ -27,9 +27,8 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, and_, bindparam, insert, or_, select, update
+from sqlalchemy import Connection, and_, bindparam, or_, select, update
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.dialects import postgresql, sqlite
 
 from celery_taskengine._store import sql_schema as schema
 from celery_taskengine._store.claims import (
@@ -38,7 +37,7 @@ from celery_taskengine._store.claims import (
     announce_wait,
     is_done,
 )
-from celery_taskengine._store.sql_support import reconnecting
+from celery_taskengine._store.sql_support import insert_if_new, insert_statement, reconnecting
 from celery_taskengine.errors import StoreUnavailableError
 
 __all__ = ["SqlClaim", "SqlClaims"]
@@ -74,13 +73,10 @@ _REPLACE = (
     )
     .values(holder=bindparam("b_holder"), expires_at=bindparam("b_until"))
 )
-#: A row inserted unless its key is there; PostgreSQL says which with RETURNING (psycopg
-#: gives no row count for it).
-_INSERT_IGNORING: dict[str, Any] = {
-    "postgresql": postgresql.insert(schema.claims).on_conflict_do_nothing().returning(_c.key),
-    "sqlite": sqlite.insert(schema.claims).on_conflict_do_nothing(),
-    "mysql": insert(schema.claims).prefix_with("IGNORE"),
-    "mariadb": insert(schema.claims).prefix_with("IGNORE"),
+#: A claim's row inserted unless its key is there (see sql_support.insert_if_new).
+_INSERT_NEW: dict[str, Any] = {
+    name: insert_statement(schema.claims, name, _c.key)
+    for name in ("postgresql", "sqlite", "mysql", "mariadb")
 }
 
 
@@ -241,9 +237,7 @@ class SqlClaims:
             "holder": params["b_holder"],
             "expires_at": params["b_until"],
         }
-        name = conn.dialect.name
-        inserted = conn.execute(_INSERT_IGNORING[name], row)
-        return inserted.first() is not None if name == "postgresql" else bool(inserted.rowcount)
+        return insert_if_new(conn, _INSERT_NEW[conn.dialect.name], row)
 
     def _claim_params(self, claim: Claim) -> dict[str, Any]:
         now = self._clock()

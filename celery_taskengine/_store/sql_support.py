@@ -26,6 +26,8 @@ __all__ = [
     "already_exists",
     "check_ttl",
     "engines",
+    "insert_if_new",
+    "insert_statement",
     "like_escape",
     "may_succeed_again",
     "reconnecting",
@@ -85,6 +87,42 @@ def may_succeed_again(exc: sa_exc.DBAPIError) -> bool:
         return True
     text = str(exc.orig).lower()
     return "deadlock" in text or "lock wait timeout" in text or "database is locked" in text
+
+
+#: MySQL's and MariaDB's error number for a duplicate key.
+_DUPLICATE_KEY = 1062
+
+
+def insert_if_new(conn: Connection, statement: Any, row: dict[str, Any]) -> bool:
+    """Insert ``row`` with ``statement`` (the dialect's: see ``insert_statement``) unless its
+    key is taken; whether it did.
+
+    PostgreSQL's says so with ``RETURNING`` (psycopg gives no row count for it), SQLite's by
+    its row count. MySQL's is a plain ``INSERT`` whose duplicate-key error alone is passed
+    over (InnoDB undoes the statement, not the transaction): ``INSERT IGNORE`` would pass
+    over every error, storing a value too long for its column cut short, without a word.
+    """
+    name = conn.dialect.name
+    if name in ("mysql", "mariadb"):
+        try:
+            conn.execute(statement, row)
+        except sa_exc.IntegrityError as exc:
+            if getattr(exc.orig, "args", (None,))[0] == _DUPLICATE_KEY:
+                return False
+            raise
+        return True
+    inserted = conn.execute(statement, row)
+    return inserted.first() is not None if name == "postgresql" else bool(inserted.rowcount)
+
+
+def insert_statement(table: Any, name: str, key: Any) -> Any:
+    """The statement :func:`insert_if_new` runs on ``table`` for dialect ``name``; ``key``
+    is a column of the table's key (PostgreSQL returns it for an inserted row)."""
+    if name == "postgresql":
+        return postgresql.insert(table).on_conflict_do_nothing().returning(key)
+    if name == "sqlite":
+        return sqlite.insert(table).on_conflict_do_nothing()
+    return table.insert()
 
 
 def upsert_many(

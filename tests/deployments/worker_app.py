@@ -102,7 +102,17 @@ def make_app(
     async def awhoami(self: Any, spawn: bool | None) -> dict[str, Any]:
         return who(self, awhoami if spawn else None)
 
+    @app.task(name="deploy.plain_big")
+    def plain_big(size: int) -> str:
+        return "x" * size
+
+    @task(app=app, name="deploy.big")
+    def big(size: int) -> str:
+        return "x" * size
+
     return app, SimpleNamespace(
+        plain_big=plain_big,
+        big=big,
         whoami=whoami,
         awhoami=awhoami,
         probe=probe,
