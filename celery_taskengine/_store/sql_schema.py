@@ -10,6 +10,8 @@ whose schema is changed by migrations only.
 
 from __future__ import annotations
 
+import time
+
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -22,8 +24,9 @@ from sqlalchemy import (
     Table,
     Text,
 )
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import mysql, postgresql, sqlite
-from sqlalchemy.engine import Dialect
+from sqlalchemy.engine import Dialect, Engine
 from sqlalchemy.schema import CreateIndex, CreateTable
 
 __all__ = [
@@ -31,6 +34,7 @@ __all__ = [
     "METADATA",
     "cache",
     "claims",
+    "create_missing",
     "ddl",
     "items",
     "locks",
@@ -141,3 +145,32 @@ def ddl(dialect: str) -> str:
         for index in sorted(table.indexes, key=lambda i: str(i.name)):
             statements.append(str(CreateIndex(index).compile(dialect=target)).strip() + ";")
     return "\n\n".join(statements) + "\n"
+
+
+#: How many times the tables are looked for and made while other processes make them too.
+_CREATE_TRIES = 6
+
+
+def create_missing(engine: Engine) -> None:
+    """Create the tables and indexes that are missing, as other processes may be doing at the
+    same moment: processes starting together on a new database race, and the loser's
+    ``CREATE`` fails (the table exists now, PostgreSQL's catalog refuses a duplicate row type,
+    SQLite's file is locked) or finds one table made and the next not yet (MySQL commits each
+    ``CREATE`` by itself). So it looks again and makes what is still missing. Raises the
+    database's error when it is not such a race, or after the last try.
+    """
+    for attempt in range(1, _CREATE_TRIES + 1):
+        try:
+            METADATA.create_all(engine, checkfirst=True)
+            return
+        except sa_exc.DBAPIError as exc:
+            if attempt == _CREATE_TRIES or not _created_meanwhile(exc):
+                raise
+            time.sleep(0.05 * attempt)
+
+
+def _created_meanwhile(exc: Exception) -> bool:
+    """Whether a failed ``CREATE`` may be another process making the same tables."""
+    text = str(exc).lower()
+    signs = ("already exists", "duplicate key", "database is locked", "deadlock")
+    return any(sign in text for sign in signs)

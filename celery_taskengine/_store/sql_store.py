@@ -40,7 +40,6 @@ from celery_taskengine._store.sql_support import (
     LOAD_RUN,
     READ_RECORD,
     TryAgain,
-    already_exists,
     engines,
     like_escape,
     may_succeed_again,
@@ -296,12 +295,12 @@ class SqlStore(SqlClaims, SqlLocks, SqlStreams):
     # -- tables --------------------------------------------------------------------------
 
     def create_tables(self) -> None:
-        """Create the store's tables and indexes where they are missing (``store init``)."""
+        """Create the store's tables and indexes where they are missing (``store init``), as
+        other processes may be doing at the same moment (see sql_schema.create_missing)."""
         try:
-            schema.METADATA.create_all(self.engine, checkfirst=True)
-        except sa_exc.OperationalError as exc:
-            if not already_exists(exc):  # another process created them meanwhile
-                raise self._unavailable(exc) from exc
+            schema.create_missing(self.engine)
+        except sa_exc.DBAPIError as exc:
+            raise self._unavailable(exc) from exc
         self._tables_ready = True
 
     def close(self) -> None:  # it opens new connections if used again

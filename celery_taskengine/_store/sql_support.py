@@ -23,7 +23,6 @@ __all__ = [
     "LOAD_RUN",
     "READ_RECORD",
     "TryAgain",
-    "already_exists",
     "check_ttl",
     "engines",
     "insert_if_new",
@@ -191,7 +190,3 @@ def check_ttl(ttl: float) -> None:
 
 def like_escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-
-
-def already_exists(exc: Exception) -> bool:
-    return "already exists" in str(exc).lower()
