@@ -11,6 +11,7 @@ whose schema is changed by migrations only.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from sqlalchemy import (
     BigInteger,
@@ -151,20 +152,21 @@ def ddl(dialect: str) -> str:
 _CREATE_TRIES = 6
 
 
-def create_missing(engine: Engine) -> None:
+def create_missing(engine: Engine, may_pass: Callable[[sa_exc.DBAPIError], bool]) -> None:
     """Create the tables and indexes that are missing, as other processes may be doing at the
     same moment: processes starting together on a new database race, and the loser's
     ``CREATE`` fails (the table exists now, PostgreSQL's catalog refuses a duplicate row type,
     SQLite's file is locked) or finds one table made and the next not yet (MySQL commits each
-    ``CREATE`` by itself). So it looks again and makes what is still missing. Raises the
-    database's error when it is not such a race, or after the last try.
+    ``CREATE`` by itself). So it looks again and makes what is still missing, as it does
+    after an error ``may_pass`` says may pass (a dropped connection). Raises the database's
+    error when it is neither, or after the last try.
     """
     for attempt in range(1, _CREATE_TRIES + 1):
         try:
             METADATA.create_all(engine, checkfirst=True)
             return
         except sa_exc.DBAPIError as exc:
-            if attempt == _CREATE_TRIES or not _created_meanwhile(exc):
+            if attempt == _CREATE_TRIES or not (_created_meanwhile(exc) or may_pass(exc)):
                 raise
             time.sleep(0.05 * attempt)
 

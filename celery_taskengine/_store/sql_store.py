@@ -298,9 +298,9 @@ class SqlStore(SqlClaims, SqlLocks, SqlStreams):
         """Create the store's tables and indexes where they are missing (``store init``), as
         other processes may be doing at the same moment (see sql_schema.create_missing)."""
         try:
-            schema.create_missing(self.engine)
-        except sa_exc.DBAPIError as exc:
-            raise self._unavailable(exc) from exc
+            schema.create_missing(self.engine, may_succeed_again)
+        except sa_exc.DBAPIError as exc:  # a dropped connection: the operation is made again
+            raise self._translated(exc) from exc
         self._tables_ready = True
 
     def close(self) -> None:  # it opens new connections if used again

@@ -80,12 +80,27 @@ def reconnecting(method: _Method) -> _Method:
     return cast(_Method, again_if_told)
 
 
+#: What a database says when it cut a connection (also while it was being made, which
+#: SQLAlchemy does not count as an invalidated one), chose a deadlock's victim or timed out
+#: a lock wait.
+_PASSING = (
+    "deadlock",
+    "lock wait timeout",
+    "database is locked",
+    "terminating connection",  # PostgreSQL: pg_terminate_backend, a shutdown
+    "server closed the connection",
+    "lost connection",  # MySQL 2013
+    "gone away",  # MySQL 2006
+    "connection reset",
+)
+
+
 def may_succeed_again(exc: sa_exc.DBAPIError) -> bool:
     """A dropped connection, a deadlock victim or a lock wait that timed out."""
     if exc.connection_invalidated:
         return True
     text = str(exc.orig).lower()
-    return "deadlock" in text or "lock wait timeout" in text or "database is locked" in text
+    return any(sign in text for sign in _PASSING)
 
 
 #: MySQL's and MariaDB's error number for a duplicate key.
