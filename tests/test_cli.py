@@ -208,6 +208,36 @@ def test_runs_ls_says_so_when_nothing_matches(
     assert capsys.readouterr().out == "no runs matching --state TimedOut\n"
 
 
+def test_runs_ls_refuses_a_state_that_is_no_state_instead_of_finding_nothing(
+    app_module: ModuleType, capsys: pytest.CaptureFixture[str]
+) -> None:
+    local_run(app_module, "boom", "bo")
+    assert run("-A", app_module.__name__, "runs", "ls", "--state", "faild") == 1
+    err = capsys.readouterr().err
+    assert "--state 'faild' is no state" in err and "TimedOut" in err and "FAILED" in err
+    assert len(err.splitlines()) == 1
+
+
+def test_an_unreachable_sql_store_is_named_as_sql_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    port = closed_port_url().rsplit(":", 1)[1].split("/")[0]
+    url = f"postgresql+psycopg://postgres@127.0.0.1:{port}/test"
+    monkeypatch.syspath_prepend(str(tmp_path))
+    name = write_app_module(tmp_path, "rpc://")
+    (tmp_path / f"{name}.py").write_text(
+        (tmp_path / f"{name}.py").read_text() + f"\napp.conf.taskengine_store = {url!r}\n"
+    )
+    try:
+        status = run("-A", name, "runs", "ls")
+    finally:
+        sys.modules.pop(name, None)
+    err = capsys.readouterr().err
+    assert status == 1
+    assert f"the SQL store at {url} is not answering" in err
+    assert len(err.splitlines()) == 1
+
+
 def test_runs_ls_shows_at_most_limit_runs(
     app_module: ModuleType, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -10,14 +10,16 @@
 
 ``-A``/``--app`` names the Celery app exactly as ``celery -A`` does (``proj``, ``proj.app``,
 ``proj:app``); without it, ``CELERY_TASKENGINE_APP`` is used. Runs and cache records are read
-from the app's own store, its Redis result backend. Failures the user can act on (no app, an
-app without Redis, Redis not answering, an unknown run id) print one line on stderr and exit
-with status 1; usage errors exit with 2, as argparse does.
+from the app's own store (see the README's Deployments). Failures the user can act on (no app,
+an app without a shared store, the store not answering, an unknown run id, a state that is no
+state) print one line on stderr and exit with status 1; usage errors exit with 2, as argparse
+does.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -30,7 +32,7 @@ from kombu.utils.url import maybe_sanitize_url
 from celery_taskengine import __version__
 from celery_taskengine._engine.task_run import TaskRun
 from celery_taskengine._store.protocol import ResultRecord, ResultStore
-from celery_taskengine._store.run_filters import task_matches
+from celery_taskengine._store.run_filters import squash, task_matches
 from celery_taskengine._store.selection import store_for_app
 from celery_taskengine._tools.cli_app import APP_ENV_VAR, CommandError, load_app
 from celery_taskengine._tools.cli_store import add_store_commands
@@ -157,39 +159,55 @@ def _with_store(
 
     def handler(args: argparse.Namespace) -> int:
         store = open_store(load_app(args.app))
-        with _redis_answering(store.url):
+        with _store_answering(store.url):
             return command(store, args)
 
     return handler
 
 
 def open_store(app: Celery) -> ResultStore:
-    """The app's Redis store; :class:`CommandError` when its records live in process memory."""
-    with _redis_answering(maybe_sanitize_url(str(app.conf.result_backend))):
+    """The app's shared store; :class:`CommandError` when its records live in process memory."""
+    with _store_answering(maybe_sanitize_url(str(app.conf.result_backend))):
         store = store_for_app(app)
     if not store.shared:
         raise CommandError(
-            f"app {app.main!r} has no Redis result backend (result_backend = "
-            f"{app.conf.result_backend!r}): its runs and cache records live only in the "
-            f"process that made them"
+            f"app {app.main!r} has no Redis result backend, no database one and no "
+            f"taskengine_store setting (result_backend = {app.conf.result_backend!r}): its "
+            f"runs and cache records live only in the process that made them"
         )
     return store
 
 
 @contextmanager
-def _redis_answering(url: str) -> Iterator[None]:
-    """Turn "Redis is not answering" into a :class:`CommandError` naming the server."""
+def _store_answering(url: str) -> Iterator[None]:
+    """Turn "the store is not answering" into a one-line :class:`CommandError` naming it."""
     try:
         yield
     except StoreUnavailableError as exc:
-        cause = exc.__cause__ or exc
-        raise CommandError(f"Redis at {url} is not answering ({cause})") from exc
+        cause = str(exc.__cause__ or exc).strip().splitlines()[0]
+        kind = "Redis" if _REDIS_URL.match(url) else "the SQL store"
+        raise CommandError(f"{kind} at {url} is not answering: {cause}") from exc
+
+
+#: URL schemes of Redis stores (as Celery spells their backends).
+_REDIS_URL = re.compile(r"^(redis|rediss|sentinel|socket|unix)\b")
 
 
 # -- runs ----------------------------------------------------------------------------------
 
+#: What ``--state`` takes: the name of a state (``TimedOut``) or a type (``FAILED``).
+_STATE_NAMES = (
+    *("AwaitingRetry", "Cached", "Cancelled", "Completed", "Crashed", "Failed", "NotReady"),
+    *("Paused", "Pending", "Retrying", "Running", "Scheduled", "TimedOut"),
+    *(state_type.value for state_type in StateType),
+)
+_STATE_WORDS = frozenset(squash(name) for name in _STATE_NAMES)
+
 
 def _runs_ls(store: ResultStore, args: argparse.Namespace) -> int:
+    if args.state is not None and squash(args.state) not in _STATE_WORDS:
+        known = ", ".join(_STATE_NAMES)
+        raise CommandError(f"--state {args.state!r} is no state: use one of {known}")
     runs = store.list_runs(args.limit, task=args.task, state=args.state)
     if not runs:
         print("no runs" + _filters_note(args))
