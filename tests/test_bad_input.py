@@ -243,6 +243,12 @@ DELAY_MISTAKES = [
     pytest.param(DelayMistake(lambda t: t.delay(1, 2, return_state=True), TypeError,
                               ("add()", "'return_state'")),
                  id="a-local-only-engine-argument"),
+    pytest.param(DelayMistake(lambda t: t.delay(1, 2, wait_for=[]), TypeError,
+                              ("add()", "'wait_for'", "chain")),
+                 id="wait-for-in-a-message"),
+    pytest.param(DelayMistake(lambda t: t.apply_async((1, 2), wait_for=[]), TypeError,
+                              ("add()", "'wait_for'", "chain")),
+                 id="wait-for-as-a-send-option"),
 ]  # fmt: skip
 
 

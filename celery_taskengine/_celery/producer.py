@@ -30,6 +30,7 @@ from kombu.exceptions import EncodeError
 from kombu.serialization import prepare_accept_content, registry
 
 from celery_taskengine._celery import message_age
+from celery_taskengine._celery.options import RESERVED_PARAMETERS
 from celery_taskengine._engine.drivers import drive_sync
 from celery_taskengine._engine.parameters import bind_parameters
 from celery_taskengine._engine.pydantic_args import validate_parameters
@@ -49,7 +50,7 @@ from celery_taskengine.states import State, StateType
 if TYPE_CHECKING:
     from celery_taskengine._celery.task import Task
 
-__all__ = ["CachedResult", "apply_async"]
+__all__ = ["CachedResult", "apply_async", "refuse_local_only"]
 
 logger = logging.getLogger(__name__)
 
@@ -219,3 +220,21 @@ def _cached_run(task: Task, parameters: dict[str, Any], task_id: str, value: Any
     if task.engine_options.on_completion:
         drive_sync(core.call_hooks(cached), core.env)
     return run
+
+
+def refuse_local_only(task: Any, kwargs: Any, options: dict[str, Any]) -> None:
+    """``return_state`` and ``wait_for`` shape a local call (``t(..., wait_for=[...])``); a
+    message has neither: a ``TypeError`` that says so, before anything is published."""
+    for name in RESERVED_PARAMETERS:
+        if name in options or (isinstance(kwargs, dict) and name in kwargs):
+            fn_name = getattr(task.engine_fn, "__name__", task.name)
+            instead = (
+                "; to run a task after another in a worker, chain them "
+                "(first.s(...) | second.s()) or pass the upstream value itself"
+                if name == "wait_for"
+                else "; a message's AsyncResult gives the state (.state, get_task_run)"
+            )
+            raise TypeError(
+                f"{fn_name}() got {name!r}, which only a local call takes "
+                f"({fn_name}(..., {name}=...)){instead}"
+            )

@@ -183,6 +183,7 @@ class Task(CeleryTask):  # type: ignore[misc]
         nothing.
         """
         refuse_unconfigured_default(self)
+        producer_side.refuse_local_only(self, kwargs, options)
         options.update(
             task_id=task_id, producer=producer, link=link, link_error=link_error, shadow=shadow
         )
