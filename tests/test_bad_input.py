@@ -177,6 +177,18 @@ OPTION_MISTAKES = [
     pytest.param(OptionMistake({}, ReservedArgumentError, ("wait_for", "takes_wait_for"),
                                fn=takes_wait_for),
                  id="reserved-parameter-wait-for"),
+    pytest.param(OptionMistake({"serializer": "nope"}, ValueError,
+                               ("'serializer'", "nope", "json")),
+                 id="unknown-message-serializer"),
+    pytest.param(OptionMistake({"task_run_name": "run-{nope}"}, ValueError,
+                               ("task_run_name", "{nope}", "x")),
+                 id="run-name-field-that-is-no-parameter"),
+    pytest.param(OptionMistake({"task_run_name": "run-{x"}, ValueError,
+                               ("task_run_name", "run-{x")),
+                 id="run-name-template-unclosed"),
+    pytest.param(OptionMistake({"retry_condition_fn": lambda: True}, TypeError,
+                               ("retry_condition_fn", "(task, task_run, state)")),
+                 id="retry-condition-with-no-parameters"),
 ]  # fmt: skip
 
 

@@ -22,6 +22,7 @@ from celery_taskengine._celery.celery_request import (
     request_retry,
 )
 from celery_taskengine._celery.engine_backend import for_engine_tasks
+from celery_taskengine._celery.option_checks import check_references
 from celery_taskengine._celery.options import (
     HOOK_OPTIONS,
     TaskOptions,
@@ -257,6 +258,7 @@ def task(
     def decorate(fn: Callable[..., Any]) -> Task:
         if not callable(fn):
             raise TypeError(f"@task decorates a function, got {type(fn).__name__}")
+        check_references(fn, {**engine_given, **celery_given})
         engine_options = build_options(fn, engine_given)
         name = engine_given.get("name")
         if app is None:
@@ -375,6 +377,7 @@ def _from_celery_decorator(cls: Any) -> None:
     }
     engine_given, celery_given = split_celery_options(given)
     engine_given["name"] = namespace["name"]
+    check_references(fn, given)
     options = build_options(fn, engine_given)
     for hook in HOOK_OPTIONS:
         if hook in namespace:
