@@ -53,6 +53,7 @@ def serve() -> None:
     from celery import Celery
 
     from celery_taskengine import flush_run_records, task
+    from celery_taskengine._engine.observers import NO_OBSERVERS
     from celery_taskengine.cache_policies import INPUTS
     from celery_taskengine.task_engine import local_environment, run_task_async, run_task_sync
 
@@ -67,9 +68,9 @@ def serve() -> None:
     memory_hit = task(app=memory_app, name="ab.memory", cache_policy=INPUTS)(add)
     redis_hit = task(app=redis_app, name="ab.redis", cache_policy=INPUTS)(add)
     quiet_hit = redis_hit.with_options()
-    local_environment(quiet_hit, None).record = None
+    local_environment(quiet_hit, None).observers = NO_OBSERVERS
     quiet_miss = redis_hit.with_options(refresh_cache=True)
-    local_environment(quiet_miss, None).record = None
+    local_environment(quiet_miss, None).observers = NO_OBSERVERS
     params = {"x": 1, "y": 2}
     client = redis_app.backend.client
     probe = f"cte:{namespace}:probe"
