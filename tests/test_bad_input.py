@@ -177,15 +177,8 @@ OPTION_MISTAKES = [
     pytest.param(OptionMistake({}, ReservedArgumentError, ("wait_for", "takes_wait_for"),
                                fn=takes_wait_for),
                  id="reserved-parameter-wait-for"),
-    pytest.param(OptionMistake({"serializer": "nope"}, ValueError,
-                               ("'serializer'", "nope", "json")),
-                 id="unknown-message-serializer"),
-    pytest.param(OptionMistake({"task_run_name": "run-{nope}"}, ValueError,
-                               ("task_run_name", "{nope}", "x")),
-                 id="run-name-field-that-is-no-parameter"),
-    pytest.param(OptionMistake({"task_run_name": "run-{x"}, ValueError,
-                               ("task_run_name", "run-{x")),
-                 id="run-name-template-unclosed"),
+    pytest.param(OptionMistake({"serializer": 3}, TypeError, ("'serializer'", "str")),
+                 id="message-serializer-not-a-name"),
     pytest.param(OptionMistake({"retry_condition_fn": lambda: True}, TypeError,
                                ("retry_condition_fn", "(task, task_run, state)")),
                  id="retry-condition-with-no-parameters"),
@@ -715,3 +708,14 @@ def test_a_result_backend_that_is_down_still_lets_an_uncached_local_run_return_i
 
     report = next(r for r in caplog.records if run_id in r.getMessage())
     assert report.exc_info is not None and f"127.0.0.1:{port}" in str(report.exc_info[1])
+
+
+def test_a_message_serializer_kombu_does_not_know_yet_is_said_at_decoration(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app = Celery("bad-serializer", set_as_current=False)
+    with caplog.at_level(logging.WARNING):
+        task(app=app, name="bad.serializer", serializer="nope")(body)
+    assert any(
+        "'nope'" in r.getMessage() and "serializer" in r.getMessage() for r in caplog.records
+    )

@@ -109,7 +109,8 @@ def _expires_ms(backend: Any, state: str) -> int | None:
 
 
 _classes: dict[type, type] = {}
-_REPLICAS = "_taskengine_replicas"
+#: Where a backend keeps the ReplicaAcks of its client (see _replica_wait).
+_REPLICAS = "_taskengine_replica_acks"
 #: Where a backend keeps its alias: in its own ``__dict__`` (which the alias shares), so the
 #: alias lives and dies with its backend (Celery makes one per thread); no module-level map
 #: keeps either alive.

@@ -12,7 +12,6 @@ next to a new loop per task). The loop is created lazily and again after a fork 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import os
 import threading
 from collections.abc import Coroutine
@@ -46,21 +45,14 @@ def run_on_worker_loop(coroutine: Coroutine[Any, Any, T]) -> T:
     If the waiting thread is interrupted (a ``SystemExit`` from a worker shutdown, say), the
     coroutine is cancelled rather than left running unseen.
     """
-    values = list(contextvars.copy_context().items())  # the caller's context, on the loop too
-    future = asyncio.run_coroutine_threadsafe(_in_context(coroutine, values), worker_loop())
+    # The coroutine runs in a copy of the caller's context (the loop's handle copies it in
+    # this thread): the delivery's context variables reach it (see celery_request).
+    future = asyncio.run_coroutine_threadsafe(coroutine, worker_loop())
     try:
         return future.result()
     except BaseException:
         future.cancel()
         raise
-
-
-async def _in_context(coroutine: Coroutine[Any, Any, T], values: list[tuple[Any, Any]]) -> T:
-    """``coroutine``, run with the context variables of the thread that handed it over (as
-    ``asyncio.run`` would): a task made on the loop starts from the loop thread's own."""
-    for variable, value in values:
-        variable.set(value)
-    return await coroutine
 
 
 def _start_loop() -> asyncio.AbstractEventLoop:

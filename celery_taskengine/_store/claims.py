@@ -362,4 +362,9 @@ def _run_then_wait(
     pipe = client.pipeline(transaction=False)
     pipe.execute_command(*command)  # type: ignore[no-untyped-call]
     pipe.execute_command(*wait)  # type: ignore[no-untyped-call]
-    return pipe.execute()[0]
+    # Raised here, not by the pipeline: redis-py before 5.3 puts the whole command (the
+    # script and the result) into a pipeline's error message.
+    answer = pipe.execute(raise_on_error=False)[0]
+    if isinstance(answer, Exception):
+        raise answer
+    return answer

@@ -9,11 +9,12 @@ on the same connection whenever the master has replicas: the write counts as mad
 replica has it, and a master lost before that breaks the connection, so the write is made
 again on the new master.
 
-Whether the master has replicas is asked (``INFO replication``) at most every
-:data:`RECHECK_SECONDS` per client; a master without replicas, or one that cannot be asked
-(not yet answered, ``INFO`` refused: said once in the log), waits for nothing. A replica
-that does not answer within :data:`WAIT_TIMEOUT_MS` lets the write count as made (Redis'
-own ``WAIT`` semantics): a lagging replica slows tasks down by that much at most.
+Whether the master has replicas in sync is asked (``INFO replication``) at most every
+:data:`RECHECK_SECONDS` per client (Celery makes one per thread); a master without them, or
+one that cannot be asked or refuses ``WAIT`` (said once in the log), waits for nothing. A
+replica that does not answer within :data:`WAIT_TIMEOUT_MS` lets the write count as made
+(Redis' own ``WAIT`` semantics): a replica that lags without losing its link slows each
+outcome's write by that much at most, about a second per task (its record, Celery's result).
 ``taskengine_replica_acks`` (default 1; 0 never waits) says how many replicas must have it.
 """
 
@@ -93,22 +94,36 @@ class ReplicaAcks:
         return ("WAIT", replicas, WAIT_TIMEOUT_MS) if replicas else None
 
     def _ask(self) -> int | None:
-        """How many replicas the master has now; what was known before if it cannot say."""
+        """How many replicas the master has online now; what was known before if it cannot
+        say. ``WAIT 0 0`` (answered at once) rides along: a server or user that refuses it
+        must never see one after an outcome's write."""
+        pipe = self._client.pipeline(transaction=False)
+        pipe.info("replication")
+        pipe.execute_command("WAIT", 0, 0)  # type: ignore[no-untyped-call]
         try:
-            info = self._client.info("replication")
-        except redis.exceptions.ResponseError as exc:  # NOPERM, or a server without INFO
-            logger.warning(
-                "Redis does not let this user ask about replicas (%s): outcomes are not "
-                "confirmed by a replica (allow INFO and WAIT, or set taskengine_replica_acks "
-                "to 0 to say so)",
-                exc,
-            )
-            self._forbidden = True
-            return 0
+            info, waited = pipe.execute(raise_on_error=False)
         except redis.exceptions.RedisError as exc:  # down or failing over
             logger.debug("could not ask Redis about its replicas: %s", exc)
             self._next_check = time.monotonic() + 0.5
             return self._replicas
-        if info.get("role") != "master":  # demoted: WAIT is an error on a replica
+        if isinstance(info, dict) and info.get("role") not in (None, "master"):
+            return 0  # demoted: WAIT is an error on a replica
+        refused = next((r for r in (info, waited) if isinstance(r, Exception)), None)
+        if refused is not None:  # NOPERM, or a server without INFO or WAIT
+            logger.warning(
+                "Redis does not let this user ask about replicas (%s): outcomes are not "
+                "confirmed by a replica (allow INFO and WAIT, or set taskengine_replica_acks "
+                "to 0 to say so)",
+                refused,
+            )
+            self._forbidden = True
             return 0
-        return int(info.get("connected_slaves", 0))
+        # Only replicas in sync count: WAIT waits for nothing else (one still loading its
+        # first copy, or whose link died unnoticed, would make every outcome wait it out).
+        return sum(
+            1
+            for key, value in info.items()
+            if key.startswith("slave")
+            and isinstance(value, dict)
+            and value.get("state") == "online"
+        )

@@ -300,7 +300,10 @@ class SqlStore(SqlClaims, SqlLocks, SqlStreams):
         try:
             schema.create_missing(self.engine, may_succeed_again)
         except sa_exc.DBAPIError as exc:  # a dropped connection: the operation is made again
-            raise self._translated(exc) from exc
+            translated = self._translated(exc)
+            if translated is exc:
+                raise
+            raise translated from exc
         self._tables_ready = True
 
     def close(self) -> None:  # it opens new connections if used again

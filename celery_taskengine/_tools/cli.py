@@ -34,6 +34,7 @@ from celery_taskengine._engine.task_run import TaskRun
 from celery_taskengine._store.protocol import ResultRecord, ResultStore
 from celery_taskengine._store.run_filters import squash, task_matches
 from celery_taskengine._store.selection import store_for_app
+from celery_taskengine._store.settings import configured_store_url
 from celery_taskengine._tools.cli_app import APP_ENV_VAR, CommandError, load_app
 from celery_taskengine._tools.cli_store import add_store_commands
 from celery_taskengine._tools.timeline import format_duration, format_timeline
@@ -167,7 +168,8 @@ def _with_store(
 
 def open_store(app: Celery) -> ResultStore:
     """The app's shared store; :class:`CommandError` when its records live in process memory."""
-    with _store_answering(maybe_sanitize_url(str(app.conf.result_backend))):
+    named = configured_store_url(app) or str(app.conf.result_backend)
+    with _store_answering(maybe_sanitize_url(named)):
         store = store_for_app(app)
     if not store.shared:
         raise CommandError(
@@ -184,7 +186,8 @@ def _store_answering(url: str) -> Iterator[None]:
     try:
         yield
     except StoreUnavailableError as exc:
-        cause = str(exc.__cause__ or exc).strip().splitlines()[0]
+        text = str(exc.__cause__ or exc).strip()
+        cause = (text.splitlines() or [text])[0]
         kind = "Redis" if _REDIS_URL.match(url) else "the SQL store"
         raise CommandError(f"{kind} at {url} is not answering: {cause}") from exc
 
@@ -205,12 +208,13 @@ _STATE_WORDS = frozenset(squash(name) for name in _STATE_NAMES)
 
 
 def _runs_ls(store: ResultStore, args: argparse.Namespace) -> int:
-    if args.state is not None and squash(args.state) not in _STATE_WORDS:
-        known = ", ".join(_STATE_NAMES)
-        raise CommandError(f"--state {args.state!r} is no state: use one of {known}")
     runs = store.list_runs(args.limit, task=args.task, state=args.state)
     if not runs:
         print("no runs" + _filters_note(args))
+        if args.state is not None and squash(args.state) not in _STATE_WORDS:
+            known = ", ".join(_STATE_NAMES)  # a typo must not read as "none failed"
+            note = f"note: --state {args.state!r} is no state the engine gives ({known})"
+            print(f"{note}; a state a task names itself matches too", file=sys.stderr)
         return 0
     rows = [
         [run.id, run.task_name, run.state_name or "-", str(run.run_count), _last_change(run)]

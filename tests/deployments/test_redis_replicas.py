@@ -30,8 +30,8 @@ def master_and_replica(tmp_path: Path) -> Iterator[tuple[Server, Server]]:
         ) as replica,
     ):
         client = master.client()
-        for _ in range(200):  # the replica has connected
-            if client.info("replication")["connected_slaves"]:
+        for _ in range(200):  # the replica is in sync (WAIT counts no other)
+            if client.info("replication").get("slave0", {}).get("state") == "online":
                 break
             time.sleep(0.05)
         yield master, replica
@@ -49,12 +49,13 @@ def test_a_master_with_a_replica_waits_for_it_and_one_without_waits_for_nothing(
         assert ReplicaAcks(alone.client(), 1).wait_command() is None
 
 
-def test_a_user_not_allowed_to_ask_waits_for_nothing_and_says_so(
-    master_and_replica: tuple[Server, Server], caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("denied", ["-info", "-wait"])
+def test_a_user_not_allowed_to_ask_or_to_wait_waits_for_nothing_and_says_so(
+    master_and_replica: tuple[Server, Server], caplog: pytest.LogCaptureFixture, denied: str
 ) -> None:
     master, _ = master_and_replica
     master.client().execute_command(
-        "ACL", "SETUSER", "narrow", "on", ">pw", "~*", "&*", "+@all", "-info"
+        "ACL", "SETUSER", "narrow", "reset", "on", ">pw", "~*", "&*", "+@all", denied
     )
     narrow = redis.Redis(host="127.0.0.1", port=master.port, username="narrow", password="pw")
     with caplog.at_level(logging.WARNING):
