@@ -54,7 +54,7 @@ def lineage(app: Any) -> dict[str, str]:
     tell (its ``current_worker_task`` is thread-local: empty in a timeout thread or on the
     worker loop); empty where Celery can, or outside a delivery."""
     request = _delivered.get()
-    if request is None or app.current_worker_task is not None:
+    if request is None or app.current_task is not None:  # this thread has Celery's stack
         return {}
     return {"root_id": request.root_id or request.id, "parent_id": request.id}
 

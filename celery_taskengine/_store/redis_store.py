@@ -55,6 +55,7 @@ from celery_taskengine._store.run_index import INDEX_LUA, RunIndex
 from celery_taskengine._store.settings import (
     DEFAULT_NAMESPACE,
     DEFAULT_RUN_EXPIRES,
+    count_setting,
     run_expiry_seconds,
 )
 from celery_taskengine.errors import (
@@ -154,7 +155,9 @@ class RedisStore(ClaimStore, RedisLocks, RedisRuns, RedisStreams):
             run_expires=run_expiry_seconds(app.conf.get("result_expires")),
             url=backend.as_uri(),
             patience=patience_from_policy(getattr(backend, "retry_policy", None)),
-            max_connections=_max_connections(app.conf.get("taskengine_store_max_connections")),
+            max_connections=count_setting(
+                app.conf, "taskengine_store_max_connections", DEFAULT_MAX_CONNECTIONS
+            ),
             replica_acks=replica_acks_setting(app.conf),
         )
 
@@ -299,16 +302,6 @@ def _global_prefix(prefix: Any) -> str:
         return ""
     text = str(prefix)
     return text if text[-1] in ":_-." else f"{text}_"
-
-
-def _max_connections(setting: Any) -> int:
-    if setting is None:
-        return DEFAULT_MAX_CONNECTIONS
-    if isinstance(setting, bool) or not isinstance(setting, int) or setting < 0:
-        raise ConfigurationError(
-            f"taskengine_store_max_connections must be an int >= 0, got {setting!r}"
-        )
-    return setting
 
 
 def _px_or_delete(expires_in: float | None) -> str:

@@ -27,7 +27,7 @@ from typing import Any
 
 import redis
 
-from celery_taskengine.errors import ConfigurationError
+from celery_taskengine._store.settings import count_setting
 
 __all__ = ["DEFAULT_REPLICA_ACKS", "WAIT_TIMEOUT_MS", "ReplicaAcks", "replica_acks_setting"]
 
@@ -45,14 +45,7 @@ _ATTRIBUTE = "_taskengine_replicas"
 
 def replica_acks_setting(conf: Any) -> int:
     """The app's ``taskengine_replica_acks``: how many replicas must have an outcome."""
-    value = conf.get("taskengine_replica_acks", DEFAULT_REPLICA_ACKS)
-    if value is None:
-        return DEFAULT_REPLICA_ACKS
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigurationError(
-            f"taskengine_replica_acks must be a whole number of replicas (0 or more), got {value!r}"
-        )
-    return value
+    return count_setting(conf, "taskengine_replica_acks", DEFAULT_REPLICA_ACKS)
 
 
 class ReplicaAcks:

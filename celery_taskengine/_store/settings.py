@@ -15,6 +15,7 @@ __all__ = [
     "DEFAULT_NAMESPACE",
     "DEFAULT_RUN_EXPIRES",
     "configured_store_url",
+    "count_setting",
     "run_expiry_seconds",
 ]
 
@@ -40,3 +41,13 @@ def run_expiry_seconds(expires: Any) -> float | None:
         return None
     seconds = expires.total_seconds() if isinstance(expires, timedelta) else float(expires)
     return seconds if seconds > 0 else None
+
+
+def count_setting(conf: Any, name: str, default: int) -> int:
+    """The app's setting ``name``: a whole number, 0 or more (``default`` when unset)."""
+    value = conf.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigurationError(f"{name} must be an int >= 0, got {value!r}")
+    return value

@@ -29,7 +29,7 @@ from typing import Any
 from celery import Celery
 from kombu.utils.url import maybe_sanitize_url
 
-from celery_taskengine import __version__
+from celery_taskengine import __version__, states
 from celery_taskengine._engine.task_run import TaskRun
 from celery_taskengine._store.protocol import ResultRecord, ResultStore
 from celery_taskengine._store.run_filters import squash, task_matches
@@ -198,10 +198,10 @@ _REDIS_URL = re.compile(r"^(redis|rediss|sentinel|socket|unix)\b")
 
 # -- runs ----------------------------------------------------------------------------------
 
-#: What ``--state`` takes: the name of a state (``TimedOut``) or a type (``FAILED``).
+#: What ``--state`` takes: the name of a state (``TimedOut``, one constructor of
+#: :mod:`~celery_taskengine.states` each) or a type (``FAILED``).
 _STATE_NAMES = (
-    *("AwaitingRetry", "Cached", "Cancelled", "Completed", "Crashed", "Failed", "NotReady"),
-    *("Paused", "Pending", "Retrying", "Running", "Scheduled", "TimedOut"),
+    *(name for name in states.__all__ if name[0].isupper() and not name.startswith("State")),
     *(state_type.value for state_type in StateType),
 )
 _STATE_WORDS = frozenset(squash(name) for name in _STATE_NAMES)
